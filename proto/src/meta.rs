@@ -1,0 +1,229 @@
+//! Presence metas. A client's meta arrives as a JSON object; roster stores it encoded, with the
+//! server's fields (`phx_ref`, `phx_ref_prev`) already in it, so that every later frame copies the
+//! bytes instead of building a JSON tree.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::decode::{CowStr, PayloadError};
+
+/// Fields the server owns; a client's values for them are dropped so they cannot spoof refs.
+const RESERVED: [&str; 2] = ["phx_ref", "phx_ref_prev"];
+
+/// A meta object as the client sent it, validated to be a JSON object, not yet copied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientMeta<'a> {
+    raw: Option<&'a str>,
+}
+
+impl<'a> ClientMeta<'a> {
+    pub fn empty() -> Self {
+        ClientMeta { raw: None }
+    }
+
+    pub(crate) fn parse(raw: &'a RawValue) -> Result<Self, PayloadError> {
+        let text = raw.get();
+        if text.starts_with('{') {
+            Ok(ClientMeta { raw: Some(text) })
+        } else {
+            Err(PayloadError::MetaNotObject)
+        }
+    }
+
+    /// Parses a meta object from text (for server-side metas such as token claims).
+    pub fn from_json(text: &'a str) -> Result<Self, PayloadError> {
+        let raw: &RawValue = serde_json::from_str(text).map_err(|_| PayloadError::Malformed)?;
+        Self::parse(raw)
+    }
+
+    /// Size of the meta as the client sent it; this is what `max_meta_bytes` limits.
+    pub fn len(&self) -> usize {
+        self.raw.map_or(0, str::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Encodes the stored form of this meta: the client's fields (minus reserved ones, and minus
+    /// any field `forced` also has), then `forced`'s fields, then `phx_ref` and, after an update,
+    /// `phx_ref_prev`.
+    pub fn encode(
+        &self,
+        out: &mut Vec<u8>,
+        forced: Option<ClientMeta<'_>>,
+        phx_ref: PhxRef,
+        prev: Option<PhxRef>,
+    ) {
+        out.push(b'{');
+        let mut first = true;
+        let forced_keys = forced.map(|f| f.keys()).unwrap_or_default();
+        self.write_fields(out, &mut first, &forced_keys);
+        if let Some(forced) = forced {
+            forced.write_fields(out, &mut first, &[]);
+        }
+        if !first {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"phx_ref\":\"");
+        phx_ref.write(out);
+        out.push(b'"');
+        if let Some(prev) = prev {
+            out.extend_from_slice(b",\"phx_ref_prev\":\"");
+            prev.write(out);
+            out.push(b'"');
+        }
+        out.push(b'}');
+    }
+
+    fn keys(&self) -> Vec<String> {
+        let mut keys = Vec::new();
+        self.each_field(|k, _| keys.push(k.to_owned()));
+        keys
+    }
+
+    fn write_fields(&self, out: &mut Vec<u8>, first: &mut bool, skip: &[String]) {
+        self.each_field(|k, v| {
+            if RESERVED.contains(&k) || skip.iter().any(|s| s == k) {
+                return;
+            }
+            if !*first {
+                out.push(b',');
+            }
+            *first = false;
+            write_json_str(out, k);
+            out.push(b':');
+            out.extend_from_slice(v.as_bytes());
+        });
+    }
+
+    fn each_field(&self, mut f: impl FnMut(&str, &str)) {
+        let Some(raw) = self.raw else { return };
+        struct Fields<'f, F>(&'f mut F);
+        impl<'de, F: FnMut(&str, &str)> Visitor<'de> for Fields<'_, F> {
+            type Value = ();
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+                while let Some(k) = map.next_key::<CowStr<'de>>()? {
+                    let v: &'de RawValue = map.next_value()?;
+                    (self.0)(&k.0, v.get());
+                }
+                Ok(())
+            }
+        }
+        let mut de = serde_json::Deserializer::from_str(raw);
+        // `raw` was validated as a JSON object by serde_json when it was decoded, so this cannot
+        // fail; if it somehow did, the meta would simply lose its client fields.
+        let _ = de::Deserializer::deserialize_map(&mut de, Fields(&mut f));
+    }
+}
+
+/// Identifies one tracked presence (one meta of one key in one topic). Unique within a process
+/// run: the shard that tracks it puts its own id in the high bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PhxRef(pub u64);
+
+const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+impl PhxRef {
+    /// Text form: 11 base64url characters, most significant first.
+    pub fn write(self, out: &mut Vec<u8>) {
+        for i in (0..11).rev() {
+            out.push(ALPHABET[((self.0 >> (i * 6)) & 63) as usize]);
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<PhxRef> {
+        if text.len() != 11 {
+            return None;
+        }
+        let mut v: u64 = 0;
+        for (i, c) in text.bytes().enumerate() {
+            let d = ALPHABET.iter().position(|&a| a == c)? as u64;
+            // The first character only holds the top 4 bits of 64.
+            if i == 0 && d > 15 {
+                return None;
+            }
+            v = (v << 6) | d;
+        }
+        Some(PhxRef(v))
+    }
+}
+
+impl fmt::Display for PhxRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut buf = Vec::with_capacity(11);
+        self.write(&mut buf);
+        f.write_str(std::str::from_utf8(&buf).map_err(|_| fmt::Error)?)
+    }
+}
+
+/// Writes `s` as a JSON string literal. serde_json's escaper, without building a `Value`.
+pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    // Writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(meta: &str, forced: Option<&str>, r: u64, prev: Option<u64>) -> String {
+        let m = ClientMeta::from_json(meta).unwrap();
+        let f = forced.map(|f| ClientMeta::from_json(f).unwrap());
+        let mut out = Vec::new();
+        m.encode(&mut out, f, PhxRef(r), prev.map(PhxRef));
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn phx_ref_round_trips() {
+        for v in [0, 1, 63, 64, u64::MAX, 0x0123_4567_89ab_cdef] {
+            let s = PhxRef(v).to_string();
+            assert_eq!(s.len(), 11);
+            assert_eq!(PhxRef::parse(&s), Some(PhxRef(v)), "{s}");
+        }
+        assert_eq!(PhxRef::parse("/AAAAAAAAAA"), None);
+        assert_eq!(PhxRef::parse("zAAAAAAAAAA"), None);
+        assert_eq!(PhxRef::parse("AAAA"), None);
+    }
+
+    #[test]
+    fn encode_adds_refs_after_client_fields() {
+        let s = encoded(r#"{"page": "/a", "n": [1, {"x":2}]}"#, None, 1, None);
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["page"], "/a");
+        assert_eq!(v["n"][1]["x"], 2);
+        assert_eq!(v["phx_ref"], PhxRef(1).to_string());
+        assert!(v.get("phx_ref_prev").is_none());
+    }
+
+    #[test]
+    fn empty_meta_gets_only_refs() {
+        let s = encoded("{}", None, 2, Some(1));
+        assert_eq!(s, format!(r#"{{"phx_ref":"{}","phx_ref_prev":"{}"}}"#, PhxRef(2), PhxRef(1)));
+        let mut out = Vec::new();
+        ClientMeta::empty().encode(&mut out, None, PhxRef(2), None);
+        assert_eq!(out, format!(r#"{{"phx_ref":"{}"}}"#, PhxRef(2)).as_bytes());
+    }
+
+    #[test]
+    fn client_cannot_spoof_reserved_or_forced_fields() {
+        let s = encoded(
+            r#"{"phx_ref":"evil","phx_ref_prev":"evil","role":"admin","a\"b":1}"#,
+            Some(r#"{"role":"user"}"#),
+            7,
+            None,
+        );
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["phx_ref"], PhxRef(7).to_string());
+        assert!(v.get("phx_ref_prev").is_none());
+        assert_eq!(v["role"], "user");
+        assert_eq!(v["a\"b"], 1);
+        assert_eq!(s.matches("role").count(), 1, "{s}");
+    }
+}
