@@ -1,1 +1,14 @@
+//! The roster presence engine.
+//!
+//! What it is for: knowing which users are present in which topics, with what metadata, across
+//! shards (one per core), and producing the frames that tell subscribers about it.
+//!
+//! - [`core`]: the sans-IO shard state machine. Inputs in (client frames, connection events, shard
+//!   messages, ticks), outputs out (frames, closes, shard messages). No sockets, clocks or threads.
+//! - [`mesh`]: which shard owns a topic or a user key.
+//!
+//! What it must not do: let I/O, time or threads leak into `core`, or make any decision in the I/O
+//! layer that the core should make (that would escape the simulation tests).
 
+pub mod core;
+pub mod mesh;

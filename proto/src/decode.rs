@@ -134,13 +134,20 @@ pub fn decode(bytes: &[u8]) -> Result<ClientMessage<'_>, FrameError> {
         "phx_leave" => ClientEvent::Leave,
         "heartbeat" => ClientEvent::Heartbeat,
         "presence_update" => parse_update(payload),
-        "watch_add" => parse_users(payload).map_or_else(ClientEvent::Invalid, ClientEvent::WatchAdd),
+        "watch_add" => {
+            parse_users(payload).map_or_else(ClientEvent::Invalid, ClientEvent::WatchAdd)
+        }
         "watch_remove" => {
             parse_users(payload).map_or_else(ClientEvent::Invalid, ClientEvent::WatchRemove)
         }
         _ => ClientEvent::Unknown(raw.event),
     };
-    Ok(ClientMessage { join_ref: raw.join_ref, msg_ref: raw.msg_ref, topic: raw.topic, event })
+    Ok(ClientMessage {
+        join_ref: raw.join_ref,
+        msg_ref: raw.msg_ref,
+        topic: raw.topic,
+        event,
+    })
 }
 
 /// serde's error only says "invalid type"; tell the client which slot was wrong.
@@ -289,7 +296,12 @@ fn join_request(payload: &str) -> Result<JoinRequest<'_>, PayloadError> {
         None => None,
         Some(raw) => Some(users_list(raw)?),
     };
-    Ok(JoinRequest { meta, track, presence, users })
+    Ok(JoinRequest {
+        meta,
+        track,
+        presence,
+        users,
+    })
 }
 
 fn parse_update(payload: &str) -> ClientEvent<'_> {

@@ -87,7 +87,13 @@ pub fn presence_state(out: &mut Vec<u8>, join_ref: Option<&str>, topic: &str, st
 }
 
 /// `[jr, null, topic, "presence_count", {"keys":K,"metas":M}]`.
-pub fn presence_count(out: &mut Vec<u8>, join_ref: Option<&str>, topic: &str, keys: u64, metas: u64) {
+pub fn presence_count(
+    out: &mut Vec<u8>,
+    join_ref: Option<&str>,
+    topic: &str,
+    keys: u64,
+    metas: u64,
+) {
     frame_head(out, join_ref, None, topic, "presence_count");
     out.extend_from_slice(b"{\"keys\":");
     write_u64(out, keys);
@@ -129,7 +135,10 @@ enum MapState {
 impl<'o> PresenceMap<'o> {
     pub fn new(out: &'o mut Vec<u8>) -> Self {
         out.push(b'{');
-        PresenceMap { out, state: MapState::Empty }
+        PresenceMap {
+            out,
+            state: MapState::Empty,
+        }
     }
 
     pub fn key(&mut self, key: &str) {
@@ -213,7 +222,10 @@ mod tests {
         );
         out.clear();
         presence_count(&mut out, Some("3"), "t", 4, 5);
-        assert_eq!(parse(&out), json!(["3", null, "t", "presence_count", {"keys": 4, "metas": 5}]));
+        assert_eq!(
+            parse(&out),
+            json!(["3", null, "t", "presence_count", {"keys": 4, "metas": 5}])
+        );
         out.clear();
         phx_close(&mut out, Some("3"), "t");
         assert_eq!(parse(&out), json!(["3", "3", "t", "phx_close", {}]));

@@ -12,5 +12,7 @@ pub mod decode;
 pub mod encode;
 pub mod meta;
 
-pub use decode::{decode, ClientEvent, ClientMessage, FrameError, JoinRequest, PayloadError, PresenceMode};
+pub use decode::{
+    decode, ClientEvent, ClientMessage, FrameError, JoinRequest, PayloadError, PresenceMode,
+};
 pub use meta::{ClientMeta, PhxRef};

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::de::{self, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 use crate::decode::{CowStr, PayloadError};
@@ -205,7 +205,14 @@ mod tests {
     #[test]
     fn empty_meta_gets_only_refs() {
         let s = encoded("{}", None, 2, Some(1));
-        assert_eq!(s, format!(r#"{{"phx_ref":"{}","phx_ref_prev":"{}"}}"#, PhxRef(2), PhxRef(1)));
+        assert_eq!(
+            s,
+            format!(
+                r#"{{"phx_ref":"{}","phx_ref_prev":"{}"}}"#,
+                PhxRef(2),
+                PhxRef(1)
+            )
+        );
         let mut out = Vec::new();
         ClientMeta::empty().encode(&mut out, None, PhxRef(2), None);
         assert_eq!(out, format!(r#"{{"phx_ref":"{}"}}"#, PhxRef(2)).as_bytes());

@@ -24,27 +24,48 @@ fn captured_phoenix_js_frames_decode() {
     assert_eq!(join.join_ref.as_deref(), Some("3"));
     assert_eq!(join.msg_ref.as_deref(), Some("3"));
     assert_eq!(join.topic, "room:lobby");
-    let ClientEvent::Join(j) = join.event else { panic!("{:?}", join.event) };
+    let ClientEvent::Join(j) = join.event else {
+        panic!("{:?}", join.event)
+    };
     assert!(j.track);
     assert_eq!(j.presence, PresenceMode::Full);
     assert_eq!(j.meta.len(), r#"{"page":"/home","ü":"é\n"}"#.len());
     assert!(j.users.is_none());
 
     assert!(matches!(ok(CAPTURED[1]).event, ClientEvent::PresenceUpdate(m) if !m.is_empty()));
-    assert_eq!(ok(CAPTURED[2]).event, ClientEvent::Unknown("custom_event".into()));
-    let ClientEvent::Join(w) = ok(CAPTURED[3]).event else { panic!() };
+    assert_eq!(
+        ok(CAPTURED[2]).event,
+        ClientEvent::Unknown("custom_event".into())
+    );
+    let ClientEvent::Join(w) = ok(CAPTURED[3]).event else {
+        panic!()
+    };
     assert_eq!(w.users, Some(vec!["alice".into(), "bob".into()]));
-    assert_eq!(ok(CAPTURED[4]).event, ClientEvent::WatchAdd(vec!["carol".into()]));
-    assert_eq!(ok(CAPTURED[5]).event, ClientEvent::WatchRemove(vec!["bob".into()]));
+    assert_eq!(
+        ok(CAPTURED[4]).event,
+        ClientEvent::WatchAdd(vec!["carol".into()])
+    );
+    assert_eq!(
+        ok(CAPTURED[5]).event,
+        ClientEvent::WatchRemove(vec!["bob".into()])
+    );
     let hb = ok(CAPTURED[6]);
-    assert_eq!((hb.join_ref, hb.topic.as_ref(), hb.event), (None, "phoenix", ClientEvent::Heartbeat));
+    assert_eq!(
+        (hb.join_ref, hb.topic.as_ref(), hb.event),
+        (None, "phoenix", ClientEvent::Heartbeat)
+    );
     assert_eq!(ok(CAPTURED[7]).event, ClientEvent::Leave);
 }
 
 #[test]
 fn join_defaults_and_modes() {
-    let ClientEvent::Join(j) = ok(r#"["1","1","t","phx_join",{}]"#).event else { panic!() };
-    assert_eq!((j.track, j.presence, j.meta.is_empty()), (true, PresenceMode::Full, true));
+    let ClientEvent::Join(j) = ok(r#"["1","1","t","phx_join",{}]"#).event else {
+        panic!()
+    };
+    assert_eq!(
+        (j.track, j.presence, j.meta.is_empty()),
+        (true, PresenceMode::Full, true)
+    );
     let ClientEvent::Join(j) =
         ok(r#"["1","1","t","phx_join",{"track":false,"presence":"count","meta":null}]"#).event
     else {
@@ -67,15 +88,42 @@ fn escaped_strings_are_owned_and_unescaped() {
 #[test]
 fn bad_payloads_are_answerable() {
     let cases = [
-        (r#"["1","2","t","phx_join",{"meta":[1]}]"#, PayloadError::MetaNotObject),
-        (r#"["1","2","t","phx_join",{"meta":"x"}]"#, PayloadError::MetaNotObject),
-        (r#"["1","2","t","phx_join",{"track":"yes"}]"#, PayloadError::TrackNotBool),
-        (r#"["1","2","t","phx_join",{"presence":"all"}]"#, PayloadError::BadPresenceMode),
-        (r#"["1","2","t","phx_join",{"users":[1]}]"#, PayloadError::UsersNotStrings),
-        (r#"["1","2","t","presence_update",{}]"#, PayloadError::MetaNotObject),
-        (r#"["1","2","t","presence_update",{"meta":5}]"#, PayloadError::MetaNotObject),
-        (r#"["1","2","t","watch_add",{}]"#, PayloadError::MissingUsers),
-        (r#"["1","2","t","watch_remove",{"users":"a"}]"#, PayloadError::UsersNotStrings),
+        (
+            r#"["1","2","t","phx_join",{"meta":[1]}]"#,
+            PayloadError::MetaNotObject,
+        ),
+        (
+            r#"["1","2","t","phx_join",{"meta":"x"}]"#,
+            PayloadError::MetaNotObject,
+        ),
+        (
+            r#"["1","2","t","phx_join",{"track":"yes"}]"#,
+            PayloadError::TrackNotBool,
+        ),
+        (
+            r#"["1","2","t","phx_join",{"presence":"all"}]"#,
+            PayloadError::BadPresenceMode,
+        ),
+        (
+            r#"["1","2","t","phx_join",{"users":[1]}]"#,
+            PayloadError::UsersNotStrings,
+        ),
+        (
+            r#"["1","2","t","presence_update",{}]"#,
+            PayloadError::MetaNotObject,
+        ),
+        (
+            r#"["1","2","t","presence_update",{"meta":5}]"#,
+            PayloadError::MetaNotObject,
+        ),
+        (
+            r#"["1","2","t","watch_add",{}]"#,
+            PayloadError::MissingUsers,
+        ),
+        (
+            r#"["1","2","t","watch_remove",{"users":"a"}]"#,
+            PayloadError::UsersNotStrings,
+        ),
     ];
     for (frame, want) in cases {
         let m = ok(frame);
@@ -94,7 +142,10 @@ fn non_v2_frames_are_typed_errors() {
         (b"{}", FrameError::NotFiveElementArray),
         (b"[]", FrameError::NotFiveElementArray),
         (br#"[null,null,"t","e"]"#, FrameError::NotFiveElementArray),
-        (br#"[null,null,"t","e",{},1]"#, FrameError::NotFiveElementArray),
+        (
+            br#"[null,null,"t","e",{},1]"#,
+            FrameError::NotFiveElementArray,
+        ),
         (br#"[1,null,"t","e",{}]"#, FrameError::BadRef),
         (br#"[null,[],"t","e",{}]"#, FrameError::BadRef),
         (br#"[null,null,3,"e",{}]"#, FrameError::BadTopic),
@@ -104,7 +155,12 @@ fn non_v2_frames_are_typed_errors() {
         (br#"[null,null,"t","e",{}] x"#, FrameError::NotJson),
     ];
     for (frame, want) in cases {
-        assert_eq!(decode(frame).as_ref().err(), Some(want), "{}", String::from_utf8_lossy(frame));
+        assert_eq!(
+            decode(frame).as_ref().err(),
+            Some(want),
+            "{}",
+            String::from_utf8_lossy(frame)
+        );
     }
 }
 

@@ -1,0 +1,30 @@
+use crate::core::Millis;
+
+/// What a shard needs to know. Limits have PROTOCOL.md's defaults.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Number of shards in the process; every shard must be given the same value.
+    pub shards: u16,
+    /// Topics one connection may have joined at once.
+    pub max_topics_per_conn: usize,
+    /// Size of a client's meta object as sent.
+    pub max_meta_bytes: usize,
+    /// Least time between two `presence_count` pushes for one topic.
+    pub count_interval: Millis,
+    /// Mixed into every `phx_ref` this process makes, so refs from two runs of the server differ
+    /// (a client that reconnects after a restart must not confuse old and new presences). The
+    /// driver picks it at random; tests fix it.
+    pub ref_seed: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            shards: 1,
+            max_topics_per_conn: 100,
+            max_meta_bytes: 1024,
+            count_interval: Millis(1000),
+            ref_seed: 0,
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Small types that keep keys, refs and addresses from being mixed up.
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use crate::mesh::ShardId;
+
+/// A connection, numbered by the driver, unique within its shard while it is open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u32);
+
+/// A connection anywhere in the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnAddr {
+    pub shard: ShardId,
+    pub conn: ConnId,
+}
+
+/// Milliseconds on the driver's monotonic clock. The core never reads a clock itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Millis(pub u64);
+
+/// WebSocket close code the driver must send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CloseCode(pub u16);
+
+impl CloseCode {
+    /// RFC 6455 1007: the frame's data is not consistent with the message type (not V2).
+    pub const INVALID_PAYLOAD: CloseCode = CloseCode(1007);
+}
+
+/// Bytes of one encoded server frame. Reference-counted without atomics: a broadcast is encoded
+/// once and the same allocation is queued for every local subscriber.
+pub type Frame = Rc<[u8]>;
+
+/// One stored meta, encoded with its `phx_ref` (see `roster_proto::meta`). Shared between the
+/// topic table and the user table, which may sit on different cores, hence `Arc`; it is cloned on
+/// track and untrack only, never per delivered message.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Meta(pub Arc<[u8]>);
+
+impl Meta {
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Meta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Meta({})", String::from_utf8_lossy(&self.0))
+    }
+}
+
+macro_rules! shared_name {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(pub Arc<str>);
+
+        impl $name {
+            pub fn new(s: &str) -> Self {
+                $name(Arc::from(s))
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($name), &*self.0)
+            }
+        }
+    };
+}
+
+shared_name!(
+    /// A topic name. Shared (not copied) between the tables and messages that mention it.
+    TopicName
+);
+shared_name!(
+    /// A presence key: the user's identity (a token's `sub`, or the development `user_id`).
+    UserKey
+);

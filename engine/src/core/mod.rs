@@ -1,0 +1,30 @@
+//! The sans-IO shard state machine.
+//!
+//! One [`Shard`] per core. It owns three kinds of state:
+//! - the connections accepted on this shard and what each has joined ([`connection`]);
+//! - the topics whose hash lands here: the authoritative presence list and, per shard, how many
+//!   subscribers that shard has ([`topic`]);
+//! - the user keys whose hash lands here: where each user is present ([`user`]);
+//!
+//! plus, for every topic any local connection subscribes to, the local subscriber set that fan-out
+//! writes to ([`subscribers`]).
+//!
+//! Everything crosses between shards as a [`MeshMsg`], even when both ends are this shard, so the
+//! local fast path and the cross-core path are the same code. The driver (glommio in the server, a
+//! seeded scheduler in the simulation tests) feeds inputs, calls [`Shard::flush`] at the end of a
+//! batch, and carries [`Output`]s out. Nothing here reads a clock, touches a socket or spawns.
+
+mod config;
+mod connection;
+mod ids;
+mod message;
+mod shard;
+mod subscribers;
+mod topic;
+mod user;
+
+pub use config::Config;
+pub use ids::{CloseCode, ConnAddr, ConnId, Frame, Meta, Millis, TopicName, UserKey};
+pub use message::{JoinMsg, JoinedReply, MeshMsg, Track};
+pub use shard::{Output, Shard, ShardStats};
+pub use topic::TopicView;

@@ -1,0 +1,234 @@
+//! Owner-side state of one topic: the authoritative presence list, how many subscribers each
+//! shard has, and the changes not yet broadcast.
+//!
+//! Changes are collected in [`Pending`] and turned into one `presence_diff` when the shard
+//! flushes. That is the batching point: today a flush ends every driver batch; large-topic
+//! coalescing windows will hold it longer.
+
+use std::collections::HashMap;
+
+use ahash::RandomState;
+use roster_proto::encode::{DiffFrame, PresenceMap};
+use roster_proto::{PhxRef, PresenceMode};
+use smallvec::SmallVec;
+
+use crate::core::{Meta, Millis, UserKey};
+use crate::mesh::ShardId;
+
+#[derive(Debug)]
+struct Presence {
+    phx_ref: PhxRef,
+    meta: Meta,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ShardSubs {
+    shard: ShardId,
+    full: u32,
+    count: u32,
+}
+
+/// Changes since the last flush, in the order applied.
+#[derive(Debug, Default)]
+struct Pending {
+    joins: Vec<(UserKey, PhxRef, Meta)>,
+    leaves: Vec<(UserKey, PhxRef, Meta)>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Topic {
+    // Most keys have one meta (one tab); SmallVec keeps that one inline in the map.
+    presences: HashMap<UserKey, SmallVec<[Presence; 1]>, RandomState>,
+    metas: u32,
+    subs: SmallVec<[ShardSubs; 2]>,
+    pending: Pending,
+    count_dirty: bool,
+    count_sent: Option<Millis>,
+    /// On the shard's flush list / count list (each topic is listed at most once).
+    pub(crate) listed_for_flush: bool,
+    pub(crate) listed_for_count: bool,
+}
+
+/// A read-only copy of a topic's presences (for tests and the HTTP API).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicView {
+    /// `(key, stored metas)`, sorted by key; metas in the order they were tracked.
+    pub presences: Vec<(UserKey, Vec<Meta>)>,
+}
+
+impl Topic {
+    pub(crate) fn track(&mut self, key: UserKey, phx_ref: PhxRef, meta: Meta) {
+        self.presences
+            .entry(key.clone())
+            .or_default()
+            .push(Presence {
+                phx_ref,
+                meta: meta.clone(),
+            });
+        self.metas += 1;
+        self.pending.joins.push((key, phx_ref, meta));
+        self.count_dirty = true;
+    }
+
+    /// Removes the presence `phx_ref` of `key`; `None` if it is not here.
+    pub(crate) fn untrack(&mut self, key: &UserKey, phx_ref: PhxRef) -> Option<Meta> {
+        let metas = self.presences.get_mut(key)?;
+        let at = metas.iter().position(|p| p.phx_ref == phx_ref)?;
+        let gone = metas.remove(at);
+        if metas.is_empty() {
+            self.presences.remove(key);
+        }
+        self.metas -= 1;
+        self.pending
+            .leaves
+            .push((key.clone(), phx_ref, gone.meta.clone()));
+        self.count_dirty = true;
+        Some(gone.meta)
+    }
+
+    pub(crate) fn subscribe(&mut self, shard: ShardId, mode: PresenceMode) {
+        let subs = match self.subs.iter_mut().find(|s| s.shard == shard) {
+            Some(s) => s,
+            None => {
+                self.subs.push(ShardSubs {
+                    shard,
+                    full: 0,
+                    count: 0,
+                });
+                self.subs.last_mut().expect("just pushed")
+            }
+        };
+        match mode {
+            PresenceMode::Full => subs.full += 1,
+            PresenceMode::Count => subs.count += 1,
+            PresenceMode::None => {}
+        }
+    }
+
+    pub(crate) fn unsubscribe(&mut self, shard: ShardId, mode: PresenceMode) {
+        let Some(at) = self.subs.iter().position(|s| s.shard == shard) else {
+            return;
+        };
+        let subs = &mut self.subs[at];
+        match mode {
+            PresenceMode::Full => subs.full = subs.full.saturating_sub(1),
+            PresenceMode::Count => subs.count = subs.count.saturating_sub(1),
+            PresenceMode::None => {}
+        }
+        if subs.full == 0 && subs.count == 0 {
+            self.subs.swap_remove(at);
+        }
+    }
+
+    /// Shards with at least one full-mode subscriber.
+    pub(crate) fn full_shards(&self) -> impl Iterator<Item = ShardId> + '_ {
+        self.subs.iter().filter(|s| s.full > 0).map(|s| s.shard)
+    }
+
+    pub(crate) fn count_shards(&self) -> impl Iterator<Item = ShardId> + '_ {
+        self.subs.iter().filter(|s| s.count > 0).map(|s| s.shard)
+    }
+
+    /// `(keys, metas)`.
+    pub(crate) fn counts(&self) -> (u32, u32) {
+        (self.presences.len() as u32, self.metas)
+    }
+
+    /// Nothing tracked, nobody subscribed, nothing to send, on no list: the topic can be
+    /// forgotten.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.presences.is_empty()
+            && self.subs.is_empty()
+            && !self.has_pending()
+            && !self.listed_for_flush
+            && !self.listed_for_count
+    }
+
+    pub(crate) fn has_pending(&self) -> bool {
+        !self.pending.joins.is_empty() || !self.pending.leaves.is_empty()
+    }
+
+    /// Writes the presence map `{KEY: {"metas": [...]}}` of everything tracked now.
+    pub(crate) fn encode_state(&self, out: &mut Vec<u8>) {
+        let mut map = PresenceMap::new(out);
+        for (key, metas) in &self.presences {
+            map.key(key.as_str());
+            for p in metas {
+                map.meta(p.meta.bytes());
+            }
+        }
+        map.finish();
+    }
+
+    /// Turns the pending changes into one `presence_diff` frame in `out`. A join and a leave of
+    /// the same ref within one batch cancel out: no subscriber had seen that presence. Returns
+    /// false (and writes nothing) when nothing is left to say.
+    pub(crate) fn take_diff(&mut self, topic: &str, out: &mut Vec<u8>) -> bool {
+        let Pending {
+            mut joins,
+            mut leaves,
+        } = std::mem::take(&mut self.pending);
+        if !joins.is_empty() && !leaves.is_empty() {
+            let joined: ahash::HashSet<PhxRef> = joins.iter().map(|j| j.1).collect();
+            let cancelled: ahash::HashSet<PhxRef> = leaves
+                .iter()
+                .map(|l| l.1)
+                .filter(|r| joined.contains(r))
+                .collect();
+            if !cancelled.is_empty() {
+                joins.retain(|j| !cancelled.contains(&j.1));
+                leaves.retain(|l| !cancelled.contains(&l.1));
+            }
+        }
+        if joins.is_empty() && leaves.is_empty() {
+            return false;
+        }
+        let mut diff = DiffFrame::new(out, topic);
+        write_grouped(diff.joins(), &mut joins);
+        write_grouped(diff.leaves(), &mut leaves);
+        diff.finish();
+        true
+    }
+
+    /// Whether a count push is due, marking it sent if so.
+    pub(crate) fn take_count_due(&mut self, now: Millis, interval: Millis) -> bool {
+        let due = self.count_dirty
+            && self
+                .count_sent
+                .is_none_or(|sent| now.0 >= sent.0.saturating_add(interval.0));
+        if due {
+            self.count_dirty = false;
+            self.count_sent = Some(now);
+        }
+        due
+    }
+
+    pub(crate) fn count_dirty(&self) -> bool {
+        self.count_dirty
+    }
+
+    pub(crate) fn view(&self) -> TopicView {
+        let mut presences: Vec<(UserKey, Vec<Meta>)> = self
+            .presences
+            .iter()
+            .map(|(k, ps)| (k.clone(), ps.iter().map(|p| p.meta.clone()).collect()))
+            .collect();
+        presences.sort_by(|a, b| a.0.cmp(&b.0));
+        TopicView { presences }
+    }
+}
+
+/// JSON objects keep only the last of repeated keys, so all metas of one key must be written
+/// under one key: sort by key (stable, so per-key order is kept) and group.
+fn write_grouped(mut map: PresenceMap<'_>, changes: &mut [(UserKey, PhxRef, Meta)]) {
+    changes.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut last: Option<&UserKey> = None;
+    for (key, _, meta) in changes.iter() {
+        if last != Some(key) {
+            map.key(key.as_str());
+            last = Some(key);
+        }
+        map.meta(meta.bytes());
+    }
+    map.finish();
+}

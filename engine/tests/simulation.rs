@@ -1,0 +1,812 @@
+//! Deterministic simulation of the shard core: N shards in one thread, a mesh that delivers
+//! messages in order per (from, to) pair but interleaves pairs at random, and random clients that
+//! join, update, leave, misbehave and close. Each client keeps its view exactly as phoenix.js
+//! `Presence` would (syncState / syncDiff); at quiescence every view must equal a reference model,
+//! and so must the owners' topic and user tables. After everyone leaves, every table is empty.
+//!
+//! `ROSTER_SIM_SEEDS=N` runs N seeds (default 1000); `ROSTER_SIM_SEED=S` replays one seed;
+//! `ROSTER_SIM_STEPS=K` sets steps per seed (default 300). A failure prints its seed.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use roster_engine::core::{Config, ConnId, MeshMsg, Millis, Output, Shard, UserKey};
+use roster_engine::mesh::{Router, ShardId};
+use serde_json::{json, Value};
+
+const TOPICS: &[&str] = &["room:a", "room:b", "doc:\"q\"", "lobby", "big"];
+const KEYS: &[&str] = &["alice", "bob", "carol", "dave", "eve", "frank"];
+const SHARD_COUNTS: &[u16] = &[1, 2, 3, 4, 7];
+const MAX_TOPICS: usize = 3;
+const MAX_META: usize = 64;
+const COUNT_INTERVAL: u64 = 1000;
+
+type View = BTreeMap<String, Vec<Value>>;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Full,
+    Count,
+    None,
+}
+
+#[derive(Debug)]
+struct ClientTopic {
+    join_ref: String,
+    mode: Mode,
+    /// The meta this client is tracked with (the model), if tracked.
+    meta: Option<Value>,
+    joined_ok: bool,
+    got_state: bool,
+    view: View,
+    count: Option<(u64, u64)>,
+}
+
+#[derive(Debug)]
+enum Expect {
+    Ok,
+    Error(&'static str),
+    JoinOk(String),
+    JoinError(&'static str),
+}
+
+#[derive(Debug)]
+struct Client {
+    key: String,
+    topics: BTreeMap<String, ClientTopic>,
+    next_ref: u64,
+    expected: BTreeMap<String, Expect>,
+    /// phx_close frames this client must still receive (join_refs of replaced joins).
+    expected_closes: Vec<String>,
+    closed_by_server: bool,
+}
+
+impl Client {
+    fn new_ref(&mut self) -> String {
+        self.next_ref += 1;
+        self.next_ref.to_string()
+    }
+}
+
+struct Sim {
+    seed: u64,
+    rng: ChaCha8Rng,
+    router: Router,
+    shards: Vec<Shard>,
+    /// FIFO per ordered pair (from, to), as an SPSC ring is.
+    rings: Vec<VecDeque<MeshMsg>>,
+    clients: BTreeMap<(u16, u32), Client>,
+    next_conn: u32,
+    now: u64,
+    log: Vec<String>,
+}
+
+fn fail(msg: String) -> ! {
+    panic!("{msg}")
+}
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let n = SHARD_COUNTS[(seed % SHARD_COUNTS.len() as u64) as usize];
+        let config = Config {
+            shards: n,
+            max_topics_per_conn: MAX_TOPICS,
+            max_meta_bytes: MAX_META,
+            count_interval: Millis(COUNT_INTERVAL),
+            ref_seed: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        };
+        Sim {
+            seed,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            router: Router::new(n),
+            shards: (0..n)
+                .map(|i| Shard::new(ShardId(i), config.clone()))
+                .collect(),
+            rings: (0..n as usize * n as usize)
+                .map(|_| VecDeque::new())
+                .collect(),
+            clients: BTreeMap::new(),
+            next_conn: 0,
+            now: 0,
+            log: Vec::new(),
+        }
+    }
+
+    fn n(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Carries out everything shard `s` produced.
+    fn collect(&mut self, s: usize) {
+        let outputs: Vec<Output> = self.shards[s].outputs().collect();
+        let n = self.n();
+        for o in outputs {
+            match o {
+                Output::Mesh { to, msg } => self.rings[s * n + to.index()].push_back(msg),
+                Output::Send { conn, frame } => self.receive((s as u16, conn.0), &frame),
+                Output::Close { conn, code, reason } => {
+                    let c = self.clients.get_mut(&(s as u16, conn.0));
+                    let c = c.unwrap_or_else(|| fail(format!("close for unknown conn {conn:?}")));
+                    if code.0 != 1007 || reason.is_empty() {
+                        fail(format!("unexpected close {code:?} {reason}"));
+                    }
+                    c.closed_by_server = true;
+                }
+            }
+        }
+    }
+
+    fn receive(&mut self, id: (u16, u32), frame: &[u8]) {
+        let text = String::from_utf8_lossy(frame).into_owned();
+        self.log.push(format!("  -> {id:?} {text}"));
+        let v: Value = serde_json::from_slice(frame)
+            .unwrap_or_else(|e| fail(format!("server sent non-JSON {text}: {e}")));
+        let [jr, r, topic, event, payload] = v
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .try_into()
+            .unwrap_or_else(|_| fail(format!("not a V2 frame: {text}")));
+        let topic = topic
+            .as_str()
+            .unwrap_or_else(|| fail(format!("topic: {text}")))
+            .to_owned();
+        let event = event
+            .as_str()
+            .unwrap_or_else(|| fail(format!("event: {text}")))
+            .to_owned();
+        let client = self
+            .clients
+            .get_mut(&id)
+            .unwrap_or_else(|| fail(format!("frame for unknown client {id:?}: {text}")));
+        if client.closed_by_server {
+            fail(format!("frame after close: {text}"));
+        }
+        let jr_matches = |t: &ClientTopic| jr.as_str() == Some(t.join_ref.as_str());
+        match event.as_str() {
+            "phx_reply" => {
+                let r = r
+                    .as_str()
+                    .unwrap_or_else(|| fail(format!("reply without ref: {text}")))
+                    .to_owned();
+                let want = client
+                    .expected
+                    .remove(&r)
+                    .unwrap_or_else(|| fail(format!("unexpected reply: {text}")));
+                let status = payload["status"].as_str().unwrap_or_default();
+                let reason = payload["response"]["reason"].as_str().unwrap_or_default();
+                match want {
+                    Expect::Ok if status == "ok" => {}
+                    Expect::Error(want) | Expect::JoinError(want)
+                        if status == "error" && reason == want => {}
+                    Expect::JoinOk(want_topic) if status == "ok" && want_topic == topic => {
+                        let t = client.topics.get_mut(&topic).unwrap_or_else(|| {
+                            fail(format!("join ok for a topic no longer joined: {text}"))
+                        });
+                        if !jr_matches(t) || t.joined_ok {
+                            fail(format!("join reply for the wrong join: {text}"));
+                        }
+                        t.joined_ok = true;
+                    }
+                    want => fail(format!("expected {want:?}, got {text}")),
+                }
+            }
+            "presence_state" => {
+                let t = client
+                    .topics
+                    .get_mut(&topic)
+                    .unwrap_or_else(|| fail(format!("state for unjoined topic: {text}")));
+                if !jr_matches(t) || !t.joined_ok || t.got_state || t.mode != Mode::Full {
+                    fail(format!("state out of place ({t:?}): {text}"));
+                }
+                t.got_state = true;
+                sync_state(&mut t.view, &payload);
+                check_unique_refs(&t.view, &text);
+            }
+            "presence_diff" => {
+                if !jr.is_null() || !r.is_null() {
+                    fail(format!("diff must be a null-ref broadcast: {text}"));
+                }
+                let t = client
+                    .topics
+                    .get_mut(&topic)
+                    .unwrap_or_else(|| fail(format!("diff for unjoined topic: {text}")));
+                if !t.got_state {
+                    fail(format!("diff before state: {text}"));
+                }
+                sync_diff(&mut t.view, &payload);
+                check_unique_refs(&t.view, &text);
+            }
+            "presence_count" => {
+                let t = client
+                    .topics
+                    .get_mut(&topic)
+                    .unwrap_or_else(|| fail(format!("count for unjoined topic: {text}")));
+                if !jr_matches(t) || !t.joined_ok || t.mode != Mode::Count {
+                    fail(format!("count out of place: {text}"));
+                }
+                t.count = Some((
+                    payload["keys"].as_u64().unwrap_or(u64::MAX),
+                    payload["metas"].as_u64().unwrap_or(u64::MAX),
+                ));
+            }
+            "phx_close" => {
+                let jr = jr.as_str().unwrap_or_default().to_owned();
+                let at = client
+                    .expected_closes
+                    .iter()
+                    .position(|c| *c == jr)
+                    .unwrap_or_else(|| fail(format!("unexpected close: {text}")));
+                client.expected_closes.remove(at);
+            }
+            _ => fail(format!("unexpected event: {text}")),
+        }
+    }
+
+    fn send(&mut self, id: (u16, u32), frame: String) {
+        self.log.push(format!("{id:?} <- {frame}"));
+        self.shards[id.0 as usize].frame(ConnId(id.1), frame.as_bytes());
+        self.collect(id.0 as usize);
+    }
+
+    fn step(&mut self) {
+        let roll = self.rng.gen_range(0..100);
+        match roll {
+            0..=44 => {
+                self.deliver_one();
+            }
+            45..=52 => {
+                let s = self.rng.gen_range(0..self.n());
+                self.log.push(format!("flush {s}"));
+                self.shards[s].flush();
+                self.collect(s);
+            }
+            53..=54 => {
+                self.now += self.rng.gen_range(0..COUNT_INTERVAL);
+                let s = self.rng.gen_range(0..self.n());
+                self.log.push(format!("tick {s} at {}", self.now));
+                self.shards[s].tick(Millis(self.now));
+                self.collect(s);
+            }
+            _ => self.client_action(),
+        }
+    }
+
+    fn deliver_one(&mut self) -> bool {
+        let busy: Vec<usize> = (0..self.rings.len())
+            .filter(|&i| !self.rings[i].is_empty())
+            .collect();
+        if busy.is_empty() {
+            return false;
+        }
+        let ring = busy[self.rng.gen_range(0..busy.len())];
+        let msg = self.rings[ring].pop_front().expect("non-empty");
+        let to = ring % self.n();
+        self.log
+            .push(format!("deliver {}->{to}: {msg:?}", ring / self.n()));
+        self.shards[to].mesh(msg);
+        if self.rng.gen_bool(0.3) {
+            self.shards[to].flush();
+        }
+        self.collect(to);
+        true
+    }
+
+    fn random_client(&mut self) -> Option<(u16, u32)> {
+        let live: Vec<(u16, u32)> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| !c.closed_by_server)
+            .map(|(k, _)| *k)
+            .collect();
+        (!live.is_empty()).then(|| live[self.rng.gen_range(0..live.len())])
+    }
+
+    fn random_meta(&mut self) -> Value {
+        match self.rng.gen_range(0..10) {
+            0 => json!({}),
+            1 => json!({"phx_ref": "spoof", "x": 1}),
+            2 => json!({"big": "x".repeat(MAX_META)}),
+            _ => {
+                json!({"page": format!("/p{}", self.rng.gen_range(0..4)), "n": self.rng.gen_range(0..3)})
+            }
+        }
+    }
+
+    fn client_action(&mut self) {
+        let roll = self.rng.gen_range(0..100);
+        if roll < 12 || self.clients.len() < 2 {
+            return self.open();
+        }
+        let Some(id) = self.random_client() else {
+            return self.open();
+        };
+        match roll {
+            12..=49 => self.join(id),
+            50..=67 => self.update(id),
+            68..=79 => self.leave(id),
+            80..=87 => self.close(id),
+            88..=91 => {
+                // Not a V2 frame: the server must close with 1007 and the presences must leave.
+                let junk = ["{}", "[1,2,3]", "not json", "[null,null,\"t\",\"e\",[]]"]
+                    [self.rng.gen_range(0..4)];
+                self.send(id, junk.to_owned());
+                if !self.clients[&id].closed_by_server {
+                    fail(format!("no close after junk {junk}"));
+                }
+                self.close(id);
+            }
+            92..=95 => {
+                let c = self.clients.get_mut(&id).expect("live");
+                let r = c.new_ref();
+                let topic = TOPICS[(c.next_ref as usize) % TOPICS.len()].to_owned();
+                let (jr, want) = match c.topics.get(&topic) {
+                    Some(t) => (
+                        Value::from(t.join_ref.clone()),
+                        Expect::Error("unknown event"),
+                    ),
+                    None => (Value::Null, Expect::Error("unmatched topic")),
+                };
+                c.expected.insert(r.clone(), want);
+                self.send(id, json!([jr, r, topic, "shout", {}]).to_string());
+            }
+            _ => {
+                let c = self.clients.get_mut(&id).expect("live");
+                let r = c.new_ref();
+                c.expected.insert(r.clone(), Expect::Ok);
+                self.send(id, json!([null, r, "phoenix", "heartbeat", {}]).to_string());
+            }
+        }
+    }
+
+    fn open(&mut self) {
+        let s = self.rng.gen_range(0..self.n()) as u16;
+        self.next_conn += 1;
+        let key = KEYS[self.rng.gen_range(0..KEYS.len())].to_owned();
+        let id = (s, self.next_conn);
+        self.log.push(format!("open {id:?} as {key}"));
+        self.shards[s as usize].open(ConnId(id.1), UserKey::new(&key));
+        self.clients.insert(
+            id,
+            Client {
+                key,
+                topics: BTreeMap::new(),
+                next_ref: 0,
+                expected: BTreeMap::new(),
+                expected_closes: Vec::new(),
+                closed_by_server: false,
+            },
+        );
+        self.collect(s as usize);
+    }
+
+    fn join(&mut self, id: (u16, u32)) {
+        let topic = TOPICS[self.rng.gen_range(0..TOPICS.len())].to_owned();
+        let mode =
+            [Mode::Full, Mode::Full, Mode::Full, Mode::Count, Mode::None][self.rng.gen_range(0..5)];
+        let track = self.rng.gen_bool(0.8);
+        let meta = self.random_meta();
+        let c = self.clients.get_mut(&id).expect("live");
+        let jr = c.new_ref();
+        let mut payload = json!({"meta": meta, "track": track});
+        payload["presence"] = json!(match mode {
+            Mode::Full => "full",
+            Mode::Count => "count",
+            Mode::None => "none",
+        });
+        if let Some(old) = c.topics.remove(&topic) {
+            abandon(c, &old);
+            c.expected_closes.push(old.join_ref);
+        }
+        let too_big = meta.to_string().len() > MAX_META;
+        if c.topics.len() >= MAX_TOPICS {
+            c.expected
+                .insert(jr.clone(), Expect::JoinError("too many channels joined"));
+        } else if too_big {
+            c.expected
+                .insert(jr.clone(), Expect::JoinError("meta too large"));
+        } else {
+            c.expected.insert(jr.clone(), Expect::JoinOk(topic.clone()));
+            c.topics.insert(
+                topic.clone(),
+                ClientTopic {
+                    join_ref: jr.clone(),
+                    mode,
+                    meta: track.then(|| strip_reserved(&meta)),
+                    joined_ok: false,
+                    got_state: false,
+                    view: View::new(),
+                    count: None,
+                },
+            );
+        }
+        self.send(id, json!([jr, jr, topic, "phx_join", payload]).to_string());
+    }
+
+    fn update(&mut self, id: (u16, u32)) {
+        let meta = self.random_meta();
+        let c = self.clients.get_mut(&id).expect("live");
+        let Some(topic) = c.topics.keys().next().cloned() else {
+            return;
+        };
+        let r = c.new_ref();
+        let t = c.topics.get_mut(&topic).expect("listed");
+        let jr = t.join_ref.clone();
+        if meta.to_string().len() > MAX_META {
+            c.expected
+                .insert(r.clone(), Expect::Error("meta too large"));
+        } else if t.meta.is_none() {
+            c.expected.insert(r.clone(), Expect::Error("not tracked"));
+        } else {
+            t.meta = Some(strip_reserved(&meta));
+            c.expected.insert(r.clone(), Expect::Ok);
+        }
+        self.send(
+            id,
+            json!([jr, r, topic, "presence_update", {"meta": meta}]).to_string(),
+        );
+    }
+
+    fn leave(&mut self, id: (u16, u32)) {
+        let c = self.clients.get_mut(&id).expect("live");
+        let Some(topic) = c.topics.keys().last().cloned() else {
+            return;
+        };
+        let t = c.topics.remove(&topic).expect("listed");
+        abandon(c, &t);
+        let r = c.new_ref();
+        c.expected.insert(r.clone(), Expect::Ok);
+        self.send(
+            id,
+            json!([t.join_ref, r, topic, "phx_leave", {}]).to_string(),
+        );
+    }
+
+    fn close(&mut self, id: (u16, u32)) {
+        self.log.push(format!("close {id:?}"));
+        self.clients.remove(&id);
+        self.shards[id.0 as usize].close(ConnId(id.1));
+        self.collect(id.0 as usize);
+    }
+
+    /// Delivers and flushes until nothing is in flight, then lets every count interval pass.
+    fn quiesce(&mut self) {
+        for _ in 0..2 {
+            loop {
+                while self.deliver_one() {}
+                for s in 0..self.n() {
+                    self.shards[s].flush();
+                    self.collect(s);
+                }
+                if self.rings.iter().all(VecDeque::is_empty) {
+                    break;
+                }
+            }
+            self.now += COUNT_INTERVAL;
+            for s in 0..self.n() {
+                self.shards[s].tick(Millis(self.now));
+                self.collect(s);
+            }
+        }
+    }
+
+    /// topic -> key -> sorted metas (as JSON text), from what the clients are tracked with.
+    fn model(&self) -> BTreeMap<String, BTreeMap<String, Vec<String>>> {
+        let mut m: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
+        for c in self.clients.values().filter(|c| !c.closed_by_server) {
+            for (topic, t) in &c.topics {
+                if let Some(meta) = &t.meta {
+                    m.entry(topic.clone())
+                        .or_default()
+                        .entry(c.key.clone())
+                        .or_default()
+                        .push(meta.to_string());
+                }
+            }
+        }
+        for keys in m.values_mut() {
+            keys.values_mut().for_each(|v| v.sort());
+        }
+        m
+    }
+
+    fn check(&self) {
+        let model = self.model();
+        let empty = BTreeMap::new();
+        for (topic, want) in model.iter().map(|(t, w)| (t.as_str(), w)).chain(
+            TOPICS
+                .iter()
+                .filter(|t| !model.contains_key(**t))
+                .map(|t| (*t, &empty)),
+        ) {
+            let owner = &self.shards[self.router.topic_owner(topic).index()];
+            let table: View = owner
+                .topic_view(topic)
+                .map(|v| {
+                    v.presences
+                        .into_iter()
+                        .map(|(k, metas)| {
+                            (
+                                k.as_str().to_owned(),
+                                metas
+                                    .iter()
+                                    .map(|m| {
+                                        serde_json::from_slice(m.bytes())
+                                            .expect("stored meta is JSON")
+                                    })
+                                    .collect(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if &stripped(&table) != want {
+                fail(format!(
+                    "owner table of {topic} is {table:?}, model {want:?}"
+                ));
+            }
+            let (keys, metas) = (
+                want.len() as u64,
+                want.values().map(Vec::len).sum::<usize>() as u64,
+            );
+            for (id, c) in &self.clients {
+                let Some(t) = c.topics.get(topic) else {
+                    continue;
+                };
+                if !t.joined_ok {
+                    fail(format!("{id:?} never got its join reply for {topic}"));
+                }
+                match t.mode {
+                    Mode::Full
+                        if sorted_refs(&t.view) != sorted_refs(&table)
+                            || &stripped(&t.view) != want =>
+                    {
+                        fail(format!(
+                            "{id:?} sees {topic} as {:?}, owner has {table:?}",
+                            t.view
+                        ))
+                    }
+                    Mode::Count if t.count != Some((keys, metas)) => fail(format!(
+                        "{id:?} counts {topic} as {:?}, want {:?}",
+                        t.count,
+                        (keys, metas)
+                    )),
+                    _ => {}
+                }
+            }
+        }
+        for (id, c) in &self.clients {
+            if !c.expected.is_empty() || !c.expected_closes.is_empty() {
+                fail(format!(
+                    "{id:?} still waits for {:?} {:?}",
+                    c.expected, c.expected_closes
+                ));
+            }
+        }
+        // Where each user is, per the user owners.
+        for key in KEYS {
+            let owner = &self.shards[self.router.user_owner(key).index()];
+            let mut got: Vec<(String, String)> = owner
+                .user_view(key)
+                .into_iter()
+                .map(|(t, m)| {
+                    let v: Value = serde_json::from_slice(m.bytes()).expect("JSON");
+                    (t.as_str().to_owned(), strip_reserved(&v).to_string())
+                })
+                .collect();
+            got.sort();
+            let mut want: Vec<(String, String)> = model
+                .iter()
+                .flat_map(|(t, keys)| {
+                    keys.get(*key)
+                        .into_iter()
+                        .flatten()
+                        .map(move |m| (t.clone(), m.clone()))
+                })
+                .collect();
+            want.sort();
+            if got != want {
+                fail(format!("user table of {key}: {got:?}, model {want:?}"));
+            }
+        }
+    }
+
+    fn run(&mut self, steps: usize) {
+        for i in 0..steps {
+            self.step();
+            if i % 100 == 99 {
+                self.quiesce();
+                self.check();
+            }
+        }
+        self.quiesce();
+        self.check();
+        let ids: Vec<(u16, u32)> = self.clients.keys().copied().collect();
+        for id in ids {
+            self.close(id);
+        }
+        self.quiesce();
+        for (i, s) in self.shards.iter().enumerate() {
+            if !s.is_empty() {
+                fail(format!(
+                    "shard {i} not empty after everyone left: {:?}",
+                    s.stats()
+                ));
+            }
+        }
+    }
+}
+
+/// A join left or replaced before its reply came still gets a plain ok (as Phoenix, which answers
+/// a join before reading the next message, would have sent).
+fn abandon(c: &mut Client, t: &ClientTopic) {
+    if !t.joined_ok {
+        c.expected.insert(t.join_ref.clone(), Expect::Ok);
+    }
+}
+
+fn strip_reserved(meta: &Value) -> Value {
+    let mut m = meta.clone();
+    if let Some(o) = m.as_object_mut() {
+        o.remove("phx_ref");
+        o.remove("phx_ref_prev");
+    }
+    m
+}
+
+fn stripped(view: &View) -> BTreeMap<String, Vec<String>> {
+    view.iter()
+        .map(|(k, metas)| {
+            let mut v: Vec<String> = metas
+                .iter()
+                .map(|m| strip_reserved(m).to_string())
+                .collect();
+            v.sort();
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+fn sorted_refs(view: &View) -> Vec<String> {
+    let mut refs: Vec<String> = view
+        .values()
+        .flatten()
+        .map(|m| m["phx_ref"].as_str().unwrap_or("?").to_owned())
+        .collect();
+    refs.sort();
+    refs
+}
+
+fn check_unique_refs(view: &View, text: &str) {
+    let refs = sorted_refs(view);
+    if refs.windows(2).any(|w| w[0] == w[1]) || refs.iter().any(|r| r == "?") {
+        fail(format!(
+            "duplicate or missing phx_ref after {text}: {view:?}"
+        ));
+    }
+}
+
+fn metas(p: &Value) -> Vec<Value> {
+    p["metas"]
+        .as_array()
+        .cloned()
+        .unwrap_or_else(|| fail(format!("no metas in {p}")))
+}
+
+fn refs(metas: &[Value]) -> Vec<Value> {
+    metas.iter().map(|m| m["phx_ref"].clone()).collect()
+}
+
+/// phoenix.js `Presence.syncState`.
+fn sync_state(state: &mut View, new_state: &Value) {
+    let new_state = new_state
+        .as_object()
+        .unwrap_or_else(|| fail(format!("state not an object: {new_state}")));
+    let mut joins = serde_json::Map::new();
+    let mut leaves = serde_json::Map::new();
+    for (key, presence) in state.iter() {
+        if !new_state.contains_key(key) {
+            leaves.insert(key.clone(), json!({"metas": presence}));
+        }
+    }
+    for (key, new_presence) in new_state {
+        let new_metas = metas(new_presence);
+        match state.get(key) {
+            Some(current) => {
+                let new_refs = refs(&new_metas);
+                let cur_refs = refs(current);
+                let joined: Vec<Value> = new_metas
+                    .iter()
+                    .filter(|m| !cur_refs.contains(&m["phx_ref"]))
+                    .cloned()
+                    .collect();
+                let left: Vec<Value> = current
+                    .iter()
+                    .filter(|m| !new_refs.contains(&m["phx_ref"]))
+                    .cloned()
+                    .collect();
+                if !joined.is_empty() {
+                    joins.insert(key.clone(), json!({"metas": joined}));
+                }
+                if !left.is_empty() {
+                    leaves.insert(key.clone(), json!({"metas": left}));
+                }
+            }
+            None => {
+                joins.insert(key.clone(), new_presence.clone());
+            }
+        }
+    }
+    sync_diff(state, &json!({"joins": joins, "leaves": leaves}));
+}
+
+/// phoenix.js `Presence.syncDiff`: joins first (keeping current metas not re-joined), then leaves
+/// by `phx_ref`, dropping keys left without metas.
+fn sync_diff(state: &mut View, diff: &Value) {
+    let obj = |v: &Value| {
+        v.as_object()
+            .cloned()
+            .unwrap_or_else(|| fail(format!("diff part not an object: {diff}")))
+    };
+    for (key, new_presence) in obj(&diff["joins"]) {
+        let mut new_metas = metas(&new_presence);
+        if let Some(current) = state.get(&key) {
+            let joined_refs = refs(&new_metas);
+            let mut cur: Vec<Value> = current
+                .iter()
+                .filter(|m| !joined_refs.contains(&m["phx_ref"]))
+                .cloned()
+                .collect();
+            cur.append(&mut new_metas);
+            new_metas = cur;
+        }
+        state.insert(key, new_metas);
+    }
+    for (key, left) in obj(&diff["leaves"]) {
+        let Some(current) = state.get_mut(&key) else {
+            continue;
+        };
+        let gone = refs(&metas(&left));
+        current.retain(|m| !gone.contains(&m["phx_ref"]));
+        if current.is_empty() {
+            state.remove(&key);
+        }
+    }
+}
+
+fn run_seed(seed: u64, steps: usize) {
+    let mut sim = Sim::new(seed);
+    let result = catch_unwind(AssertUnwindSafe(|| sim.run(steps)));
+    if let Err(e) = result {
+        let msg = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        let tail: Vec<&String> = sim.log.iter().rev().take(usize::MAX).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().map(String::as_str).collect();
+        panic!(
+            "simulation seed {seed} ({} shards) failed: {msg}\nlast events:\n{}\nreplay: ROSTER_SIM_SEED={seed} ROSTER_SIM_STEPS={steps} cargo test -p roster-engine --test simulation",
+            sim.n(),
+            tail.join("\n"),
+        );
+    }
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn shards_agree_with_the_reference_model() {
+    let steps = env_u64("ROSTER_SIM_STEPS").unwrap_or(300) as usize;
+    if let Some(seed) = env_u64("ROSTER_SIM_SEED") {
+        return run_seed(seed, steps);
+    }
+    let seeds = env_u64("ROSTER_SIM_SEEDS").unwrap_or(1000);
+    for seed in 0..seeds {
+        run_seed(seed, steps);
+    }
+}
