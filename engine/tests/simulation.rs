@@ -71,7 +71,6 @@ impl Client {
 }
 
 struct Sim {
-    seed: u64,
     rng: ChaCha8Rng,
     router: Router,
     shards: Vec<Shard>,
@@ -98,7 +97,6 @@ impl Sim {
             ref_seed: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15),
         };
         Sim {
-            seed,
             rng: ChaCha8Rng::seed_from_u64(seed),
             router: Router::new(n),
             shards: (0..n)

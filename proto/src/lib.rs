@@ -15,4 +15,4 @@ pub mod meta;
 pub use decode::{
     decode, ClientEvent, ClientMessage, FrameError, JoinRequest, PayloadError, PresenceMode,
 };
-pub use meta::{ClientMeta, PhxRef};
+pub use meta::{stored_phx_ref, ClientMeta, PhxRef};

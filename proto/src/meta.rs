@@ -48,8 +48,9 @@ impl<'a> ClientMeta<'a> {
     }
 
     /// Encodes the stored form of this meta: the client's fields (minus reserved ones, and minus
-    /// any field `forced` also has), then `forced`'s fields, then `phx_ref` and, after an update,
-    /// `phx_ref_prev`.
+    /// any field `forced` also has), then `forced`'s fields, then, after an update,
+    /// `phx_ref_prev`, and always last `phx_ref`. `phx_ref` is last so that it sits at a fixed
+    /// offset from the end ([`stored_phx_ref`]): the tables need not keep it a second time.
     pub fn encode(
         &self,
         out: &mut Vec<u8>,
@@ -67,15 +68,14 @@ impl<'a> ClientMeta<'a> {
         if !first {
             out.push(b',');
         }
-        out.extend_from_slice(b"\"phx_ref\":\"");
-        phx_ref.write(out);
-        out.push(b'"');
         if let Some(prev) = prev {
-            out.extend_from_slice(b",\"phx_ref_prev\":\"");
-            prev.write(out);
-            out.push(b'"');
+            out.extend_from_slice(b"\"phx_ref_prev\":\"");
+            out.extend_from_slice(&prev.text());
+            out.extend_from_slice(b"\",");
         }
-        out.push(b'}');
+        out.extend_from_slice(b"\"phx_ref\":\"");
+        out.extend_from_slice(&phx_ref.text());
+        out.extend_from_slice(b"\"}");
     }
 
     fn keys(&self) -> Vec<String> {
@@ -129,12 +129,23 @@ pub struct PhxRef(pub u64);
 
 const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
+/// The text of the `phx_ref` of a meta made by [`ClientMeta::encode`] (its last 11 characters but
+/// the closing `"}`), without parsing.
+pub fn stored_phx_ref(stored: &[u8]) -> Option<&[u8]> {
+    let end = stored.len().checked_sub(2)?;
+    stored.get(end.checked_sub(PhxRef::TEXT_LEN)?..end)
+}
+
 impl PhxRef {
+    pub const TEXT_LEN: usize = 11;
+
     /// Text form: 11 base64url characters, most significant first.
-    pub fn write(self, out: &mut Vec<u8>) {
-        for i in (0..11).rev() {
-            out.push(ALPHABET[((self.0 >> (i * 6)) & 63) as usize]);
+    pub fn text(self) -> [u8; PhxRef::TEXT_LEN] {
+        let mut t = [0u8; PhxRef::TEXT_LEN];
+        for (i, c) in t.iter_mut().enumerate() {
+            *c = ALPHABET[((self.0 >> ((10 - i) * 6)) & 63) as usize];
         }
+        t
     }
 
     pub fn parse(text: &str) -> Option<PhxRef> {
@@ -156,9 +167,7 @@ impl PhxRef {
 
 impl fmt::Display for PhxRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut buf = Vec::with_capacity(11);
-        self.write(&mut buf);
-        f.write_str(std::str::from_utf8(&buf).map_err(|_| fmt::Error)?)
+        f.write_str(std::str::from_utf8(&self.text()).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -200,6 +209,10 @@ mod tests {
         assert_eq!(v["n"][1]["x"], 2);
         assert_eq!(v["phx_ref"], PhxRef(1).to_string());
         assert!(v.get("phx_ref_prev").is_none());
+        assert_eq!(
+            stored_phx_ref(s.as_bytes()),
+            Some(PhxRef(1).to_string().as_bytes())
+        );
     }
 
     #[test]
@@ -208,10 +221,14 @@ mod tests {
         assert_eq!(
             s,
             format!(
-                r#"{{"phx_ref":"{}","phx_ref_prev":"{}"}}"#,
-                PhxRef(2),
-                PhxRef(1)
+                r#"{{"phx_ref_prev":"{}","phx_ref":"{}"}}"#,
+                PhxRef(1),
+                PhxRef(2)
             )
+        );
+        assert_eq!(
+            stored_phx_ref(s.as_bytes()),
+            Some(PhxRef(2).to_string().as_bytes())
         );
         let mut out = Vec::new();
         ClientMeta::empty().encode(&mut out, None, PhxRef(2), None);

@@ -2,6 +2,7 @@
 
 use roster_proto::{PhxRef, PresenceMode};
 
+use crate::core::ids::JoinRef;
 use crate::core::{TopicName, UserKey};
 
 #[derive(Debug)]
@@ -13,17 +14,54 @@ pub(crate) struct Connection {
     next_seq: u32,
 }
 
+/// One joined topic of one connection. There is one per subscription, so it is kept small
+/// (48 bytes): rarely used parts live elsewhere (the ref of a join awaiting its reply is in the
+/// shard's `awaiting` map).
 #[derive(Debug)]
 pub(crate) struct Joined {
     pub(crate) topic: TopicName,
-    pub(crate) join_ref: Option<Box<str>>,
+    join_ref: Option<JoinRef>,
+    phx_ref: PhxRef,
     pub(crate) seq: u32,
     pub(crate) mode: PresenceMode,
+    tracked: bool,
+    /// Until the owner's reply arrives; only then does the connection get its ok, its state, and
+    /// diffs.
+    pub(crate) awaiting_reply: bool,
+}
+
+impl Joined {
+    pub(crate) fn new(
+        topic: TopicName,
+        join_ref: Option<&str>,
+        seq: u32,
+        mode: PresenceMode,
+        tracked: Option<PhxRef>,
+    ) -> Self {
+        Joined {
+            topic,
+            join_ref: join_ref.map(JoinRef::new),
+            phx_ref: tracked.unwrap_or(PhxRef(0)),
+            seq,
+            mode,
+            tracked: tracked.is_some(),
+            awaiting_reply: true,
+        }
+    }
+
+    pub(crate) fn join_ref(&self) -> Option<&str> {
+        self.join_ref.as_ref().map(JoinRef::as_str)
+    }
+
     /// The connection's own presence in this topic, if it asked to be tracked.
-    pub(crate) tracked: Option<PhxRef>,
-    /// `Some(ref of the phx_join)` until the owner's reply arrives; only then does the connection
-    /// get its ok, its state, and diffs.
-    pub(crate) awaiting_reply: Option<Option<Box<str>>>,
+    pub(crate) fn tracked(&self) -> Option<PhxRef> {
+        self.tracked.then_some(self.phx_ref)
+    }
+
+    pub(crate) fn set_tracked(&mut self, r: PhxRef) {
+        self.phx_ref = r;
+        self.tracked = true;
+    }
 }
 
 impl Connection {
@@ -49,13 +87,20 @@ impl Connection {
     pub(crate) fn matching(&self, topic: &str, join_ref: Option<&str>) -> Option<usize> {
         let at = self.position(topic)?;
         match join_ref {
-            Some(jr) if self.joins[at].join_ref.as_deref() != Some(jr) => None,
+            Some(jr) if self.joins[at].join_ref() != Some(jr) => None,
             _ => Some(at),
         }
     }
 
     pub(crate) fn join_ref(&self, topic: &str) -> Option<&str> {
         self.position(topic)
-            .and_then(|at| self.joins[at].join_ref.as_deref())
+            .and_then(|at| self.joins[at].join_ref())
+    }
+
+    /// Adds a join without Vec's default growth to 4 slots: most connections join one or two
+    /// topics, and every slot is 48 bytes per connection.
+    pub(crate) fn push(&mut self, joined: Joined) {
+        self.joins.reserve_exact(1);
+        self.joins.push(joined);
     }
 }

@@ -5,6 +5,8 @@ use std::fmt;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use roster_proto::{stored_phx_ref, PhxRef};
+
 use crate::mesh::ShardId;
 
 /// A connection, numbered by the driver, unique within its shard while it is open.
@@ -44,6 +46,20 @@ pub struct Meta(pub Arc<[u8]>);
 impl Meta {
     pub fn bytes(&self) -> &[u8] {
         &self.0
+    }
+
+    /// Whether this is the meta of presence `r`. The ref is read from the stored bytes (it is
+    /// always their tail) rather than kept beside them, which saves 8 bytes in every table entry.
+    pub fn is_ref(&self, r: PhxRef) -> bool {
+        stored_phx_ref(&self.0) == Some(&r.text()[..])
+    }
+
+    pub(crate) fn ref_text(&self) -> [u8; PhxRef::TEXT_LEN] {
+        let mut t = [0u8; PhxRef::TEXT_LEN];
+        if let Some(r) = stored_phx_ref(&self.0) {
+            t.copy_from_slice(r);
+        }
+        t
     }
 }
 
@@ -90,3 +106,42 @@ shared_name!(
     /// A presence key: the user's identity (a token's `sub`, or the development `user_id`).
     UserKey
 );
+
+/// A client's `join_ref`, kept for every joined topic of every connection. phoenix.js sends short
+/// decimal strings, so up to 14 bytes are kept inline and only longer ones cost an allocation.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum JoinRef {
+    Inline { len: u8, bytes: [u8; 14] },
+    Heap(Box<str>),
+}
+
+impl JoinRef {
+    pub(crate) fn new(s: &str) -> Self {
+        if s.len() <= 14 {
+            let mut bytes = [0u8; 14];
+            bytes[..s.len()].copy_from_slice(s.as_bytes());
+            JoinRef::Inline {
+                len: s.len() as u8,
+                bytes,
+            }
+        } else {
+            JoinRef::Heap(s.into())
+        }
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            // Built from a &str cut at its own length, so always valid UTF-8.
+            JoinRef::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..*len as usize]).unwrap_or_default()
+            }
+            JoinRef::Heap(s) => s,
+        }
+    }
+}
+
+impl fmt::Debug for JoinRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}

@@ -18,6 +18,7 @@ mod config;
 mod connection;
 mod ids;
 mod message;
+mod names;
 mod shard;
 mod subscribers;
 mod topic;

@@ -11,6 +11,7 @@ use roster_proto::{
 };
 
 use crate::core::connection::{Connection, Joined};
+use crate::core::names::Names;
 use crate::core::subscribers::LocalSubs;
 use crate::core::topic::Topic;
 use crate::core::user::Users;
@@ -78,6 +79,9 @@ pub struct Shard {
     to_count: Vec<TopicName>,
     users: Users,
     subs: LocalSubs,
+    names: Names,
+    /// `ref` of each phx_join still waiting for its owner, by (connection, join seq).
+    awaiting: HashMap<(ConnId, u32), Option<Box<str>>, RandomState>,
     tx: Outbox,
     /// Scratch for encoding; its capacity is reused across frames.
     buf: Vec<u8>,
@@ -97,6 +101,8 @@ impl Shard {
             to_count: Vec::new(),
             users: Users::default(),
             subs: LocalSubs::default(),
+            awaiting: HashMap::default(),
+            names: Names::default(),
             tx: Outbox {
                 me: id,
                 local: VecDeque::new(),
@@ -219,6 +225,8 @@ impl Shard {
             && self.subs.topics() == 0
             && self.to_flush.is_empty()
             && self.to_count.is_empty()
+            && self.awaiting.is_empty()
+            && self.names.in_use() == 0
             && self.tx.local.is_empty()
     }
 
@@ -291,7 +299,7 @@ impl Shard {
             let key = c.key.clone();
             self.abandon_join(conn, &old);
             self.buf.clear();
-            encode::phx_close(&mut self.buf, old.join_ref.as_deref(), topic);
+            encode::phx_close(&mut self.buf, old.join_ref(), topic);
             self.send_buf(conn);
             self.part(conn, &key, old);
         }
@@ -302,7 +310,7 @@ impl Shard {
         if req.meta.len() > self.config.max_meta_bytes {
             return self.reply_error(conn, jr, r, topic, "meta too large");
         }
-        let name = TopicName::new(topic);
+        let name = self.names.intern(topic);
         let track = req.track.then(|| {
             let phx_ref = next_ref(self.id, &mut self.next_ref, self.config.ref_seed);
             Track {
@@ -312,14 +320,14 @@ impl Shard {
             }
         });
         let seq = c.next_seq();
-        c.joins.push(Joined {
-            topic: name.clone(),
-            join_ref: jr.map(Box::from),
+        c.push(Joined::new(
+            name.clone(),
+            jr,
             seq,
-            mode: req.presence,
-            tracked: track.as_ref().map(|t| t.phx_ref),
-            awaiting_reply: Some(r.map(Box::from)),
-        });
+            req.presence,
+            track.as_ref().map(|t| t.phx_ref),
+        ));
+        self.awaiting.insert((conn, seq), r.map(Box::from));
         let owner = self.router.topic_owner(topic);
         let from = ConnAddr {
             shard: self.id,
@@ -351,7 +359,7 @@ impl Shard {
         }
         let c = self.conns.get_mut(&conn).expect("joined implies open");
         let joined = &mut c.joins[at];
-        let Some(old) = joined.tracked else {
+        let Some(old) = joined.tracked() else {
             return self.reply_error(conn, jr, r, topic, "not tracked");
         };
         let phx_ref = next_ref(self.id, &mut self.next_ref, self.config.ref_seed);
@@ -360,7 +368,7 @@ impl Shard {
             phx_ref,
             meta: stored_meta(&mut self.buf, meta, phx_ref, Some(old)),
         };
-        joined.tracked = Some(phx_ref);
+        joined.set_tracked(phx_ref);
         let msg = MeshMsg::Update {
             topic: joined.topic.clone(),
             from: ConnAddr {
@@ -378,14 +386,14 @@ impl Shard {
     /// before it reads the next message, so the client would have had its ok by now: send it, so
     /// that no request goes unanswered. The state that would follow is moot.
     fn abandon_join(&mut self, conn: ConnId, joined: &Joined) {
-        if let Some(msg_ref) = &joined.awaiting_reply {
+        if let Some(msg_ref) = self.awaiting.remove(&(conn, joined.seq)) {
             self.buf.clear();
-            let jr = joined.join_ref.as_deref();
+            let topic = joined.topic.as_str();
             encode::reply_ok(
                 &mut self.buf,
-                jr,
+                joined.join_ref(),
                 msg_ref.as_deref(),
-                joined.topic.as_str(),
+                topic,
                 REPLY_EMPTY,
             );
             self.send_buf(conn);
@@ -394,10 +402,13 @@ impl Shard {
 
     /// The connection no longer has `joined`: stop delivering to it and tell the owner.
     fn part(&mut self, conn: ConnId, key: &UserKey, joined: Joined) {
-        if joined.awaiting_reply.is_none() {
+        if joined.awaiting_reply {
+            self.awaiting.remove(&(conn, joined.seq));
+        } else {
             self.subs.remove(joined.topic.as_str(), conn, joined.mode);
         }
         let owner = self.router.topic_owner(joined.topic.as_str());
+        let tracked = joined.tracked().map(|r| (key.clone(), r));
         let msg = MeshMsg::Leave {
             topic: joined.topic,
             from: ConnAddr {
@@ -405,7 +416,7 @@ impl Shard {
                 conn,
             },
             mode: joined.mode,
-            tracked: joined.tracked.map(|r| (key.clone(), r)),
+            tracked,
         };
         self.tx.mesh(owner, msg);
     }
@@ -466,9 +477,10 @@ impl Shard {
                 old,
                 new,
             } => {
-                let Some(t) = self.topics.get_mut(&topic) else {
+                let Some(topic) = self.topics.get_key_value(&topic).map(|(k, _)| k.clone()) else {
                     return;
                 };
+                let t = self.topics.get_mut(&topic).expect("looked up above");
                 if t.untrack(&new.key, old).is_some() {
                     let user_owner = self.router.user_owner(new.key.as_str());
                     let msg = MeshMsg::UserUntracked {
@@ -478,7 +490,7 @@ impl Shard {
                     };
                     self.tx.mesh(user_owner, msg);
                 }
-                t.track(new.key.clone(), new.phx_ref, new.meta.clone());
+                t.track(new.key.clone(), new.meta.clone());
                 self.tx.mesh(
                     self.router.user_owner(new.key.as_str()),
                     MeshMsg::UserTracked {
@@ -550,8 +562,7 @@ impl Shard {
                 }
             }
             MeshMsg::UserTracked { topic, track } => {
-                self.users
-                    .tracked(track.key, topic, track.phx_ref, track.meta);
+                self.users.tracked(track.key, topic, track.meta);
             }
             MeshMsg::UserUntracked {
                 topic,
@@ -566,7 +577,17 @@ impl Shard {
             // The joiner's state must be exactly "everything before the diffs it will get".
             self.flush_topic(&j.topic);
         }
-        let t = self.topics.entry(j.topic.clone()).or_default();
+        // The owner's own copy of the name goes into every table, so that names arriving in
+        // messages are dropped instead of kept once per presence.
+        let name = match self.topics.get_key_value(&j.topic) {
+            Some((name, _)) => name.clone(),
+            None => {
+                let name = self.names.intern(j.topic.as_str());
+                self.topics.insert(name.clone(), Topic::default());
+                name
+            }
+        };
+        let t = self.topics.get_mut(&name).expect("inserted above");
         t.subscribe(j.from.shard, j.mode);
         // The state is taken before the joiner's own presence goes in: that presence reaches it
         // in the next diff like everyone else's, so a join and leave that cancel out within one
@@ -577,16 +598,16 @@ impl Shard {
             Box::<[u8]>::from(self.buf.as_slice())
         });
         if let Some(track) = j.track {
-            t.track(track.key.clone(), track.phx_ref, track.meta.clone());
+            t.track(track.key.clone(), track.meta.clone());
             let user_owner = self.router.user_owner(track.key.as_str());
             self.tx.mesh(
                 user_owner,
                 MeshMsg::UserTracked {
-                    topic: j.topic.clone(),
+                    topic: name.clone(),
                     track,
                 },
             );
-            note_change(&mut self.to_flush, &mut self.to_count, &j.topic, t);
+            note_change(&mut self.to_flush, &mut self.to_count, &name, t);
         }
         let reply = match (state, j.mode) {
             (Some(state), _) => JoinedReply::State(state),
@@ -616,10 +637,11 @@ impl Shard {
         else {
             return; // Left (or rejoined) while the reply was in flight.
         };
-        let Some(msg_ref) = joined.awaiting_reply.take() else {
+        if !std::mem::take(&mut joined.awaiting_reply) {
             return;
-        };
-        let jr = joined.join_ref.clone();
+        }
+        let msg_ref = self.awaiting.remove(&(conn, seq)).flatten();
+        let jr: Option<Box<str>> = joined.join_ref().map(Box::from);
         self.subs.add(&topic, conn, joined.mode);
         self.buf.clear();
         encode::reply_ok(
@@ -651,6 +673,11 @@ impl Shard {
         let Some(t) = self.topics.get_mut(name) else {
             return;
         };
+        if t.full_shards().next().is_none() {
+            // Nobody to tell: later subscribers get all of it in their state.
+            t.discard_pending();
+            return;
+        }
         self.buf.clear();
         if !t.take_diff(name.as_str(), &mut self.buf) {
             return;
@@ -706,4 +733,141 @@ fn stored_meta(
     buf.clear();
     meta.encode(buf, None, phx_ref, prev);
     Meta(Arc::from(buf.as_slice()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One shard, one connection: every request must get exactly the reply PROTOCOL.md gives.
+    fn shard() -> Shard {
+        let config = Config {
+            max_topics_per_conn: 2,
+            max_meta_bytes: 16,
+            ..Config::default()
+        };
+        let mut s = Shard::new(ShardId(0), config);
+        s.open(ConnId(1), UserKey::new("u1"));
+        s
+    }
+
+    fn texts(s: &mut Shard) -> Vec<String> {
+        s.flush();
+        s.outputs()
+            .map(|o| match o {
+                Output::Send { frame, .. } => String::from_utf8_lossy(&frame).into_owned(),
+                Output::Close { code, reason, .. } => format!("close {} {reason}", code.0),
+                Output::Mesh { to, msg } => panic!("one shard sends nothing to {to:?}: {msg:?}"),
+            })
+            .collect()
+    }
+
+    fn send(s: &mut Shard, frame: &str) -> Vec<String> {
+        s.frame(ConnId(1), frame.as_bytes());
+        texts(s)
+    }
+
+    #[test]
+    fn join_replies_then_state_then_own_join_diff() {
+        let mut s = shard();
+        let out = send(&mut s, r#"["1","1","room","phx_join",{"meta":{"a":1}}]"#);
+        assert_eq!(
+            out[0],
+            r#"["1","1","room","phx_reply",{"status":"ok","response":{}}]"#
+        );
+        assert_eq!(out[1], r#"["1",null,"room","presence_state",{}]"#);
+        assert!(
+            out[2].starts_with(
+                r#"[null,null,"room","presence_diff",{"joins":{"u1":{"metas":[{"a":1,"phx_ref":"#
+            ),
+            "{}",
+            out[2]
+        );
+        assert_eq!(out.len(), 3);
+    }
+
+    #[test]
+    fn every_error_of_the_contract() {
+        let mut s = shard();
+        let err = |jr: &str, r: &str, t: &str, reason: &str| {
+            format!(
+                r#"[{jr},"{r}","{t}","phx_reply",{{"status":"error","response":{{"reason":"{reason}"}}}}]"#
+            )
+        };
+        assert_eq!(
+            send(&mut s, r#"[null,"1","room","shout",{}]"#),
+            [err("null", "1", "room", "unmatched topic")]
+        );
+        assert_eq!(
+            send(
+                &mut s,
+                r#"["2","2","room","phx_join",{"meta":{"x":"0123456789"}}]"#
+            ),
+            [err(r#""2""#, "2", "room", "meta too large")]
+        );
+        send(&mut s, r#"["3","3","a","phx_join",{"track":false}]"#);
+        assert_eq!(
+            send(&mut s, r#"["3","4","a","shout",{}]"#),
+            [err(r#""3""#, "4", "a", "unknown event")]
+        );
+        assert_eq!(
+            send(&mut s, r#"["3","5","a","presence_update",{"meta":{}}]"#),
+            [err(r#""3""#, "5", "a", "not tracked")]
+        );
+        assert_eq!(
+            send(&mut s, r#"["9","6","a","shout",{}]"#),
+            [err(r#""9""#, "6", "a", "unmatched topic")],
+            "stale join_ref"
+        );
+        assert_eq!(
+            send(&mut s, r#"["3","7","a","phx_join",{"track":"yes"}]"#),
+            [err(r#""3""#, "7", "a", "track must be a boolean")]
+        );
+        send(&mut s, r#"["8","8","b","phx_join",{}]"#);
+        assert_eq!(
+            send(&mut s, r#"["9","9","c","phx_join",{}]"#),
+            [err(r#""9""#, "9", "c", "too many channels joined")]
+        );
+        assert_eq!(
+            send(&mut s, r#"[null,"10","phoenix","heartbeat",{}]"#),
+            [r#"[null,"10","phoenix","phx_reply",{"status":"ok","response":{}}]"#]
+        );
+        // Not a V2 message: closed with 1007, and its presences leave.
+        assert_eq!(
+            send(&mut s, "[1]"),
+            ["close 1007 invalid frame: expected [join_ref, ref, topic, event, payload]"]
+        );
+        s.tick(Millis(0));
+        assert_eq!(s.topic_view("b"), None);
+        assert!(
+            send(&mut s, r#"[null,"11","phoenix","heartbeat",{}]"#).is_empty(),
+            "closed connection is forgotten"
+        );
+        assert!(s.is_empty(), "{:?}", s.stats());
+    }
+
+    #[test]
+    fn update_is_leave_plus_join_with_prev() {
+        let mut s = shard();
+        send(&mut s, r#"["1","1","room","phx_join",{"meta":{"p":1}}]"#);
+        let out = send(
+            &mut s,
+            r#"["1","2","room","presence_update",{"meta":{"p":2}}]"#,
+        );
+        assert_eq!(
+            out[0],
+            r#"["1","2","room","phx_reply",{"status":"ok","response":{}}]"#
+        );
+        let diff: serde_json::Value = serde_json::from_str(&out[1]).expect("JSON");
+        let joined = &diff[4]["joins"]["u1"]["metas"][0];
+        let left = &diff[4]["leaves"]["u1"]["metas"][0];
+        assert_eq!(
+            (&joined["p"], &left["p"]),
+            (&2.into(), &1.into()),
+            "{}",
+            out[1]
+        );
+        assert_eq!(joined["phx_ref_prev"], left["phx_ref"], "{}", out[1]);
+        assert_ne!(joined["phx_ref"], left["phx_ref"], "{}", out[1]);
+    }
 }

@@ -15,12 +15,6 @@ use smallvec::SmallVec;
 use crate::core::{Meta, Millis, UserKey};
 use crate::mesh::ShardId;
 
-#[derive(Debug)]
-struct Presence {
-    phx_ref: PhxRef,
-    meta: Meta,
-}
-
 #[derive(Debug, Clone, Copy)]
 struct ShardSubs {
     shard: ShardId,
@@ -31,14 +25,15 @@ struct ShardSubs {
 /// Changes since the last flush, in the order applied.
 #[derive(Debug, Default)]
 struct Pending {
-    joins: Vec<(UserKey, PhxRef, Meta)>,
-    leaves: Vec<(UserKey, PhxRef, Meta)>,
+    joins: Vec<(UserKey, Meta)>,
+    leaves: Vec<(UserKey, Meta)>,
 }
 
 #[derive(Debug, Default)]
 pub(crate) struct Topic {
-    // Most keys have one meta (one tab); SmallVec keeps that one inline in the map.
-    presences: HashMap<UserKey, SmallVec<[Presence; 1]>, RandomState>,
+    // Most keys have one meta (one tab); SmallVec keeps that one inline in the map. A meta's
+    // phx_ref is read from its bytes.
+    presences: HashMap<UserKey, SmallVec<[Meta; 1]>, RandomState>,
     metas: u32,
     subs: SmallVec<[ShardSubs; 2]>,
     pending: Pending,
@@ -57,36 +52,34 @@ pub struct TopicView {
 }
 
 impl Topic {
-    pub(crate) fn track(&mut self, key: UserKey, phx_ref: PhxRef, meta: Meta) {
+    pub(crate) fn track(&mut self, key: UserKey, meta: Meta) {
         self.presences
             .entry(key.clone())
             .or_default()
-            .push(Presence {
-                phx_ref,
-                meta: meta.clone(),
-            });
+            .push(meta.clone());
         self.metas += 1;
-        self.pending.joins.push((key, phx_ref, meta));
+        self.pending.joins.push((key, meta));
         self.count_dirty = true;
     }
 
     /// Removes the presence `phx_ref` of `key`; `None` if it is not here.
     pub(crate) fn untrack(&mut self, key: &UserKey, phx_ref: PhxRef) -> Option<Meta> {
         let metas = self.presences.get_mut(key)?;
-        let at = metas.iter().position(|p| p.phx_ref == phx_ref)?;
+        let at = metas.iter().position(|m| m.is_ref(phx_ref))?;
         let gone = metas.remove(at);
         if metas.is_empty() {
             self.presences.remove(key);
         }
         self.metas -= 1;
-        self.pending
-            .leaves
-            .push((key.clone(), phx_ref, gone.meta.clone()));
+        self.pending.leaves.push((key.clone(), gone.clone()));
         self.count_dirty = true;
-        Some(gone.meta)
+        Some(gone)
     }
 
     pub(crate) fn subscribe(&mut self, shard: ShardId, mode: PresenceMode) {
+        if mode == PresenceMode::None {
+            return;
+        }
         let subs = match self.subs.iter_mut().find(|s| s.shard == shard) {
             Some(s) => s,
             None => {
@@ -153,11 +146,15 @@ impl Topic {
         let mut map = PresenceMap::new(out);
         for (key, metas) in &self.presences {
             map.key(key.as_str());
-            for p in metas {
-                map.meta(p.meta.bytes());
+            for m in metas {
+                map.meta(m.bytes());
             }
         }
         map.finish();
+    }
+
+    pub(crate) fn discard_pending(&mut self) {
+        self.pending = Pending::default();
     }
 
     /// Turns the pending changes into one `presence_diff` frame in `out`. A join and a leave of
@@ -169,15 +166,15 @@ impl Topic {
             mut leaves,
         } = std::mem::take(&mut self.pending);
         if !joins.is_empty() && !leaves.is_empty() {
-            let joined: ahash::HashSet<PhxRef> = joins.iter().map(|j| j.1).collect();
-            let cancelled: ahash::HashSet<PhxRef> = leaves
+            let joined: ahash::HashSet<_> = joins.iter().map(|j| j.1.ref_text()).collect();
+            let cancelled: ahash::HashSet<_> = leaves
                 .iter()
-                .map(|l| l.1)
+                .map(|l| l.1.ref_text())
                 .filter(|r| joined.contains(r))
                 .collect();
             if !cancelled.is_empty() {
-                joins.retain(|j| !cancelled.contains(&j.1));
-                leaves.retain(|l| !cancelled.contains(&l.1));
+                joins.retain(|j| !cancelled.contains(&j.1.ref_text()));
+                leaves.retain(|l| !cancelled.contains(&l.1.ref_text()));
             }
         }
         if joins.is_empty() && leaves.is_empty() {
@@ -211,7 +208,7 @@ impl Topic {
         let mut presences: Vec<(UserKey, Vec<Meta>)> = self
             .presences
             .iter()
-            .map(|(k, ps)| (k.clone(), ps.iter().map(|p| p.meta.clone()).collect()))
+            .map(|(k, metas)| (k.clone(), metas.to_vec()))
             .collect();
         presences.sort_by(|a, b| a.0.cmp(&b.0));
         TopicView { presences }
@@ -220,10 +217,10 @@ impl Topic {
 
 /// JSON objects keep only the last of repeated keys, so all metas of one key must be written
 /// under one key: sort by key (stable, so per-key order is kept) and group.
-fn write_grouped(mut map: PresenceMap<'_>, changes: &mut [(UserKey, PhxRef, Meta)]) {
+fn write_grouped(mut map: PresenceMap<'_>, changes: &mut [(UserKey, Meta)]) {
     changes.sort_by(|a, b| a.0.cmp(&b.0));
     let mut last: Option<&UserKey> = None;
-    for (key, _, meta) in changes.iter() {
+    for (key, meta) in changes.iter() {
         if last != Some(key) {
             map.key(key.as_str());
             last = Some(key);
@@ -231,4 +228,82 @@ fn write_grouped(mut map: PresenceMap<'_>, changes: &mut [(UserKey, PhxRef, Meta
         map.meta(meta.bytes());
     }
     map.finish();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use roster_proto::ClientMeta;
+
+    use super::*;
+
+    fn meta(r: u64) -> Meta {
+        let mut out = Vec::new();
+        ClientMeta::from_json(r#"{"n":1}"#)
+            .expect("meta")
+            .encode(&mut out, None, PhxRef(r), None);
+        Meta(Arc::from(out.as_slice()))
+    }
+
+    fn diff(t: &mut Topic) -> Option<serde_json::Value> {
+        let mut out = Vec::new();
+        t.take_diff("t", &mut out)
+            .then(|| serde_json::from_slice::<serde_json::Value>(&out).expect("JSON")[4].clone())
+    }
+
+    #[test]
+    fn join_and_leave_in_one_batch_cancel_out() {
+        let mut t = Topic::default();
+        let k = UserKey::new("k");
+        t.track(k.clone(), meta(1));
+        assert_eq!(t.untrack(&k, PhxRef(1)), Some(meta(1)));
+        assert_eq!(diff(&mut t), None);
+        assert!(t.presences.is_empty());
+    }
+
+    #[test]
+    fn metas_of_one_key_are_grouped_under_one_key() {
+        let mut t = Topic::default();
+        let (a, b) = (UserKey::new("a"), UserKey::new("b"));
+        t.track(a.clone(), meta(1));
+        t.track(b.clone(), meta(2));
+        t.track(a.clone(), meta(3));
+        let d = diff(&mut t).expect("a diff");
+        assert_eq!(
+            d["joins"]["a"]["metas"].as_array().map(Vec::len),
+            Some(2),
+            "{d}"
+        );
+        assert_eq!(
+            d["joins"]["b"]["metas"].as_array().map(Vec::len),
+            Some(1),
+            "{d}"
+        );
+        assert_eq!(t.counts(), (2, 3));
+        t.untrack(&a, PhxRef(3));
+        t.untrack(&a, PhxRef(1));
+        assert_eq!(t.untrack(&a, PhxRef(1)), None, "already gone");
+        let d = diff(&mut t).expect("a diff");
+        assert_eq!(
+            d["leaves"]["a"]["metas"].as_array().map(Vec::len),
+            Some(2),
+            "{d}"
+        );
+        assert_eq!(t.counts(), (1, 1));
+    }
+
+    #[test]
+    fn subscriber_counts_per_shard() {
+        let mut t = Topic::default();
+        t.subscribe(ShardId(1), PresenceMode::Full);
+        t.subscribe(ShardId(1), PresenceMode::Count);
+        t.subscribe(ShardId(2), PresenceMode::None);
+        assert_eq!(t.full_shards().collect::<Vec<_>>(), [ShardId(1)]);
+        assert_eq!(t.count_shards().collect::<Vec<_>>(), [ShardId(1)]);
+        t.unsubscribe(ShardId(1), PresenceMode::Full);
+        t.unsubscribe(ShardId(1), PresenceMode::Count);
+        t.unsubscribe(ShardId(2), PresenceMode::None);
+        assert!(t.is_idle());
+    }
 }

@@ -13,7 +13,7 @@ use crate::core::{Meta, TopicName, UserKey};
 #[derive(Debug)]
 struct UserPresence {
     topic: TopicName,
-    phx_ref: PhxRef,
+    /// Shared with the topic's table; its phx_ref is read from its bytes.
     meta: Meta,
 }
 
@@ -23,12 +23,11 @@ pub(crate) struct Users {
 }
 
 impl Users {
-    pub(crate) fn tracked(&mut self, key: UserKey, topic: TopicName, phx_ref: PhxRef, meta: Meta) {
-        self.users.entry(key).or_default().push(UserPresence {
-            topic,
-            phx_ref,
-            meta,
-        });
+    pub(crate) fn tracked(&mut self, key: UserKey, topic: TopicName, meta: Meta) {
+        self.users
+            .entry(key)
+            .or_default()
+            .push(UserPresence { topic, meta });
     }
 
     pub(crate) fn untracked(&mut self, key: &UserKey, topic: &TopicName, phx_ref: PhxRef) {
@@ -37,7 +36,7 @@ impl Users {
         };
         if let Some(at) = ps
             .iter()
-            .position(|p| p.phx_ref == phx_ref && &p.topic == topic)
+            .position(|p| &p.topic == topic && p.meta.is_ref(phx_ref))
         {
             ps.remove(at);
         }

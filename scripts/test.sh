@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs every test of the project: formatting, lints, unit tests, the multi-shard simulation
+# (1,000 seeds; ROSTER_SIM_SEEDS=N for more) and a smoke run of the core benchmark.
+# This is the test command README.md names and .ci/run calls.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace 2>&1 | tee "$log"
+# The benchmark is a program that prints figures, not a test; this only proves it still runs.
+cargo run --release -q -p roster-bench --bin core-bench -- --quick >/dev/null
+# cargo's last "test result" line is the doc-tests' (0 tests); say the total plainly.
+passed=$(grep -o 'test result: ok\. [0-9]* passed' "$log" | awk '{s += $4} END {print s + 0}')
+echo "scripts/test.sh: all checks passed"
+echo "tests: $passed passed, 0 failed"
