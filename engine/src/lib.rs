@@ -6,9 +6,13 @@
 //! - [`core`]: the sans-IO shard state machine. Inputs in (client frames, connection events, shard
 //!   messages, ticks), outputs out (frames, closes, shard messages). No sockets, clocks or threads.
 //! - [`mesh`]: which shard owns a topic or a user key.
+//! - [`net`]: glommio executors, listeners, WebSocket connections, rings and timers.
+//! - [`config`]: the server's options.
 //!
 //! What it must not do: let I/O, time or threads leak into `core`, or make any decision in the I/O
 //! layer that the core should make (that would escape the simulation tests).
 
+pub mod config;
 pub mod core;
 pub mod mesh;
+pub mod net;

@@ -1,13 +1,73 @@
-//! The `roster` server binary.
-//!
-//! Not yet a server: the glommio shards and the WebSocket listener are being built (issue 3). It
-//! says so and exits with a non-zero status rather than pretending to serve.
+//! `roster`: starts the presence server. Reads the configuration, raises the process limits a
+//! server with many connections needs, starts one pinned shard per core, and exits 0 after a
+//! SIGTERM/SIGINT once the connections have been closed with 1001.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use clap::Parser;
+use roster_engine::config::{Cli, ServerConfig};
+use roster_engine::net::{self, Launch};
+use tracing_subscriber::EnvFilter;
+
+/// glommio refuses to start below this locked-memory limit (STACK.md).
+const MIN_MEMLOCK: u64 = 512 << 10;
+/// Descriptors kept for listeners, rings, io_uring and the like.
+const RESERVED_FDS: u64 = 64;
 
 fn main() {
-    eprintln!(
-        "roster {}: the network server is not built yet (issue 3); the presence core is in \
-         roster_engine::core, measured by `cargo run --release -p roster-bench --bin core-bench`",
-        env!("CARGO_PKG_VERSION")
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("ROSTER_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    if let Err(e) = start() {
+        tracing::error!("{e}");
+        eprintln!("roster: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn start() -> Result<(), String> {
+    let allowed: Vec<usize> = core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect();
+    let config = ServerConfig::resolve(Cli::parse(), allowed.len().max(1) as u16)?;
+    raise_limits()?;
+    // Pin only when every shard gets a core of its own (tests run more shards than cores).
+    let cpus = (config.shards as usize <= allowed.len()).then(|| allowed[..config.shards as usize].to_vec());
+    tracing::info!(
+        listen = %config.listen,
+        shards = config.shards,
+        pinned = cpus.is_some(),
+        backlog = config.backlog,
+        "roster {} starting", env!("CARGO_PKG_VERSION")
     );
-    std::process::exit(2);
+    tracing::warn!("no secret configured: identities are not verified (development mode; user_id comes from the query)");
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| format!("cannot handle signal {sig}: {e}"))?;
+    }
+    net::run(Launch { config, cpus, stop })?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Raises the soft open-files and locked-memory limits to the hard ones and says what follows.
+fn raise_limits() -> Result<(), String> {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::info!(
+            open_files = n,
+            connection_capacity = n.saturating_sub(RESERVED_FDS),
+            "open-files limit raised to the hard limit; raise the hard limit (LimitNOFILE, fs.nr_open) for more connections"
+        ),
+        Err(e) => tracing::warn!("cannot raise the open-files limit: {e}"),
+    }
+    let (soft, hard) = rlimit::Resource::MEMLOCK.get().map_err(|e| format!("cannot read RLIMIT_MEMLOCK: {e}"))?;
+    if soft < hard {
+        let _ = rlimit::Resource::MEMLOCK.set(hard, hard);
+    }
+    let (soft, _) = rlimit::Resource::MEMLOCK.get().map_err(|e| format!("cannot read RLIMIT_MEMLOCK: {e}"))?;
+    if soft < MIN_MEMLOCK {
+        return Err(format!(
+            "locked-memory limit is {soft} bytes; io_uring needs at least {MIN_MEMLOCK}. Raise it (ulimit -l, LimitMEMLOCK=) and start again"
+        ));
+    }
+    Ok(())
 }

@@ -149,11 +149,8 @@ fn track_untrack_owner(shards: u16, topics: usize, pairs: usize) -> f64 {
     let keys: Vec<UserKey> = (0..1000)
         .map(|k| UserKey::new(&format!("user-{k}")))
         .collect();
+    let client_meta = ClientMeta::from_json(META).expect("meta");
     let mut meta_buf = Vec::new();
-    ClientMeta::from_json(META)
-        .expect("meta")
-        .encode(&mut meta_buf, None, PhxRef(1), None);
-    let meta = Meta(meta_buf.into());
     const BATCH: usize = 64;
     let start = Instant::now();
     let mut done = 0u64;
@@ -170,11 +167,11 @@ fn track_untrack_owner(shards: u16, topics: usize, pairs: usize) -> f64 {
                     conn: ConnId(u32::MAX),
                 };
                 let msg = if step {
-                    let track = Some(Track {
-                        key,
-                        phx_ref: PhxRef(i),
-                        meta: meta.clone(),
-                    });
+                    // The connection's shard encodes the stored meta with its ref; so do we.
+                    meta_buf.clear();
+                    client_meta.encode(&mut meta_buf, None, PhxRef(i), None);
+                    let meta = Meta(meta_buf.as_slice().into());
+                    let track = Some(Track { key, phx_ref: PhxRef(i), meta });
                     MeshMsg::Join(Box::new(JoinMsg {
                         topic,
                         from,

@@ -1,0 +1,145 @@
+//! Server configuration: command line, `ROSTER_*` environment variables, and an optional TOML
+//! file, in that order of precedence, over PROTOCOL.md's defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// roster: a thread-per-core presence server speaking Phoenix Channels V2.
+#[derive(Parser, Debug, Default)]
+#[command(version, about)]
+pub struct Cli {
+    /// TOML file with any of the options below (names with underscores, e.g. `max_meta_bytes`).
+    /// Command-line flags and environment variables override it.
+    #[arg(long, env = "ROSTER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address every shard listens on (SO_REUSEPORT). [default: 127.0.0.1:4000]
+    #[arg(long, env = "ROSTER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Number of shards, one pinned thread each. [default: the CPUs this process may use]
+    #[arg(long, env = "ROSTER_SHARDS")]
+    pub shards: Option<u16>,
+    /// Listen backlog of each shard's socket: how many connections may wait for accept during a
+    /// reconnect storm. [default: 65535; the kernel caps it at net.core.somaxconn]
+    #[arg(long, env = "ROSTER_BACKLOG")]
+    pub backlog: Option<u32>,
+    /// Close a connection that sent nothing (not even a heartbeat) for this long. [default: 60000]
+    #[arg(long, env = "ROSTER_HEARTBEAT_TIMEOUT_MS")]
+    pub heartbeat_timeout_ms: Option<u64>,
+    /// Topics one connection may have joined at once. [default: 100]
+    #[arg(long, env = "ROSTER_MAX_TOPICS_PER_CONN")]
+    pub max_topics_per_conn: Option<usize>,
+    /// Largest meta object a client may send, in bytes. [default: 1024]
+    #[arg(long, env = "ROSTER_MAX_META_BYTES")]
+    pub max_meta_bytes: Option<usize>,
+    /// Largest WebSocket frame or message a client may send; larger ones close the connection
+    /// with 1009. [default: 65536]
+    #[arg(long, env = "ROSTER_MAX_FRAME_BYTES")]
+    pub max_frame_bytes: Option<usize>,
+    /// Bytes of frames queued for one connection before it counts as a slow consumer and is
+    /// closed with 1008. [default: 1048576]
+    #[arg(long, env = "ROSTER_MAX_OUTBOUND_BYTES")]
+    pub max_outbound_bytes: Option<usize>,
+    /// Least time between two presence_count pushes for one topic. [default: 1000]
+    #[arg(long, env = "ROSTER_COUNT_INTERVAL_MS")]
+    pub count_interval_ms: Option<u64>,
+    /// Capacity of each ring between two shards, in batches of messages. [default: 1024]
+    #[arg(long, env = "ROSTER_RING_CAPACITY")]
+    pub ring_capacity: Option<usize>,
+}
+
+/// The same options, from a TOML file.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub shards: Option<u16>,
+    pub backlog: Option<u32>,
+    pub heartbeat_timeout_ms: Option<u64>,
+    pub max_topics_per_conn: Option<usize>,
+    pub max_meta_bytes: Option<usize>,
+    pub max_frame_bytes: Option<usize>,
+    pub max_outbound_bytes: Option<usize>,
+    pub count_interval_ms: Option<u64>,
+    pub ring_capacity: Option<usize>,
+}
+
+/// Everything the server runs with, resolved.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub shards: u16,
+    pub backlog: u32,
+    pub heartbeat_timeout: Duration,
+    pub max_topics_per_conn: usize,
+    pub max_meta_bytes: usize,
+    pub max_frame_bytes: usize,
+    pub max_outbound_bytes: usize,
+    pub count_interval: Duration,
+    pub ring_capacity: usize,
+}
+
+impl ServerConfig {
+    /// Merges flags/env over the file over defaults. `default_shards` is the CPU count.
+    pub fn resolve(cli: Cli, default_shards: u16) -> Result<ServerConfig, String> {
+        let file = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| format!("config file {}: {e}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let c = ServerConfig {
+            listen: cli.listen.or(file.listen).unwrap_or_else(|| ([127, 0, 0, 1], 4000).into()),
+            shards: cli.shards.or(file.shards).unwrap_or(default_shards),
+            backlog: cli.backlog.or(file.backlog).unwrap_or(65535),
+            heartbeat_timeout: Duration::from_millis(
+                cli.heartbeat_timeout_ms.or(file.heartbeat_timeout_ms).unwrap_or(60_000),
+            ),
+            max_topics_per_conn: cli.max_topics_per_conn.or(file.max_topics_per_conn).unwrap_or(100),
+            max_meta_bytes: cli.max_meta_bytes.or(file.max_meta_bytes).unwrap_or(1024),
+            max_frame_bytes: cli.max_frame_bytes.or(file.max_frame_bytes).unwrap_or(64 << 10),
+            max_outbound_bytes: cli.max_outbound_bytes.or(file.max_outbound_bytes).unwrap_or(1 << 20),
+            count_interval: Duration::from_millis(
+                cli.count_interval_ms.or(file.count_interval_ms).unwrap_or(1000),
+            ),
+            ring_capacity: cli.ring_capacity.or(file.ring_capacity).unwrap_or(1024),
+        };
+        if c.shards == 0 || c.shards > 1024 {
+            return Err(format!("shards must be 1..=1024, not {}", c.shards));
+        }
+        if c.ring_capacity == 0 {
+            return Err("ring_capacity must be at least 1".into());
+        }
+        if c.max_frame_bytes < 1024 {
+            return Err("max_frame_bytes must be at least 1024".into());
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_over_defaults() {
+        let dir = std::env::temp_dir().join(format!("roster-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("roster.toml");
+        std::fs::write(&path, "max_meta_bytes = 99\nshards = 3\n").unwrap();
+        let cli = Cli { config: Some(path.clone()), shards: Some(2), ..Cli::default() };
+        let c = ServerConfig::resolve(cli, 8).unwrap();
+        assert_eq!((c.shards, c.max_meta_bytes, c.max_topics_per_conn), (2, 99, 100));
+        assert_eq!(c.listen.to_string(), "127.0.0.1:4000");
+        std::fs::write(&path, "no_such_option = 1\n").unwrap();
+        let cli = Cli { config: Some(path), ..Cli::default() };
+        assert!(ServerConfig::resolve(cli, 8).unwrap_err().contains("no_such_option"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,203 @@
+//! One connection's task: the HTTP upgrade, then a single poll loop that writes whatever the
+//! shard queued for it and feeds what it reads to tungstenite and the core.
+
+use std::borrow::Cow;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use glommio::net::TcpStream;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketContext};
+use tungstenite::{Error as WsError, Message};
+
+use crate::core::{ConnId, UserKey};
+use crate::net::handshake::{self, Handshake, Upgrade};
+use crate::net::runtime::{CloseReason, Runtime};
+use crate::net::ws::{self, Io};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_REQUEST_BYTES: usize = 8 << 10;
+/// Read bursts handled before yielding to other tasks of the shard.
+const BURSTS_PER_POLL: usize = 16;
+/// After a close frame is queued, how long to wait for it to be written.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub async fn serve(rt: Rc<Runtime>, mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let upgrade = match glommio::timer::timeout(HANDSHAKE_TIMEOUT, async { Ok(upgrade(&mut stream).await) }).await {
+        Ok(Some(u)) => u,
+        Ok(None) | Err(_) => {
+            rt.stats.handshake_failures.set(rt.stats.handshake_failures.get() + 1);
+            return;
+        }
+    };
+    if rt.shutting_down.get() {
+        return;
+    }
+    let (upgrade, leftover) = upgrade;
+    let key = match upgrade.user_id.filter(|u| !u.is_empty()) {
+        Some(id) => UserKey::new(&id),
+        None => UserKey::new(&format!("anon-{:016x}", fastrand::u64(..))),
+    };
+    let conn = rt.open(key);
+    let mut c = Conn {
+        rt: rt.clone(),
+        conn,
+        ws: WebSocketContext::new(Role::Server, Some(ws::config(rt.config.max_frame_bytes))),
+        wbuf: Vec::new(),
+        written: 0,
+        closing: false,
+    };
+    if !leftover.is_empty() {
+        c.feed(&leftover);
+    }
+    poll_fn(|cx| c.poll(cx, &mut stream)).await;
+    if c.closing {
+        // Give the close frame (and what was queued before it) a bounded time to leave.
+        let _ = glommio::timer::timeout(CLOSE_TIMEOUT, async {
+            let _ = poll_fn(|cx| c.poll_write(cx, &mut stream)).await;
+            Ok(())
+        })
+        .await;
+    }
+    rt.closed(conn);
+}
+
+/// Reads the HTTP upgrade request and answers it. Returns the upgrade and any bytes that came
+/// after the request, or None when the request was refused or the peer went away.
+async fn upgrade(stream: &mut TcpStream) -> Option<(Upgrade, Vec<u8>)> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match handshake::parse(&buf, MAX_REQUEST_BYTES) {
+            Handshake::Incomplete => continue,
+            Handshake::Reject(r) => {
+                tracing::debug!(status = r.status, reason = r.reason, "handshake refused");
+                let _ = stream.write_all(&r.response()).await;
+                let _ = stream.close().await;
+                return None;
+            }
+            Handshake::Accept(u) => {
+                stream.write_all(&u.response).await.ok()?;
+                let leftover = buf.split_off(u.consumed);
+                return Some((u, leftover));
+            }
+        }
+    }
+}
+
+struct Conn {
+    rt: Rc<Runtime>,
+    conn: ConnId,
+    ws: WebSocketContext,
+    /// Bytes to write; empty (and unallocated) while the connection is idle.
+    wbuf: Vec<u8>,
+    written: usize,
+    /// A close frame is queued: write it, then end.
+    closing: bool,
+}
+
+impl Conn {
+    /// Ready(()) when the connection is over or closing (the caller then finishes writing).
+    fn poll(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> Poll<()> {
+        for _ in 0..BURSTS_PER_POLL {
+            if !self.closing {
+                if let Some(reason) = self.rt.take_outbound(self.conn, cx.waker(), &mut self.wbuf) {
+                    self.start_close(reason);
+                }
+            }
+            if let Poll::Ready(Err(())) = self.poll_write(cx, stream) {
+                self.closing = false;
+                return Poll::Ready(());
+            }
+            if self.closing {
+                return Poll::Ready(());
+            }
+            // Nothing in feed() touches the scratch buffer, and no other task of this shard runs
+            // until this poll returns.
+            let rt = self.rt.clone();
+            let mut scratch = rt.scratch.borrow_mut();
+            match Pin::new(&mut *stream).poll_read(cx, &mut scratch) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(n)) => self.feed(&scratch[..n]),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        // Let the shard's other tasks run; come back right after.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Writes as much of `wbuf` as the socket takes. Ready(Ok) when it is all written.
+    fn poll_write(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> Poll<Result<(), ()>> {
+        while self.written < self.wbuf.len() {
+            match Pin::new(&mut *stream).poll_write(cx, &self.wbuf[self.written..]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
+                Poll::Ready(Ok(n)) => self.written += n,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.written = 0;
+        self.wbuf.clear();
+        if self.wbuf.capacity() > 4096 {
+            self.wbuf = Vec::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Hands received bytes to tungstenite and every complete text message to the core.
+    fn feed(&mut self, bytes: &[u8]) {
+        let mut io = Io { input: bytes, output: &mut self.wbuf };
+        loop {
+            match self.ws.read(&mut io) {
+                Ok(Message::Text(text)) => self.rt.client_frame(self.conn, text.as_bytes()),
+                Ok(Message::Binary(_)) => {
+                    return self.refuse(1003, "binary frames are not supported; send V2 JSON text frames")
+                }
+                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => self.rt.touch(self.conn),
+                Ok(Message::Close(_)) => {
+                    // tungstenite has queued its close reply in wbuf.
+                    self.closing = true;
+                    return;
+                }
+                Err(WsError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(WsError::Capacity(_)) => return self.refuse(1009, "frame too large"),
+                Err(WsError::Utf8(_)) => return self.refuse(1007, "text frame is not valid UTF-8"),
+                Err(WsError::Protocol(e)) => return self.refuse(1002, format!("protocol error: {e}")),
+                Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
+                    self.closing = true;
+                    return;
+                }
+                Err(e) => return self.refuse(1011, format!("error: {e}")),
+            }
+        }
+    }
+
+    /// Closes because of something the client sent: the core forgets the connection now (its
+    /// presences leave), and the close frame goes out on the next poll.
+    fn refuse(&mut self, code: u16, reason: impl Into<Cow<'static, str>>) {
+        self.rt.close(self.conn, code, reason);
+    }
+
+    fn start_close(&mut self, (code, reason): CloseReason) {
+        let mut reason = reason.into_owned();
+        // A close reason must fit in a control frame (125 bytes with the code).
+        while reason.len() > 123 {
+            reason.pop();
+        }
+        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+        let mut io = Io { input: &[], output: &mut self.wbuf };
+        let _ = self.ws.close(&mut io, Some(frame));
+        let _ = self.ws.flush(&mut io);
+        self.closing = true;
+    }
+}

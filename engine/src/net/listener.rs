@@ -1,0 +1,63 @@
+//! Listening sockets: one per shard on the same address (SO_REUSEPORT), built with socket2 so the
+//! backlog is ours to choose (glommio's own bind hard-codes 1024, too small for a reconnect
+//! storm), and the accept loop that survives running out of file descriptors.
+
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
+use std::rc::Rc;
+use std::time::Duration;
+
+use glommio::net::TcpListener;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::net::conn;
+use crate::net::runtime::Runtime;
+
+/// Binds one listening socket; its fd is handed to a shard's executor.
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<RawFd> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket.into_raw_fd())
+}
+
+/// Accepts until the shard shuts down. Out of descriptors (EMFILE/ENFILE): log, count, pause
+/// briefly and retry; never crash and never spin.
+pub async fn accept_loop(rt: Rc<Runtime>, fd: RawFd) {
+    // SAFETY: `fd` is a listening socket from `bind`, owned by this shard alone from here on.
+    let listener = unsafe { TcpListener::from_raw_fd(fd) };
+    let mut last_warning = None::<std::time::Instant>;
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            rt.stop_accepting.wait().await;
+            None
+        })
+        .await;
+        match accepted {
+            None => return,
+            Some(Ok(stream)) => {
+                rt.stats.accepted.set(rt.stats.accepted.get() + 1);
+                glommio::spawn_local(conn::serve(rt.clone(), stream)).detach();
+            }
+            Some(Err(e)) => {
+                rt.stats.accept_errors.set(rt.stats.accept_errors.get() + 1);
+                let out_of_fds = matches!(
+                    &e,
+                    glommio::GlommioError::IoError(io) if matches!(io.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+                );
+                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                    if out_of_fds {
+                        tracing::warn!(shard = rt.id.0, connections = rt.conns.borrow().len(), "out of file descriptors: pausing accept (raise the open-files limit)");
+                    } else {
+                        tracing::warn!(shard = rt.id.0, error = %e, "accept failed");
+                    }
+                    last_warning = Some(std::time::Instant::now());
+                }
+                glommio::timer::sleep(Duration::from_millis(if out_of_fds { 100 } else { 10 })).await;
+            }
+        }
+    }
+}

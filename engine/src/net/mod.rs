@@ -1,0 +1,166 @@
+//! The network side: one glommio executor per shard, pinned to its core, each with its own
+//! listener, connection tasks, ring tasks and timers. It only moves bytes and time in and out
+//! of the core.
+
+mod conn;
+pub mod handshake;
+mod listener;
+mod runtime;
+mod signal;
+pub mod wheel;
+pub mod ws;
+
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::config::ServerConfig;
+use crate::core::MeshMsg;
+use crate::mesh::ShardId;
+use runtime::Runtime;
+
+/// How often each shard ticks: count pushes, heartbeat deadlines, shutdown checks. It also bounds
+/// glommio's park stall (STACK.md): a parked executor wakes at its next timer.
+const TICK: Duration = Duration::from_millis(50);
+/// Connections get this long to take their 1001 close before the shard exits anyway.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything `run` needs that is decided before the shards start.
+pub struct Launch {
+    pub config: ServerConfig,
+    /// CPUs to pin shard i to (`cpus[i]`), or None to leave shards unbound.
+    pub cpus: Option<Vec<usize>>,
+    pub stop: Arc<AtomicBool>,
+}
+
+/// Runs the server until `stop` is set and every shard has drained. Listeners are bound before
+/// any shard starts, so a bad address fails at once.
+pub fn run(launch: Launch) -> Result<(), String> {
+    let Launch { config, cpus, stop } = launch;
+    let n = config.shards as usize;
+    let fds: Vec<RawFd> = (0..n)
+        .map(|_| listener::bind(config.listen, config.backlog))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let mesh = MeshBuilder::<Vec<MeshMsg>, _>::full(n, config.ring_capacity);
+    let ref_seed = fastrand::u64(..);
+    let mut handles = Vec::new();
+    for (i, fd) in fds.into_iter().enumerate() {
+        let placement = match &cpus {
+            Some(cpus) => Placement::Fixed(cpus[i]),
+            None => Placement::Unbound,
+        };
+        let (config, mesh, stop) = (config.clone(), mesh.clone(), stop.clone());
+        let handle = LocalExecutorBuilder::new(placement)
+            .name(&format!("roster-{i}"))
+            .io_memory(64 << 10)
+            .spawn(move || async move { shard_main(ShardId(i as u16), config, mesh, fd, stop, ref_seed).await })
+            .map_err(|e| format!("cannot start shard {i}: {e}"))?;
+        handles.push(handle);
+    }
+    let mut result = Ok(());
+    for (i, h) in handles.into_iter().enumerate() {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(format!("shard {i}: {e}")),
+            Err(e) => result = Err(format!("shard {i} failed: {e}")),
+        }
+    }
+    result
+}
+
+async fn shard_main(
+    id: ShardId,
+    config: ServerConfig,
+    mesh: MeshBuilder<Vec<MeshMsg>, glommio::channels::channel_mesh::Full>,
+    fd: RawFd,
+    stop: Arc<AtomicBool>,
+    ref_seed: u64,
+) -> Result<(), String> {
+    let (senders, mut receivers) = mesh.join().await.map_err(|e| format!("mesh: {e}"))?;
+    let rt = Runtime::new(id, config, ref_seed);
+    let senders = Rc::new(senders);
+
+    for (peer, rx) in receivers.streams() {
+        let rt = rt.clone();
+        glommio::spawn_local(async move {
+            while let Some(batch) = rx.recv().await {
+                rt.mesh_in(batch);
+            }
+            tracing::debug!(shard = rt.id.0, peer, "ring closed");
+        })
+        .detach();
+    }
+    for peer in 0..rt.config.shards as usize {
+        if peer == id.index() {
+            continue;
+        }
+        let (rt, senders) = (rt.clone(), senders.clone());
+        glommio::spawn_local(async move {
+            loop {
+                rt.peer_signals[peer].wait().await;
+                loop {
+                    let batch = std::mem::take(&mut *rt.peer_queues[peer].borrow_mut());
+                    if batch.is_empty() {
+                        break;
+                    }
+                    // Awaits while the ring is full: backpressure, never a drop.
+                    if senders.send_to(peer, batch).await.is_err() {
+                        tracing::debug!(shard = rt.id.0, peer, "peer ring gone");
+                        return;
+                    }
+                }
+            }
+        })
+        .detach();
+    }
+    {
+        let rt = rt.clone();
+        glommio::spawn_local(async move {
+            loop {
+                rt.flush.wait().await;
+                // Let every task that is ready now add its changes to this batch first.
+                futures_lite::future::yield_now().await;
+                rt.flush_core();
+            }
+        })
+        .detach();
+    }
+    {
+        let rt = rt.clone();
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(TICK).await;
+                if stop.load(Ordering::Relaxed) {
+                    rt.shut_down();
+                }
+                rt.tick();
+            }
+        })
+        .detach();
+    }
+    glommio::spawn_local(listener::accept_loop(rt.clone(), fd)).detach();
+    tracing::info!(shard = id.0, "shard ready");
+
+    // Wait for shutdown, then for the connections to take their 1001 (bounded).
+    while !rt.shutting_down.get() {
+        glommio::timer::sleep(TICK).await;
+    }
+    let _ = glommio::timer::timeout(DRAIN_TIMEOUT, async {
+        if !rt.conns.borrow().is_empty() {
+            rt.drained.wait().await;
+        }
+        Ok(())
+    })
+    .await;
+    // Give peers' last messages a moment; nothing depends on them once everyone is closed.
+    glommio::timer::sleep(Duration::from_millis(100)).await;
+    senders.close();
+    tracing::info!(shard = id.0, accepted = rt.stats.accepted.get(), "shard stopped");
+    Ok(())
+}

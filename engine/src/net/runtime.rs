@@ -1,0 +1,301 @@
+//! One shard's runtime on its executor: the core state machine, the connections' outbound
+//! queues, the outgoing ring batches and the heartbeat wheel. Everything here runs on one thread;
+//! `RefCell` borrows are never held across an await.
+
+use std::borrow::Cow;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::task::Waker;
+use std::time::Instant;
+
+use slab::Slab;
+
+use crate::config::ServerConfig;
+use crate::core::{Config, ConnId, Frame, MeshMsg, Millis, Output, Shard, UserKey};
+use crate::mesh::ShardId;
+use crate::net::signal::Signal;
+use crate::net::wheel::Wheel;
+use crate::net::ws::write_text_frame;
+
+/// Why the server closes a connection: WebSocket close code and reason.
+pub type CloseReason = (u16, Cow<'static, str>);
+
+pub struct Slot {
+    generation: u32,
+    pub out: VecDeque<Frame>,
+    out_bytes: usize,
+    pub close: Option<CloseReason>,
+    waker: Option<Waker>,
+    last_seen_ms: u64,
+}
+
+impl Slot {
+    pub fn set_waker(&mut self, w: &Waker) {
+        if !self.waker.as_ref().is_some_and(|old| old.will_wake(w)) {
+            self.waker = Some(w.clone());
+        }
+    }
+
+    fn wake(&mut self) {
+        if let Some(w) = &self.waker {
+            w.wake_by_ref();
+        }
+    }
+}
+
+/// Counters for logs now and metrics later.
+#[derive(Default)]
+pub struct Stats {
+    pub accepted: Cell<u64>,
+    pub handshake_failures: Cell<u64>,
+    pub accept_errors: Cell<u64>,
+    pub slow_closes: Cell<u64>,
+    pub heartbeat_closes: Cell<u64>,
+}
+
+pub struct Runtime {
+    pub id: ShardId,
+    pub config: ServerConfig,
+    core: RefCell<Shard>,
+    pub conns: RefCell<Slab<Slot>>,
+    next_generation: Cell<u32>,
+    /// Per peer shard: messages waiting for the ring, and the task that sends them.
+    pub peer_queues: Vec<RefCell<Vec<MeshMsg>>>,
+    pub peer_signals: Vec<Signal>,
+    pub flush: Signal,
+    wheel: RefCell<Wheel<(ConnId, u32)>>,
+    epoch: Instant,
+    pub shutting_down: Cell<bool>,
+    pub stop_accepting: Signal,
+    pub drained: Signal,
+    /// Receive buffer shared by every connection of the shard: bytes are handed to tungstenite
+    /// before the next await, so one buffer serves all.
+    pub scratch: RefCell<Vec<u8>>,
+    pub stats: Stats,
+}
+
+const WHEEL_GRANULARITY_MS: u64 = 250;
+
+impl Runtime {
+    pub fn new(id: ShardId, config: ServerConfig, ref_seed: u64) -> Rc<Runtime> {
+        let core = Shard::new(
+            id,
+            Config {
+                shards: config.shards,
+                max_topics_per_conn: config.max_topics_per_conn,
+                max_meta_bytes: config.max_meta_bytes,
+                count_interval: Millis(config.count_interval.as_millis() as u64),
+                ref_seed,
+            },
+        );
+        let n = config.shards as usize;
+        let slots = (config.heartbeat_timeout.as_millis() as u64 / WHEEL_GRANULARITY_MS + 2) as usize;
+        Rc::new(Runtime {
+            id,
+            core: RefCell::new(core),
+            conns: RefCell::new(Slab::new()),
+            next_generation: Cell::new(0),
+            peer_queues: (0..n).map(|_| RefCell::new(Vec::new())).collect(),
+            peer_signals: (0..n).map(|_| Signal::default()).collect(),
+            flush: Signal::default(),
+            wheel: RefCell::new(Wheel::new(slots.min(4096), WHEEL_GRANULARITY_MS, 0)),
+            epoch: Instant::now(),
+            shutting_down: Cell::new(false),
+            stop_accepting: Signal::default(),
+            drained: Signal::default(),
+            scratch: RefCell::new(vec![0; 64 << 10]),
+            stats: Stats::default(),
+            config,
+        })
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// A handshake completed: the connection gets an id and a heartbeat deadline.
+    pub fn open(&self, key: UserKey) -> ConnId {
+        let now = self.now_ms();
+        let generation = self.next_generation.get().wrapping_add(1);
+        self.next_generation.set(generation);
+        let slot = Slot {
+            generation,
+            out: VecDeque::new(),
+            out_bytes: 0,
+            close: None,
+            waker: None,
+            last_seen_ms: now,
+        };
+        let conn = ConnId(self.conns.borrow_mut().insert(slot) as u32);
+        let timeout = self.config.heartbeat_timeout.as_millis() as u64;
+        self.wheel.borrow_mut().insert((conn, generation), now + timeout);
+        self.core.borrow_mut().open(conn, key);
+        self.dispatch();
+        conn
+    }
+
+    /// A text message from a client.
+    pub fn client_frame(&self, conn: ConnId, bytes: &[u8]) {
+        if let Some(slot) = self.conns.borrow_mut().get_mut(conn.0 as usize) {
+            slot.last_seen_ms = self.now_ms();
+        }
+        self.core.borrow_mut().frame(conn, bytes);
+        self.dispatch();
+        self.flush.notify();
+    }
+
+    /// Any sign of life that is not a text message (ping, pong).
+    pub fn touch(&self, conn: ConnId) {
+        if let Some(slot) = self.conns.borrow_mut().get_mut(conn.0 as usize) {
+            slot.last_seen_ms = self.now_ms();
+        }
+    }
+
+    /// The connection's task is ending: its presences leave.
+    pub fn closed(&self, conn: ConnId) {
+        self.conns.borrow_mut().try_remove(conn.0 as usize);
+        self.core.borrow_mut().close(conn);
+        self.dispatch();
+        self.flush.notify();
+        if self.shutting_down.get() && self.conns.borrow().is_empty() {
+            self.drained.notify();
+        }
+    }
+
+    /// Asks the connection's task to close with this code; the core forgets it now.
+    pub fn close(&self, conn: ConnId, code: u16, reason: impl Into<Cow<'static, str>>) {
+        if let Some(slot) = self.conns.borrow_mut().get_mut(conn.0 as usize) {
+            if slot.close.is_none() {
+                slot.close = Some((code, reason.into()));
+            }
+            slot.wake();
+        }
+        self.core.borrow_mut().close(conn);
+        self.dispatch();
+        self.flush.notify();
+    }
+
+    pub fn mesh_in(&self, batch: Vec<MeshMsg>) {
+        {
+            let mut core = self.core.borrow_mut();
+            for msg in batch {
+                core.mesh(msg);
+            }
+        }
+        self.dispatch();
+        self.flush.notify();
+    }
+
+    /// End of a batch: every topic's pending changes go out as one diff each.
+    pub fn flush_core(&self) {
+        self.core.borrow_mut().flush();
+        self.dispatch();
+    }
+
+    /// Periodic work: count pushes and heartbeat deadlines.
+    pub fn tick(&self) {
+        let now = self.now_ms();
+        self.core.borrow_mut().tick(Millis(now));
+        let mut due = Vec::new();
+        self.wheel.borrow_mut().advance(now, &mut due);
+        let timeout = self.config.heartbeat_timeout.as_millis() as u64;
+        let mut expired = Vec::new();
+        {
+            let conns = self.conns.borrow();
+            let mut wheel = self.wheel.borrow_mut();
+            for (conn, generation) in due {
+                let Some(slot) = conns.get(conn.0 as usize).filter(|s| s.generation == generation) else {
+                    continue; // closed since
+                };
+                let deadline = slot.last_seen_ms + timeout;
+                if deadline <= now {
+                    expired.push(conn);
+                } else {
+                    wheel.insert((conn, generation), deadline);
+                }
+            }
+        }
+        for conn in expired {
+            self.stats.heartbeat_closes.set(self.stats.heartbeat_closes.get() + 1);
+            self.close(conn, 1000, "heartbeat timeout");
+        }
+        self.dispatch();
+    }
+
+    /// Stop accepting and ask every connection to close with 1001.
+    pub fn shut_down(&self) {
+        if self.shutting_down.replace(true) {
+            return;
+        }
+        self.stop_accepting.notify();
+        let ids: Vec<usize> = self.conns.borrow().iter().map(|(i, _)| i).collect();
+        for i in ids {
+            self.close(ConnId(i as u32), 1001, "server shutting down");
+        }
+        if self.conns.borrow().is_empty() {
+            self.drained.notify();
+        }
+    }
+
+    /// Carries out what the core asked for.
+    fn dispatch(&self) {
+        let mut slow = Vec::new();
+        {
+            let mut core = self.core.borrow_mut();
+            let mut conns = self.conns.borrow_mut();
+            for o in core.outputs() {
+                match o {
+                    Output::Send { conn, frame } => {
+                        let Some(slot) = conns.get_mut(conn.0 as usize) else { continue };
+                        if slot.close.is_some() {
+                            continue;
+                        }
+                        slot.out_bytes += frame.len();
+                        slot.out.push_back(frame);
+                        if slot.out_bytes > self.config.max_outbound_bytes {
+                            // Bounded memory per connection. Resyncing slow consumers instead of
+                            // closing them is the slow-consumer issue's work.
+                            slow.push(conn);
+                        }
+                        slot.wake();
+                    }
+                    Output::Close { conn, code, reason } => {
+                        if let Some(slot) = conns.get_mut(conn.0 as usize) {
+                            slot.close.get_or_insert((code.0, Cow::Borrowed(reason)));
+                            slot.wake();
+                        }
+                    }
+                    Output::Mesh { to, msg } => {
+                        let mut q = self.peer_queues[to.index()].borrow_mut();
+                        q.push(msg);
+                        if q.len() == 1 {
+                            self.peer_signals[to.index()].notify();
+                        }
+                    }
+                }
+            }
+        }
+        for conn in slow {
+            self.stats.slow_closes.set(self.stats.slow_closes.get() + 1);
+            self.close(conn, 1008, "slow consumer: outbound buffer full");
+        }
+    }
+
+    /// Appends the frames queued for `conn` to `wbuf` as WebSocket frames and says whether the
+    /// connection must close; registers the task's waker.
+    pub fn take_outbound(&self, conn: ConnId, waker: &Waker, wbuf: &mut Vec<u8>) -> Option<CloseReason> {
+        let mut conns = self.conns.borrow_mut();
+        let slot = conns.get_mut(conn.0 as usize)?;
+        slot.set_waker(waker);
+        for frame in slot.out.drain(..) {
+            write_text_frame(wbuf, &frame);
+        }
+        slot.out_bytes = 0;
+        if slot.out.capacity() > 64 {
+            // A burst is over; give its memory back.
+            slot.out = VecDeque::new();
+        }
+        slot.close.take()
+    }
+}
