@@ -95,18 +95,34 @@ impl ServerConfig {
             None => FileConfig::default(),
         };
         let c = ServerConfig {
-            listen: cli.listen.or(file.listen).unwrap_or_else(|| ([127, 0, 0, 1], 4000).into()),
+            listen: cli
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| ([127, 0, 0, 1], 4000).into()),
             shards: cli.shards.or(file.shards).unwrap_or(default_shards),
             backlog: cli.backlog.or(file.backlog).unwrap_or(65535),
             heartbeat_timeout: Duration::from_millis(
-                cli.heartbeat_timeout_ms.or(file.heartbeat_timeout_ms).unwrap_or(60_000),
+                cli.heartbeat_timeout_ms
+                    .or(file.heartbeat_timeout_ms)
+                    .unwrap_or(60_000),
             ),
-            max_topics_per_conn: cli.max_topics_per_conn.or(file.max_topics_per_conn).unwrap_or(100),
+            max_topics_per_conn: cli
+                .max_topics_per_conn
+                .or(file.max_topics_per_conn)
+                .unwrap_or(100),
             max_meta_bytes: cli.max_meta_bytes.or(file.max_meta_bytes).unwrap_or(1024),
-            max_frame_bytes: cli.max_frame_bytes.or(file.max_frame_bytes).unwrap_or(64 << 10),
-            max_outbound_bytes: cli.max_outbound_bytes.or(file.max_outbound_bytes).unwrap_or(1 << 20),
+            max_frame_bytes: cli
+                .max_frame_bytes
+                .or(file.max_frame_bytes)
+                .unwrap_or(64 << 10),
+            max_outbound_bytes: cli
+                .max_outbound_bytes
+                .or(file.max_outbound_bytes)
+                .unwrap_or(1 << 20),
             count_interval: Duration::from_millis(
-                cli.count_interval_ms.or(file.count_interval_ms).unwrap_or(1000),
+                cli.count_interval_ms
+                    .or(file.count_interval_ms)
+                    .unwrap_or(1000),
             ),
             ring_capacity: cli.ring_capacity.or(file.ring_capacity).unwrap_or(1024),
         };
@@ -133,13 +149,25 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("roster.toml");
         std::fs::write(&path, "max_meta_bytes = 99\nshards = 3\n").unwrap();
-        let cli = Cli { config: Some(path.clone()), shards: Some(2), ..Cli::default() };
+        let cli = Cli {
+            config: Some(path.clone()),
+            shards: Some(2),
+            ..Cli::default()
+        };
         let c = ServerConfig::resolve(cli, 8).unwrap();
-        assert_eq!((c.shards, c.max_meta_bytes, c.max_topics_per_conn), (2, 99, 100));
+        assert_eq!(
+            (c.shards, c.max_meta_bytes, c.max_topics_per_conn),
+            (2, 99, 100)
+        );
         assert_eq!(c.listen.to_string(), "127.0.0.1:4000");
         std::fs::write(&path, "no_such_option = 1\n").unwrap();
-        let cli = Cli { config: Some(path), ..Cli::default() };
-        assert!(ServerConfig::resolve(cli, 8).unwrap_err().contains("no_such_option"));
+        let cli = Cli {
+            config: Some(path),
+            ..Cli::default()
+        };
+        assert!(ServerConfig::resolve(cli, 8)
+            .unwrap_err()
+            .contains("no_such_option"));
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -17,7 +17,10 @@ const RESERVED_FDS: u64 = 64;
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("ROSTER_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            EnvFilter::try_from_env("ROSTER_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .init();
     if let Err(e) = start() {
         tracing::error!("{e}");
@@ -27,11 +30,16 @@ fn main() {
 }
 
 fn start() -> Result<(), String> {
-    let allowed: Vec<usize> = core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect();
+    let allowed: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
     let config = ServerConfig::resolve(Cli::parse(), allowed.len().max(1) as u16)?;
     raise_limits()?;
     // Pin only when every shard gets a core of its own (tests run more shards than cores).
-    let cpus = (config.shards as usize <= allowed.len()).then(|| allowed[..config.shards as usize].to_vec());
+    let cpus = (config.shards as usize <= allowed.len())
+        .then(|| allowed[..config.shards as usize].to_vec());
     tracing::info!(
         listen = %config.listen,
         shards = config.shards,
@@ -42,7 +50,8 @@ fn start() -> Result<(), String> {
     tracing::warn!("no secret configured: identities are not verified (development mode; user_id comes from the query)");
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, stop.clone()).map_err(|e| format!("cannot handle signal {sig}: {e}"))?;
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| format!("cannot handle signal {sig}: {e}"))?;
     }
     net::run(Launch { config, cpus, stop })?;
     tracing::info!("stopped");
@@ -59,11 +68,15 @@ fn raise_limits() -> Result<(), String> {
         ),
         Err(e) => tracing::warn!("cannot raise the open-files limit: {e}"),
     }
-    let (soft, hard) = rlimit::Resource::MEMLOCK.get().map_err(|e| format!("cannot read RLIMIT_MEMLOCK: {e}"))?;
+    let (soft, hard) = rlimit::Resource::MEMLOCK
+        .get()
+        .map_err(|e| format!("cannot read RLIMIT_MEMLOCK: {e}"))?;
     if soft < hard {
         let _ = rlimit::Resource::MEMLOCK.set(hard, hard);
     }
-    let (soft, _) = rlimit::Resource::MEMLOCK.get().map_err(|e| format!("cannot read RLIMIT_MEMLOCK: {e}"))?;
+    let (soft, _) = rlimit::Resource::MEMLOCK
+        .get()
+        .map_err(|e| format!("cannot read RLIMIT_MEMLOCK: {e}"))?;
     if soft < MIN_MEMLOCK {
         return Err(format!(
             "locked-memory limit is {soft} bytes; io_uring needs at least {MIN_MEMLOCK}. Raise it (ulimit -l, LimitMEMLOCK=) and start again"

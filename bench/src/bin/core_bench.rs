@@ -171,7 +171,11 @@ fn track_untrack_owner(shards: u16, topics: usize, pairs: usize) -> f64 {
                     meta_buf.clear();
                     client_meta.encode(&mut meta_buf, None, PhxRef(i), None);
                     let meta = Meta(meta_buf.as_slice().into());
-                    let track = Some(Track { key, phx_ref: PhxRef(i), meta });
+                    let track = Some(Track {
+                        key,
+                        phx_ref: PhxRef(i),
+                        meta,
+                    });
                     MeshMsg::Join(Box::new(JoinMsg {
                         topic,
                         from,

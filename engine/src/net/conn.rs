@@ -28,13 +28,18 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn serve(rt: Rc<Runtime>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let upgrade = match glommio::timer::timeout(HANDSHAKE_TIMEOUT, async { Ok(upgrade(&mut stream).await) }).await {
-        Ok(Some(u)) => u,
-        Ok(None) | Err(_) => {
-            rt.stats.handshake_failures.set(rt.stats.handshake_failures.get() + 1);
-            return;
-        }
-    };
+    let upgrade =
+        match glommio::timer::timeout(HANDSHAKE_TIMEOUT, async { Ok(upgrade(&mut stream).await) })
+            .await
+        {
+            Ok(Some(u)) => u,
+            Ok(None) | Err(_) => {
+                rt.stats
+                    .handshake_failures
+                    .set(rt.stats.handshake_failures.get() + 1);
+                return;
+            }
+        };
     if rt.shutting_down.get() {
         return;
     }
@@ -156,14 +161,22 @@ impl Conn {
 
     /// Hands received bytes to tungstenite and every complete text message to the core.
     fn feed(&mut self, bytes: &[u8]) {
-        let mut io = Io { input: bytes, output: &mut self.wbuf };
+        let mut io = Io {
+            input: bytes,
+            output: &mut self.wbuf,
+        };
         loop {
             match self.ws.read(&mut io) {
                 Ok(Message::Text(text)) => self.rt.client_frame(self.conn, text.as_bytes()),
                 Ok(Message::Binary(_)) => {
-                    return self.refuse(1003, "binary frames are not supported; send V2 JSON text frames")
+                    return self.refuse(
+                        1003,
+                        "binary frames are not supported; send V2 JSON text frames",
+                    )
                 }
-                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => self.rt.touch(self.conn),
+                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {
+                    self.rt.touch(self.conn)
+                }
                 Ok(Message::Close(_)) => {
                     // tungstenite has queued its close reply in wbuf.
                     self.closing = true;
@@ -172,7 +185,9 @@ impl Conn {
                 Err(WsError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(WsError::Capacity(_)) => return self.refuse(1009, "frame too large"),
                 Err(WsError::Utf8(_)) => return self.refuse(1007, "text frame is not valid UTF-8"),
-                Err(WsError::Protocol(e)) => return self.refuse(1002, format!("protocol error: {e}")),
+                Err(WsError::Protocol(e)) => {
+                    return self.refuse(1002, format!("protocol error: {e}"))
+                }
                 Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
                     self.closing = true;
                     return;
@@ -194,8 +209,14 @@ impl Conn {
         while reason.len() > 123 {
             reason.pop();
         }
-        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
-        let mut io = Io { input: &[], output: &mut self.wbuf };
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        };
+        let mut io = Io {
+            input: &[],
+            output: &mut self.wbuf,
+        };
         let _ = self.ws.close(&mut io, Some(frame));
         let _ = self.ws.flush(&mut io);
         self.closing = true;

@@ -68,7 +68,9 @@ pub fn parse(buf: &[u8], max: usize) -> Handshake {
     let mut req = httparse::Request::new(&mut headers);
     let consumed = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() >= max => return reject(431, "request too large"),
+        Ok(httparse::Status::Partial) if buf.len() >= max => {
+            return reject(431, "request too large")
+        }
         Ok(httparse::Status::Partial) => return Handshake::Incomplete,
         Err(httparse::Error::TooManyHeaders) => return reject(431, "too many headers"),
         Err(_) => return reject(400, "malformed HTTP request"),
@@ -82,7 +84,10 @@ pub fn parse(buf: &[u8], max: usize) -> Handshake {
         return reject(404, "no such endpoint; connect to /socket/websocket");
     }
     let header = |name: &str| {
-        req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).and_then(|h| std::str::from_utf8(h.value).ok())
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
     };
     let has_token = |name: &str, token: &str| {
         header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
@@ -93,7 +98,10 @@ pub fn parse(buf: &[u8], max: usize) -> Handshake {
     if header("sec-websocket-version").map(str::trim) != Some("13") {
         return reject(400, "unsupported WebSocket version; 13 is required");
     }
-    let Some(key) = header("sec-websocket-key").map(str::trim).filter(|k| !k.is_empty()) else {
+    let Some(key) = header("sec-websocket-key")
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+    else {
         return reject(400, "missing Sec-WebSocket-Key");
     };
     let mut user_id = None;
@@ -101,7 +109,10 @@ pub fn parse(buf: &[u8], max: usize) -> Handshake {
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
         match &*k {
             "vsn" if !v.starts_with("2.") => {
-                return reject(400, "unsupported vsn: roster speaks the Phoenix V2 serializer (vsn=2.0.0)")
+                return reject(
+                    400,
+                    "unsupported vsn: roster speaks the Phoenix V2 serializer (vsn=2.0.0)",
+                )
             }
             "user_id" => user_id = Some(v.into_owned()),
             "token" => token = Some(v.into_owned()),
@@ -111,7 +122,10 @@ pub fn parse(buf: &[u8], max: usize) -> Handshake {
     let offered: Vec<&str> = header("sec-websocket-protocol")
         .map(|v| v.split(',').map(str::trim).collect())
         .unwrap_or_default();
-    let protocol_token = offered.iter().find_map(|p| p.strip_prefix(BEARER_PREFIX)).map(str::to_owned);
+    let protocol_token = offered
+        .iter()
+        .find_map(|p| p.strip_prefix(BEARER_PREFIX))
+        .map(str::to_owned);
     let mut response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n",
         derive_accept_key(key.as_bytes())
@@ -121,7 +135,13 @@ pub fn parse(buf: &[u8], max: usize) -> Handshake {
         response.push_str("Sec-WebSocket-Protocol: phoenix\r\n");
     }
     response.push_str("\r\n");
-    Handshake::Accept(Upgrade { response: response.into_bytes(), consumed, user_id, token, protocol_token })
+    Handshake::Accept(Upgrade {
+        response: response.into_bytes(),
+        consumed,
+        user_id,
+        token,
+        protocol_token,
+    })
 }
 
 #[cfg(test)]
@@ -154,17 +174,28 @@ mod tests {
         let req = request("/socket/websocket?token=a%2Bb&vsn=2.0.0&user_id=alice", "");
         let u = accept(&(req.clone() + "trailing"));
         assert_eq!(u.consumed, req.len());
-        assert_eq!((u.user_id.as_deref(), u.token.as_deref()), (Some("alice"), Some("a+b")));
+        assert_eq!(
+            (u.user_id.as_deref(), u.token.as_deref()),
+            (Some("alice"), Some("a+b"))
+        );
         let text = String::from_utf8(u.response).unwrap();
         // RFC 6455's worked example.
-        assert!(text.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"), "{text}");
+        assert!(
+            text.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"),
+            "{text}"
+        );
         assert!(!text.contains("Sec-WebSocket-Protocol"));
     }
 
     #[test]
     fn phoenix_subprotocol_is_selected_and_bearer_token_kept() {
-        let u = accept(&request("/socket/websocket?vsn=2.0.0", "Sec-WebSocket-Protocol: phoenix, base64url.bearer.phx.dG9r\r\n"));
-        assert!(String::from_utf8(u.response).unwrap().contains("Sec-WebSocket-Protocol: phoenix\r\n"));
+        let u = accept(&request(
+            "/socket/websocket?vsn=2.0.0",
+            "Sec-WebSocket-Protocol: phoenix, base64url.bearer.phx.dG9r\r\n",
+        ));
+        assert!(String::from_utf8(u.response)
+            .unwrap()
+            .contains("Sec-WebSocket-Protocol: phoenix\r\n"));
         assert_eq!(u.protocol_token.as_deref(), Some("dG9r"));
     }
 
@@ -173,11 +204,27 @@ mod tests {
         assert_eq!(status(&request("/socket/websocket?vsn=1.0.0", "")), 400);
         assert_eq!(status(&request("/other", "")), 404);
         assert_eq!(status("POST /socket/websocket HTTP/1.1\r\n\r\n"), 405);
-        assert_eq!(status("GET /socket/websocket HTTP/1.1\r\nHost: x\r\n\r\n"), 400);
+        assert_eq!(
+            status("GET /socket/websocket HTTP/1.1\r\nHost: x\r\n\r\n"),
+            400
+        );
         assert_eq!(status("\x00\x01 garbage\r\n\r\n"), 400);
-        assert_eq!(parse(b"GET /socket/websocket HTTP/1.1\r\nHost:", 8192), Handshake::Incomplete);
-        assert!(matches!(parse(&[b'a'; 100], 50), Handshake::Reject(Reject { status: 400 | 431, .. })));
-        let r = Reject { status: 400, reason: "why" }.response();
+        assert_eq!(
+            parse(b"GET /socket/websocket HTTP/1.1\r\nHost:", 8192),
+            Handshake::Incomplete
+        );
+        assert!(matches!(
+            parse(&[b'a'; 100], 50),
+            Handshake::Reject(Reject {
+                status: 400 | 431,
+                ..
+            })
+        ));
+        let r = Reject {
+            status: 400,
+            reason: "why",
+        }
+        .response();
         assert!(String::from_utf8(r).unwrap().ends_with("\r\n\r\nwhy\n"));
     }
 }

@@ -50,13 +50,18 @@ pub async fn accept_loop(rt: Rc<Runtime>, fd: RawFd) {
                 );
                 if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
                     if out_of_fds {
-                        tracing::warn!(shard = rt.id.0, connections = rt.conns.borrow().len(), "out of file descriptors: pausing accept (raise the open-files limit)");
+                        tracing::warn!(
+                            shard = rt.id.0,
+                            connections = rt.conns.borrow().len(),
+                            "out of file descriptors: pausing accept (raise the open-files limit)"
+                        );
                     } else {
                         tracing::warn!(shard = rt.id.0, error = %e, "accept failed");
                     }
                     last_warning = Some(std::time::Instant::now());
                 }
-                glommio::timer::sleep(Duration::from_millis(if out_of_fds { 100 } else { 10 })).await;
+                glommio::timer::sleep(Duration::from_millis(if out_of_fds { 100 } else { 10 }))
+                    .await;
             }
         }
     }

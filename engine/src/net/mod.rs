@@ -59,7 +59,9 @@ pub fn run(launch: Launch) -> Result<(), String> {
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("roster-{i}"))
             .io_memory(64 << 10)
-            .spawn(move || async move { shard_main(ShardId(i as u16), config, mesh, fd, stop, ref_seed).await })
+            .spawn(move || async move {
+                shard_main(ShardId(i as u16), config, mesh, fd, stop, ref_seed).await
+            })
             .map_err(|e| format!("cannot start shard {i}: {e}"))?;
         handles.push(handle);
     }
@@ -161,6 +163,10 @@ async fn shard_main(
     // Give peers' last messages a moment; nothing depends on them once everyone is closed.
     glommio::timer::sleep(Duration::from_millis(100)).await;
     senders.close();
-    tracing::info!(shard = id.0, accepted = rt.stats.accepted.get(), "shard stopped");
+    tracing::info!(
+        shard = id.0,
+        accepted = rt.stats.accepted.get(),
+        "shard stopped"
+    );
     Ok(())
 }

@@ -90,7 +90,8 @@ impl Runtime {
             },
         );
         let n = config.shards as usize;
-        let slots = (config.heartbeat_timeout.as_millis() as u64 / WHEEL_GRANULARITY_MS + 2) as usize;
+        let slots =
+            (config.heartbeat_timeout.as_millis() as u64 / WHEEL_GRANULARITY_MS + 2) as usize;
         Rc::new(Runtime {
             id,
             core: RefCell::new(core),
@@ -129,7 +130,9 @@ impl Runtime {
         };
         let conn = ConnId(self.conns.borrow_mut().insert(slot) as u32);
         let timeout = self.config.heartbeat_timeout.as_millis() as u64;
-        self.wheel.borrow_mut().insert((conn, generation), now + timeout);
+        self.wheel
+            .borrow_mut()
+            .insert((conn, generation), now + timeout);
         self.core.borrow_mut().open(conn, key);
         self.dispatch();
         conn
@@ -205,7 +208,10 @@ impl Runtime {
             let conns = self.conns.borrow();
             let mut wheel = self.wheel.borrow_mut();
             for (conn, generation) in due {
-                let Some(slot) = conns.get(conn.0 as usize).filter(|s| s.generation == generation) else {
+                let Some(slot) = conns
+                    .get(conn.0 as usize)
+                    .filter(|s| s.generation == generation)
+                else {
                     continue; // closed since
                 };
                 let deadline = slot.last_seen_ms + timeout;
@@ -217,7 +223,9 @@ impl Runtime {
             }
         }
         for conn in expired {
-            self.stats.heartbeat_closes.set(self.stats.heartbeat_closes.get() + 1);
+            self.stats
+                .heartbeat_closes
+                .set(self.stats.heartbeat_closes.get() + 1);
             self.close(conn, 1000, "heartbeat timeout");
         }
         self.dispatch();
@@ -247,7 +255,9 @@ impl Runtime {
             for o in core.outputs() {
                 match o {
                     Output::Send { conn, frame } => {
-                        let Some(slot) = conns.get_mut(conn.0 as usize) else { continue };
+                        let Some(slot) = conns.get_mut(conn.0 as usize) else {
+                            continue;
+                        };
                         if slot.close.is_some() {
                             continue;
                         }
@@ -284,7 +294,12 @@ impl Runtime {
 
     /// Appends the frames queued for `conn` to `wbuf` as WebSocket frames and says whether the
     /// connection must close; registers the task's waker.
-    pub fn take_outbound(&self, conn: ConnId, waker: &Waker, wbuf: &mut Vec<u8>) -> Option<CloseReason> {
+    pub fn take_outbound(
+        &self,
+        conn: ConnId,
+        waker: &Waker,
+        wbuf: &mut Vec<u8>,
+    ) -> Option<CloseReason> {
         let mut conns = self.conns.borrow_mut();
         let slot = conns.get_mut(conn.0 as usize)?;
         slot.set_waker(waker);

@@ -59,7 +59,11 @@ mod tests {
         assert_eq!(due, ["a"]);
         due.clear();
         w.advance(1_700, &mut due);
-        assert_eq!(due, ["far"], "beyond the horizon fires at the horizon, to be checked");
+        assert_eq!(
+            due,
+            ["far"],
+            "beyond the horizon fires at the horizon, to be checked"
+        );
         due.clear();
         w.insert("past", 0);
         w.advance(1_800, &mut due);

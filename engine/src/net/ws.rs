@@ -78,8 +78,17 @@ mod tests {
             write_text_frame(&mut wire, &payload);
             let mut client = WebSocketContext::new(Role::Client, Some(config(1 << 20)));
             let mut sink = Vec::new();
-            let msg = client.read(&mut Io { input: &wire, output: &mut sink }).expect("a frame");
-            assert_eq!(msg, Message::text(String::from_utf8(payload).unwrap()), "len {len}");
+            let msg = client
+                .read(&mut Io {
+                    input: &wire,
+                    output: &mut sink,
+                })
+                .expect("a frame");
+            assert_eq!(
+                msg,
+                Message::text(String::from_utf8(payload).unwrap()),
+                "len {len}"
+            );
         }
     }
 }

@@ -1,0 +1,155 @@
+// Starts the real roster binary and drives it with the official phoenix client (and raw
+// WebSockets for what phoenix.js cannot send). Every wait is bounded.
+import { spawn } from 'node:child_process';
+import { createServer } from 'node:net';
+import { fileURLToPath } from 'node:url';
+import path from 'node:path';
+import WebSocket from 'ws';
+import { Socket as PhxSocket, Presence as PhxPresence } from 'phoenix';
+
+export const Socket = PhxSocket;
+export const Presence = PhxPresence;
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
+const bin = process.env.ROSTER_BIN || path.join(root, 'target/release/roster');
+
+async function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.unref();
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+/** Starts roster with 4 shards (so cross-shard paths run) plus `args`. */
+export async function startServer(args = []) {
+  const port = await freePort();
+  const proc = spawn(bin, ['--listen', `127.0.0.1:${port}`, '--shards', '4', ...args], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+    env: { ...process.env, ROSTER_LOG: 'warn' },
+  });
+  let log = '';
+  proc.stderr.on('data', (d) => { log += d; });
+  const exited = new Promise((resolve) => proc.on('exit', (code, signal) => resolve({ code, signal })));
+  const url = `ws://127.0.0.1:${port}/socket`;
+  await waitFor(async () => {
+    const ws = new WebSocket(`${url}/websocket?vsn=2.0.0`);
+    return new Promise((resolve) => {
+      ws.on('open', () => { ws.close(); resolve(true); });
+      ws.on('error', () => resolve(false));
+    });
+  }, 5000, `roster listening on ${port}: ${log}`);
+  return {
+    port,
+    url,
+    proc,
+    log: () => log,
+    exited,
+    async stop() {
+      proc.kill('SIGTERM');
+      return exited;
+    },
+  };
+}
+
+export function sleep(ms) {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+/** Polls `pred` (sync or async) every 10 ms until it is truthy; fails after `ms`. */
+export async function waitFor(pred, ms, what) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    if (await pred()) return;
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${typeof what === 'function' ? what() : what}`);
+    await sleep(10);
+  }
+}
+
+/** A connected phoenix.js Socket as `userId`. */
+export function connect(server, userId, opts = {}) {
+  const socket = new Socket(server.url, {
+    transport: WebSocket,
+    params: userId === undefined ? {} : { user_id: userId },
+    reconnectAfterMs: () => 60_000,
+    rejoinAfterMs: () => 60_000,
+    ...opts,
+  });
+  socket.connect();
+  return socket;
+}
+
+/** Joins `topic` and resolves with the channel and its Presence once the server said ok. */
+export function join(socket, topic, params = {}) {
+  const channel = socket.channel(topic, params);
+  const presence = new Presence(channel);
+  return new Promise((resolve, reject) => {
+    channel.join()
+      .receive('ok', () => resolve({ channel, presence }))
+      .receive('error', (e) => {
+        // Stop phoenix.js from scheduling rejoins (their timer would keep the test alive).
+        channel.leave();
+        reject(new Error(`join ${topic}: ${JSON.stringify(e)}`));
+      })
+      .receive('timeout', () => reject(new Error(`join ${topic}: timeout`)));
+  });
+}
+
+/** Resolves with a push's reply `{status, response}` (ok or error). */
+export function push(channel, event, payload) {
+  return new Promise((resolve, reject) => {
+    channel.push(event, payload)
+      .receive('ok', (response) => resolve({ status: 'ok', response }))
+      .receive('error', (response) => resolve({ status: 'error', response }))
+      .receive('timeout', () => reject(new Error(`${event}: timeout`)));
+  });
+}
+
+/** Keys of a Presence list, sorted. */
+export function keys(presence) {
+  return presence.list((key) => key).sort();
+}
+
+/**
+ * A raw WebSocket speaking V2 frames by hand: for what phoenix.js never sends (bad frames,
+ * binary frames) and for exact frame-level assertions.
+ */
+export async function raw(server, query = 'vsn=2.0.0', protocols = undefined) {
+  const ws = new WebSocket(`${server.url}/websocket?${query}`, protocols);
+  const frames = [];
+  const state = { closed: null, frames };
+  ws.on('message', (d, isBinary) => frames.push(isBinary ? d : JSON.parse(d.toString())));
+  ws.on('close', (code, reason) => { state.closed = { code, reason: reason.toString() }; });
+  await new Promise((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject); });
+  let ref = 0;
+  return {
+    ws,
+    state,
+    frames,
+    send(frame) { ws.send(typeof frame === 'string' ? frame : JSON.stringify(frame)); },
+    /** Sends [jr, ref, topic, event, payload] and resolves with the reply to it. */
+    async call(jr, topic, event, payload = {}) {
+      const r = String(++ref + 1000);
+      ws.send(JSON.stringify([jr, r, topic, event, payload]));
+      return this.next((f) => f[1] === r && f[3] === 'phx_reply', `reply to ${event} ${topic}`);
+    },
+    /** Waits for (and removes) the first frame matching `pred`. */
+    async next(pred, what = 'a frame', ms = 3000) {
+      let found;
+      await waitFor(() => {
+        const i = frames.findIndex(pred);
+        if (i >= 0) { found = frames.splice(i, 1)[0]; return true; }
+        return false;
+      }, ms, () => `${what}; have ${JSON.stringify(frames).slice(0, 500)}`);
+      return found;
+    },
+    async closed(ms = 3000) {
+      await waitFor(() => state.closed, ms, 'the server to close the connection');
+      return state.closed;
+    },
+    close() { ws.close(); },
+  };
+}
