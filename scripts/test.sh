@@ -10,7 +10,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace 2>&1 | tee "$log"
+cargo test --workspace --release 2>&1 | tee "$log"
 # End to end: the real binary driven by the official phoenix client (engine/tests/js).
 cargo build --release -q -p roster-engine --bin roster
 if [ ! -d engine/tests/js/node_modules ]; then

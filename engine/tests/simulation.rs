@@ -16,14 +16,15 @@ use roster_engine::core::{Config, ConnId, MeshMsg, Millis, Output, Shard, UserKe
 use roster_engine::mesh::{Router, ShardId};
 use serde_json::{json, Value};
 
+mod common;
+use common::presence::{sync_diff, sync_state, View};
+
 const TOPICS: &[&str] = &["room:a", "room:b", "doc:\"q\"", "lobby", "big"];
 const KEYS: &[&str] = &["alice", "bob", "carol", "dave", "eve", "frank"];
 const SHARD_COUNTS: &[u16] = &[1, 2, 3, 4, 7];
 const MAX_TOPICS: usize = 3;
 const MAX_META: usize = 64;
 const COUNT_INTERVAL: u64 = 1000;
-
-type View = BTreeMap<String, Vec<Value>>;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Mode {
@@ -683,94 +684,6 @@ fn check_unique_refs(view: &View, text: &str) {
         fail(format!(
             "duplicate or missing phx_ref after {text}: {view:?}"
         ));
-    }
-}
-
-fn metas(p: &Value) -> Vec<Value> {
-    p["metas"]
-        .as_array()
-        .cloned()
-        .unwrap_or_else(|| fail(format!("no metas in {p}")))
-}
-
-fn refs(metas: &[Value]) -> Vec<Value> {
-    metas.iter().map(|m| m["phx_ref"].clone()).collect()
-}
-
-/// phoenix.js `Presence.syncState`.
-fn sync_state(state: &mut View, new_state: &Value) {
-    let new_state = new_state
-        .as_object()
-        .unwrap_or_else(|| fail(format!("state not an object: {new_state}")));
-    let mut joins = serde_json::Map::new();
-    let mut leaves = serde_json::Map::new();
-    for (key, presence) in state.iter() {
-        if !new_state.contains_key(key) {
-            leaves.insert(key.clone(), json!({"metas": presence}));
-        }
-    }
-    for (key, new_presence) in new_state {
-        let new_metas = metas(new_presence);
-        match state.get(key) {
-            Some(current) => {
-                let new_refs = refs(&new_metas);
-                let cur_refs = refs(current);
-                let joined: Vec<Value> = new_metas
-                    .iter()
-                    .filter(|m| !cur_refs.contains(&m["phx_ref"]))
-                    .cloned()
-                    .collect();
-                let left: Vec<Value> = current
-                    .iter()
-                    .filter(|m| !new_refs.contains(&m["phx_ref"]))
-                    .cloned()
-                    .collect();
-                if !joined.is_empty() {
-                    joins.insert(key.clone(), json!({"metas": joined}));
-                }
-                if !left.is_empty() {
-                    leaves.insert(key.clone(), json!({"metas": left}));
-                }
-            }
-            None => {
-                joins.insert(key.clone(), new_presence.clone());
-            }
-        }
-    }
-    sync_diff(state, &json!({"joins": joins, "leaves": leaves}));
-}
-
-/// phoenix.js `Presence.syncDiff`: joins first (keeping current metas not re-joined), then leaves
-/// by `phx_ref`, dropping keys left without metas.
-fn sync_diff(state: &mut View, diff: &Value) {
-    let obj = |v: &Value| {
-        v.as_object()
-            .cloned()
-            .unwrap_or_else(|| fail(format!("diff part not an object: {diff}")))
-    };
-    for (key, new_presence) in obj(&diff["joins"]) {
-        let mut new_metas = metas(&new_presence);
-        if let Some(current) = state.get(&key) {
-            let joined_refs = refs(&new_metas);
-            let mut cur: Vec<Value> = current
-                .iter()
-                .filter(|m| !joined_refs.contains(&m["phx_ref"]))
-                .cloned()
-                .collect();
-            cur.append(&mut new_metas);
-            new_metas = cur;
-        }
-        state.insert(key, new_metas);
-    }
-    for (key, left) in obj(&diff["leaves"]) {
-        let Some(current) = state.get_mut(&key) else {
-            continue;
-        };
-        let gone = refs(&metas(&left));
-        current.retain(|m| !gone.contains(&m["phx_ref"]));
-        if current.is_empty() {
-            state.remove(&key);
-        }
     }
 }
 

@@ -1,0 +1,165 @@
+//! Runs the real `roster` binary as its own process (a process here may hold ~20k descriptors,
+//! so large tests keep clients and server apart) and talks to it over blocking WebSockets.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tungstenite::protocol::WebSocketConfig;
+use tungstenite::{Message, WebSocket};
+
+pub struct Server {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl Server {
+    /// Starts roster on a free loopback port with `args`, waiting until every shard is ready.
+    pub fn start(args: &[&str]) -> Server {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_roster"))
+            .args(["--listen", &addr.to_string()])
+            .args(args)
+            .env("ROSTER_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("roster starts");
+        let shards: usize = args
+            .iter()
+            .position(|a| *a == "--shards")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1);
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut ready = 0;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("shard ready") {
+                    ready += 1;
+                    if ready == shards {
+                        let _ = tx.send(());
+                    }
+                }
+                if std::env::var_os("ROSTER_TEST_SERVER_LOG").is_some() {
+                    eprintln!("[roster] {line}");
+                }
+            }
+        });
+        if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+            let status = child.try_wait();
+            let _ = child.kill();
+            panic!("roster not ready within 10 s (exit status {status:?}); ROSTER_TEST_SERVER_LOG=1 shows its log");
+        }
+        Server { addr, child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then wait (bounded) for the exit status.
+    pub fn stop(&mut self, within: Duration) -> ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "roster did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Resident memory of the server process, in bytes.
+    pub fn rss(&self) -> usize {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Client {
+    pub ws: WebSocket<TcpStream>,
+    next_ref: u64,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr, user: &str) -> Result<Client, String> {
+        let stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        let url = format!("ws://{addr}/socket/websocket?vsn=2.0.0&user_id={user}");
+        let config = WebSocketConfig::default().read_buffer_size(4096);
+        let (ws, _) = tungstenite::client::client_with_config(url, stream, Some(config))
+            .map_err(|e| format!("handshake: {e}"))?;
+        Ok(Client { ws, next_ref: 0 })
+    }
+
+    pub fn send(&mut self, frame: Value) {
+        self.ws
+            .send(Message::text(frame.to_string()))
+            .expect("send");
+    }
+
+    /// Sends `[jr, ref, topic, event, payload]`; returns the ref.
+    pub fn push(&mut self, jr: &str, topic: &str, event: &str, payload: Value) -> String {
+        self.next_ref += 1;
+        let r = self.next_ref.to_string();
+        self.send(json!([jr, r, topic, event, payload]));
+        r
+    }
+
+    /// The next text frame as JSON; `None` on close.
+    pub fn recv(&mut self) -> Option<Value> {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(t)) => return Some(serde_json::from_str(&t).expect("JSON frame")),
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Reads until a frame matches.
+    pub fn until(&mut self, mut pred: impl FnMut(&Value) -> bool) -> Value {
+        loop {
+            let f = self.recv().expect("connection open");
+            if pred(&f) {
+                return f;
+            }
+        }
+    }
+
+    /// Joins and returns the presence_state payload (full mode).
+    pub fn join(&mut self, topic: &str, payload: Value) -> Value {
+        let r = self.push(&format!("j{topic}"), topic, "phx_join", payload);
+        let reply = self.until(|f| f[1] == r.as_str());
+        assert_eq!(reply[4]["status"], "ok", "{reply}");
+        self.until(|f| f[3] == "presence_state" && f[2] == topic)[4].clone()
+    }
+}
