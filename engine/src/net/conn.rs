@@ -27,49 +27,60 @@ const BURSTS_PER_POLL: usize = 16;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn serve(rt: Rc<Runtime>, mut stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
-    let upgrade =
-        match glommio::timer::timeout(HANDSHAKE_TIMEOUT, async { Ok(upgrade(&mut stream).await) })
-            .await
-        {
-            Ok(Some(u)) => u,
-            Ok(None) | Err(_) => {
-                rt.stats
-                    .handshake_failures
-                    .set(rt.stats.handshake_failures.get() + 1);
-                return;
-            }
+    // The handshake and closing phases are boxed: a task's future is allocated at the size of its
+    // largest state and kept for the connection's whole life, and only the middle phase lasts.
+    // A block, so that nothing but `c` is kept in the task across the awaits below.
+    let mut c = {
+        let Some((upgrade, leftover)) = Box::pin(handshake_phase(&rt, &mut stream)).await else {
+            rt.stats
+                .handshake_failures
+                .set(rt.stats.handshake_failures.get() + 1);
+            return;
         };
-    if rt.shutting_down.get() {
-        return;
-    }
-    let (upgrade, leftover) = upgrade;
-    let key = match upgrade.user_id.filter(|u| !u.is_empty()) {
-        Some(id) => UserKey::new(&id),
-        None => UserKey::new(&format!("anon-{:016x}", fastrand::u64(..))),
+        if rt.shutting_down.get() {
+            return;
+        }
+        let key = match upgrade.user_id.filter(|u| !u.is_empty()) {
+            Some(id) => UserKey::new(&id),
+            None => UserKey::new(&format!("anon-{:016x}", fastrand::u64(..))),
+        };
+        let mut c = Conn {
+            rt: rt.clone(),
+            conn: rt.open(key),
+            ws: WebSocketContext::new(Role::Server, Some(ws::config(rt.config.max_frame_bytes))),
+            wbuf: Vec::new(),
+            written: 0,
+            closing: false,
+        };
+        if !leftover.is_empty() {
+            c.feed(&leftover);
+        }
+        c
     };
-    let conn = rt.open(key);
-    let mut c = Conn {
-        rt: rt.clone(),
-        conn,
-        ws: WebSocketContext::new(Role::Server, Some(ws::config(rt.config.max_frame_bytes))),
-        wbuf: Vec::new(),
-        written: 0,
-        closing: false,
-    };
-    if !leftover.is_empty() {
-        c.feed(&leftover);
-    }
+    let conn = c.conn;
     poll_fn(|cx| c.poll(cx, &mut stream)).await;
     if c.closing {
-        // Give the close frame (and what was queued before it) a bounded time to leave.
-        let _ = glommio::timer::timeout(CLOSE_TIMEOUT, async {
-            let _ = poll_fn(|cx| c.poll_write(cx, &mut stream)).await;
-            Ok(())
-        })
-        .await;
+        Box::pin(close_phase(&mut c, &mut stream)).await;
     }
     rt.closed(conn);
+}
+
+async fn handshake_phase(rt: &Runtime, stream: &mut TcpStream) -> Option<(Upgrade, Vec<u8>)> {
+    let _ = stream.set_nodelay(true);
+    let _ = rt;
+    glommio::timer::timeout(HANDSHAKE_TIMEOUT, async { Ok(upgrade(stream).await) })
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Gives the close frame (and what was queued before it) a bounded time to leave.
+async fn close_phase(c: &mut Conn, stream: &mut TcpStream) {
+    let _ = glommio::timer::timeout(CLOSE_TIMEOUT, async {
+        let _ = poll_fn(|cx| c.poll_write(cx, stream)).await;
+        Ok(())
+    })
+    .await;
 }
 
 /// Reads the HTTP upgrade request and answers it. Returns the upgrade and any bytes that came
@@ -104,7 +115,8 @@ struct Conn {
     rt: Rc<Runtime>,
     conn: ConnId,
     ws: WebSocketContext,
-    /// Bytes to write; empty (and unallocated) while the connection is idle.
+    /// Bytes the socket has not taken yet, and tungstenite's own replies (pongs, close);
+    /// empty and unallocated otherwise.
     wbuf: Vec<u8>,
     written: usize,
     /// A close frame is queued: write it, then end.
@@ -115,12 +127,7 @@ impl Conn {
     /// Ready(()) when the connection is over or closing (the caller then finishes writing).
     fn poll(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> Poll<()> {
         for _ in 0..BURSTS_PER_POLL {
-            if !self.closing {
-                if let Some(reason) = self.rt.take_outbound(self.conn, cx.waker(), &mut self.wbuf) {
-                    self.start_close(reason);
-                }
-            }
-            if let Poll::Ready(Err(())) = self.poll_write(cx, stream) {
+            if let Poll::Ready(Err(())) = self.poll_outbound(cx, stream) {
                 self.closing = false;
                 return Poll::Ready(());
             }
@@ -142,6 +149,47 @@ impl Conn {
         Poll::Pending
     }
 
+    /// Writes what the shard queued for this connection. While nothing is left over from an
+    /// earlier write, frames are built in the shard's shared write buffer and only what the socket
+    /// does not take at once is copied into this connection's own buffer: an idle connection
+    /// holds no buffer, and a delivered frame costs no allocation.
+    fn poll_outbound(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &mut TcpStream,
+    ) -> Poll<Result<(), ()>> {
+        if self.closing {
+            return self.poll_write(cx, stream);
+        }
+        if !self.wbuf.is_empty() {
+            if let Some(reason) = self.rt.take_outbound(self.conn, cx.waker(), &mut self.wbuf) {
+                self.start_close(reason);
+            }
+            return self.poll_write(cx, stream);
+        }
+        let rt = self.rt.clone();
+        let mut shared = rt.write_scratch.borrow_mut();
+        shared.clear();
+        let close = rt.take_outbound(self.conn, cx.waker(), &mut shared);
+        let mut off = 0;
+        while off < shared.len() {
+            match Pin::new(&mut *stream).poll_write(cx, &shared[off..]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
+                Poll::Ready(Ok(n)) => off += n,
+                Poll::Pending => break,
+            }
+        }
+        self.wbuf.extend_from_slice(&shared[off..]);
+        if shared.capacity() > 1 << 20 {
+            *shared = Vec::new();
+        }
+        drop(shared);
+        if let Some(reason) = close {
+            self.start_close(reason);
+        }
+        self.poll_write(cx, stream)
+    }
+
     /// Writes as much of `wbuf` as the socket takes. Ready(Ok) when it is all written.
     fn poll_write(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> Poll<Result<(), ()>> {
         while self.written < self.wbuf.len() {
@@ -152,10 +200,7 @@ impl Conn {
             }
         }
         self.written = 0;
-        self.wbuf.clear();
-        if self.wbuf.capacity() > 4096 {
-            self.wbuf = Vec::new();
-        }
+        self.wbuf = Vec::new();
         Poll::Ready(Ok(()))
     }
 

@@ -4,12 +4,12 @@
 
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::rc::Rc;
 use std::task::Waker;
 use std::time::Instant;
 
 use slab::Slab;
+use smallvec::SmallVec;
 
 use crate::config::ServerConfig;
 use crate::core::{Config, ConnId, Frame, MeshMsg, Millis, Output, Shard, UserKey};
@@ -21,11 +21,15 @@ use crate::net::ws::write_text_frame;
 /// Why the server closes a connection: WebSocket close code and reason.
 pub type CloseReason = (u16, Cow<'static, str>);
 
+/// What the runtime keeps per connection, next to the core's record. One per connection in a
+/// slab that grows by doubling, so it is kept small (64 bytes): the close reason, rare, is boxed.
 pub struct Slot {
     generation: u32,
-    pub out: VecDeque<Frame>,
-    out_bytes: usize,
-    pub close: Option<CloseReason>,
+    out_bytes: u32,
+    /// Frames not yet taken by the connection's task. One fits inline: a connection that gets
+    /// one frame per burst (the common fan-out case) never allocates here.
+    out: SmallVec<[Frame; 1]>,
+    close: Option<Box<CloseReason>>,
     waker: Option<Waker>,
     last_seen_ms: u64,
 }
@@ -72,6 +76,8 @@ pub struct Runtime {
     /// Receive buffer shared by every connection of the shard: bytes are handed to tungstenite
     /// before the next await, so one buffer serves all.
     pub scratch: RefCell<Vec<u8>>,
+    /// Where a connection's queued frames are laid out for one write, shared the same way.
+    pub write_scratch: RefCell<Vec<u8>>,
     pub stats: Stats,
 }
 
@@ -106,6 +112,7 @@ impl Runtime {
             stop_accepting: Signal::default(),
             drained: Signal::default(),
             scratch: RefCell::new(vec![0; 64 << 10]),
+            write_scratch: RefCell::new(Vec::with_capacity(64 << 10)),
             stats: Stats::default(),
             config,
         })
@@ -122,7 +129,7 @@ impl Runtime {
         self.next_generation.set(generation);
         let slot = Slot {
             generation,
-            out: VecDeque::new(),
+            out: SmallVec::new(),
             out_bytes: 0,
             close: None,
             waker: None,
@@ -170,7 +177,7 @@ impl Runtime {
     pub fn close(&self, conn: ConnId, code: u16, reason: impl Into<Cow<'static, str>>) {
         if let Some(slot) = self.conns.borrow_mut().get_mut(conn.0 as usize) {
             if slot.close.is_none() {
-                slot.close = Some((code, reason.into()));
+                slot.close = Some(Box::new((code, reason.into())));
             }
             slot.wake();
         }
@@ -261,9 +268,9 @@ impl Runtime {
                         if slot.close.is_some() {
                             continue;
                         }
-                        slot.out_bytes += frame.len();
-                        slot.out.push_back(frame);
-                        if slot.out_bytes > self.config.max_outbound_bytes {
+                        slot.out_bytes = slot.out_bytes.saturating_add(frame.len() as u32);
+                        slot.out.push(frame);
+                        if slot.out_bytes as usize > self.config.max_outbound_bytes {
                             // Bounded memory per connection. Resyncing slow consumers instead of
                             // closing them is the slow-consumer issue's work.
                             slow.push(conn);
@@ -272,7 +279,8 @@ impl Runtime {
                     }
                     Output::Close { conn, code, reason } => {
                         if let Some(slot) = conns.get_mut(conn.0 as usize) {
-                            slot.close.get_or_insert((code.0, Cow::Borrowed(reason)));
+                            slot.close
+                                .get_or_insert_with(|| Box::new((code.0, Cow::Borrowed(reason))));
                             slot.wake();
                         }
                     }
@@ -307,10 +315,10 @@ impl Runtime {
             write_text_frame(wbuf, &frame);
         }
         slot.out_bytes = 0;
-        if slot.out.capacity() > 64 {
-            // A burst is over; give its memory back.
-            slot.out = VecDeque::new();
+        if slot.out.spilled() {
+            // A burst is over; an idle connection holds no queue.
+            slot.out = SmallVec::new();
         }
-        slot.close.take()
+        slot.close.take().map(|b| *b)
     }
 }

@@ -41,7 +41,7 @@ impl Write for Io<'_> {
 /// shrinks it.
 pub fn config(max_frame_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(512)
+        .read_buffer_size(128)
         .write_buffer_size(0)
         .max_frame_size(Some(max_frame_bytes))
         .max_message_size(Some(max_frame_bytes))
