@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use common::presence::{sync_diff, sync_state, View};
 use common::server::{Client, Server};
 use serde_json::{json, Value};
+use tungstenite::Message;
 
 static HEAVY: Mutex<()> = Mutex::new(());
 
@@ -231,4 +232,149 @@ fn shutdown_under_load_closes_everyone_with_1001_and_exits_0() {
         "shutdown with 2,000 connections took {:?}",
         started.elapsed()
     );
+}
+
+#[test]
+fn out_of_file_descriptors_pauses_accepting_and_recovers() {
+    let _turn = heavy();
+    let mut server = Server::start_with_fd_limit(128, &["--shards", "2"]);
+    // Far more clients than descriptors; those past the limit wait in the backlog and give up.
+    let held: Vec<Client> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..20)
+            .map(|t| {
+                let addr = server.addr;
+                s.spawn(move || {
+                    (0..15)
+                        .filter_map(|i| {
+                            let stream =
+                                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                                    .ok()?;
+                            let mut c = Client::over(
+                                stream,
+                                addr,
+                                &format!("fd{t}-{i}"),
+                                Duration::from_secs(2),
+                            )
+                            .ok()?;
+                            let r = c.push("1", "room:fd", "phx_join", json!({"presence": "none"}));
+                            let reply = c.recv()?;
+                            (reply[1] == r.as_str()).then_some(c)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("client thread"))
+            .collect()
+    });
+    assert!(
+        held.len() < 300,
+        "the limit was not reached ({} connected)",
+        held.len()
+    );
+    assert!(
+        held.len() > 20,
+        "the server accepted some ({} connected)",
+        held.len()
+    );
+    assert!(
+        server.running(),
+        "roster survived running out of descriptors"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !server.logged("out of file descriptors") {
+        assert!(Instant::now() < deadline, "EMFILE was logged");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(held);
+    // Descriptors come back as those connections close; accepting resumes.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut late = loop {
+        match Client::connect(server.addr, "late") {
+            Ok(c) => break c,
+            Err(e) => assert!(Instant::now() < deadline, "no recovery: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(late.join("room:fd", json!({})).is_object());
+}
+
+#[test]
+fn a_consumer_that_stops_reading_is_closed_and_leaves_without_hurting_others() {
+    let _turn = heavy();
+    let server = Server::start(&["--shards", "2", "--max-outbound-bytes", "65536"]);
+    let mut watcher = Client::connect(server.addr, "watcher").expect("watcher");
+    watcher.join("room:flood", json!({"track": false}));
+    // A small receive buffer, so the kernel stops taking bytes for it early.
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    sock.set_recv_buffer_size(4096).expect("rcvbuf");
+    sock.connect(&server.addr.into()).expect("connect");
+    let mut slow =
+        Client::over(sock.into(), server.addr, "slow", Duration::from_secs(10)).expect("slow");
+    slow.join("room:flood", json!({}));
+    eprintln!("slow joined");
+    let mut flooder = Client::connect(server.addr, "flooder").expect("flooder");
+    let r = flooder.push(
+        "jroom:flood",
+        "room:flood",
+        "phx_join",
+        json!({"presence": "none"}),
+    );
+    flooder.until(|f| f[1] == r.as_str());
+    eprintln!("flooder joined");
+    let pad = "p".repeat(900);
+    let left = std::sync::atomic::AtomicBool::new(false);
+    let updates = std::thread::scope(|s| {
+        // The watcher keeps reading; it must see the slow consumer leave.
+        s.spawn(|| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                match watcher.ws.read() {
+                    Ok(Message::Text(t)) => {
+                        let f: Value = serde_json::from_str(&t).expect("JSON");
+                        if f[3] == "presence_diff" && f[4]["leaves"]["slow"].is_object() {
+                            left.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("the watcher, which reads, must stay connected: {e}"),
+                }
+            }
+        });
+        let started = Instant::now();
+        let mut updates = 0;
+        while !left.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(30) {
+            updates += 1;
+            let r = flooder.push(
+                "jroom:flood",
+                "room:flood",
+                "presence_update",
+                json!({"meta": {"pad": pad, "n": updates}}),
+            );
+            flooder.until(|f| f[1] == r.as_str());
+        }
+        updates
+    });
+    assert!(
+        left.load(Ordering::Relaxed),
+        "slow consumer still present after {updates} updates"
+    );
+    eprintln!("slow consumer closed after {updates} updates of ~1 KB");
+    // Its socket ends with the 1008 close frame or, if even that could not be written, EOF.
+    slow.ws
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let end = loop {
+        match slow.ws.read() {
+            Ok(Message::Close(f)) => break f.map(|f| u16::from(f.code)),
+            Ok(_) => {}
+            Err(_) => break None,
+        }
+    };
+    assert!(matches!(end, Some(1008) | None), "{end:?}");
 }

@@ -162,10 +162,19 @@ impl Conn {
             return self.poll_write(cx, stream);
         }
         if !self.wbuf.is_empty() {
-            if let Some(reason) = self.rt.take_outbound(self.conn, cx.waker(), &mut self.wbuf) {
+            // The socket is backed up: new frames stay in the shard's queue, where they count
+            // against max_outbound_bytes, until this buffer has gone out.
+            if let Some(reason) = self.rt.take_close(self.conn, cx.waker()) {
                 self.start_close(reason);
             }
-            return self.poll_write(cx, stream);
+            if let Poll::Ready(r) = self.poll_write(cx, stream) {
+                r?;
+                if !self.closing {
+                    return self.poll_outbound(cx, stream);
+                }
+                return Poll::Ready(Ok(()));
+            }
+            return Poll::Pending;
         }
         let rt = self.rt.clone();
         let mut shared = rt.write_scratch.borrow_mut();

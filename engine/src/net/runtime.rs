@@ -300,6 +300,14 @@ impl Runtime {
         }
     }
 
+    /// Whether the connection must close (without taking its frames); registers the waker.
+    pub fn take_close(&self, conn: ConnId, waker: &Waker) -> Option<CloseReason> {
+        let mut conns = self.conns.borrow_mut();
+        let slot = conns.get_mut(conn.0 as usize)?;
+        slot.set_waker(waker);
+        slot.close.take().map(|b| *b)
+    }
+
     /// Appends the frames queued for `conn` to `wbuf` as WebSocket frames and says whether the
     /// connection must close; registers the task's waker.
     pub fn take_outbound(

@@ -13,17 +13,33 @@ use tungstenite::{Message, WebSocket};
 pub struct Server {
     pub addr: SocketAddr,
     child: Child,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
     /// Starts roster on a free loopback port with `args`, waiting until every shard is ready.
     pub fn start(args: &[&str]) -> Server {
+        Self::start_with(Command::new(env!("CARGO_BIN_EXE_roster")), args)
+    }
+
+    /// Starts roster with its open-files limit (soft and hard) set to `limit`.
+    pub fn start_with_fd_limit(limit: u32, args: &[&str]) -> Server {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            &format!("ulimit -n {limit} && exec \"$0\" \"$@\""),
+            env!("CARGO_BIN_EXE_roster"),
+        ]);
+        Self::start_with(cmd, args)
+    }
+
+    fn start_with(mut cmd: Command, args: &[&str]) -> Server {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_roster"))
+        let mut child = cmd
             .args(["--listen", &addr.to_string()])
             .args(args)
             .env("ROSTER_LOG", "info")
@@ -39,6 +55,8 @@ impl Server {
             .unwrap_or(1);
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = log.clone();
         std::thread::spawn(move || {
             let mut ready = 0;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -51,6 +69,9 @@ impl Server {
                 if std::env::var_os("ROSTER_TEST_SERVER_LOG").is_some() {
                     eprintln!("[roster] {line}");
                 }
+                if let Ok(mut l) = keep.lock() {
+                    l.push(line);
+                }
             }
         });
         if rx.recv_timeout(Duration::from_secs(10)).is_err() {
@@ -58,7 +79,19 @@ impl Server {
             let _ = child.kill();
             panic!("roster not ready within 10 s (exit status {status:?}); ROSTER_TEST_SERVER_LOG=1 shows its log");
         }
-        Server { addr, child }
+        Server { addr, child, log }
+    }
+
+    /// Whether any log line so far contains `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        self.log
+            .lock()
+            .map(|l| l.iter().any(|line| line.contains(text)))
+            .unwrap_or(false)
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn pid(&self) -> u32 {
@@ -110,8 +143,18 @@ pub struct Client {
 impl Client {
     pub fn connect(addr: SocketAddr, user: &str) -> Result<Client, String> {
         let stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+        Self::over(stream, addr, user, Duration::from_secs(10))
+    }
+
+    /// A client on an already connected stream, waiting at most `timeout` for any read.
+    pub fn over(
+        stream: TcpStream,
+        addr: SocketAddr,
+        user: &str,
+        timeout: Duration,
+    ) -> Result<Client, String> {
         stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
+            .set_read_timeout(Some(timeout))
             .map_err(|e| e.to_string())?;
         let url = format!("ws://{addr}/socket/websocket?vsn=2.0.0&user_id={user}");
         let config = WebSocketConfig::default().read_buffer_size(4096);

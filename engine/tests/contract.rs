@@ -1,0 +1,167 @@
+//! The client contract of PROTOCOL.md on real sockets, from Rust: join, state, diffs, update,
+//! leave, close, and the errors and close codes. (The phoenix.js tests in tests/js check the same
+//! with the official client.)
+
+mod common;
+
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::server::{Client, Server};
+use serde_json::json;
+use tungstenite::Message;
+
+fn server() -> Server {
+    Server::start(&[
+        "--shards",
+        "3",
+        "--max-topics-per-conn",
+        "2",
+        "--max-meta-bytes",
+        "64",
+        "--max-frame-bytes",
+        "4096",
+    ])
+}
+
+#[test]
+fn join_state_diffs_update_leave_across_shards() {
+    let s = server();
+    let mut a = Client::connect(s.addr, "alice").unwrap();
+    let mut b = Client::connect(s.addr, "bob").unwrap();
+    // Alice's state is taken before her own presence, which reaches her in the next diff.
+    assert_eq!(a.join("room:1", json!({"meta": {"p": 1}})), json!({}));
+    let own = a.until(|f| f[3] == "presence_diff");
+    assert_eq!(own[0], json!(null));
+    assert_eq!(own[1], json!(null));
+    assert_eq!(own[4]["joins"]["alice"]["metas"][0]["p"], 1);
+    let state = b.join("room:1", json!({"meta": {"p": 2}}));
+    assert_eq!(state["alice"]["metas"][0]["p"], 1);
+    let d = a.until(|f| f[3] == "presence_diff");
+    assert_eq!(d[4]["joins"]["bob"]["metas"][0]["p"], 2);
+    let r = b.push(
+        "jroom:1",
+        "room:1",
+        "presence_update",
+        json!({"meta": {"p": 3}}),
+    );
+    assert_eq!(b.until(|f| f[1] == r.as_str())[4]["status"], "ok");
+    let d = a.until(|f| f[3] == "presence_diff");
+    let (joined, left) = (
+        &d[4]["joins"]["bob"]["metas"][0],
+        &d[4]["leaves"]["bob"]["metas"][0],
+    );
+    assert_eq!(
+        (joined["p"].clone(), left["p"].clone()),
+        (json!(3), json!(2))
+    );
+    assert_eq!(joined["phx_ref_prev"], left["phx_ref"]);
+    let r = b.push("jroom:1", "room:1", "phx_leave", json!({}));
+    assert_eq!(b.until(|f| f[1] == r.as_str())[4]["status"], "ok");
+    let d = a.until(|f| f[3] == "presence_diff");
+    assert_eq!(d[4]["leaves"]["bob"]["metas"][0]["p"], 3);
+    drop(b);
+    // Closing leaves every topic: Carol sees Alice go when Alice's socket closes.
+    let mut c = Client::connect(s.addr, "carol").unwrap();
+    assert!(c.join("room:1", json!({"track": false}))["alice"].is_object());
+    a.ws.close(None).unwrap();
+    let d = c.until(|f| f[3] == "presence_diff");
+    assert_eq!(d[4]["leaves"]["alice"]["metas"][0]["p"], 1);
+}
+
+#[test]
+fn error_replies_leave_the_connection_working() {
+    let s = server();
+    let mut c = Client::connect(s.addr, "erin").unwrap();
+    let reason = |c: &mut Client, r: String| {
+        c.until(|f| f[1] == r.as_str())[4]["response"]["reason"].clone()
+    };
+    let r = c.push("x", "room:none", "presence_update", json!({"meta": {}}));
+    assert_eq!(reason(&mut c, r), "unmatched topic");
+    c.join("room:a", json!({}));
+    let r = c.push("jroom:a", "room:a", "shout", json!({}));
+    assert_eq!(reason(&mut c, r), "unknown event");
+    let r = c.push(
+        "jroom:b",
+        "room:b",
+        "phx_join",
+        json!({"meta": {"pad": "z".repeat(100)}}),
+    );
+    assert_eq!(reason(&mut c, r), "meta too large");
+    c.join("room:b", json!({}));
+    let r = c.push("jroom:c", "room:c", "phx_join", json!({}));
+    assert_eq!(reason(&mut c, r), "too many channels joined");
+    let r = c.push(
+        "jroom:a",
+        "room:a",
+        "presence_update",
+        json!({"meta": {"ok": true}}),
+    );
+    assert_eq!(c.until(|f| f[1] == r.as_str())[4]["status"], "ok");
+    let r = c.push("", "phoenix", "heartbeat", json!({}));
+    assert_eq!(
+        c.until(|f| f[1] == r.as_str())[4],
+        json!({"status": "ok", "response": {}})
+    );
+}
+
+fn close_code(c: &mut Client) -> (u16, String) {
+    loop {
+        match c.ws.read() {
+            Ok(Message::Close(Some(f))) => return (f.code.into(), f.reason.to_string()),
+            Ok(Message::Close(None)) => return (0, String::new()),
+            Ok(_) => {}
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    }
+}
+
+#[test]
+fn bad_frames_close_with_their_codes_and_presences_leave() {
+    let s = server();
+    let mut watcher = Client::connect(s.addr, "watcher").unwrap();
+    watcher.join("room:w", json!({"track": false}));
+    for (i, (frame, code)) in [
+        (Message::text("[1,2]"), 1007),
+        (Message::text("{"), 1007),
+        (Message::binary(vec![1u8, 2, 3]), 1003),
+        (
+            Message::text(format!(
+                "[null,\"1\",\"t\",\"e\",{{\"x\":\"{}\"}}]",
+                "y".repeat(8000)
+            )),
+            1009,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let key = format!("bad{i}");
+        let mut bad = Client::connect(s.addr, &key).unwrap();
+        bad.join("room:w", json!({}));
+        watcher.until(|f| f[3] == "presence_diff" && f[4]["joins"][&key].is_object());
+        bad.ws.send(frame).unwrap();
+        let (got, reason) = close_code(&mut bad);
+        assert_eq!(got, code, "{reason}");
+        assert!(!reason.is_empty());
+        watcher.until(|f| f[3] == "presence_diff" && f[4]["leaves"][&key].is_object());
+    }
+}
+
+#[test]
+fn handshake_refusals_are_http_errors_with_reasons() {
+    use std::io::{Read, Write};
+    let s = server();
+    for (target, status) in [("/socket/websocket?vsn=1.0.0", "400"), ("/nowhere", "404")] {
+        let mut t = TcpStream::connect(s.addr).unwrap();
+        t.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(t, "GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: a2V5a2V5a2V5a2V5a2V5a2V5\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+        let mut text = String::new();
+        let _ = t.read_to_string(&mut text);
+        assert!(text.starts_with(&format!("HTTP/1.1 {status}")), "{text}");
+        assert!(
+            text.lines().last().is_some_and(|l| !l.is_empty()),
+            "a reason in the body: {text}"
+        );
+    }
+}
