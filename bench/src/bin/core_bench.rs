@@ -170,7 +170,7 @@ fn track_untrack_owner(shards: u16, topics: usize, pairs: usize) -> f64 {
                     // The connection's shard encodes the stored meta with its ref; so do we.
                     meta_buf.clear();
                     client_meta.encode(&mut meta_buf, None, PhxRef(i), None);
-                    let meta = Meta(meta_buf.as_slice().into());
+                    let meta = Meta::new(&meta_buf);
                     let track = Some(Track {
                         key,
                         phx_ref: PhxRef(i),
@@ -284,7 +284,7 @@ fn memory_tables(shards: u16, n: usize) -> f64 {
         let track = Some(Track {
             key: key.clone(),
             phx_ref: PhxRef(i as u64),
-            meta: Meta(stored.as_slice().into()),
+            meta: Meta::new(&stored),
         });
         cl.shards[owner.index()].mesh(MeshMsg::Join(Box::new(JoinMsg {
             topic,

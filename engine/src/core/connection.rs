@@ -79,7 +79,7 @@ impl Connection {
     }
 
     pub(crate) fn position(&self, topic: &str) -> Option<usize> {
-        self.joins.iter().position(|j| &*j.topic.0 == topic)
+        self.joins.iter().position(|j| j.topic.as_str() == topic)
     }
 
     /// The join this message addresses: same topic, and the same join_ref when the client gave

@@ -6,6 +6,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use roster_proto::{stored_phx_ref, PhxRef};
+use triomphe::ThinArc;
 
 use crate::mesh::ShardId;
 
@@ -38,47 +39,57 @@ impl CloseCode {
 pub type Frame = Rc<[u8]>;
 
 /// One stored meta, encoded with its `phx_ref` (see `roster_proto::meta`). Shared between the
-/// topic table and the user table, which may sit on different cores, hence `Arc`; it is cloned on
-/// track and untrack only, never per delivered message.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Meta(pub Arc<[u8]>);
+/// topic table and the user table, which may sit on different cores, hence an atomic count; it
+/// is cloned on track and untrack only, never per delivered message. A thin pointer (8 bytes,
+/// the length lives in the allocation): every table entry holds one.
+#[derive(Clone)]
+pub struct Meta(ThinArc<(), u8>);
 
 impl Meta {
+    pub fn new(stored: &[u8]) -> Meta {
+        Meta(ThinArc::from_header_and_slice((), stored))
+    }
+
     pub fn bytes(&self) -> &[u8] {
-        &self.0
+        &self.0.slice
     }
 
     /// Whether this is the meta of presence `r`. The ref is read from the stored bytes (it is
     /// always their tail) rather than kept beside them, which saves 8 bytes in every table entry.
     pub fn is_ref(&self, r: PhxRef) -> bool {
-        stored_phx_ref(&self.0) == Some(&r.text()[..])
+        stored_phx_ref(self.bytes()) == Some(&r.text()[..])
     }
 
     pub(crate) fn ref_text(&self) -> [u8; PhxRef::TEXT_LEN] {
         let mut t = [0u8; PhxRef::TEXT_LEN];
-        if let Some(r) = stored_phx_ref(&self.0) {
+        if let Some(r) = stored_phx_ref(self.bytes()) {
             t.copy_from_slice(r);
         }
         t
     }
 }
 
+impl PartialEq for Meta {
+    fn eq(&self, other: &Meta) -> bool {
+        self.bytes() == other.bytes()
+    }
+}
+
+impl Eq for Meta {}
+
 impl fmt::Debug for Meta {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Meta({})", String::from_utf8_lossy(&self.0))
+        write!(f, "Meta({})", String::from_utf8_lossy(self.bytes()))
     }
 }
 
 macro_rules! shared_name {
-    ($(#[$doc:meta])* $name:ident) => {
+    ($(#[$doc:meta])* $name:ident($storage:ty)) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(pub Arc<str>);
+        pub struct $name(pub Arc<$storage>);
 
         impl $name {
-            pub fn new(s: &str) -> Self {
-                $name(Arc::from(s))
-            }
             pub fn as_str(&self) -> &str {
                 &self.0
             }
@@ -92,20 +103,35 @@ macro_rules! shared_name {
 
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}({:?})", stringify!($name), &*self.0)
+                write!(f, "{}({:?})", stringify!($name), self.as_str())
             }
         }
     };
 }
 
 shared_name!(
-    /// A topic name. Shared (not copied) between the tables and messages that mention it.
-    TopicName
+    /// A topic name. Shared (not copied) between the tables and messages that mention it; a thin
+    /// pointer (8 bytes) because every joined topic of every connection and every entry of the
+    /// user table holds one, while the name itself is allocated once per topic per shard.
+    TopicName(Box<str>)
 );
 shared_name!(
-    /// A presence key: the user's identity (a token's `sub`, or the development `user_id`).
-    UserKey
+    /// A presence key: the user's identity (a token's `sub`, or the development `user_id`). One
+    /// allocation per connection, so the name sits in the `Arc` itself.
+    UserKey(str)
 );
+
+impl TopicName {
+    pub fn new(s: &str) -> Self {
+        TopicName(Arc::new(Box::from(s)))
+    }
+}
+
+impl UserKey {
+    pub fn new(s: &str) -> Self {
+        UserKey(Arc::from(s))
+    }
+}
 
 /// A client's `join_ref`, kept for every joined topic of every connection. phoenix.js sends short
 /// decimal strings, so up to 14 bytes are kept inline and only longer ones cost an allocation.

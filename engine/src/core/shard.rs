@@ -2,7 +2,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
-use std::sync::Arc;
 
 use ahash::RandomState;
 use roster_proto::encode;
@@ -732,7 +731,7 @@ fn stored_meta(
 ) -> Meta {
     buf.clear();
     meta.encode(buf, None, phx_ref, prev);
-    Meta(Arc::from(buf.as_slice()))
+    Meta::new(buf)
 }
 
 #[cfg(test)]

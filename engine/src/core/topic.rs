@@ -232,7 +232,6 @@ fn write_grouped(mut map: PresenceMap<'_>, changes: &mut [(UserKey, Meta)]) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use roster_proto::ClientMeta;
 
@@ -243,7 +242,7 @@ mod tests {
         ClientMeta::from_json(r#"{"n":1}"#)
             .expect("meta")
             .encode(&mut out, None, PhxRef(r), None);
-        Meta(Arc::from(out.as_slice()))
+        Meta::new(&out)
     }
 
     fn diff(t: &mut Topic) -> Option<serde_json::Value> {
