@@ -134,9 +134,12 @@ impl Conn {
             if self.closing {
                 return Poll::Ready(());
             }
+            let rt = self.rt.clone();
+            if rt.pause_if_backlogged(cx.waker()) {
+                return Poll::Pending;
+            }
             // Nothing in feed() touches the scratch buffer, and no other task of this shard runs
             // until this poll returns.
-            let rt = self.rt.clone();
             let mut scratch = rt.scratch.borrow_mut();
             match Pin::new(&mut *stream).poll_read(cx, &mut scratch) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),

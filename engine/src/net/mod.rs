@@ -116,6 +116,7 @@ async fn shard_main(
                         tracing::debug!(shard = rt.id.0, peer, "peer ring gone");
                         return;
                     }
+                    rt.ring_progress();
                 }
             }
         })

@@ -67,6 +67,8 @@ pub struct Runtime {
     /// Per peer shard: messages waiting for the ring, and the task that sends them.
     pub peer_queues: Vec<RefCell<Vec<MeshMsg>>>,
     pub peer_signals: Vec<Signal>,
+    /// Connections that stopped reading because the rings are backed up.
+    paused: RefCell<Vec<Waker>>,
     pub flush: Signal,
     wheel: RefCell<Wheel<(ConnId, u32)>>,
     epoch: Instant,
@@ -82,6 +84,9 @@ pub struct Runtime {
 }
 
 const WHEEL_GRANULARITY_MS: u64 = 250;
+/// Messages waiting for full rings, across all peers, past which connections stop reading (and
+/// so stop making more) until the rings drain. Backpressure instead of unbounded queues.
+const MESH_BACKLOG_LIMIT: usize = 65_536;
 
 impl Runtime {
     pub fn new(id: ShardId, config: ServerConfig, ref_seed: u64) -> Rc<Runtime> {
@@ -105,6 +110,7 @@ impl Runtime {
             next_generation: Cell::new(0),
             peer_queues: (0..n).map(|_| RefCell::new(Vec::new())).collect(),
             peer_signals: (0..n).map(|_| Signal::default()).collect(),
+            paused: RefCell::new(Vec::new()),
             flush: Signal::default(),
             wheel: RefCell::new(Wheel::new(slots.min(4096), WHEEL_GRANULARITY_MS, 0)),
             epoch: Instant::now(),
@@ -297,6 +303,26 @@ impl Runtime {
         for conn in slow {
             self.stats.slow_closes.set(self.stats.slow_closes.get() + 1);
             self.close(conn, 1008, "slow consumer: outbound buffer full");
+        }
+    }
+
+    /// When the rings are backed up: registers `waker` to be woken once they drain, and says so.
+    pub fn pause_if_backlogged(&self, waker: &Waker) -> bool {
+        let backlog: usize = self.peer_queues.iter().map(|q| q.borrow().len()).sum();
+        if backlog < MESH_BACKLOG_LIMIT {
+            return false;
+        }
+        self.paused.borrow_mut().push(waker.clone());
+        true
+    }
+
+    /// A batch went onto a ring: resume the paused connections if the backlog is gone.
+    pub fn ring_progress(&self) {
+        let backlog: usize = self.peer_queues.iter().map(|q| q.borrow().len()).sum();
+        if backlog < MESH_BACKLOG_LIMIT / 2 {
+            for w in self.paused.borrow_mut().drain(..) {
+                w.wake();
+            }
         }
     }
 
