@@ -35,6 +35,13 @@ pub struct Cli {
     /// Largest meta object a client may send, in bytes. [default: 1024]
     #[arg(long, env = "ROSTER_MAX_META_BYTES")]
     pub max_meta_bytes: Option<usize>,
+    /// Longest topic name a client may join; longer ones get an error reply. [default: 255]
+    #[arg(long, env = "ROSTER_MAX_TOPIC_BYTES")]
+    pub max_topic_bytes: Option<usize>,
+    /// Longest join_ref or ref a client may send; longer ones close the connection with 1007.
+    /// [default: 64]
+    #[arg(long, env = "ROSTER_MAX_REF_BYTES")]
+    pub max_ref_bytes: Option<usize>,
     /// Largest WebSocket frame or message a client may send; larger ones close the connection
     /// with 1009. [default: 65536]
     #[arg(long, env = "ROSTER_MAX_FRAME_BYTES")]
@@ -61,6 +68,8 @@ pub struct FileConfig {
     pub heartbeat_timeout_ms: Option<u64>,
     pub max_topics_per_conn: Option<usize>,
     pub max_meta_bytes: Option<usize>,
+    pub max_topic_bytes: Option<usize>,
+    pub max_ref_bytes: Option<usize>,
     pub max_frame_bytes: Option<usize>,
     pub max_outbound_bytes: Option<usize>,
     pub count_interval_ms: Option<u64>,
@@ -76,6 +85,8 @@ pub struct ServerConfig {
     pub heartbeat_timeout: Duration,
     pub max_topics_per_conn: usize,
     pub max_meta_bytes: usize,
+    pub max_topic_bytes: usize,
+    pub max_ref_bytes: usize,
     pub max_frame_bytes: usize,
     pub max_outbound_bytes: usize,
     pub count_interval: Duration,
@@ -111,6 +122,8 @@ impl ServerConfig {
                 .or(file.max_topics_per_conn)
                 .unwrap_or(100),
             max_meta_bytes: cli.max_meta_bytes.or(file.max_meta_bytes).unwrap_or(1024),
+            max_topic_bytes: cli.max_topic_bytes.or(file.max_topic_bytes).unwrap_or(255),
+            max_ref_bytes: cli.max_ref_bytes.or(file.max_ref_bytes).unwrap_or(64),
             max_frame_bytes: cli
                 .max_frame_bytes
                 .or(file.max_frame_bytes)

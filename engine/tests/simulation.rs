@@ -79,6 +79,8 @@ struct Sim {
     rings: Vec<VecDeque<MeshMsg>>,
     clients: BTreeMap<(u16, u32), Client>,
     next_conn: u32,
+    /// Closed connection ids per shard: drivers reuse them (the server's slab does).
+    free_ids: Vec<Vec<u32>>,
     now: u64,
     log: Vec<String>,
 }
@@ -96,6 +98,7 @@ impl Sim {
             max_meta_bytes: MAX_META,
             count_interval: Millis(COUNT_INTERVAL),
             ref_seed: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            ..Config::default()
         };
         Sim {
             rng: ChaCha8Rng::seed_from_u64(seed),
@@ -108,6 +111,7 @@ impl Sim {
                 .collect(),
             clients: BTreeMap::new(),
             next_conn: 0,
+            free_ids: (0..n).map(|_| Vec::new()).collect(),
             now: 0,
             log: Vec::new(),
         }
@@ -362,9 +366,15 @@ impl Sim {
 
     fn open(&mut self) {
         let s = self.rng.gen_range(0..self.n()) as u16;
-        self.next_conn += 1;
+        let free = &mut self.free_ids[s as usize];
+        let conn = if !free.is_empty() && self.rng.gen_bool(0.5) {
+            free.swap_remove(self.rng.gen_range(0..free.len()))
+        } else {
+            self.next_conn += 1;
+            self.next_conn
+        };
         let key = KEYS[self.rng.gen_range(0..KEYS.len())].to_owned();
-        let id = (s, self.next_conn);
+        let id = (s, conn);
         self.log.push(format!("open {id:?} as {key}"));
         self.shards[s as usize].open(ConnId(id.1), UserKey::new(&key));
         self.clients.insert(
@@ -466,6 +476,7 @@ impl Sim {
     fn close(&mut self, id: (u16, u32)) {
         self.log.push(format!("close {id:?}"));
         self.clients.remove(&id);
+        self.free_ids[id.0 as usize].push(id.1);
         self.shards[id.0 as usize].close(ConnId(id.1));
         self.collect(id.0 as usize);
     }

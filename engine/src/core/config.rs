@@ -9,6 +9,10 @@ pub struct Config {
     pub max_topics_per_conn: usize,
     /// Size of a client's meta object as sent.
     pub max_meta_bytes: usize,
+    /// Longest topic name; longer ones get an error reply. Every table and frame repeats it.
+    pub max_topic_bytes: usize,
+    /// Longest `join_ref` or `ref`; longer ones close the connection (1007). Kept per join.
+    pub max_ref_bytes: usize,
     /// Least time between two `presence_count` pushes for one topic.
     pub count_interval: Millis,
     /// Mixed into every `phx_ref` this process makes, so refs from two runs of the server differ
@@ -23,6 +27,8 @@ impl Default for Config {
             shards: 1,
             max_topics_per_conn: 100,
             max_meta_bytes: 1024,
+            max_topic_bytes: 255,
+            max_ref_bytes: 64,
             count_interval: Millis(1000),
             ref_seed: 0,
         }

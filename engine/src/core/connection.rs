@@ -11,7 +11,6 @@ pub(crate) struct Connection {
     /// At most `max_topics_per_conn` (100 by default): a linear scan beats a map here, in time and
     /// in memory per idle connection.
     pub(crate) joins: Vec<Joined>,
-    next_seq: u32,
 }
 
 /// One joined topic of one connection. There is one per subscription, so it is kept small
@@ -69,13 +68,7 @@ impl Connection {
         Connection {
             key,
             joins: Vec::new(),
-            next_seq: 0,
         }
-    }
-
-    pub(crate) fn next_seq(&mut self) -> u32 {
-        self.next_seq = self.next_seq.wrapping_add(1);
-        self.next_seq
     }
 
     pub(crate) fn position(&self, topic: &str) -> Option<usize> {

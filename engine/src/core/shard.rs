@@ -85,6 +85,7 @@ pub struct Shard {
     /// Scratch for encoding; its capacity is reused across frames.
     buf: Vec<u8>,
     next_ref: u64,
+    join_seq: u32,
 }
 
 impl Shard {
@@ -109,6 +110,7 @@ impl Shard {
             },
             buf: Vec::with_capacity(4096),
             next_ref: 0,
+            join_seq: 0,
         }
     }
 
@@ -245,6 +247,18 @@ impl Shard {
         let jr = msg.join_ref.as_deref();
         let r = msg.msg_ref.as_deref();
         let topic = msg.topic.as_ref();
+        if jr.map_or(0, str::len) > self.config.max_ref_bytes
+            || r.map_or(0, str::len) > self.config.max_ref_bytes
+        {
+            return self.close_with(
+                conn,
+                CloseCode::INVALID_PAYLOAD,
+                "invalid frame: join_ref or ref too long",
+            );
+        }
+        if topic.len() > self.config.max_topic_bytes {
+            return self.reply_error(conn, jr, r, topic, "topic too long");
+        }
         if topic == "phoenix" {
             match msg.event {
                 ClientEvent::Heartbeat => self.reply_ok(conn, jr, r, topic),
@@ -254,9 +268,8 @@ impl Shard {
         }
         let event = match msg.event {
             ClientEvent::Join(req) => return self.join(conn, jr, r, topic, req),
-            ClientEvent::Invalid(e) if self.joined(conn, topic, jr).is_some() => {
-                return self.reply_error(conn, jr, r, topic, e.reason());
-            }
+            // Payload errors say what is wrong, joined or not (a bad phx_join is not "unmatched").
+            ClientEvent::Invalid(e) => return self.reply_error(conn, jr, r, topic, e.reason()),
             event => event,
         };
         let Some(at) = self.joined(conn, topic, jr) else {
@@ -318,7 +331,10 @@ impl Shard {
                 meta: stored_meta(&mut self.buf, req.meta, phx_ref, None),
             }
         });
-        let seq = c.next_seq();
+        // Per shard, not per connection: connection ids are reused, and a reply to a closed
+        // connection's join must never match a new connection's join.
+        self.join_seq = self.join_seq.wrapping_add(1);
+        let seq = self.join_seq;
         c.push(Joined::new(
             name.clone(),
             jr,
@@ -831,6 +847,23 @@ mod tests {
             send(&mut s, r#"[null,"10","phoenix","heartbeat",{}]"#),
             [r#"[null,"10","phoenix","phx_reply",{"status":"ok","response":{}}]"#]
         );
+        let long_topic = "t".repeat(256);
+        assert_eq!(
+            send(
+                &mut s,
+                &format!(r#"["5","5","{long_topic}","phx_join",{{}}]"#)
+            ),
+            [err(r#""5""#, "5", &long_topic, "topic too long")]
+        );
+        assert_eq!(
+            send(&mut s, r#"["6","6","never-joined","phx_join",{"track":1}]"#),
+            [err(
+                r#""6""#,
+                "6",
+                "never-joined",
+                "track must be a boolean"
+            )]
+        );
         // Not a V2 message: closed with 1007, and its presences leave.
         assert_eq!(
             send(&mut s, "[1]"),
@@ -842,6 +875,19 @@ mod tests {
             send(&mut s, r#"[null,"11","phoenix","heartbeat",{}]"#).is_empty(),
             "closed connection is forgotten"
         );
+        assert!(s.is_empty(), "{:?}", s.stats());
+    }
+
+    #[test]
+    fn an_overlong_ref_closes_the_connection() {
+        let mut s = shard();
+        send(&mut s, r#"["1","1","room","phx_join",{}]"#);
+        let frame = format!(r#"["1","{}","room","shout",{{}}]"#, "r".repeat(65));
+        assert_eq!(
+            send(&mut s, &frame),
+            ["close 1007 invalid frame: join_ref or ref too long"]
+        );
+        s.tick(Millis(0));
         assert!(s.is_empty(), "{:?}", s.stats());
     }
 

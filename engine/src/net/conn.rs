@@ -25,6 +25,8 @@ const MAX_REQUEST_BYTES: usize = 8 << 10;
 const BURSTS_PER_POLL: usize = 16;
 /// After a close frame is queued, how long to wait for it to be written.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes owed to a client past which it is not read from until they are written.
+const MAX_UNSENT_BYTES: usize = 64 << 10;
 
 pub async fn serve(rt: Rc<Runtime>, mut stream: TcpStream) {
     // The handshake and closing phases are boxed: a task's future is allocated at the size of its
@@ -135,7 +137,10 @@ impl Conn {
                 return Poll::Ready(());
             }
             let rt = self.rt.clone();
-            if rt.pause_if_backlogged(cx.waker()) {
+            // Read no more while the rings are backed up, or while this client is not reading what
+            // we already owe it (a ping flood must not grow its pong buffer without bound); the
+            // write side wakes us when that drains.
+            if self.wbuf.len() > MAX_UNSENT_BYTES || rt.pause_if_backlogged(self.conn) {
                 return Poll::Pending;
             }
             // Nothing in feed() touches the scratch buffer, and no other task of this shard runs
@@ -235,7 +240,9 @@ impl Conn {
                     self.rt.touch(self.conn)
                 }
                 Ok(Message::Close(_)) => {
-                    // tungstenite has queued its close reply in wbuf.
+                    // tungstenite has queued its close reply in wbuf. The presences leave now,
+                    // not after that reply has been written.
+                    self.rt.forget(self.conn);
                     self.closing = true;
                     return;
                 }

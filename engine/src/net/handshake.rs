@@ -8,6 +8,8 @@ use tungstenite::handshake::derive_accept_key;
 /// Path phoenix.js connects to for `new Socket("ws://HOST:PORT/socket")`.
 pub const PATH: &str = "/socket/websocket";
 const BEARER_PREFIX: &str = "base64url.bearer.phx.";
+/// A presence key is kept in every table entry of its presences.
+const MAX_USER_ID_BYTES: usize = 255;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Handshake {
@@ -114,6 +116,7 @@ pub fn parse(buf: &[u8], max: usize) -> Handshake {
                     "unsupported vsn: roster speaks the Phoenix V2 serializer (vsn=2.0.0)",
                 )
             }
+            "user_id" if v.len() > MAX_USER_ID_BYTES => return reject(400, "user_id too long"),
             "user_id" => user_id = Some(v.into_owned()),
             "token" => token = Some(v.into_owned()),
             _ => {}
@@ -203,6 +206,13 @@ mod tests {
     fn refusals_have_statuses() {
         assert_eq!(status(&request("/socket/websocket?vsn=1.0.0", "")), 400);
         assert_eq!(status(&request("/other", "")), 404);
+        assert_eq!(
+            status(&request(
+                &format!("/socket/websocket?user_id={}", "u".repeat(256)),
+                ""
+            )),
+            400
+        );
         assert_eq!(status("POST /socket/websocket HTTP/1.1\r\n\r\n"), 405);
         assert_eq!(
             status("GET /socket/websocket HTTP/1.1\r\nHost: x\r\n\r\n"),

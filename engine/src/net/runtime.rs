@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
 use std::rc::Rc;
 use std::task::Waker;
 use std::time::Instant;
@@ -68,7 +69,7 @@ pub struct Runtime {
     pub peer_queues: Vec<RefCell<Vec<MeshMsg>>>,
     pub peer_signals: Vec<Signal>,
     /// Connections that stopped reading because the rings are backed up.
-    paused: RefCell<Vec<Waker>>,
+    paused: RefCell<HashSet<ConnId>>,
     pub flush: Signal,
     wheel: RefCell<Wheel<(ConnId, u32)>>,
     epoch: Instant,
@@ -96,6 +97,8 @@ impl Runtime {
                 shards: config.shards,
                 max_topics_per_conn: config.max_topics_per_conn,
                 max_meta_bytes: config.max_meta_bytes,
+                max_topic_bytes: config.max_topic_bytes,
+                max_ref_bytes: config.max_ref_bytes,
                 count_interval: Millis(config.count_interval.as_millis() as u64),
                 ref_seed,
             },
@@ -110,7 +113,7 @@ impl Runtime {
             next_generation: Cell::new(0),
             peer_queues: (0..n).map(|_| RefCell::new(Vec::new())).collect(),
             peer_signals: (0..n).map(|_| Signal::default()).collect(),
-            paused: RefCell::new(Vec::new()),
+            paused: RefCell::new(HashSet::new()),
             flush: Signal::default(),
             wheel: RefCell::new(Wheel::new(slots.min(4096), WHEEL_GRANULARITY_MS, 0)),
             epoch: Instant::now(),
@@ -177,6 +180,14 @@ impl Runtime {
         if self.shutting_down.get() && self.conns.borrow().is_empty() {
             self.drained.notify();
         }
+    }
+
+    /// The client is closing: the core forgets the connection (its presences leave) while its task
+    /// finishes the close handshake.
+    pub fn forget(&self, conn: ConnId) {
+        self.core.borrow_mut().close(conn);
+        self.dispatch();
+        self.flush.notify();
     }
 
     /// Asks the connection's task to close with this code; the core forgets it now.
@@ -274,12 +285,21 @@ impl Runtime {
                         if slot.close.is_some() {
                             continue;
                         }
-                        slot.out_bytes = slot.out_bytes.saturating_add(frame.len() as u32);
-                        slot.out.push(frame);
-                        if slot.out_bytes as usize > self.config.max_outbound_bytes {
-                            // Bounded memory per connection. Resyncing slow consumers instead of
-                            // closing them is the slow-consumer issue's work.
+                        let queued = slot.out_bytes as usize + frame.len();
+                        // Bounded memory per connection: a frame that would take the queue past
+                        // the limit closes the connection instead. One frame alone is always
+                        // queued, however large (a big room's state must still reach a joiner).
+                        // Resyncing slow consumers instead of closing them is issue 5's work.
+                        if !slot.out.is_empty() && queued > self.config.max_outbound_bytes {
+                            slot.close = Some(Box::new((
+                                1008,
+                                Cow::Borrowed("slow consumer: outbound buffer full"),
+                            )));
+                            slot.out = SmallVec::new();
                             slow.push(conn);
+                        } else {
+                            slot.out_bytes = queued.min(u32::MAX as usize) as u32;
+                            slot.out.push(frame);
                         }
                         slot.wake();
                     }
@@ -300,19 +320,28 @@ impl Runtime {
                 }
             }
         }
-        for conn in slow {
-            self.stats.slow_closes.set(self.stats.slow_closes.get() + 1);
-            self.close(conn, 1008, "slow consumer: outbound buffer full");
+        if !slow.is_empty() {
+            self.stats
+                .slow_closes
+                .set(self.stats.slow_closes.get() + slow.len() as u64);
+            let mut core = self.core.borrow_mut();
+            for conn in slow {
+                core.close(conn);
+            }
+            drop(core);
+            self.dispatch();
+            self.flush.notify();
         }
     }
 
     /// When the rings are backed up: registers `waker` to be woken once they drain, and says so.
-    pub fn pause_if_backlogged(&self, waker: &Waker) -> bool {
+    /// (The connection's waker was registered by `take_outbound` in the same poll.)
+    pub fn pause_if_backlogged(&self, conn: ConnId) -> bool {
         let backlog: usize = self.peer_queues.iter().map(|q| q.borrow().len()).sum();
         if backlog < MESH_BACKLOG_LIMIT {
             return false;
         }
-        self.paused.borrow_mut().push(waker.clone());
+        self.paused.borrow_mut().insert(conn);
         true
     }
 
@@ -320,8 +349,11 @@ impl Runtime {
     pub fn ring_progress(&self) {
         let backlog: usize = self.peer_queues.iter().map(|q| q.borrow().len()).sum();
         if backlog < MESH_BACKLOG_LIMIT / 2 {
-            for w in self.paused.borrow_mut().drain(..) {
-                w.wake();
+            let mut conns = self.conns.borrow_mut();
+            for conn in self.paused.borrow_mut().drain() {
+                if let Some(slot) = conns.get_mut(conn.0 as usize) {
+                    slot.wake();
+                }
             }
         }
     }
