@@ -206,24 +206,21 @@ fn big_topic(shards: u16, members: usize) -> (f64, f64) {
     cl.open(members);
     let join = join_frame("room:big", "none");
     let leave = leave_frame("room:big");
+    let joins = everyone_sends(&mut cl, members, &join);
+    (joins, everyone_sends(&mut cl, members, &leave))
+}
+
+/// Connections 0..n each send `frame`, pumped every 64; returns frames per second.
+fn everyone_sends(cl: &mut Cluster, n: usize, frame: &[u8]) -> f64 {
     let t0 = Instant::now();
-    for i in 0..members {
-        cl.frame(i, &join);
+    for i in 0..n {
+        cl.frame(i, frame);
         if i % 64 == 63 {
             cl.pump();
         }
     }
     cl.pump();
-    let joins = members as f64 / t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    for i in 0..members {
-        cl.frame(i, &leave);
-        if i % 64 == 63 {
-            cl.pump();
-        }
-    }
-    cl.pump();
-    (joins, members as f64 / t1.elapsed().as_secs_f64())
+    n as f64 / t0.elapsed().as_secs_f64()
 }
 
 /// A topic with `members` tracked members and `subs` full subscribers; members update their meta
