@@ -3,4 +3,6 @@
 //! several rounds and prints the median with the spread.
 
 pub mod alloc;
+pub mod client;
 pub mod report;
+pub mod view;

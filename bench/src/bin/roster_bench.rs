@@ -1,55 +1,187 @@
-//! roster-bench: load generator speaking Phoenix Channels V2 over WebSocket, so it measures roster
-//! or any Phoenix Presence server. Today it has the `connect` scenario; the others (fanout,
-//! join-storm, churn, reconnect-storm), lean clients and multi-process runs are the load
-//! generator issue's work.
+//! roster-bench: load generator speaking Phoenix Channels V2 over WebSocket and nothing
+//! engine-specific, so `--url` can point at roster or at a Phoenix app using Phoenix.Presence.
 //!
-//! Every run targets the given URL (keep it on loopback), is bounded in count and time, and
-//! stops on its own.
+//! Clients are lean glommio tasks (see `roster_bench::client`), spread over `--executors`
+//! threads. Scenarios: `connect`, `join-storm`, `fanout`. Every run targets loopback only, is
+//! bounded by `--clients` and `--duration-s`, and stops on its own. Not yet here (issue 4):
+//! `churn`, `reconnect-storm`, `--procs` worker processes, charts.
 
-use std::io::ErrorKind;
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::Mutex;
+use std::cell::{Cell, RefCell};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::rc::Rc;
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
+use roster_bench::client::Client;
 use roster_bench::report::percentiles;
+use roster_bench::view::View;
 use serde_json::{json, Value};
-use tungstenite::protocol::WebSocketConfig;
-use tungstenite::{Message, WebSocket};
 
 #[derive(Parser)]
-#[command(about = "Load generator for Phoenix Channels V2 presence servers")]
-struct Args {
+#[command(about = "Load generator for Phoenix Channels V2 presence servers (loopback only)")]
+struct Cli {
     #[command(subcommand)]
     scenario: Scenario,
 }
 
+#[derive(Args, Clone)]
+struct Common {
+    /// Socket URL as phoenix.js takes it.
+    #[arg(long, default_value = "ws://127.0.0.1:4000/socket")]
+    url: String,
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Upper bound on the whole run.
+    #[arg(long, default_value_t = 60)]
+    duration_s: u64,
+    /// Client threads (glommio executors).
+    #[arg(long, default_value_t = 1)]
+    executors: usize,
+    /// Connections being set up at once, per executor.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// Source addresses to spread clients over, e.g. 127.0.0.2-127.0.0.60 (one address allows
+    /// ~28k connections to one server port).
+    #[arg(long)]
+    source_addrs: Option<String>,
+    /// The server's pid, to report its resident memory per connection.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Scenario {
-    /// N clients connect and join (tracked, full presence) one of T topics each; prints
-    /// connects+joins per second, join latency and the server's memory per connection.
+    /// N clients connect and join (tracked) one of T topics each: connects+joins per second, join
+    /// latency, the server's memory per connection.
     Connect {
-        /// Socket URL as phoenix.js takes it.
-        #[arg(long, default_value = "ws://127.0.0.1:4000/socket")]
-        url: String,
-        #[arg(long, default_value_t = 1000)]
-        clients: usize,
+        #[command(flatten)]
+        common: Common,
         #[arg(long, default_value_t = 100)]
         topics: usize,
-        /// Presence mode of every join: full, count or none.
+        /// Presence mode of the joins: full, count or none.
         #[arg(long, default_value = "full")]
         presence: String,
-        /// Client threads connecting at once.
-        #[arg(long, default_value_t = 32)]
-        threads: usize,
-        /// The server's pid, to read its resident memory before and after.
-        #[arg(long)]
-        server_pid: Option<u32>,
-        /// Give up after this long.
-        #[arg(long, default_value_t = 300)]
-        max_seconds: u64,
     },
+    /// N connected clients join one topic at once: time until every client's view holds all N.
+    JoinStorm {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// N members of one topic; one member updates its meta every interval: time until each
+    /// member saw each update.
+    Fanout {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+        #[arg(long, default_value_t = 200)]
+        interval_ms: u64,
+    },
+}
+
+#[derive(Clone)]
+struct Target {
+    addr: SocketAddr,
+    path: String,
+    sources: Vec<IpAddr>,
+}
+
+impl Target {
+    fn parse(c: &Common) -> Result<Target, String> {
+        let rest = c.url.strip_prefix("ws://").ok_or("only ws:// URLs")?;
+        let (host, path) = rest.split_once('/').unwrap_or((rest, "socket"));
+        let addr = host
+            .to_socket_addrs()
+            .map_err(|e| e.to_string())?
+            .next()
+            .ok_or("no address")?;
+        if !addr.ip().is_loopback() {
+            return Err(format!(
+                "{addr} is not a loopback address; roster-bench only targets 127.0.0.0/8"
+            ));
+        }
+        let sources = match &c.source_addrs {
+            None => Vec::new(),
+            Some(range) => parse_range(range)?,
+        };
+        Ok(Target {
+            addr,
+            path: format!("/{}", path.trim_end_matches('/')),
+            sources,
+        })
+    }
+
+    fn source(&self, i: usize) -> Option<IpAddr> {
+        (!self.sources.is_empty()).then(|| self.sources[i % self.sources.len()])
+    }
+}
+
+fn parse_range(s: &str) -> Result<Vec<IpAddr>, String> {
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let a: Ipv4Addr = a.parse().map_err(|e| format!("{a}: {e}"))?;
+    let b: Ipv4Addr = b.parse().map_err(|e| format!("{b}: {e}"))?;
+    let (a, b) = (u32::from(a), u32::from(b));
+    if b < a || b - a > 65_536 {
+        return Err(format!("bad source range {s}"));
+    }
+    let v: Vec<IpAddr> = (a..=b).map(|x| IpAddr::V4(Ipv4Addr::from(x))).collect();
+    if v.iter().any(|ip| !ip.is_loopback()) {
+        return Err("source addresses must be in 127.0.0.0/8".into());
+    }
+    Ok(v)
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new(3).expect("3 significant figures is valid")
+}
+
+/// What one executor measured.
+struct Part {
+    a: Histogram<u64>,
+    b: Histogram<u64>,
+    ok: usize,
+    errors: usize,
+    timeouts: usize,
+    first_error: Option<String>,
+}
+
+impl Part {
+    fn new() -> Part {
+        Part {
+            a: hist(),
+            b: hist(),
+            ok: 0,
+            errors: 0,
+            timeouts: 0,
+            first_error: None,
+        }
+    }
+
+    fn error(&mut self, e: String) {
+        self.errors += 1;
+        self.first_error.get_or_insert(e);
+    }
+
+    fn merge(parts: Vec<Part>) -> Part {
+        let mut all = Part::new();
+        for p in parts {
+            all.a.add(&p.a).ok();
+            all.b.add(&p.b).ok();
+            all.ok += p.ok;
+            all.errors += p.errors;
+            all.timeouts += p.timeouts;
+            if all.first_error.is_none() {
+                all.first_error = p.first_error;
+            }
+        }
+        all
+    }
 }
 
 fn rss_of(pid: u32) -> Option<usize> {
@@ -65,200 +197,489 @@ fn rss_of(pid: u32) -> Option<usize> {
     Some(kb * 1024)
 }
 
-fn socket_addr(url: &str) -> Result<(SocketAddr, String), String> {
-    let rest = url.strip_prefix("ws://").ok_or("only ws:// URLs")?;
-    let (host, path) = rest.split_once('/').unwrap_or((rest, "socket"));
-    let addr = host
-        .to_socket_addrs()
-        .map_err(|e| e.to_string())?
-        .next()
-        .ok_or("no address")?;
-    if !addr.ip().is_loopback() {
-        return Err(format!(
-            "{addr} is not a loopback address; roster-bench only targets 127.0.0.0/8"
-        ));
-    }
-    Ok((addr, format!("ws://{host}/{path}/websocket?vsn=2.0.0")))
+/// Runs `work(executor index)` on `n` glommio executors and collects what each returns.
+fn on_executors<F, Fut>(n: usize, work: F) -> Result<Vec<Part>, String>
+where
+    F: Fn(usize) -> Fut + Send + Clone + 'static,
+    Fut: std::future::Future<Output = Part> + 'static,
+{
+    let handles: Vec<_> = (0..n)
+        .map(|e| {
+            let work = work.clone();
+            LocalExecutorBuilder::new(Placement::Unbound)
+                .name(&format!("bench-{e}"))
+                .io_memory(64 << 10)
+                .spawn(move || async move { work(e).await })
+                .map_err(|err| format!("executor {e}: {err}"))
+        })
+        .collect::<Result<_, _>>()?;
+    handles
+        .into_iter()
+        .map(|h| h.join().map_err(|e| e.to_string()))
+        .collect()
 }
 
-struct Sample {
-    handshake: Histogram<u64>,
-    join: Histogram<u64>,
-    errors: usize,
-}
-
-fn connect_one(
-    addr: SocketAddr,
-    url: &str,
-    user: usize,
-    topic: &str,
-    mode: &str,
-    s: &mut Sample,
-    deadline: Instant,
-) -> Option<WebSocket<TcpStream>> {
-    let t0 = Instant::now();
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    let config = WebSocketConfig::default().read_buffer_size(1024);
-    let (mut ws, _) = tungstenite::client::client_with_config(
-        format!("{url}&user_id=u{user}"),
-        stream,
-        Some(config),
-    )
-    .ok()?;
-    let t1 = Instant::now();
-    s.handshake
-        .record(t1.duration_since(t0).as_micros() as u64)
-        .ok();
-    ws.send(Message::text(
-        json!(["1", "1", topic, "phx_join", {"meta": {"user": user}, "presence": mode}])
-            .to_string(),
+/// Connects client `i` and, if `join` is given, joins and waits for the join to complete.
+async fn open(t: &Target, i: usize) -> Result<Client, String> {
+    Box::pin(Client::connect(
+        t.addr,
+        t.source(i),
+        &t.path,
+        &format!("vsn=2.0.0&user_id=u{i}"),
     ))
-    .ok()?;
-    loop {
-        if Instant::now() > deadline {
-            return None;
-        }
-        match ws.read() {
-            Ok(Message::Text(t)) => {
-                let f: Value = serde_json::from_str(&t).ok()?;
-                if f[3] == "phx_reply" && f[4]["status"] != "ok" {
-                    return None;
-                }
-                // The join is complete with its state (full), its count (count) or its ok (none).
-                let done = match mode {
-                    "full" => f[3] == "presence_state",
-                    "count" => f[3] == "presence_count",
-                    _ => f[3] == "phx_reply",
-                };
-                if done {
-                    s.join.record(t1.elapsed().as_micros() as u64).ok();
-                    // Idle from here: diffs about later joiners stay in the socket buffer.
-                    return Some(ws);
-                }
-            }
-            Ok(_) => {}
-            Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => return None,
-            Err(_) => return None,
-        }
-    }
+    .await
 }
 
-fn connect(
-    url: &str,
-    clients: usize,
-    topics: usize,
-    mode: &str,
-    threads: usize,
-    server_pid: Option<u32>,
-    max_seconds: u64,
-) -> Result<(), String> {
-    if !["full", "count", "none"].contains(&mode) {
-        return Err(format!(
-            "--presence must be full, count or none, not {mode}"
-        ));
-    }
-    let (addr, ws_url) = socket_addr(url)?;
-    let before = server_pid.and_then(rss_of);
-    let deadline = Instant::now() + Duration::from_secs(max_seconds);
-    let merged = Mutex::new(Sample {
-        handshake: Histogram::new(3).map_err(|e| e.to_string())?,
-        join: Histogram::new(3).map_err(|e| e.to_string())?,
-        errors: 0,
-    });
-    let held = Mutex::new(Vec::with_capacity(clients));
-    let started = Instant::now();
-    std::thread::scope(|scope| {
-        for t in 0..threads {
-            let (merged, held, ws_url) = (&merged, &held, &ws_url);
-            scope.spawn(move || {
-                let mut s = Sample {
-                    handshake: Histogram::new(3).expect("hist"),
-                    join: Histogram::new(3).expect("hist"),
-                    errors: 0,
-                };
-                let mut mine = Vec::new();
-                for i in (t..clients).step_by(threads) {
-                    if Instant::now() > deadline {
-                        s.errors += 1;
-                        continue;
-                    }
-                    match connect_one(
-                        addr,
-                        ws_url,
-                        i,
-                        &format!("room:{}", i % topics),
-                        mode,
-                        &mut s,
-                        deadline,
-                    ) {
-                        Some(ws) => mine.push(ws),
-                        None => s.errors += 1,
-                    }
-                }
-                let mut m = merged.lock().expect("lock");
-                m.handshake.add(&s.handshake).ok();
-                m.join.add(&s.join).ok();
-                m.errors += s.errors;
-                held.lock().expect("lock").extend(mine);
-            });
-        }
-    });
-    let took = started.elapsed();
-    let m = merged.into_inner().map_err(|e| e.to_string())?;
-    let ok = held.lock().map_err(|e| e.to_string())?.len();
-    println!("connect: {ok} of {clients} clients connected and joined one of {topics} topics (presence {mode}) in {:.2} s", took.as_secs_f64());
-    println!(
-        "  connects+joins per second: {:.0}",
-        ok as f64 / took.as_secs_f64()
-    );
-    println!("  errors: {}", m.errors);
-    println!("  handshake us: {}", percentiles(&m.handshake));
-    println!(
-        "  phx_join -> {} us: {}",
-        match mode {
-            "full" => "presence_state",
-            "count" => "presence_count",
-            _ => "reply",
-        },
-        percentiles(&m.join)
-    );
-    if let (Some(pid), Some(before)) = (server_pid, before) {
-        std::thread::sleep(Duration::from_secs(1));
-        if let Some(after) = rss_of(pid) {
-            println!(
-                "  server RSS {:.1} MiB -> {:.1} MiB: {:.0} bytes per connection (user space)",
-                before as f64 / 1048576.0,
-                after as f64 / 1048576.0,
-                after.saturating_sub(before) as f64 / ok.max(1) as f64
-            );
-        }
+fn json_percentiles(h: &Histogram<u64>) -> Value {
+    json!({"count": h.len(), "p50": h.value_at_quantile(0.5), "p90": h.value_at_quantile(0.9),
+           "p99": h.value_at_quantile(0.99), "p999": h.value_at_quantile(0.999), "max": h.max()})
+}
+
+fn write_json(c: &Common, v: Value) -> Result<(), String> {
+    if let Some(path) = &c.json {
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(())
 }
 
+fn connect(c: Common, topics: usize, mode: String) -> Result<(), String> {
+    if !["full", "count", "none"].contains(&mode.as_str()) {
+        return Err(format!(
+            "--presence must be full, count or none, not {mode}"
+        ));
+    }
+    let t = Target::parse(&c)?;
+    let before = c.server_pid.and_then(rss_of);
+    let held = Arc::new(Barrier::new(c.executors + 1));
+    let release = Arc::new(Barrier::new(c.executors + 1));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(c.duration_s);
+    let (n, e_count, conc) = (c.clients, c.executors, c.concurrency.max(1));
+    let mode_name = mode.clone();
+    let (h2, r2) = (held.clone(), release.clone());
+    let waiter = std::thread::spawn(move || {
+        h2.wait();
+        let took = started.elapsed();
+        let after = c.server_pid.and_then(|pid| {
+            std::thread::sleep(Duration::from_secs(1));
+            rss_of(pid)
+        });
+        r2.wait();
+        (took, after)
+    });
+    let parts = on_executors(e_count, move |e| {
+        let (t, mode, held, release) = (t.clone(), mode.clone(), held.clone(), release.clone());
+        async move {
+            let part = Rc::new(RefCell::new(Part::new()));
+            let clients = Rc::new(RefCell::new(Vec::new()));
+            let slots = Rc::new(glommio::sync::Semaphore::new(conc as u64));
+            let mut tasks = Vec::new();
+            for i in (e..n).step_by(e_count) {
+                let (t, mode, part, clients, slots) = (
+                    t.clone(),
+                    mode.clone(),
+                    part.clone(),
+                    clients.clone(),
+                    slots.clone(),
+                );
+                tasks.push(glommio::spawn_local(async move {
+                    let _permit = slots.acquire_permit(1).await;
+                    if Instant::now() > deadline {
+                        part.borrow_mut().timeouts += 1;
+                        return;
+                    }
+                    let t0 = Instant::now();
+                    let mut client = match open(&t, i).await {
+                        Ok(c) => c,
+                        Err(err) => return part.borrow_mut().error(err),
+                    };
+                    let t1 = Instant::now();
+                    let topic = format!("room:{}", i % topics);
+                    let frame =
+                        json!(["1", "1", topic, "phx_join", {"meta": {"i": i}, "presence": mode}])
+                            .to_string();
+                    if let Err(err) = client.send(frame).await {
+                        return part.borrow_mut().error(err);
+                    }
+                    let want = match mode.as_str() {
+                        "full" => "presence_state",
+                        "count" => "presence_count",
+                        _ => "phx_reply",
+                    };
+                    loop {
+                        let Some(f) = client.next().await else {
+                            return part.borrow_mut().error("closed while joining".into());
+                        };
+                        if f[3] == "phx_reply" && f[4]["status"] != "ok" {
+                            return part.borrow_mut().error(format!("join refused: {f}"));
+                        }
+                        if f[3] == want {
+                            break;
+                        }
+                    }
+                    let mut p = part.borrow_mut();
+                    p.a.record(t1.duration_since(t0).as_micros() as u64).ok();
+                    p.b.record(t1.elapsed().as_micros() as u64).ok();
+                    p.ok += 1;
+                    clients.borrow_mut().push(client);
+                }));
+            }
+            for task in tasks {
+                task.await;
+            }
+            // Everyone holds their connections while the server's memory is read.
+            held.wait();
+            release.wait();
+            drop(clients);
+            Rc::try_unwrap(part)
+                .map(RefCell::into_inner)
+                .unwrap_or_else(|_| Part::new())
+        }
+    })?;
+    let (took, after) = waiter.join().map_err(|_| "waiter thread failed")?;
+    let p = Part::merge(parts);
+    let rate = p.ok as f64 / took.as_secs_f64();
+    println!(
+        "connect: {} of {} clients joined one of {topics} topics (presence {mode_name}) in {:.2} s",
+        p.ok,
+        n,
+        took.as_secs_f64()
+    );
+    println!("  connects+joins per second: {rate:.0}");
+    println!(
+        "  errors: {} timeouts: {}{}",
+        p.errors,
+        p.timeouts,
+        p.first_error
+            .as_ref()
+            .map(|e| format!(" (first: {e})"))
+            .unwrap_or_default()
+    );
+    println!("  handshake us: {}", percentiles(&p.a));
+    println!("  join complete us: {}", percentiles(&p.b));
+    let per_conn = match (before, after) {
+        (Some(b), Some(a)) => {
+            let v = a.saturating_sub(b) as f64 / p.ok.max(1) as f64;
+            println!(
+                "  server RSS {:.1} MiB -> {:.1} MiB: {v:.0} bytes per connection (user space)",
+                b as f64 / 1048576.0,
+                a as f64 / 1048576.0
+            );
+            Some(v)
+        }
+        _ => None,
+    };
+    write_json(
+        &c,
+        json!({"scenario": "connect", "clients": n, "joined": p.ok, "topics": topics, "seconds": took.as_secs_f64(),
+        "connects_joins_per_s": rate, "errors": p.errors, "timeouts": p.timeouts, "handshake_us": json_percentiles(&p.a),
+        "join_us": json_percentiles(&p.b), "server_bytes_per_connection": per_conn}),
+    )
+}
+
+/// Connects this executor's share of clients (`i % executors == e`), at most `conc` at a time.
+async fn connect_share(
+    t: &Target,
+    e: usize,
+    executors: usize,
+    n: usize,
+    conc: usize,
+    part: &Rc<RefCell<Part>>,
+) -> Vec<(usize, Client)> {
+    let slots = Rc::new(glommio::sync::Semaphore::new(conc as u64));
+    let clients = Rc::new(RefCell::new(Vec::new()));
+    let tasks: Vec<_> = (e..n)
+        .step_by(executors)
+        .map(|i| {
+            let (t, slots, clients, part) =
+                (t.clone(), slots.clone(), clients.clone(), part.clone());
+            glommio::spawn_local(async move {
+                let _permit = slots.acquire_permit(1).await;
+                match open(&t, i).await {
+                    Ok(c) => clients.borrow_mut().push((i, c)),
+                    Err(err) => part.borrow_mut().error(err),
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await;
+    }
+    Rc::try_unwrap(clients)
+        .map(RefCell::into_inner)
+        .unwrap_or_default()
+}
+
+/// Reads frames until `done(view)` holds for the topic's presence view, or the deadline passes.
+/// Returns false on timeout or disconnect.
+async fn read_until(
+    client: &mut Client,
+    view: &mut View,
+    deadline: Instant,
+    mut done: impl FnMut(&View, &Value) -> bool,
+) -> bool {
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return false;
+        }
+        let next = glommio::timer::timeout(remaining, async { Ok(client.next().await) }).await;
+        let Ok(Some(f)) = next else { return false };
+        match f[3].as_str() {
+            Some("presence_state") => view.state(&f[4]),
+            Some("presence_diff") => view.diff(&f[4]),
+            _ => {}
+        }
+        if done(view, &f) {
+            return true;
+        }
+    }
+}
+
+fn join_storm(c: Common) -> Result<(), String> {
+    let t = Target::parse(&c)?;
+    let (n, e_count, conc) = (c.clients, c.executors, c.concurrency.max(1));
+    let connected = Arc::new(Barrier::new(e_count));
+    let deadline = Instant::now() + Duration::from_secs(c.duration_s);
+    let go = Arc::new(Mutex::new(None::<Instant>));
+    let go2 = go.clone();
+    let parts = on_executors(e_count, move |e| {
+        let (t, connected, go) = (t.clone(), connected.clone(), go2.clone());
+        async move {
+            let part = Rc::new(RefCell::new(Part::new()));
+            let clients = connect_share(&t, e, e_count, n, conc, &part).await;
+            if connected.wait().is_leader() {
+                if let Ok(mut g) = go.lock() {
+                    *g = Some(Instant::now());
+                }
+            }
+            let tasks: Vec<_> = clients
+                .into_iter()
+                .map(|(i, mut client)| {
+                    let part = part.clone();
+                    glommio::spawn_local(async move {
+                        let sent = Instant::now();
+                        let join = json!(["1", "1", "room:storm", "phx_join", {"meta": {"i": i}}])
+                            .to_string();
+                        if let Err(err) = client.send(join).await {
+                            return part.borrow_mut().error(err);
+                        }
+                        let mut view = View::default();
+                        let complete = read_until(&mut client, &mut view, deadline, |v, f| {
+                            if f[3] == "phx_reply" && f[4]["status"] != "ok" {
+                                return true;
+                            }
+                            v.keys() >= n
+                        })
+                        .await;
+                        let mut p = part.borrow_mut();
+                        if complete && view.keys() >= n {
+                            p.a.record(sent.elapsed().as_micros() as u64).ok();
+                            p.ok += 1;
+                        } else if complete {
+                            p.error("join refused".into());
+                        } else {
+                            p.timeouts += 1;
+                        }
+                        drop(p);
+                        client.close().await;
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await;
+            }
+            Rc::try_unwrap(part)
+                .map(RefCell::into_inner)
+                .unwrap_or_else(|_| Part::new())
+        }
+    })?;
+    let p = Part::merge(parts);
+    let all = go.lock().ok().and_then(|g| *g).map(|g| g.elapsed());
+    println!(
+        "join-storm: {n} clients joined one topic at once; {} saw the complete membership of {n}",
+        p.ok
+    );
+    println!(
+        "  errors: {} timeouts: {}{}",
+        p.errors,
+        p.timeouts,
+        p.first_error
+            .as_ref()
+            .map(|e| format!(" (first: {e})"))
+            .unwrap_or_default()
+    );
+    println!("  join -> complete view us: {}", percentiles(&p.a));
+    println!(
+        "  every view complete after: {:.3} s",
+        p.a.max() as f64 / 1e6
+    );
+    let _ = all;
+    write_json(
+        &c,
+        json!({"scenario": "join-storm", "clients": n, "complete": p.ok, "errors": p.errors, "timeouts": p.timeouts,
+        "complete_view_us": json_percentiles(&p.a)}),
+    )
+}
+
+fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String> {
+    let t = Target::parse(&c)?;
+    let (n, e_count, conc) = (c.clients, c.executors, c.concurrency.max(1));
+    if n < 2 {
+        return Err("fanout needs at least 2 clients".into());
+    }
+    let ready = Arc::new(Barrier::new(e_count));
+    let deadline = Instant::now() + Duration::from_secs(c.duration_s);
+    let epoch = Instant::now();
+    let round_max = Arc::new(Mutex::new(vec![0u64; rounds]));
+    let rm = round_max.clone();
+    let parts = on_executors(e_count, move |e| {
+        let (t, ready, round_max) = (t.clone(), ready.clone(), rm.clone());
+        async move {
+            let part = Rc::new(RefCell::new(Part::new()));
+            let clients = connect_share(&t, e, e_count, n, conc, &part).await;
+            // Everyone joins and waits for the complete membership before the rounds start.
+            let joined = Rc::new(Cell::new(0usize));
+            let members: Vec<_> = clients
+                .into_iter()
+                .map(|(i, mut client)| {
+                    let (part, joined) = (part.clone(), joined.clone());
+                    glommio::spawn_local(async move {
+                        let join =
+                            json!(["1", "1", "room:fanout", "phx_join", {"meta": {"round": -1}}])
+                                .to_string();
+                        if let Err(err) = client.send(join).await {
+                            part.borrow_mut().error(err);
+                            return None;
+                        }
+                        let mut view = View::default();
+                        if !read_until(&mut client, &mut view, deadline, |v, _| v.keys() >= n).await
+                        {
+                            part.borrow_mut().timeouts += 1;
+                            return None;
+                        }
+                        joined.set(joined.get() + 1);
+                        Some((i, client, view))
+                    })
+                })
+                .collect();
+            let mut ready_members = Vec::new();
+            for m in members {
+                if let Some(x) = m.await {
+                    ready_members.push(x);
+                }
+            }
+            ready.wait();
+            let tasks: Vec<_> = ready_members
+                .into_iter()
+                .map(|(i, mut client, mut view)| {
+                    let (part, round_max) = (part.clone(), round_max.clone());
+                    glommio::spawn_local(async move {
+                        if i == 0 {
+                            // The updater: one meta change per interval, stamped with its send time.
+                            let updater = glommio::spawn_local(async move {
+                                for r in 0..rounds {
+                                    let ns = epoch.elapsed().as_nanos() as u64;
+                                    let f = json!(["1", format!("u{r}"), "room:fanout", "presence_update", {"meta": {"round": r, "sent_ns": ns}}]).to_string();
+                                    if client.send(f).await.is_err() {
+                                        break;
+                                    }
+                                    glommio::timer::sleep(Duration::from_millis(interval_ms)).await;
+                                }
+                                client
+                            });
+                            let mut client = updater.await;
+                            // It reads its own diffs too, like every member.
+                            let _ = read_until(&mut client, &mut view, Instant::now() + Duration::from_millis(200), |_, _| false).await;
+                            part.borrow_mut().ok += 1;
+                            return;
+                        }
+                        let mut seen = 0;
+                        let done = read_until(&mut client, &mut view, deadline, |_, f| {
+                            if f[3] == "presence_diff" {
+                                for m in f[4]["joins"]["u0"]["metas"].as_array().into_iter().flatten() {
+                                    if let (Some(r), Some(sent)) = (m["round"].as_u64(), m["sent_ns"].as_u64()) {
+                                        let lat = (epoch.elapsed().as_nanos() as u64).saturating_sub(sent) / 1000;
+                                        part.borrow_mut().a.record(lat).ok();
+                                        if let Ok(mut rm) = round_max.lock() {
+                                            if let Some(slot) = rm.get_mut(r as usize) {
+                                                *slot = (*slot).max(lat);
+                                            }
+                                        }
+                                        seen += 1;
+                                    }
+                                }
+                            }
+                            seen >= rounds
+                        })
+                        .await;
+                        let mut p = part.borrow_mut();
+                        if done {
+                            p.ok += 1;
+                        } else {
+                            p.timeouts += 1;
+                        }
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await;
+            }
+            Rc::try_unwrap(part)
+                .map(RefCell::into_inner)
+                .unwrap_or_else(|_| Part::new())
+        }
+    })?;
+    let p = Part::merge(parts);
+    let mut all_saw = hist();
+    for &m in round_max
+        .lock()
+        .map_err(|_| "lock")?
+        .iter()
+        .filter(|&&m| m > 0)
+    {
+        all_saw.record(m).ok();
+    }
+    println!("fanout: {n} members, {rounds} updates by one member, {interval_ms} ms apart; {} members saw every update", p.ok);
+    println!(
+        "  errors: {} timeouts: {}{}",
+        p.errors,
+        p.timeouts,
+        p.first_error
+            .as_ref()
+            .map(|e| format!(" (first: {e})"))
+            .unwrap_or_default()
+    );
+    println!("  update -> seen by one member us: {}", percentiles(&p.a));
+    println!(
+        "  update -> seen by all members us: {}",
+        percentiles(&all_saw)
+    );
+    write_json(
+        &c,
+        json!({"scenario": "fanout", "members": n, "rounds": rounds, "errors": p.errors, "timeouts": p.timeouts,
+        "delivery_us": json_percentiles(&p.a), "all_members_us": json_percentiles(&all_saw)}),
+    )
+}
+
 fn main() {
-    let args = Args::parse();
-    let result = match args.scenario {
+    let cli = Cli::parse();
+    let result = match cli.scenario {
         Scenario::Connect {
-            url,
-            clients,
+            common,
             topics,
             presence,
-            threads,
-            server_pid,
-            max_seconds,
-        } => connect(
-            &url,
-            clients,
-            topics.max(1),
-            &presence,
-            threads.max(1),
-            server_pid,
-            max_seconds,
-        ),
+        } => connect(common, topics.max(1), presence),
+        Scenario::JoinStorm { common } => join_storm(common),
+        Scenario::Fanout {
+            common,
+            rounds,
+            interval_ms,
+        } => fanout(common, rounds.max(1), interval_ms),
     };
     if let Err(e) = result {
         eprintln!("roster-bench: {e}");

@@ -1,0 +1,193 @@
+//! A lean Phoenix Channels V2 client for load generation: one glommio task per connection,
+//! tungstenite for framing (client role, masking) over the bytes we read, a 512-byte read buffer.
+//! It binds to a chosen loopback source address so one process can open more connections than
+//! one address's ephemeral ports allow.
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{FromRawFd, IntoRawFd};
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use serde_json::Value;
+use socket2::{Domain, Protocol, Socket, Type};
+use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
+use tungstenite::Message;
+
+const READ_BUFFER: usize = 512;
+
+pub struct Client {
+    stream: TcpStream,
+    ws: WebSocketContext,
+    rbuf: Box<[u8]>,
+    rpos: usize,
+    rlen: usize,
+    out: Vec<u8>,
+}
+
+struct Io<'a> {
+    input: &'a [u8],
+    output: &'a mut Vec<u8>,
+}
+
+impl Read for Io<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.input.is_empty() {
+            return Err(ErrorKind::WouldBlock.into());
+        }
+        let n = buf.len().min(self.input.len());
+        buf[..n].copy_from_slice(&self.input[..n]);
+        self.input = &self.input[n..];
+        Ok(n)
+    }
+}
+
+impl Write for Io<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.output.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl Client {
+    /// Connects from `source` (if given) to `addr` and upgrades to a WebSocket at
+    /// `/socket/websocket?{query}`.
+    pub async fn connect(
+        addr: SocketAddr,
+        source: Option<IpAddr>,
+        path: &str,
+        query: &str,
+    ) -> Result<Client, String> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            .map_err(err)?;
+        if let Some(ip) = source {
+            socket
+                .bind(&SocketAddr::new(ip, 0).into())
+                .map_err(|e| format!("bind {ip}: {e}"))?;
+        }
+        socket.set_nonblocking(true).map_err(err)?;
+        match socket.connect(&addr.into()) {
+            Ok(()) => {}
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINPROGRESS)
+                    || e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => return Err(format!("connect: {e}")),
+        }
+        // SAFETY: a socket we just created, handed over whole. glommio's first send on a socket
+        // still connecting gets EAGAIN and waits for it to become writable.
+        let mut stream = unsafe { TcpStream::from_raw_fd(socket.into_raw_fd()) };
+        let request = format!(
+            "GET {path}/websocket?{query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: cm9zdGVyLWJlbmNoLWtleQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let mut head = Vec::with_capacity(256);
+        let mut byte = [0u8; 256];
+        let body_start = loop {
+            let n = stream
+                .read(&mut byte)
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            if n == 0 {
+                return Err("handshake: connection closed".into());
+            }
+            head.extend_from_slice(&byte[..n]);
+            if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            if head.len() > 8192 {
+                return Err("handshake: response too large".into());
+            }
+        };
+        if !head.starts_with(b"HTTP/1.1 101") {
+            let line = String::from_utf8_lossy(
+                &head[..head.iter().position(|&b| b == b'\r').unwrap_or(head.len())],
+            )
+            .into_owned();
+            return Err(format!("handshake refused: {line}"));
+        }
+        let config = WebSocketConfig::default()
+            .read_buffer_size(256)
+            .max_message_size(Some(64 << 20))
+            .max_frame_size(Some(64 << 20));
+        let mut rbuf = vec![0u8; READ_BUFFER].into_boxed_slice();
+        let extra = &head[body_start..];
+        rbuf[..extra.len().min(READ_BUFFER)]
+            .copy_from_slice(&extra[..extra.len().min(READ_BUFFER)]);
+        Ok(Client {
+            stream,
+            ws: WebSocketContext::new(Role::Client, Some(config)),
+            rbuf,
+            rpos: 0,
+            rlen: extra.len().min(READ_BUFFER),
+            out: Vec::new(),
+        })
+    }
+
+    /// Sends one text frame.
+    pub async fn send(&mut self, text: String) -> Result<(), String> {
+        let mut io = Io {
+            input: &[],
+            output: &mut self.out,
+        };
+        self.ws.write(&mut io, Message::text(text)).map_err(err)?;
+        self.ws.flush(&mut io).map_err(err)?;
+        let r = self.stream.write_all(&self.out).await.map_err(err);
+        self.out = Vec::new();
+        r
+    }
+
+    /// The next text frame, parsed; None when the connection ends.
+    pub async fn next(&mut self) -> Option<Value> {
+        loop {
+            let mut io = Io {
+                input: &self.rbuf[self.rpos..self.rlen],
+                output: &mut self.out,
+            };
+            let before = io.input.len();
+            let r = self.ws.read(&mut io);
+            let consumed = before - io.input.len();
+            self.rpos += consumed;
+            if !self.out.is_empty() {
+                // Pongs and close replies.
+                let out = std::mem::take(&mut self.out);
+                self.stream.write_all(&out).await.ok()?;
+            }
+            match r {
+                Ok(Message::Text(t)) => return serde_json::from_str(&t).ok(),
+                Ok(Message::Close(_)) => return None,
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
+                    let n = self.stream.read(&mut self.rbuf).await.ok()?;
+                    if n == 0 {
+                        return None;
+                    }
+                    self.rpos = 0;
+                    self.rlen = n;
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let mut io = Io {
+            input: &[],
+            output: &mut self.out,
+        };
+        let _ = self.ws.close(&mut io, None);
+        let _ = self.ws.flush(&mut io);
+        let out = std::mem::take(&mut self.out);
+        let _ = self.stream.write_all(&out).await;
+    }
+}

@@ -1,0 +1,123 @@
+//! A small run of each roster-bench scenario against a real roster, checking only that each
+//! scenario completes and reports sane results (the figures themselves are not asserted).
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Roster(Child, u16);
+
+impl Drop for Roster {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn roster() -> Roster {
+    // Built by `cargo test --workspace` next to roster-bench (same profile directory).
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_roster-bench")).with_file_name("roster");
+    assert!(
+        bin.exists(),
+        "{} missing: run the workspace's tests (scripts/test.sh) or build roster first",
+        bin.display()
+    );
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let child = Command::new(bin)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--shards", "2"])
+        .env("ROSTER_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("roster starts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "roster listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Roster(child, port)
+}
+
+fn run(args: &[&str]) -> serde_json::Value {
+    let server = roster();
+    let json = std::env::temp_dir().join(format!(
+        "roster-bench-smoke-{}-{}.json",
+        std::process::id(),
+        args[0]
+    ));
+    let out = Command::new(env!("CARGO_BIN_EXE_roster-bench"))
+        .args(args)
+        .args([
+            "--url",
+            &format!("ws://127.0.0.1:{}/socket", server.1),
+            "--duration-s",
+            "30",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .expect("roster-bench runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&json).expect("JSON written");
+    let _ = std::fs::remove_file(&json);
+    serde_json::from_str(&text).expect("valid JSON")
+}
+
+#[test]
+fn connect_scenario_runs() {
+    let v = run(&[
+        "connect",
+        "--clients",
+        "200",
+        "--topics",
+        "10",
+        "--executors",
+        "2",
+    ]);
+    assert_eq!(
+        (v["joined"].as_u64(), v["errors"].as_u64()),
+        (Some(200), Some(0)),
+        "{v}"
+    );
+    assert!(v["join_us"]["p99"].as_u64().is_some_and(|p| p > 0), "{v}");
+}
+
+#[test]
+fn join_storm_scenario_runs() {
+    let v = run(&["join-storm", "--clients", "100"]);
+    assert_eq!(
+        (
+            v["complete"].as_u64(),
+            v["errors"].as_u64(),
+            v["timeouts"].as_u64()
+        ),
+        (Some(100), Some(0), Some(0)),
+        "{v}"
+    );
+}
+
+#[test]
+fn fanout_scenario_runs() {
+    let v = run(&[
+        "fanout",
+        "--clients",
+        "50",
+        "--rounds",
+        "3",
+        "--interval-ms",
+        "50",
+    ]);
+    assert_eq!(
+        (v["errors"].as_u64(), v["timeouts"].as_u64()),
+        (Some(0), Some(0)),
+        "{v}"
+    );
+    assert_eq!(v["delivery_us"]["count"].as_u64(), Some(49 * 3), "{v}");
+}
