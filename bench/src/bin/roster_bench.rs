@@ -476,16 +476,17 @@ fn join_storm(c: Common) -> Result<(), String> {
                             v.keys() >= n
                         })
                         .await;
-                        let mut p = part.borrow_mut();
-                        if complete && view.keys() >= n {
-                            p.a.record(sent.elapsed().as_micros() as u64).ok();
-                            p.ok += 1;
-                        } else if complete {
-                            p.error("join refused".into());
-                        } else {
-                            p.timeouts += 1;
+                        {
+                            let mut p = part.borrow_mut();
+                            if complete && view.keys() >= n {
+                                p.a.record(sent.elapsed().as_micros() as u64).ok();
+                                p.ok += 1;
+                            } else if complete {
+                                p.error("join refused".into());
+                            } else {
+                                p.timeouts += 1;
+                            }
                         }
-                        drop(p);
                         client.close().await;
                     })
                 })
