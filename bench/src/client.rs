@@ -68,6 +68,20 @@ impl Client {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
             .map_err(err)?;
         if let Some(ip) = source {
+            // Let connect() pick the port knowing the destination (IP_BIND_ADDRESS_NO_PORT):
+            // bind() alone would reserve a port per source address for every destination.
+            let yes: libc::c_int = 1;
+            // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int of the
+            // length we pass.
+            unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&socket),
+                    libc::IPPROTO_IP,
+                    libc::IP_BIND_ADDRESS_NO_PORT,
+                    (&yes as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
             socket
                 .bind(&SocketAddr::new(ip, 0).into())
                 .map_err(|e| format!("bind {ip}: {e}"))?;

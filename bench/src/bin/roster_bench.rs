@@ -67,6 +67,9 @@ enum Scenario {
         /// Presence mode of the joins: full, count or none.
         #[arg(long, default_value = "full")]
         presence: String,
+        /// Seconds the connections are held before the server's memory is read.
+        #[arg(long, default_value_t = 1)]
+        settle_s: u64,
     },
     /// N connected clients join one topic at once: time until every client's view holds all N.
     JoinStorm {
@@ -246,7 +249,7 @@ fn write_json(c: &Common, v: Value) -> Result<(), String> {
     Ok(())
 }
 
-fn connect(c: Common, topics: usize, mode: String) -> Result<(), String> {
+fn connect(c: Common, topics: usize, mode: String, settle_s: u64) -> Result<(), String> {
     if !["full", "count", "none"].contains(&mode.as_str()) {
         return Err(format!(
             "--presence must be full, count or none, not {mode}"
@@ -265,7 +268,7 @@ fn connect(c: Common, topics: usize, mode: String) -> Result<(), String> {
         h2.wait();
         let took = started.elapsed();
         let after = c.server_pid.and_then(|pid| {
-            std::thread::sleep(Duration::from_secs(1));
+            std::thread::sleep(Duration::from_secs(settle_s));
             rss_of(pid)
         });
         r2.wait();
@@ -699,7 +702,8 @@ fn main() {
             common,
             topics,
             presence,
-        } => connect(common, topics.max(1), presence),
+            settle_s,
+        } => connect(common, topics.max(1), presence, settle_s),
         Scenario::JoinStorm { common } => join_storm(common),
         Scenario::Fanout {
             common,
