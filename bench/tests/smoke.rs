@@ -121,3 +121,30 @@ fn fanout_scenario_runs() {
     );
     assert_eq!(v["delivery_us"]["count"].as_u64(), Some(49 * 3), "{v}");
 }
+
+#[test]
+fn reconnect_storm_scenario_runs() {
+    let v = run(&[
+        "reconnect-storm",
+        "--clients",
+        "100",
+        "--topics",
+        "5",
+        "--window-s",
+        "1",
+    ]);
+    assert_eq!(
+        (
+            v["reconnected"].as_u64(),
+            v["dropped"].as_u64(),
+            v["errors"].as_u64()
+        ),
+        (Some(50), Some(50), Some(0)),
+        "{v}"
+    );
+    // Without leave grace every drop is seen: a leave and a join per reconnecting client.
+    assert!(
+        v["changes_seen_total"].as_u64().is_some_and(|c| c > 0),
+        "{v}"
+    );
+}

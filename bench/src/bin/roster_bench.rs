@@ -86,6 +86,21 @@ enum Scenario {
         #[arg(long, default_value_t = 200)]
         interval_ms: u64,
     },
+    /// N clients joined (full) across T topics; a fraction of them drop their connections at
+    /// once and reconnect and rejoin: time until all are back, and how many presence changes the
+    /// clients that stayed saw meanwhile.
+    ReconnectStorm {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 100)]
+        topics: usize,
+        /// Fraction of the clients that drop and reconnect (the rest watch).
+        #[arg(long, default_value_t = 0.5)]
+        reconnect_fraction: f64,
+        /// How long the staying clients count diffs after the drop.
+        #[arg(long, default_value_t = 5)]
+        window_s: u64,
+    },
 }
 
 #[derive(Clone)]
@@ -695,6 +710,127 @@ fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String> {
     )
 }
 
+fn reconnect_storm(c: Common, topics: usize, fraction: f64, window_s: u64) -> Result<(), String> {
+    let t = Target::parse(&c)?;
+    let (n, e_count, conc) = (c.clients, c.executors, c.concurrency.max(1));
+    // Every k-th client reconnects, so each topic has some of both.
+    let every = (1.0 / fraction.clamp(0.01, 1.0)).round().max(1.0) as usize;
+    let reconnects = move |i: usize| i % every == 0;
+    let ready = Arc::new(Barrier::new(e_count));
+    let deadline = Instant::now() + Duration::from_secs(c.duration_s);
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen2 = seen.clone();
+    let parts = on_executors(e_count, move |e| {
+        let (t, ready, seen) = (t.clone(), ready.clone(), seen2.clone());
+        async move {
+            let part = Rc::new(RefCell::new(Part::new()));
+            let clients = connect_share(&t, e, e_count, n, conc, &part).await;
+            let joined: Vec<_> = clients
+                .into_iter()
+                .map(|(i, mut client)| {
+                    let part = part.clone();
+                    glommio::spawn_local(async move {
+                        let join = json!(["1", "1", format!("room:{}", i % topics), "phx_join", {"meta": {"i": i}}]).to_string();
+                        if let Err(err) = client.send(join).await {
+                            part.borrow_mut().error(err);
+                            return None;
+                        }
+                        let mut view = View::default();
+                        let ok = read_until(&mut client, &mut view, deadline, |_, f| f[3] == "presence_state").await;
+                        ok.then_some((i, client))
+                    })
+                })
+                .collect();
+            let mut members = Vec::new();
+            for j in joined {
+                if let Some(m) = j.await {
+                    members.push(m);
+                }
+            }
+            // Let the joins' own diffs arrive before counting starts.
+            glommio::timer::sleep(Duration::from_secs(1)).await;
+            ready.wait();
+            let storm = Instant::now();
+            let window_end = storm + Duration::from_secs(window_s);
+            let tasks: Vec<_> = members
+                .into_iter()
+                .map(|(i, mut client)| {
+                    let (t, part, seen) = (t.clone(), part.clone(), seen.clone());
+                    glommio::spawn_local(async move {
+                        if reconnects(i) {
+                            drop(client); // abrupt: no close handshake, as when a network drops
+                            let again = async {
+                                let mut c = open(&t, i).await?;
+                                let join = json!(["1", "1", format!("room:{}", i % topics), "phx_join", {"meta": {"i": i}}]).to_string();
+                                c.send(join).await?;
+                                let mut view = View::default();
+                                if read_until(&mut c, &mut view, deadline, |_, f| f[3] == "presence_state").await {
+                                    Ok(c)
+                                } else {
+                                    Err("no presence_state after reconnecting".to_string())
+                                }
+                            };
+                            match again.await {
+                                Ok(c) => {
+                                    let mut p = part.borrow_mut();
+                                    p.a.record(storm.elapsed().as_micros() as u64).ok();
+                                    p.ok += 1;
+                                    drop(p);
+                                    drop(c);
+                                }
+                                Err(err) => part.borrow_mut().error(err),
+                            }
+                        } else {
+                            let mut view = View::default();
+                            let mut changes = 0u64;
+                            read_until(&mut client, &mut view, window_end, |_, f| {
+                                if f[3] == "presence_diff" {
+                                    for side in ["joins", "leaves"] {
+                                        for (_, p) in f[4][side].as_object().into_iter().flatten() {
+                                            changes += p["metas"].as_array().map_or(0, |m| m.len() as u64);
+                                        }
+                                    }
+                                }
+                                false
+                            })
+                            .await;
+                            seen.fetch_add(changes, std::sync::atomic::Ordering::Relaxed);
+                            part.borrow_mut().b.record(changes).ok();
+                        }
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await;
+            }
+            Rc::try_unwrap(part)
+                .map(RefCell::into_inner)
+                .unwrap_or_else(|_| Part::new())
+        }
+    })?;
+    let p = Part::merge(parts);
+    let total = seen.load(std::sync::atomic::Ordering::Relaxed);
+    let reconnecting = (0..n).filter(|&i| i % every == 0).count();
+    println!("reconnect-storm: {n} clients in {topics} topics; {reconnecting} dropped at once, {} back and rejoined", p.ok);
+    println!(
+        "  errors: {} timeouts: {}{}",
+        p.errors,
+        p.timeouts,
+        p.first_error
+            .as_ref()
+            .map(|e| format!(" (first: {e})"))
+            .unwrap_or_default()
+    );
+    println!("  drop -> rejoined us: {}", percentiles(&p.a));
+    println!("  all back after: {:.3} s", p.a.max() as f64 / 1e6);
+    println!("  presence changes seen by the {} that stayed, in {window_s} s: {total} in all; per client {}", p.b.len(), percentiles(&p.b));
+    write_json(
+        &c,
+        json!({"scenario": "reconnect-storm", "clients": n, "topics": topics, "reconnected": p.ok, "dropped": reconnecting,
+        "errors": p.errors, "rejoin_us": json_percentiles(&p.a), "changes_seen_total": total, "changes_seen_per_stayer": json_percentiles(&p.b)}),
+    )
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.scenario {
@@ -705,6 +841,12 @@ fn main() {
             settle_s,
         } => connect(common, topics.max(1), presence, settle_s),
         Scenario::JoinStorm { common } => join_storm(common),
+        Scenario::ReconnectStorm {
+            common,
+            topics,
+            reconnect_fraction,
+            window_s,
+        } => reconnect_storm(common, topics.max(1), reconnect_fraction, window_s),
         Scenario::Fanout {
             common,
             rounds,
