@@ -148,3 +148,27 @@ fn reconnect_storm_scenario_runs() {
         "{v}"
     );
 }
+
+#[test]
+fn churn_scenario_runs() {
+    let v = run(&[
+        "churn",
+        "--clients",
+        "50",
+        "--rate",
+        "50",
+        "--churners",
+        "5",
+        "--window-s",
+        "1",
+    ]);
+    assert_eq!(
+        (v["subscribers"].as_u64(), v["errors"].as_u64()),
+        (Some(50), Some(0)),
+        "{v}"
+    );
+    assert!(
+        v["join_seen_us"]["count"].as_u64().is_some_and(|c| c > 0),
+        "subscribers saw churn joins: {v}"
+    );
+}

@@ -86,6 +86,21 @@ enum Scenario {
         #[arg(long, default_value_t = 200)]
         interval_ms: u64,
     },
+    /// N-1 subscribers of one topic while churners join and leave it at a steady rate: latency
+    /// from a join to each subscriber seeing it, and the server's CPU.
+    Churn {
+        #[command(flatten)]
+        common: Common,
+        /// Joins plus leaves per second.
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+        /// Clients taking turns joining and leaving (on top of --clients subscribers).
+        #[arg(long, default_value_t = 50)]
+        churners: usize,
+        /// How long the churn lasts.
+        #[arg(long, default_value_t = 10)]
+        window_s: u64,
+    },
     /// N clients joined (full) across T topics; a fraction of them drop their connections at
     /// once and reconnect and rejoin: time until all are back, and how many presence changes the
     /// clients that stayed saw meanwhile.
@@ -831,6 +846,149 @@ fn reconnect_storm(c: Common, topics: usize, fraction: f64, window_s: u64) -> Re
     )
 }
 
+/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz)
+}
+
+fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Result<(), String> {
+    let t = Target::parse(&c)?;
+    let (n, e_count, conc) = (c.clients, c.executors, c.concurrency.max(1));
+    let ready = Arc::new(Barrier::new(e_count));
+    let deadline = Instant::now() + Duration::from_secs(c.duration_s);
+    let epoch = Instant::now();
+    let cpu = Arc::new(Mutex::new((None::<f64>, None::<f64>)));
+    let (cpu2, pid) = (cpu.clone(), c.server_pid);
+    let parts = on_executors(e_count, move |e| {
+        let (t, ready, cpu) = (t.clone(), ready.clone(), cpu2.clone());
+        async move {
+            let part = Rc::new(RefCell::new(Part::new()));
+            let clients = connect_share(&t, e, e_count, n, conc, &part).await;
+            let mut subscribers = Vec::new();
+            for (i, mut client) in clients {
+                let join =
+                    json!(["1", "1", "room:churn", "phx_join", {"track": false}]).to_string();
+                if client.send(join).await.is_err() {
+                    continue;
+                }
+                let mut view = View::default();
+                if read_until(&mut client, &mut view, deadline, |_, f| {
+                    f[3] == "presence_state"
+                })
+                .await
+                {
+                    subscribers.push((i, client));
+                }
+            }
+            let mut churn_clients = Vec::new();
+            if e == 0 {
+                for k in 0..churners {
+                    match open(&t, n + k).await {
+                        Ok(c) => churn_clients.push(c),
+                        Err(err) => part.borrow_mut().error(err),
+                    }
+                }
+            }
+            if ready.wait().is_leader() {
+                if let Ok(mut g) = cpu.lock() {
+                    g.0 = pid.and_then(cpu_seconds);
+                }
+            }
+            let window_end = Instant::now() + Duration::from_secs(window_s);
+            if e == 0 && !churn_clients.is_empty() {
+                glommio::spawn_local(async move {
+                    let gap = Duration::from_nanos(1_000_000_000 / rate.max(1));
+                    let mut joined = vec![false; churn_clients.len()];
+                    let mut k = 0;
+                    while Instant::now() < window_end {
+                        let idx = k % churn_clients.len();
+                        let frame = if joined[idx] {
+                            json!(["1", format!("l{k}"), "room:churn", "phx_leave", {}])
+                        } else {
+                            json!(["1", format!("j{k}"), "room:churn", "phx_join", {"meta": {"sent_ns": epoch.elapsed().as_nanos() as u64}, "presence": "none"}])
+                        };
+                        joined[idx] = !joined[idx];
+                        let _ = churn_clients[idx].send(frame.to_string()).await;
+                        k += 1;
+                        glommio::timer::sleep(gap).await;
+                    }
+                    drop(churn_clients);
+                })
+                .detach();
+            }
+            let tasks: Vec<_> = subscribers
+                .into_iter()
+                .map(|(_, mut client)| {
+                    let part = part.clone();
+                    glommio::spawn_local(async move {
+                        let mut view = View::default();
+                        read_until(&mut client, &mut view, window_end, |_, f| {
+                            if f[3] == "presence_diff" {
+                                for (_, p) in f[4]["joins"].as_object().into_iter().flatten() {
+                                    for m in p["metas"].as_array().into_iter().flatten() {
+                                        if let Some(sent) = m["sent_ns"].as_u64() {
+                                            let lat = (epoch.elapsed().as_nanos() as u64)
+                                                .saturating_sub(sent)
+                                                / 1000;
+                                            part.borrow_mut().a.record(lat).ok();
+                                        }
+                                    }
+                                }
+                            }
+                            false
+                        })
+                        .await;
+                        part.borrow_mut().ok += 1;
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await;
+            }
+            if e == 0 {
+                if let Ok(mut g) = cpu.lock() {
+                    g.1 = pid.and_then(cpu_seconds);
+                }
+            }
+            Rc::try_unwrap(part)
+                .map(RefCell::into_inner)
+                .unwrap_or_else(|_| Part::new())
+        }
+    })?;
+    let p = Part::merge(parts);
+    let (before, after) = *cpu.lock().map_err(|_| "lock")?;
+    let cpu_share = before.zip(after).map(|(b, a)| (a - b) / window_s as f64);
+    println!("churn: {} subscribers of one topic; {churners} churners joining/leaving {rate}/s for {window_s} s", p.ok);
+    println!(
+        "  errors: {} timeouts: {}{}",
+        p.errors,
+        p.timeouts,
+        p.first_error
+            .as_ref()
+            .map(|e| format!(" (first: {e})"))
+            .unwrap_or_default()
+    );
+    println!("  join -> seen by a subscriber us: {}", percentiles(&p.a));
+    if let Some(share) = cpu_share {
+        println!(
+            "  server CPU during the churn: {:.1}% of one core",
+            share * 100.0
+        );
+    }
+    write_json(
+        &c,
+        json!({"scenario": "churn", "subscribers": p.ok, "churners": churners, "rate": rate, "window_s": window_s,
+        "errors": p.errors, "join_seen_us": json_percentiles(&p.a), "server_cpu_cores": cpu_share}),
+    )
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.scenario {
@@ -841,6 +999,12 @@ fn main() {
             settle_s,
         } => connect(common, topics.max(1), presence, settle_s),
         Scenario::JoinStorm { common } => join_storm(common),
+        Scenario::Churn {
+            common,
+            rate,
+            churners,
+            window_s,
+        } => churn(common, rate, churners.max(1), window_s.max(1)),
         Scenario::ReconnectStorm {
             common,
             topics,
