@@ -172,3 +172,28 @@ fn churn_scenario_runs() {
         "subscribers saw churn joins: {v}"
     );
 }
+
+#[test]
+fn connect_over_worker_processes_merges_their_results() {
+    let v = run(&[
+        "connect",
+        "--clients",
+        "120",
+        "--topics",
+        "4",
+        "--procs",
+        "3",
+        "--presence",
+        "none",
+    ]);
+    assert_eq!(
+        (v["joined"].as_u64(), v["errors"].as_u64()),
+        (Some(120), Some(0)),
+        "{v}"
+    );
+    assert_eq!(
+        v["join_us"]["count"].as_u64(),
+        Some(120),
+        "histograms merged from 3 workers: {v}"
+    );
+}

@@ -53,6 +53,13 @@ struct Common {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Worker processes to spread the clients over (`connect` only): one process may hold only
+    /// so many descriptors (~20k here), so a million clients need many.
+    #[arg(long, default_value_t = 1)]
+    procs: usize,
+    /// Internal: this process is worker W of N ("W/N"), run by a parent with --procs.
+    #[arg(long, hide = true)]
+    worker: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -201,6 +208,46 @@ impl Part {
         self.first_error.get_or_insert(e);
     }
 
+    /// One line of JSON, histograms in hdrhistogram's V2 format as hex, for worker processes.
+    fn to_json(&self) -> String {
+        let hex = |h: &Histogram<u64>| {
+            let mut buf = Vec::new();
+            let _ = hdrhistogram::serialization::Serializer::serialize(
+                &mut hdrhistogram::serialization::V2Serializer::new(),
+                h,
+                &mut buf,
+            );
+            buf.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        };
+        json!({"a": hex(&self.a), "b": hex(&self.b), "ok": self.ok, "errors": self.errors,
+               "timeouts": self.timeouts, "first_error": self.first_error})
+        .to_string()
+    }
+
+    fn from_json(text: &str) -> Result<Part, String> {
+        let v: Value = serde_json::from_str(text).map_err(|e| format!("worker result: {e}"))?;
+        let hist = |key: &str| -> Result<Histogram<u64>, String> {
+            let hex = v[key].as_str().unwrap_or_default();
+            let bytes: Vec<u8> = (0..hex.len() / 2)
+                .map(|i| {
+                    u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("00"), 16).unwrap_or(0)
+                })
+                .collect();
+            hdrhistogram::serialization::Deserializer::new()
+                .deserialize(&mut &bytes[..])
+                .map_err(|e| format!("worker histogram: {e:?}"))
+        };
+        let count = |key: &str| v[key].as_u64().unwrap_or(0) as usize;
+        Ok(Part {
+            a: hist("a")?,
+            b: hist("b")?,
+            ok: count("ok"),
+            errors: count("errors"),
+            timeouts: count("timeouts"),
+            first_error: v["first_error"].as_str().map(str::to_owned),
+        })
+    }
+
     fn merge(parts: Vec<Part>) -> Part {
         let mut all = Part::new();
         for p in parts {
@@ -228,6 +275,30 @@ fn rss_of(pid: u32) -> Option<usize> {
         .parse()
         .ok()?;
     Some(kb * 1024)
+}
+
+/// Kernel memory that grows with connections: slab caches (socket structures) and TCP buffer
+/// pages, system-wide. On loopback this counts both ends of every connection.
+fn kernel_bytes() -> Option<(usize, usize)> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let slab_kb: usize = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("Slab:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    let sockstat = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+    let tcp = sockstat.lines().find(|l| l.starts_with("TCP:"))?;
+    let mut words = tcp.split_whitespace();
+    let pages: usize = words
+        .by_ref()
+        .skip_while(|w| *w != "mem")
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some((slab_kb * 1024, pages * 4096))
 }
 
 /// Runs `work(executor index)` on `n` glommio executors and collects what each returns.
@@ -285,27 +356,47 @@ fn connect(c: Common, topics: usize, mode: String, settle_s: u64) -> Result<(), 
             "--presence must be full, count or none, not {mode}"
         ));
     }
+    let worker = match &c.worker {
+        Some(w) => {
+            let (a, b) = w.split_once('/').ok_or("--worker W/N")?;
+            Some((
+                a.parse::<usize>().map_err(|e| e.to_string())?,
+                b.parse::<usize>().map_err(|e| e.to_string())?,
+            ))
+        }
+        None if c.procs > 1 => return connect_parent(&c, topics, &mode, settle_s),
+        None => None,
+    };
+    let (w, nw) = worker.unwrap_or((0, 1));
     let t = Target::parse(&c)?;
     let before = c.server_pid.and_then(rss_of);
-    let held = Arc::new(Barrier::new(c.executors + 1));
+    let kernel_before = kernel_bytes();
     let release = Arc::new(Barrier::new(c.executors + 1));
     let started = Instant::now();
     let deadline = started + Duration::from_secs(c.duration_s);
     let (n, e_count, conc) = (c.clients, c.executors, c.concurrency.max(1));
     let mode_name = mode.clone();
-    let (h2, r2) = (held.clone(), release.clone());
-    let waiter = std::thread::spawn(move || {
-        h2.wait();
+    let (tx, rx) = std::sync::mpsc::channel::<Part>();
+    let r2 = release.clone();
+    let waiter = std::thread::spawn(move || -> Result<_, String> {
+        let parts: Vec<Part> = rx.iter().take(e_count).collect();
         let took = started.elapsed();
-        let after = c.server_pid.and_then(|pid| {
+        let part = Part::merge(parts);
+        let measured = if worker.is_some() {
+            // Tell the parent, then hold the connections until it has measured.
+            println!("READY {}", part.to_json());
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
+            (None, None)
+        } else {
             std::thread::sleep(Duration::from_secs(settle_s));
-            rss_of(pid)
-        });
+            (c.server_pid.and_then(rss_of), kernel_bytes())
+        };
         r2.wait();
-        (took, after)
+        Ok((took, part, measured))
     });
     let parts = on_executors(e_count, move |e| {
-        let (t, mode, held, release) = (t.clone(), mode.clone(), held.clone(), release.clone());
+        let (t, mode, release, tx) = (t.clone(), mode.clone(), release.clone(), tx.clone());
         async move {
             let part = Rc::new(RefCell::new(Part::new()));
             let clients = Rc::new(RefCell::new(Vec::new()));
@@ -356,9 +447,9 @@ fn connect(c: Common, topics: usize, mode: String, settle_s: u64) -> Result<(), 
                     }
                 }
             };
-            for_share(e, e_count, n, conc, work).await;
+            for_share(w + nw * e, nw * e_count, n, conc, work).await;
             // Everyone holds their connections while the server's memory is read.
-            held.wait();
+            let _ = tx.send(std::mem::replace(&mut *part.borrow_mut(), Part::new()));
             release.wait();
             drop(clients);
             Rc::try_unwrap(part)
@@ -366,8 +457,88 @@ fn connect(c: Common, topics: usize, mode: String, settle_s: u64) -> Result<(), 
                 .unwrap_or_else(|_| Part::new())
         }
     })?;
-    let (took, after) = waiter.join().map_err(|_| "waiter thread failed")?;
-    let p = Part::merge(parts);
+    drop(parts);
+    let (took, p, (after, kernel_after)) = waiter.join().map_err(|_| "waiter thread failed")??;
+    if worker.is_some() {
+        return Ok(());
+    }
+    report_connect(
+        &c,
+        topics,
+        &mode_name,
+        took,
+        p,
+        (before, after),
+        kernel_before.zip(kernel_after),
+    )
+}
+
+/// Runs `connect` as `procs` worker processes of this program, each holding its share of the
+/// clients, and merges what they measured.
+fn connect_parent(c: &Common, topics: usize, mode: &str, settle_s: u64) -> Result<(), String> {
+    use std::io::{BufRead, BufReader, Write as _};
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let before = c.server_pid.and_then(rss_of);
+    let kernel_before = kernel_bytes();
+    let started = Instant::now();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut children = Vec::new();
+    for w in 0..c.procs {
+        let child = std::process::Command::new(&exe)
+            .args(&args)
+            .args(["--worker", &format!("{w}/{}", c.procs)])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("worker {w}: {e}"))?;
+        children.push(child);
+    }
+    let mut parts = Vec::new();
+    for (w, child) in children.iter_mut().enumerate() {
+        let out = child.stdout.take().ok_or("worker stdout")?;
+        let line = BufReader::new(out)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("READY ").map(str::to_owned))
+            .ok_or(format!("worker {w} ended without a result"))?;
+        parts.push(Part::from_json(&line)?);
+    }
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_secs(settle_s));
+    let after = c.server_pid.and_then(rss_of);
+    let kernel_after = kernel_bytes();
+    for child in &mut children {
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = writeln!(stdin, "release");
+        }
+    }
+    for child in &mut children {
+        let _ = child.wait();
+    }
+    report_connect(
+        c,
+        topics,
+        mode,
+        took,
+        Part::merge(parts),
+        (before, after),
+        kernel_before.zip(kernel_after),
+    )
+}
+
+/// Prints and writes the results of a connect run (local or merged from workers).
+fn report_connect(
+    c: &Common,
+    topics: usize,
+    mode_name: &str,
+    took: Duration,
+    p: Part,
+    rss: (Option<usize>, Option<usize>),
+    kernel: Option<((usize, usize), (usize, usize))>,
+) -> Result<(), String> {
+    let n = c.clients;
+    let (before, after) = rss;
+    let kernel_pair = kernel;
     let rate = p.ok as f64 / took.as_secs_f64();
     println!(
         "connect: {} of {} clients joined one of {topics} topics (presence {mode_name}) in {:.2} s",
@@ -399,23 +570,29 @@ fn connect(c: Common, topics: usize, mode: String, settle_s: u64) -> Result<(), 
         }
         _ => None,
     };
+    let kernel = kernel_pair.map(|((s0, t0), (s1, t1))| {
+        let per = |b: usize, a: usize| a.saturating_sub(b) as f64 / p.ok.max(1) as f64;
+        let (slab, tcp) = (per(s0, s1), per(t0, t1));
+        println!("  kernel, both loopback ends: slab {slab:.0} + TCP buffers {tcp:.0} bytes per connection (system-wide, so noisy)");
+        json!({"slab_bytes_per_connection": slab, "tcp_buffer_bytes_per_connection": tcp})
+    });
     write_json(
-        &c,
+        c,
         json!({"scenario": "connect", "clients": n, "joined": p.ok, "topics": topics, "seconds": took.as_secs_f64(),
         "connects_joins_per_s": rate, "errors": p.errors, "timeouts": p.timeouts, "handshake_us": json_percentiles(&p.a),
-        "join_us": json_percentiles(&p.b), "server_bytes_per_connection": per_conn}),
+        "join_us": json_percentiles(&p.b), "server_bytes_per_connection": per_conn, "kernel": kernel}),
     )
 }
 
 /// Runs `work(i)` for this executor's share of client indices (`i % executors == e`), at most
 /// `conc` at a time: `conc` worker tasks pull indices from a shared counter, rather than a task
 /// per client queued on a semaphore (whose waiter list made large runs quadratic).
-async fn for_share<F, Fut>(e: usize, executors: usize, n: usize, conc: usize, work: F)
+async fn for_share<F, Fut>(start: usize, step: usize, n: usize, conc: usize, work: F)
 where
     F: Fn(usize) -> Fut + Clone + 'static,
     Fut: std::future::Future<Output = ()> + 'static,
 {
-    let next = Rc::new(Cell::new(e));
+    let next = Rc::new(Cell::new(start));
     let workers: Vec<_> = (0..conc)
         .map(|_| {
             let (next, work) = (next.clone(), work.clone());
@@ -425,7 +602,7 @@ where
                     if i >= n {
                         break;
                     }
-                    next.set(i + executors);
+                    next.set(i + step);
                     work(i).await;
                 }
             })
