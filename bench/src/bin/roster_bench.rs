@@ -578,7 +578,7 @@ fn report_connect(
     });
     write_json(
         c,
-        json!({"scenario": "connect", "clients": n, "joined": p.ok, "topics": topics, "seconds": took.as_secs_f64(),
+        json!({"scenario": "connect", "presence": mode_name, "clients": n, "joined": p.ok, "topics": topics, "seconds": took.as_secs_f64(),
         "connects_joins_per_s": rate, "errors": p.errors, "timeouts": p.timeouts, "handshake_us": json_percentiles(&p.a),
         "join_us": json_percentiles(&p.b), "server_bytes_per_connection": per_conn, "kernel": kernel}),
     )
