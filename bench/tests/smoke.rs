@@ -197,3 +197,80 @@ fn connect_over_worker_processes_merges_their_results() {
         "histograms merged from 3 workers: {v}"
     );
 }
+
+#[test]
+fn reconnect_storm_across_a_server_restart() {
+    // The server runs under a pid file so the restart command can replace it on the same port.
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_roster-bench")).with_file_name("roster");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let pidfile =
+        std::env::temp_dir().join(format!("roster-smoke-restart-{}.pid", std::process::id()));
+    let start = format!(
+        "{} --listen 127.0.0.1:{port} --shards 2 >/dev/null 2>&1 & echo $! > {}",
+        bin.display(),
+        pidfile.display()
+    );
+    let stop = format!(
+        "kill -TERM $(cat {p}); while kill -0 $(cat {p}) 2>/dev/null; do sleep 0.02; done",
+        p = pidfile.display()
+    );
+    assert!(Command::new("sh")
+        .args(["-c", &start])
+        .status()
+        .expect("sh")
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "roster listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let json = std::env::temp_dir().join(format!(
+        "roster-bench-smoke-{}-restart.json",
+        std::process::id()
+    ));
+    let out = Command::new(env!("CARGO_BIN_EXE_roster-bench"))
+        .args([
+            "reconnect-storm",
+            "--clients",
+            "60",
+            "--topics",
+            "3",
+            "--window-s",
+            "1",
+            "--duration-s",
+            "30",
+        ])
+        .args([
+            "--url",
+            &format!("ws://127.0.0.1:{port}/socket"),
+            "--restart-cmd",
+            &format!("{stop}; {start}"),
+            "--json",
+        ])
+        .arg(&json)
+        .stdout(Stdio::null())
+        .output()
+        .expect("roster-bench runs");
+    let _ = Command::new("sh").args(["-c", &stop]).status();
+    let _ = std::fs::remove_file(&pidfile);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("JSON")).expect("valid");
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(
+        (
+            v["reconnected"].as_u64(),
+            v["dropped"].as_u64(),
+            v["errors"].as_u64()
+        ),
+        (Some(60), Some(60), Some(0)),
+        "{v}"
+    );
+}
