@@ -274,3 +274,32 @@ fn reconnect_storm_across_a_server_restart() {
         "{v}"
     );
 }
+
+#[test]
+fn scenarios_run_over_worker_processes() {
+    // Phases are relayed through the parent and stamps use CLOCK_MONOTONIC across processes.
+    let v = run(&["join-storm", "--clients", "60", "--procs", "2"]);
+    assert_eq!(
+        (v["complete"].as_u64(), v["errors"].as_u64()),
+        (Some(60), Some(0)),
+        "{v}"
+    );
+    let v = run(&[
+        "fanout",
+        "--clients",
+        "40",
+        "--rounds",
+        "3",
+        "--interval-ms",
+        "50",
+        "--procs",
+        "2",
+    ]);
+    assert_eq!(v["delivery_us"]["count"].as_u64(), Some(39 * 3), "{v}");
+    assert!(
+        v["delivery_us"]["max"]
+            .as_u64()
+            .is_some_and(|m| m < 10_000_000),
+        "sane cross-process latency: {v}"
+    );
+}

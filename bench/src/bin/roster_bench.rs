@@ -274,6 +274,154 @@ impl Part {
     }
 }
 
+/// Worker W of N when this process was started by a parent with --procs (else 0 of 1).
+static SPLIT: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+
+fn split() -> (usize, usize) {
+    *SPLIT.get().unwrap_or(&(0, 1))
+}
+
+fn is_worker() -> bool {
+    split().1 > 1
+}
+
+/// A phase boundary: every executor of this process, and with --procs every worker process,
+/// gets here before any goes on. Returns true in one executor of this process.
+fn phase(b: &Barrier) -> bool {
+    let leader = b.wait().is_leader();
+    if leader && is_worker() {
+        use std::io::Write as _;
+        println!("BARRIER");
+        let _ = std::io::stdout().flush();
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+    }
+    b.wait();
+    leader
+}
+
+/// Nanoseconds on CLOCK_MONOTONIC: the same clock in every process, so worker processes can
+/// time stamps another process wrote.
+fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Merges scenario extras from workers: numbers add up, arrays of numbers take the larger
+/// element (per-round maxima).
+fn merge_extras(into: &mut Value, from: &Value) {
+    let (Some(into), Some(from)) = (into.as_object_mut(), from.as_object()) else {
+        return;
+    };
+    for (k, v) in from {
+        match (into.get_mut(k), v) {
+            (Some(Value::Array(a)), Value::Array(b)) => {
+                for (i, x) in b.iter().enumerate() {
+                    let x = x.as_u64().unwrap_or(0);
+                    match a.get_mut(i) {
+                        Some(y) => *y = json!(y.as_u64().unwrap_or(0).max(x)),
+                        None => a.push(json!(x)),
+                    }
+                }
+            }
+            (Some(Value::Number(a)), Value::Number(b)) => {
+                *into.get_mut(k).expect("present") =
+                    json!(a.as_u64().unwrap_or(0) + b.as_u64().unwrap_or(0));
+            }
+            (None, v) => {
+                into.insert(k.clone(), v.clone());
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Runs a scenario's clients here (`local`), or as --procs worker processes of this program:
+/// the parent relays phase boundaries (calling `on_phase(k)` as boundary k opens) and merges
+/// what the workers measured. In a worker, prints the result for the parent and returns None.
+fn distributed(
+    c: &Common,
+    mut on_phase: impl FnMut(usize),
+    local: impl FnOnce() -> Result<(Part, Value), String>,
+) -> Result<Option<(Part, Value)>, String> {
+    use std::io::{BufRead, BufReader, Write as _};
+    if c.procs <= 1 || is_worker() {
+        let (part, extras) = local()?;
+        if is_worker() {
+            println!("RESULT {}\t{}", part.to_json(), extras);
+            return Ok(None);
+        }
+        return Ok(Some((part, extras)));
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, String)>();
+    let mut stdins = Vec::new();
+    let mut children = Vec::new();
+    for w in 0..c.procs {
+        let mut child = std::process::Command::new(&exe)
+            .args(&args)
+            .args(["--worker", &format!("{w}/{}", c.procs)])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("worker {w}: {e}"))?;
+        stdins.push(child.stdin.take().ok_or("worker stdin")?);
+        let out = child.stdout.take().ok_or("worker stdout")?;
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send((w, line));
+            }
+            let _ = tx.send((w, "EXIT".into()));
+        });
+        children.push(child);
+    }
+    drop(tx);
+    let (mut waiting, mut phase_k, mut done) = (0, 0, 0);
+    let mut parts = Vec::new();
+    let mut extras = json!({});
+    for (w, line) in rx {
+        if line == "BARRIER" {
+            waiting += 1;
+            if waiting == c.procs {
+                on_phase(phase_k);
+                phase_k += 1;
+                waiting = 0;
+                for stdin in &mut stdins {
+                    let _ = writeln!(stdin, "go");
+                }
+            }
+        } else if let Some(result) = line.strip_prefix("RESULT ") {
+            let (part, extra) = result.split_once('\t').ok_or("bad worker result")?;
+            parts.push(Part::from_json(part)?);
+            merge_extras(
+                &mut extras,
+                &serde_json::from_str(extra).map_err(|e| e.to_string())?,
+            );
+        } else if line == "EXIT" {
+            done += 1;
+            if done == c.procs {
+                break;
+            }
+        } else {
+            eprintln!("worker {w}: {line}");
+        }
+    }
+    for child in &mut children {
+        let _ = child.wait();
+    }
+    if parts.len() != c.procs {
+        return Err(format!("{} of {} workers reported", parts.len(), c.procs));
+    }
+    Ok(Some((Part::merge(parts), extras)))
+}
+
 fn rss_of(pid: u32) -> Option<usize> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: usize = status
@@ -652,7 +800,8 @@ async fn connect_share(
             }
         }
     };
-    for_share(e, executors, n, conc, work).await;
+    let (w, nw) = split();
+    for_share(w + nw * e, nw * executors, n, conc, work).await;
     Rc::try_unwrap(clients)
         .map(RefCell::into_inner)
         .unwrap_or_default()
@@ -689,62 +838,62 @@ fn join_storm(c: Common) -> Result<(), String> {
     let (n, e_count, conc) = (c.clients, c.executors, c.concurrency.max(1));
     let connected = Arc::new(Barrier::new(e_count));
     let deadline = Instant::now() + Duration::from_secs(c.duration_s);
-    let go = Arc::new(Mutex::new(None::<Instant>));
-    let go2 = go.clone();
-    let parts = on_executors(e_count, move |e| {
-        let (t, connected, go) = (t.clone(), connected.clone(), go2.clone());
-        async move {
-            let part = Rc::new(RefCell::new(Part::new()));
-            let clients = connect_share(&t, e, e_count, n, conc, &part).await;
-            if connected.wait().is_leader() {
-                if let Ok(mut g) = go.lock() {
-                    *g = Some(Instant::now());
-                }
-            }
-            let tasks: Vec<_> = clients
-                .into_iter()
-                .map(|(i, mut client)| {
-                    let part = part.clone();
-                    glommio::spawn_local(async move {
-                        let sent = Instant::now();
-                        let join = json!(["1", "1", "room:storm", "phx_join", {"meta": {"i": i}}])
-                            .to_string();
-                        if let Err(err) = client.send(join).await {
-                            return part.borrow_mut().error(err);
-                        }
-                        let mut view = View::default();
-                        let complete = read_until(&mut client, &mut view, deadline, |v, f| {
-                            if f[3] == "phx_reply" && f[4]["status"] != "ok" {
-                                return true;
+    let local = move || {
+        let parts = on_executors(e_count, move |e| {
+            let (t, connected) = (t.clone(), connected.clone());
+            async move {
+                let part = Rc::new(RefCell::new(Part::new()));
+                let clients = connect_share(&t, e, e_count, n, conc, &part).await;
+                // Everyone, in every worker process, is connected: now all join at once.
+                phase(&connected);
+                let tasks: Vec<_> = clients
+                    .into_iter()
+                    .map(|(i, mut client)| {
+                        let part = part.clone();
+                        glommio::spawn_local(async move {
+                            let sent = Instant::now();
+                            let join =
+                                json!(["1", "1", "room:storm", "phx_join", {"meta": {"i": i}}])
+                                    .to_string();
+                            if let Err(err) = client.send(join).await {
+                                return part.borrow_mut().error(err);
                             }
-                            v.keys() >= n
+                            let mut view = View::default();
+                            let complete = read_until(&mut client, &mut view, deadline, |v, f| {
+                                if f[3] == "phx_reply" && f[4]["status"] != "ok" {
+                                    return true;
+                                }
+                                v.keys() >= n
+                            })
+                            .await;
+                            {
+                                let mut p = part.borrow_mut();
+                                if complete && view.keys() >= n {
+                                    p.a.record(sent.elapsed().as_micros() as u64).ok();
+                                    p.ok += 1;
+                                } else if complete {
+                                    p.error("join refused".into());
+                                } else {
+                                    p.timeouts += 1;
+                                }
+                            }
+                            client.close().await;
                         })
-                        .await;
-                        {
-                            let mut p = part.borrow_mut();
-                            if complete && view.keys() >= n {
-                                p.a.record(sent.elapsed().as_micros() as u64).ok();
-                                p.ok += 1;
-                            } else if complete {
-                                p.error("join refused".into());
-                            } else {
-                                p.timeouts += 1;
-                            }
-                        }
-                        client.close().await;
                     })
-                })
-                .collect();
-            for task in tasks {
-                task.await;
+                    .collect();
+                for task in tasks {
+                    task.await;
+                }
+                Rc::try_unwrap(part)
+                    .map(RefCell::into_inner)
+                    .unwrap_or_else(|_| Part::new())
             }
-            Rc::try_unwrap(part)
-                .map(RefCell::into_inner)
-                .unwrap_or_else(|_| Part::new())
-        }
-    })?;
-    let p = Part::merge(parts);
-    let all = go.lock().ok().and_then(|g| *g).map(|g| g.elapsed());
+        })?;
+        Ok((Part::merge(parts), json!({})))
+    };
+    let Some((p, _)) = distributed(&c, |_| {}, local)? else {
+        return Ok(());
+    };
     println!(
         "join-storm: {n} clients joined one topic at once; {} saw the complete membership of {n}",
         p.ok
@@ -763,7 +912,6 @@ fn join_storm(c: Common) -> Result<(), String> {
         "  every view complete after: {:.3} s",
         p.a.max() as f64 / 1e6
     );
-    let _ = all;
     write_json(
         &c,
         json!({"scenario": "join-storm", "clients": n, "complete": p.ok, "errors": p.errors, "timeouts": p.timeouts,
@@ -779,54 +927,54 @@ fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String> {
     }
     let ready = Arc::new(Barrier::new(e_count));
     let deadline = Instant::now() + Duration::from_secs(c.duration_s);
-    let epoch = Instant::now();
-    let round_max = Arc::new(Mutex::new(vec![0u64; rounds]));
-    let rm = round_max.clone();
-    let parts = on_executors(e_count, move |e| {
-        let (t, ready, round_max) = (t.clone(), ready.clone(), rm.clone());
-        async move {
-            let part = Rc::new(RefCell::new(Part::new()));
-            let clients = connect_share(&t, e, e_count, n, conc, &part).await;
-            // Everyone joins and waits for the complete membership before the rounds start.
-            let members: Vec<_> = clients
-                .into_iter()
-                .map(|(i, mut client)| {
-                    let part = part.clone();
-                    glommio::spawn_local(async move {
-                        // Only the updater is tracked: the others subscribe without being tracked, so
-                        // setting up M members is not itself a join storm of M (see join-storm).
-                        let payload = if i == 0 {
-                            json!({"meta": {"round": -1}})
-                        } else {
-                            json!({"track": false})
-                        };
-                        let join =
-                            json!(["1", "1", "room:fanout", "phx_join", payload]).to_string();
-                        if let Err(err) = client.send(join).await {
-                            part.borrow_mut().error(err);
-                            return None;
-                        }
-                        let mut view = View::default();
-                        if !read_until(&mut client, &mut view, deadline, |_, f| {
-                            f[3] == "presence_state"
+    let local = move || {
+        let round_max = Arc::new(Mutex::new(vec![0u64; rounds]));
+        let rm = round_max.clone();
+        let parts = on_executors(e_count, move |e| {
+            let (t, ready, round_max) = (t.clone(), ready.clone(), rm.clone());
+            async move {
+                let part = Rc::new(RefCell::new(Part::new()));
+                let clients = connect_share(&t, e, e_count, n, conc, &part).await;
+                // Everyone joins and waits for the complete membership before the rounds start.
+                let members: Vec<_> = clients
+                    .into_iter()
+                    .map(|(i, mut client)| {
+                        let part = part.clone();
+                        glommio::spawn_local(async move {
+                            // Only the updater is tracked: the others subscribe without being tracked, so
+                            // setting up M members is not itself a join storm of M (see join-storm).
+                            let payload = if i == 0 {
+                                json!({"meta": {"round": -1}})
+                            } else {
+                                json!({"track": false})
+                            };
+                            let join =
+                                json!(["1", "1", "room:fanout", "phx_join", payload]).to_string();
+                            if let Err(err) = client.send(join).await {
+                                part.borrow_mut().error(err);
+                                return None;
+                            }
+                            let mut view = View::default();
+                            if !read_until(&mut client, &mut view, deadline, |_, f| {
+                                f[3] == "presence_state"
+                            })
+                            .await
+                            {
+                                part.borrow_mut().timeouts += 1;
+                                return None;
+                            }
+                            Some((i, client, view))
                         })
-                        .await
-                        {
-                            part.borrow_mut().timeouts += 1;
-                            return None;
-                        }
-                        Some((i, client, view))
                     })
-                })
-                .collect();
-            let mut ready_members = Vec::new();
-            for m in members {
-                if let Some(x) = m.await {
-                    ready_members.push(x);
+                    .collect();
+                let mut ready_members = Vec::new();
+                for m in members {
+                    if let Some(x) = m.await {
+                        ready_members.push(x);
+                    }
                 }
-            }
-            ready.wait();
-            let tasks: Vec<_> = ready_members
+                phase(&ready);
+                let tasks: Vec<_> = ready_members
                 .into_iter()
                 .map(|(i, mut client, mut view)| {
                     let (part, round_max) = (part.clone(), round_max.clone());
@@ -835,7 +983,7 @@ fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String> {
                             // The updater: one meta change per interval, stamped with its send time.
                             let updater = glommio::spawn_local(async move {
                                 for r in 0..rounds {
-                                    let ns = epoch.elapsed().as_nanos() as u64;
+                                    let ns = mono_ns();
                                     let f = json!(["1", format!("u{r}"), "room:fanout", "presence_update", {"meta": {"round": r, "sent_ns": ns}}]).to_string();
                                     if client.send(f).await.is_err() {
                                         break;
@@ -855,7 +1003,7 @@ fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String> {
                             if f[3] == "presence_diff" {
                                 for m in f[4]["joins"]["u0"]["metas"].as_array().into_iter().flatten() {
                                     if let (Some(r), Some(sent)) = (m["round"].as_u64(), m["sent_ns"].as_u64()) {
-                                        let lat = (epoch.elapsed().as_nanos() as u64).saturating_sub(sent) / 1000;
+                                        let lat = mono_ns().saturating_sub(sent) / 1000;
                                         part.borrow_mut().a.record(lat).ok();
                                         if let Ok(mut rm) = round_max.lock() {
                                             if let Some(slot) = rm.get_mut(r as usize) {
@@ -878,21 +1026,27 @@ fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String> {
                     })
                 })
                 .collect();
-            for task in tasks {
-                task.await;
+                for task in tasks {
+                    task.await;
+                }
+                Rc::try_unwrap(part)
+                    .map(RefCell::into_inner)
+                    .unwrap_or_else(|_| Part::new())
             }
-            Rc::try_unwrap(part)
-                .map(RefCell::into_inner)
-                .unwrap_or_else(|_| Part::new())
-        }
-    })?;
-    let p = Part::merge(parts);
+        })?;
+        let maxima = round_max.lock().map_err(|_| "lock")?.clone();
+        Ok((Part::merge(parts), json!({"round_max": maxima})))
+    };
+    let Some((p, extras)) = distributed(&c, |_| {}, local)? else {
+        return Ok(());
+    };
     let mut all_saw = hist();
-    for &m in round_max
-        .lock()
-        .map_err(|_| "lock")?
-        .iter()
-        .filter(|&&m| m > 0)
+    for m in extras["round_max"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_u64)
+        .filter(|&m| m > 0)
     {
         all_saw.record(m).ok();
     }
@@ -918,6 +1072,16 @@ fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String> {
     )
 }
 
+/// Runs --restart-cmd on its own thread, so the clients keep running meanwhile.
+fn run_restart(cmd: String) {
+    std::thread::spawn(move || {
+        match std::process::Command::new("sh").args(["-c", &cmd]).status() {
+            Ok(status) if status.success() => {}
+            other => eprintln!("roster-bench: --restart-cmd: {other:?}"),
+        }
+    });
+}
+
 fn reconnect_storm(
     c: Common,
     topics: usize,
@@ -934,15 +1098,17 @@ fn reconnect_storm(
     let reconnects = move |i: usize| i.is_multiple_of(every);
     let ready = Arc::new(Barrier::new(e_count));
     let deadline = Instant::now() + Duration::from_secs(c.duration_s);
-    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let seen2 = seen.clone();
-    let parts = on_executors(e_count, move |e| {
-        let (t, ready, seen, restart_cmd) =
-            (t.clone(), ready.clone(), seen2.clone(), restart_cmd.clone());
-        async move {
-            let part = Rc::new(RefCell::new(Part::new()));
-            let clients = connect_share(&t, e, e_count, n, conc, &part).await;
-            let joined: Vec<_> = clients
+    let parent_restart = restart_cmd.clone();
+    let local = move || {
+        let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let seen2 = seen.clone();
+        let parts = on_executors(e_count, move |e| {
+            let (t, ready, seen, restart_cmd) =
+                (t.clone(), ready.clone(), seen2.clone(), restart_cmd.clone());
+            async move {
+                let part = Rc::new(RefCell::new(Part::new()));
+                let clients = connect_share(&t, e, e_count, n, conc, &part).await;
+                let joined: Vec<_> = clients
                 .into_iter()
                 .map(|(i, mut client)| {
                     let part = part.clone();
@@ -958,28 +1124,23 @@ fn reconnect_storm(
                     })
                 })
                 .collect();
-            let mut members = Vec::new();
-            for j in joined {
-                if let Some(m) = j.await {
-                    members.push(m);
+                let mut members = Vec::new();
+                for j in joined {
+                    if let Some(m) = j.await {
+                        members.push(m);
+                    }
                 }
-            }
-            // Let the joins' own diffs arrive before counting starts.
-            glommio::timer::sleep(Duration::from_secs(1)).await;
-            if ready.wait().is_leader() {
-                if let Some(cmd) = restart_cmd.clone() {
-                    // On its own thread, so this executor's clients keep running meanwhile.
-                    std::thread::spawn(move || {
-                        match std::process::Command::new("sh").args(["-c", &cmd]).status() {
-                            Ok(status) if status.success() => {}
-                            other => eprintln!("roster-bench: --restart-cmd: {other:?}"),
-                        }
-                    });
+                // Let the joins' own diffs arrive before counting starts.
+                glommio::timer::sleep(Duration::from_secs(1)).await;
+                // With --procs the parent restarts the server, once, as this phase opens.
+                if phase(&ready) && !is_worker() {
+                    if let Some(cmd) = restart_cmd.clone() {
+                        run_restart(cmd);
+                    }
                 }
-            }
-            let storm = Instant::now();
-            let window_end = storm + Duration::from_secs(window_s);
-            let tasks: Vec<_> = members
+                let storm = Instant::now();
+                let window_end = storm + Duration::from_secs(window_s);
+                let tasks: Vec<_> = members
                 .into_iter()
                 .map(|(i, mut client)| {
                     let (t, part, seen) = (t.clone(), part.clone(), seen.clone());
@@ -1043,16 +1204,28 @@ fn reconnect_storm(
                     })
                 })
                 .collect();
-            for task in tasks {
-                task.await;
+                for task in tasks {
+                    task.await;
+                }
+                Rc::try_unwrap(part)
+                    .map(RefCell::into_inner)
+                    .unwrap_or_else(|_| Part::new())
             }
-            Rc::try_unwrap(part)
-                .map(RefCell::into_inner)
-                .unwrap_or_else(|_| Part::new())
+        })?;
+        let total = seen.load(std::sync::atomic::Ordering::Relaxed);
+        Ok((Part::merge(parts), json!({"seen": total})))
+    };
+    let on_phase = |k: usize| {
+        if k == 0 {
+            if let Some(cmd) = parent_restart.clone() {
+                run_restart(cmd);
+            }
         }
-    })?;
-    let p = Part::merge(parts);
-    let total = seen.load(std::sync::atomic::Ordering::Relaxed);
+    };
+    let Some((p, extras)) = distributed(&c, on_phase, local)? else {
+        return Ok(());
+    };
+    let total = extras["seen"].as_u64().unwrap_or(0);
     let reconnecting = (0..n).filter(|&i| i.is_multiple_of(every)).count();
     let how = if restarting {
         "lost their connection to a server restart"
@@ -1096,47 +1269,49 @@ fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Result<(), Str
     let (n, e_count, conc) = (c.clients, c.executors, c.concurrency.max(1));
     let ready = Arc::new(Barrier::new(e_count));
     let deadline = Instant::now() + Duration::from_secs(c.duration_s);
-    let epoch = Instant::now();
     let cpu = Arc::new(Mutex::new((None::<f64>, None::<f64>)));
     let (cpu2, pid) = (cpu.clone(), c.server_pid);
-    let parts = on_executors(e_count, move |e| {
-        let (t, ready, cpu) = (t.clone(), ready.clone(), cpu2.clone());
-        async move {
-            let part = Rc::new(RefCell::new(Part::new()));
-            let clients = connect_share(&t, e, e_count, n, conc, &part).await;
-            let mut subscribers = Vec::new();
-            for (i, mut client) in clients {
-                let join =
-                    json!(["1", "1", "room:churn", "phx_join", {"track": false}]).to_string();
-                if client.send(join).await.is_err() {
-                    continue;
-                }
-                let mut view = View::default();
-                if read_until(&mut client, &mut view, deadline, |_, f| {
-                    f[3] == "presence_state"
-                })
-                .await
-                {
-                    subscribers.push((i, client));
-                }
-            }
-            let mut churn_clients = Vec::new();
-            if e == 0 {
-                for k in 0..churners {
-                    match open(&t, n + k).await {
-                        Ok(c) => churn_clients.push(c),
-                        Err(err) => part.borrow_mut().error(err),
+    let local = move || {
+        let parts = on_executors(e_count, move |e| {
+            let (t, ready, cpu) = (t.clone(), ready.clone(), cpu2.clone());
+            async move {
+                let part = Rc::new(RefCell::new(Part::new()));
+                let clients = connect_share(&t, e, e_count, n, conc, &part).await;
+                let mut subscribers = Vec::new();
+                for (i, mut client) in clients {
+                    let join =
+                        json!(["1", "1", "room:churn", "phx_join", {"track": false}]).to_string();
+                    if client.send(join).await.is_err() {
+                        continue;
+                    }
+                    let mut view = View::default();
+                    if read_until(&mut client, &mut view, deadline, |_, f| {
+                        f[3] == "presence_state"
+                    })
+                    .await
+                    {
+                        subscribers.push((i, client));
                     }
                 }
-            }
-            if ready.wait().is_leader() {
-                if let Ok(mut g) = cpu.lock() {
-                    g.0 = pid.and_then(cpu_seconds);
+                let mut churn_clients = Vec::new();
+                // The churners live in the first executor of the first process.
+                let churning = e == 0 && split().0 == 0;
+                if churning {
+                    for k in 0..churners {
+                        match open(&t, n + k).await {
+                            Ok(c) => churn_clients.push(c),
+                            Err(err) => part.borrow_mut().error(err),
+                        }
+                    }
                 }
-            }
-            let window_end = Instant::now() + Duration::from_secs(window_s);
-            if e == 0 && !churn_clients.is_empty() {
-                glommio::spawn_local(async move {
+                if phase(&ready) && !is_worker() {
+                    if let Ok(mut g) = cpu.lock() {
+                        g.0 = pid.and_then(cpu_seconds);
+                    }
+                }
+                let window_end = Instant::now() + Duration::from_secs(window_s);
+                if churning && !churn_clients.is_empty() {
+                    glommio::spawn_local(async move {
                     let gap = Duration::from_nanos(1_000_000_000 / rate.max(1));
                     let mut joined = vec![false; churn_clients.len()];
                     let mut k = 0;
@@ -1145,7 +1320,7 @@ fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Result<(), Str
                         let frame = if joined[idx] {
                             json!(["1", format!("l{k}"), "room:churn", "phx_leave", {}])
                         } else {
-                            json!(["1", format!("j{k}"), "room:churn", "phx_join", {"meta": {"sent_ns": epoch.elapsed().as_nanos() as u64}, "presence": "none"}])
+                            json!(["1", format!("j{k}"), "room:churn", "phx_join", {"meta": {"sent_ns": mono_ns()}, "presence": "none"}])
                         };
                         joined[idx] = !joined[idx];
                         let _ = churn_clients[idx].send(frame.to_string()).await;
@@ -1155,47 +1330,60 @@ fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Result<(), Str
                     drop(churn_clients);
                 })
                 .detach();
-            }
-            let tasks: Vec<_> = subscribers
-                .into_iter()
-                .map(|(_, mut client)| {
-                    let part = part.clone();
-                    glommio::spawn_local(async move {
-                        let mut view = View::default();
-                        read_until(&mut client, &mut view, window_end, |_, f| {
-                            if f[3] == "presence_diff" {
-                                for (_, p) in f[4]["joins"].as_object().into_iter().flatten() {
-                                    for m in p["metas"].as_array().into_iter().flatten() {
-                                        if let Some(sent) = m["sent_ns"].as_u64() {
-                                            let lat = (epoch.elapsed().as_nanos() as u64)
-                                                .saturating_sub(sent)
-                                                / 1000;
-                                            part.borrow_mut().a.record(lat).ok();
+                }
+                let tasks: Vec<_> = subscribers
+                    .into_iter()
+                    .map(|(_, mut client)| {
+                        let part = part.clone();
+                        glommio::spawn_local(async move {
+                            let mut view = View::default();
+                            read_until(&mut client, &mut view, window_end, |_, f| {
+                                if f[3] == "presence_diff" {
+                                    for (_, p) in f[4]["joins"].as_object().into_iter().flatten() {
+                                        for m in p["metas"].as_array().into_iter().flatten() {
+                                            if let Some(sent) = m["sent_ns"].as_u64() {
+                                                let lat = mono_ns().saturating_sub(sent) / 1000;
+                                                part.borrow_mut().a.record(lat).ok();
+                                            }
                                         }
                                     }
                                 }
-                            }
-                            false
+                                false
+                            })
+                            .await;
+                            part.borrow_mut().ok += 1;
                         })
-                        .await;
-                        part.borrow_mut().ok += 1;
                     })
-                })
-                .collect();
-            for task in tasks {
-                task.await;
-            }
-            if e == 0 {
-                if let Ok(mut g) = cpu.lock() {
-                    g.1 = pid.and_then(cpu_seconds);
+                    .collect();
+                for task in tasks {
+                    task.await;
                 }
+                if e == 0 && !is_worker() {
+                    if let Ok(mut g) = cpu.lock() {
+                        g.1 = pid.and_then(cpu_seconds);
+                    }
+                }
+                Rc::try_unwrap(part)
+                    .map(RefCell::into_inner)
+                    .unwrap_or_else(|_| Part::new())
             }
-            Rc::try_unwrap(part)
-                .map(RefCell::into_inner)
-                .unwrap_or_else(|_| Part::new())
+        })?;
+        Ok((Part::merge(parts), json!({})))
+    };
+    let parent_cpu = cpu.clone();
+    let on_phase = move |_k: usize| {
+        if let Ok(mut g) = parent_cpu.lock() {
+            g.0 = pid.and_then(cpu_seconds);
         }
-    })?;
-    let p = Part::merge(parts);
+    };
+    let Some((p, _)) = distributed(&c, on_phase, local)? else {
+        return Ok(());
+    };
+    if c.procs > 1 {
+        if let Ok(mut g) = cpu.lock() {
+            g.1 = pid.and_then(cpu_seconds);
+        }
+    }
     let (before, after) = *cpu.lock().map_err(|_| "lock")?;
     let cpu_share = before.zip(after).map(|(b, a)| (a - b) / window_s as f64);
     println!("churn: {} subscribers of one topic; {churners} churners joining/leaving {rate}/s for {window_s} s", p.ok);
@@ -1224,17 +1412,17 @@ fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Result<(), Str
 
 fn main() {
     let cli = Cli::parse();
-    let procs_elsewhere = match &cli.scenario {
-        Scenario::Connect { .. } => false,
-        Scenario::JoinStorm { common }
+    let common = match &cli.scenario {
+        Scenario::Connect { common, .. }
+        | Scenario::JoinStorm { common }
         | Scenario::Fanout { common, .. }
         | Scenario::Churn { common, .. }
-        | Scenario::ReconnectStorm { common, .. } => common.procs > 1,
+        | Scenario::ReconnectStorm { common, .. } => common,
     };
-    if procs_elsewhere {
-        // Not silently ignored: those scenarios synchronise all clients in one process today.
-        eprintln!("roster-bench: --procs is supported by `connect` only so far");
-        std::process::exit(2);
+    if let Some(w) = common.worker.as_deref().and_then(|w| w.split_once('/')) {
+        if let (Ok(a), Ok(b)) = (w.0.parse(), w.1.parse()) {
+            let _ = SPLIT.set((a, b));
+        }
     }
     let result = match cli.scenario {
         Scenario::Connect {
