@@ -3,12 +3,13 @@
 //! It binds to a chosen loopback source address so one process can open more connections than
 //! one address's ephemeral ports allow.
 
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{FromRawFd, IntoRawFd};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
+use roster_engine::net::ws::Io;
 use serde_json::Value;
 use socket2::{Domain, Protocol, Socket, Type};
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
@@ -23,33 +24,6 @@ pub struct Client {
     rpos: usize,
     rlen: usize,
     out: Vec<u8>,
-}
-
-struct Io<'a> {
-    input: &'a [u8],
-    output: &'a mut Vec<u8>,
-}
-
-impl Read for Io<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.input.is_empty() {
-            return Err(ErrorKind::WouldBlock.into());
-        }
-        let n = buf.len().min(self.input.len());
-        buf[..n].copy_from_slice(&self.input[..n]);
-        self.input = &self.input[n..];
-        Ok(n)
-    }
-}
-
-impl Write for Io<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.output.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 fn err(e: impl std::fmt::Display) -> String {

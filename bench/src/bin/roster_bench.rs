@@ -257,6 +257,18 @@ impl Part {
         })
     }
 
+    fn print_errors(&self) {
+        let first = self
+            .first_error
+            .as_ref()
+            .map(|e| format!(" (first: {e})"))
+            .unwrap_or_default();
+        println!(
+            "  errors: {} timeouts: {}{first}",
+            self.errors, self.timeouts
+        );
+    }
+
     fn merge(parts: Vec<Part>) -> Part {
         let mut all = Part::new();
         for p in parts {
@@ -459,6 +471,57 @@ fn kernel_bytes() -> Option<(usize, usize)> {
     Some((slab_kb * 1024, pages * 4096))
 }
 
+/// Each client sends its join (`frame(i)`) and waits for its presence_state; returns those that
+/// got one, counting the others as errors or timeouts.
+async fn join_each(
+    clients: Vec<(usize, Client)>,
+    part: &Rc<RefCell<Part>>,
+    deadline: Instant,
+    frame: impl Fn(usize) -> String,
+) -> Vec<(usize, Client)> {
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|(i, mut client)| {
+            let (part, join) = (part.clone(), frame(i));
+            glommio::spawn_local(async move {
+                if let Err(err) = client.send(join).await {
+                    part.borrow_mut().error(err);
+                    return None;
+                }
+                let mut view = View::default();
+                if read_until(&mut client, &mut view, deadline, |_, f| {
+                    f[3] == "presence_state"
+                })
+                .await
+                {
+                    Some((i, client))
+                } else {
+                    part.borrow_mut().timeouts += 1;
+                    None
+                }
+            })
+        })
+        .collect();
+    let mut joined = Vec::new();
+    for task in tasks {
+        joined.extend(task.await);
+    }
+    joined
+}
+
+/// What this executor measured, once its tasks are done with it.
+fn into_part(part: Rc<RefCell<Part>>) -> Part {
+    Rc::try_unwrap(part)
+        .map(RefCell::into_inner)
+        .unwrap_or_else(|_| Part::new())
+}
+
+async fn join_all<T>(tasks: Vec<glommio::Task<T>>) {
+    for task in tasks {
+        task.await;
+    }
+}
+
 /// Runs `work(executor index)` on `n` glommio executors and collects what each returns.
 fn on_executors<F, Fut>(n: usize, work: F) -> Result<Vec<Part>, String>
 where
@@ -614,9 +677,7 @@ fn connect(c: Common, topics: usize, mode: String, settle_s: u64) -> Result<(), 
             let _ = tx.send(std::mem::replace(&mut *part.borrow_mut(), Part::new()));
             release.wait();
             drop(clients);
-            Rc::try_unwrap(part)
-                .map(RefCell::into_inner)
-                .unwrap_or_else(|_| Part::new())
+            into_part(part)
         }
     })?;
     drop(parts);
@@ -709,15 +770,7 @@ fn report_connect(
         took.as_secs_f64()
     );
     println!("  connects+joins per second: {rate:.0}");
-    println!(
-        "  errors: {} timeouts: {}{}",
-        p.errors,
-        p.timeouts,
-        p.first_error
-            .as_ref()
-            .map(|e| format!(" (first: {e})"))
-            .unwrap_or_default()
-    );
+    p.print_errors();
     println!("  handshake us: {}", percentiles(&p.a));
     println!("  join complete us: {}", percentiles(&p.b));
     let client_per_conn = p.client_bytes as f64 / p.ok.max(1) as f64;
@@ -881,12 +934,8 @@ fn join_storm(c: Common) -> Result<(), String> {
                         })
                     })
                     .collect();
-                for task in tasks {
-                    task.await;
-                }
-                Rc::try_unwrap(part)
-                    .map(RefCell::into_inner)
-                    .unwrap_or_else(|_| Part::new())
+                join_all(tasks).await;
+                into_part(part)
             }
         })?;
         Ok((Part::merge(parts), json!({})))
@@ -898,15 +947,7 @@ fn join_storm(c: Common) -> Result<(), String> {
         "join-storm: {n} clients joined one topic at once; {} saw the complete membership of {n}",
         p.ok
     );
-    println!(
-        "  errors: {} timeouts: {}{}",
-        p.errors,
-        p.timeouts,
-        p.first_error
-            .as_ref()
-            .map(|e| format!(" (first: {e})"))
-            .unwrap_or_default()
-    );
+    p.print_errors();
     println!("  join -> complete view us: {}", percentiles(&p.a));
     println!(
         "  every view complete after: {:.3} s",
@@ -936,49 +977,24 @@ fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String> {
                 let part = Rc::new(RefCell::new(Part::new()));
                 let clients = connect_share(&t, e, e_count, n, conc, &part).await;
                 // Everyone joins and waits for the complete membership before the rounds start.
-                let members: Vec<_> = clients
-                    .into_iter()
-                    .map(|(i, mut client)| {
-                        let part = part.clone();
-                        glommio::spawn_local(async move {
-                            // Only the updater is tracked: the others subscribe without being tracked, so
-                            // setting up M members is not itself a join storm of M (see join-storm).
-                            let payload = if i == 0 {
-                                json!({"meta": {"round": -1}})
-                            } else {
-                                json!({"track": false})
-                            };
-                            let join =
-                                json!(["1", "1", "room:fanout", "phx_join", payload]).to_string();
-                            if let Err(err) = client.send(join).await {
-                                part.borrow_mut().error(err);
-                                return None;
-                            }
-                            let mut view = View::default();
-                            if !read_until(&mut client, &mut view, deadline, |_, f| {
-                                f[3] == "presence_state"
-                            })
-                            .await
-                            {
-                                part.borrow_mut().timeouts += 1;
-                                return None;
-                            }
-                            Some((i, client, view))
-                        })
-                    })
-                    .collect();
-                let mut ready_members = Vec::new();
-                for m in members {
-                    if let Some(x) = m.await {
-                        ready_members.push(x);
-                    }
-                }
+                // Only the updater is tracked: the others subscribe without being tracked, so
+                // setting up M members is not itself a join storm of M (see join-storm).
+                let ready_members = join_each(clients, &part, deadline, |i| {
+                    let payload = if i == 0 {
+                        json!({"meta": {"round": -1}})
+                    } else {
+                        json!({"track": false})
+                    };
+                    json!(["1", "1", "room:fanout", "phx_join", payload]).to_string()
+                })
+                .await;
                 phase(&ready);
                 let tasks: Vec<_> = ready_members
                 .into_iter()
-                .map(|(i, mut client, mut view)| {
+                .map(|(i, mut client)| {
                     let (part, round_max) = (part.clone(), round_max.clone());
                     glommio::spawn_local(async move {
+                        let mut view = View::default();
                         if i == 0 {
                             // The updater: one meta change per interval, stamped with its send time.
                             let updater = glommio::spawn_local(async move {
@@ -1026,12 +1042,8 @@ fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String> {
                     })
                 })
                 .collect();
-                for task in tasks {
-                    task.await;
-                }
-                Rc::try_unwrap(part)
-                    .map(RefCell::into_inner)
-                    .unwrap_or_else(|_| Part::new())
+                join_all(tasks).await;
+                into_part(part)
             }
         })?;
         let maxima = round_max.lock().map_err(|_| "lock")?.clone();
@@ -1051,15 +1063,7 @@ fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String> {
         all_saw.record(m).ok();
     }
     println!("fanout: 1 tracked member + {} subscribers, {rounds} updates {interval_ms} ms apart; {} clients saw every update", n - 1, p.ok);
-    println!(
-        "  errors: {} timeouts: {}{}",
-        p.errors,
-        p.timeouts,
-        p.first_error
-            .as_ref()
-            .map(|e| format!(" (first: {e})"))
-            .unwrap_or_default()
-    );
+    p.print_errors();
     println!("  update -> seen by one member us: {}", percentiles(&p.a));
     println!(
         "  update -> seen by all members us: {}",
@@ -1108,28 +1112,10 @@ fn reconnect_storm(
             async move {
                 let part = Rc::new(RefCell::new(Part::new()));
                 let clients = connect_share(&t, e, e_count, n, conc, &part).await;
-                let joined: Vec<_> = clients
-                .into_iter()
-                .map(|(i, mut client)| {
-                    let part = part.clone();
-                    glommio::spawn_local(async move {
-                        let join = json!(["1", "1", format!("room:{}", i % topics), "phx_join", {"meta": {"i": i}}]).to_string();
-                        if let Err(err) = client.send(join).await {
-                            part.borrow_mut().error(err);
-                            return None;
-                        }
-                        let mut view = View::default();
-                        let ok = read_until(&mut client, &mut view, deadline, |_, f| f[3] == "presence_state").await;
-                        ok.then_some((i, client))
-                    })
+                let members = join_each(clients, &part, deadline, |i| {
+                    json!(["1", "1", format!("room:{}", i % topics), "phx_join", {"meta": {"i": i}}]).to_string()
                 })
-                .collect();
-                let mut members = Vec::new();
-                for j in joined {
-                    if let Some(m) = j.await {
-                        members.push(m);
-                    }
-                }
+                .await;
                 // Let the joins' own diffs arrive before counting starts.
                 glommio::timer::sleep(Duration::from_secs(1)).await;
                 // With --procs the parent restarts the server, once, as this phase opens.
@@ -1204,12 +1190,8 @@ fn reconnect_storm(
                     })
                 })
                 .collect();
-                for task in tasks {
-                    task.await;
-                }
-                Rc::try_unwrap(part)
-                    .map(RefCell::into_inner)
-                    .unwrap_or_else(|_| Part::new())
+                join_all(tasks).await;
+                into_part(part)
             }
         })?;
         let total = seen.load(std::sync::atomic::Ordering::Relaxed);
@@ -1233,15 +1215,7 @@ fn reconnect_storm(
         "dropped at once"
     };
     println!("reconnect-storm: {n} clients in {topics} topics; {reconnecting} {how}, {} back and rejoined", p.ok);
-    println!(
-        "  errors: {} timeouts: {}{}",
-        p.errors,
-        p.timeouts,
-        p.first_error
-            .as_ref()
-            .map(|e| format!(" (first: {e})"))
-            .unwrap_or_default()
-    );
+    p.print_errors();
     println!("  drop -> rejoined us: {}", percentiles(&p.a));
     println!("  all back after: {:.3} s", p.a.max() as f64 / 1e6);
     println!("  presence changes seen by the {} that stayed, in {window_s} s: {total} in all; per client {}", p.b.len(), percentiles(&p.b));
@@ -1355,17 +1329,13 @@ fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Result<(), Str
                         })
                     })
                     .collect();
-                for task in tasks {
-                    task.await;
-                }
+                join_all(tasks).await;
                 if e == 0 && !is_worker() {
                     if let Ok(mut g) = cpu.lock() {
                         g.1 = pid.and_then(cpu_seconds);
                     }
                 }
-                Rc::try_unwrap(part)
-                    .map(RefCell::into_inner)
-                    .unwrap_or_else(|_| Part::new())
+                into_part(part)
             }
         })?;
         Ok((Part::merge(parts), json!({})))
@@ -1387,15 +1357,7 @@ fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Result<(), Str
     let (before, after) = *cpu.lock().map_err(|_| "lock")?;
     let cpu_share = before.zip(after).map(|(b, a)| (a - b) / window_s as f64);
     println!("churn: {} subscribers of one topic; {churners} churners joining/leaving {rate}/s for {window_s} s", p.ok);
-    println!(
-        "  errors: {} timeouts: {}{}",
-        p.errors,
-        p.timeouts,
-        p.first_error
-            .as_ref()
-            .map(|e| format!(" (first: {e})"))
-            .unwrap_or_default()
-    );
+    p.print_errors();
     println!("  join -> seen by a subscriber us: {}", percentiles(&p.a));
     if let Some(share) = cpu_share {
         println!(
