@@ -20,6 +20,8 @@ run() { # name, roster-bench args...
   local name=$1; shift
   ./target/release/roster --listen "127.0.0.1:$port" --shards "$shards" 2>"$out/$name.server.log" &
   local pid=$!
+  # Never leave a server behind (the next one would share its port through SO_REUSEPORT).
+  trap 'kill -TERM "$pid" 2>/dev/null || true' EXIT
   for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
   ./target/release/roster-bench "$@" --url "ws://127.0.0.1:$port/socket" --source-addrs "$sources" \
     --server-pid "$pid" --duration-s 120 --json "$out/$name.json" | tee "$out/$name.txt"

@@ -18,6 +18,9 @@ use tungstenite::Message;
 static HEAVY: Mutex<()> = Mutex::new(());
 
 fn heavy() -> MutexGuard<'static, ()> {
+    // This process opens up to 15,000 client sockets: raise its own soft limit to the hard one
+    // (roster raises its own at start-up).
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     HEAVY.lock().unwrap_or_else(|e| e.into_inner())
 }
 

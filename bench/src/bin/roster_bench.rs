@@ -398,6 +398,7 @@ fn distributed(
     let (mut waiting, mut phase_k, mut done) = (0, 0, 0);
     let mut parts = Vec::new();
     let mut extras = json!({});
+    let mut reported = std::collections::HashSet::new();
     for (w, line) in rx {
         if line == "BARRIER" {
             waiting += 1;
@@ -412,11 +413,20 @@ fn distributed(
         } else if let Some(result) = line.strip_prefix("RESULT ") {
             let (part, extra) = result.split_once('\t').ok_or("bad worker result")?;
             parts.push(Part::from_json(part)?);
+            reported.insert(w);
             merge_extras(
                 &mut extras,
                 &serde_json::from_str(extra).map_err(|e| e.to_string())?,
             );
         } else if line == "EXIT" {
+            if !reported.contains(&w) {
+                // The others may be waiting at a phase this worker will never reach.
+                for child in &mut children {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                return Err(format!("worker {w} ended without a result"));
+            }
             done += 1;
             if done == c.procs {
                 break;
@@ -1011,7 +1021,6 @@ fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String> {
                             let mut client = updater.await;
                             // It reads its own diffs too, like every member.
                             let _ = read_until(&mut client, &mut view, Instant::now() + Duration::from_millis(200), |_, _| false).await;
-                            part.borrow_mut().ok += 1;
                             return;
                         }
                         let mut seen = 0;
@@ -1116,7 +1125,8 @@ fn reconnect_storm(
                     json!(["1", "1", format!("room:{}", i % topics), "phx_join", {"meta": {"i": i}}]).to_string()
                 })
                 .await;
-                // Let the joins' own diffs arrive before counting starts.
+                // Everyone has joined; let the joins' own diffs arrive before counting starts.
+                phase(&ready);
                 glommio::timer::sleep(Duration::from_secs(1)).await;
                 // With --procs the parent restarts the server, once, as this phase opens.
                 if phase(&ready) && !is_worker() {
@@ -1162,10 +1172,14 @@ fn reconnect_storm(
                             };
                             match again.await {
                                 Ok(c) => {
-                                    let mut p = part.borrow_mut();
-                                    p.a.record(storm.elapsed().as_micros() as u64).ok();
-                                    p.ok += 1;
-                                    drop(p);
+                                    {
+                                        let mut p = part.borrow_mut();
+                                        p.a.record(storm.elapsed().as_micros() as u64).ok();
+                                        p.ok += 1;
+                                    }
+                                    // Stay until the window ends: leaving now would be counted as
+                                    // a storm change by the others.
+                                    glommio::timer::sleep(window_end.saturating_duration_since(Instant::now())).await;
                                     drop(c);
                                 }
                                 Err(err) => part.borrow_mut().error(err),
@@ -1198,7 +1212,7 @@ fn reconnect_storm(
         Ok((Part::merge(parts), json!({"seen": total})))
     };
     let on_phase = |k: usize| {
-        if k == 0 {
+        if k == 1 {
             if let Some(cmd) = parent_restart.clone() {
                 run_restart(cmd);
             }
@@ -1246,8 +1260,10 @@ fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Result<(), Str
     let cpu = Arc::new(Mutex::new((None::<f64>, None::<f64>)));
     let (cpu2, pid) = (cpu.clone(), c.server_pid);
     let local = move || {
+        let total_ops = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let ops2 = total_ops.clone();
         let parts = on_executors(e_count, move |e| {
-            let (t, ready, cpu) = (t.clone(), ready.clone(), cpu2.clone());
+            let (t, ready, cpu, all_ops) = (t.clone(), ready.clone(), cpu2.clone(), ops2.clone());
             async move {
                 let part = Rc::new(RefCell::new(Part::new()));
                 let clients = connect_share(&t, e, e_count, n, conc, &part).await;
@@ -1284,7 +1300,9 @@ fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Result<(), Str
                     }
                 }
                 let window_end = Instant::now() + Duration::from_secs(window_s);
+                let ops = Rc::new(Cell::new(0u64));
                 if churning && !churn_clients.is_empty() {
+                    let sent_ops = ops.clone();
                     glommio::spawn_local(async move {
                     let gap = Duration::from_nanos(1_000_000_000 / rate.max(1));
                     let mut joined = vec![false; churn_clients.len()];
@@ -1299,6 +1317,7 @@ fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Result<(), Str
                         joined[idx] = !joined[idx];
                         let _ = churn_clients[idx].send(frame.to_string()).await;
                         k += 1;
+                        sent_ops.set(k as u64);
                         glommio::timer::sleep(gap).await;
                     }
                     drop(churn_clients);
@@ -1335,10 +1354,12 @@ fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Result<(), Str
                         g.1 = pid.and_then(cpu_seconds);
                     }
                 }
+                all_ops.fetch_add(ops.get(), std::sync::atomic::Ordering::Relaxed);
                 into_part(part)
             }
         })?;
-        Ok((Part::merge(parts), json!({})))
+        let ops = total_ops.load(std::sync::atomic::Ordering::Relaxed);
+        Ok((Part::merge(parts), json!({"ops": ops})))
     };
     let parent_cpu = cpu.clone();
     let on_phase = move |_k: usize| {
@@ -1346,7 +1367,7 @@ fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Result<(), Str
             g.0 = pid.and_then(cpu_seconds);
         }
     };
-    let Some((p, _)) = distributed(&c, on_phase, local)? else {
+    let Some((p, extras)) = distributed(&c, on_phase, local)? else {
         return Ok(());
     };
     if c.procs > 1 {
@@ -1356,7 +1377,8 @@ fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Result<(), Str
     }
     let (before, after) = *cpu.lock().map_err(|_| "lock")?;
     let cpu_share = before.zip(after).map(|(b, a)| (a - b) / window_s as f64);
-    println!("churn: {} subscribers of one topic; {churners} churners joining/leaving {rate}/s for {window_s} s", p.ok);
+    let achieved = extras["ops"].as_u64().unwrap_or(0) as f64 / window_s as f64;
+    println!("churn: {} subscribers of one topic; {churners} churners joining/leaving at {achieved:.0}/s (asked {rate}/s) for {window_s} s", p.ok);
     p.print_errors();
     println!("  join -> seen by a subscriber us: {}", percentiles(&p.a));
     if let Some(share) = cpu_share {
@@ -1367,7 +1389,7 @@ fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Result<(), Str
     }
     write_json(
         &c,
-        json!({"scenario": "churn", "subscribers": p.ok, "churners": churners, "rate": rate, "window_s": window_s,
+        json!({"scenario": "churn", "subscribers": p.ok, "churners": churners, "rate": rate, "achieved_rate": achieved, "window_s": window_s,
         "errors": p.errors, "join_seen_us": json_percentiles(&p.a), "server_cpu_cores": cpu_share}),
     )
 }
@@ -1381,6 +1403,15 @@ fn main() {
         | Scenario::Churn { common, .. }
         | Scenario::ReconnectStorm { common, .. } => common,
     };
+    // Every run stops on its own: past --duration-s (plus time to report), the process exits.
+    let limit = Duration::from_secs(common.duration_s + 30);
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        eprintln!(
+            "roster-bench: still running {limit:?} after start (--duration-s + 30 s): stopping"
+        );
+        std::process::exit(3);
+    });
     if let Some(w) = common.worker.as_deref().and_then(|w| w.split_once('/')) {
         if let (Ok(a), Ok(b)) = (w.0.parse(), w.1.parse()) {
             let _ = SPLIT.set((a, b));

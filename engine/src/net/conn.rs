@@ -80,6 +80,16 @@ async fn handshake_phase(rt: &Runtime, stream: &mut TcpStream) -> Option<(Upgrad
 async fn close_phase(c: &mut Conn, stream: &mut TcpStream) {
     let _ = glommio::timer::timeout(CLOSE_TIMEOUT, async {
         let _ = poll_fn(|cx| c.poll_write(cx, stream)).await;
+        // Closing with unread bytes in our receive queue makes the kernel send a reset, and the
+        // client may then never see the close frame (it gets 1006). Half-close and drain what
+        // the client still sends, briefly.
+        let _ = stream.shutdown(std::net::Shutdown::Write).await;
+        let mut sink = [0u8; 512];
+        let drain = async {
+            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+            Ok(())
+        };
+        let _ = glommio::timer::timeout(Duration::from_secs(1), drain).await;
         Ok(())
     })
     .await;
@@ -172,7 +182,7 @@ impl Conn {
         if !self.wbuf.is_empty() {
             // The socket is backed up: new frames stay in the shard's queue, where they count
             // against max_outbound_bytes, until this buffer has gone out.
-            if let Some(reason) = self.rt.take_close(self.conn, cx.waker()) {
+            if let Some(reason) = self.rt.take_close(self.conn, cx.waker(), &mut self.wbuf) {
                 self.start_close(reason);
             }
             if let Poll::Ready(r) = self.poll_write(cx, stream) {

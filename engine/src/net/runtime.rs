@@ -230,6 +230,7 @@ impl Runtime {
         let mut expired = Vec::new();
         {
             let conns = self.conns.borrow();
+            let paused = self.paused.borrow();
             let mut wheel = self.wheel.borrow_mut();
             for (conn, generation) in due {
                 let Some(slot) = conns
@@ -239,10 +240,12 @@ impl Runtime {
                     continue; // closed since
                 };
                 let deadline = slot.last_seen_ms + timeout;
-                if deadline <= now {
+                // A connection we stopped reading (rings backed up) may well have sent its
+                // heartbeat: do not hold our own backpressure against it.
+                if deadline <= now && !paused.contains(&conn) {
                     expired.push(conn);
                 } else {
-                    wheel.insert((conn, generation), deadline);
+                    wheel.insert((conn, generation), deadline.max(now + WHEEL_GRANULARITY_MS));
                 }
             }
         }
@@ -359,11 +362,22 @@ impl Runtime {
     }
 
     /// Whether the connection must close (without taking its frames); registers the waker.
-    pub fn take_close(&self, conn: ConnId, waker: &Waker) -> Option<CloseReason> {
+    /// If it must, the frames queued before the close are appended to `wbuf` first (an error
+    /// reply queued just before a close still goes out).
+    pub fn take_close(
+        &self,
+        conn: ConnId,
+        waker: &Waker,
+        wbuf: &mut Vec<u8>,
+    ) -> Option<CloseReason> {
         let mut conns = self.conns.borrow_mut();
         let slot = conns.get_mut(conn.0 as usize)?;
         slot.set_waker(waker);
-        slot.close.take().map(|b| *b)
+        let close = slot.close.take()?;
+        for frame in slot.out.drain(..) {
+            write_text_frame(wbuf, &frame);
+        }
+        Some(*close)
     }
 
     /// Appends the frames queued for `conn` to `wbuf` as WebSocket frames and says whether the

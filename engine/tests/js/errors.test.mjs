@@ -125,14 +125,19 @@ test('handshake refusals: vsn other than 2.x is 400, another path is 404, with r
 
 test('SIGTERM closes connections with 1001 and exits 0', async () => {
   const own = await startServer();
-  const c = await raw(own);
-  await c.call('1', 'room:bye', 'phx_join', {});
-  const started = Date.now();
-  own.proc.kill('SIGTERM');
-  const closed = await c.closed(5000);
-  assert.equal(closed.code, 1001);
-  const { code } = await own.exited;
-  assert.equal(code, 0);
-  assert.ok(Date.now() - started < 5000, 'bounded shutdown');
-  await sleep(10);
+  try {
+    const c = await raw(own);
+    await c.call('1', 'room:bye', 'phx_join', {});
+    const started = Date.now();
+    own.proc.kill('SIGTERM');
+    const closed = await c.closed(5000);
+    assert.equal(closed.code, 1001);
+    const { code } = await own.exited;
+    assert.equal(code, 0);
+    assert.ok(Date.now() - started < 5000, 'bounded shutdown');
+    await sleep(10);
+  } finally {
+    // If anything above failed, do not leave the server (and this test run) hanging.
+    if (own.proc.exitCode === null) own.proc.kill('SIGKILL');
+  }
 });

@@ -35,13 +35,18 @@ export async function startServer(args = []) {
   proc.stderr.on('data', (d) => { log += d; });
   const exited = new Promise((resolve) => proc.on('exit', (code, signal) => resolve({ code, signal })));
   const url = `ws://127.0.0.1:${port}/socket`;
-  await waitFor(async () => {
-    const ws = new WebSocket(`${url}/websocket?vsn=2.0.0`);
-    return new Promise((resolve) => {
-      ws.on('open', () => { ws.close(); resolve(true); });
-      ws.on('error', () => resolve(false));
-    });
-  }, 5000, `roster listening on ${port}: ${log}`);
+  try {
+    await waitFor(async () => {
+      const ws = new WebSocket(`${url}/websocket?vsn=2.0.0`);
+      return new Promise((resolve) => {
+        ws.on('open', () => { ws.close(); resolve(true); });
+        ws.on('error', () => resolve(false));
+      });
+    }, 5000, () => `roster listening on ${port}: ${log}`);
+  } catch (e) {
+    proc.kill('SIGKILL');
+    throw e;
+  }
   return {
     port,
     url,
