@@ -370,14 +370,17 @@ impl Runtime {
         waker: &Waker,
         wbuf: &mut Vec<u8>,
     ) -> Option<CloseReason> {
-        let mut conns = self.conns.borrow_mut();
-        let slot = conns.get_mut(conn.0 as usize)?;
-        slot.set_waker(waker);
-        let close = slot.close.take()?;
-        for frame in slot.out.drain(..) {
-            write_text_frame(wbuf, &frame);
+        let closing = {
+            let mut conns = self.conns.borrow_mut();
+            let slot = conns.get_mut(conn.0 as usize)?;
+            slot.set_waker(waker);
+            slot.close.is_some()
+        };
+        if closing {
+            self.take_outbound(conn, waker, wbuf)
+        } else {
+            None
         }
-        Some(*close)
     }
 
     /// Appends the frames queued for `conn` to `wbuf` as WebSocket frames and says whether the
