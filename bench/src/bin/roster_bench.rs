@@ -353,6 +353,24 @@ fn merge_extras(into: &mut Value, from: &Value) {
     }
 }
 
+/// Starts `--procs` copies of this program with this run's arguments, as workers W/N, with
+/// stdin and stdout piped for the phase protocol.
+fn spawn_workers(c: &Common) -> Result<Vec<std::process::Child>, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    (0..c.procs)
+        .map(|w| {
+            std::process::Command::new(&exe)
+                .args(&args)
+                .args(["--worker", &format!("{w}/{}", c.procs)])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("worker {w}: {e}"))
+        })
+        .collect()
+}
+
 /// Runs a scenario's clients here (`local`), or as --procs worker processes of this program:
 /// the parent relays phase boundaries (calling `on_phase(k)` as boundary k opens) and merges
 /// what the workers measured. In a worker, prints the result for the parent and returns None.
@@ -370,19 +388,10 @@ fn distributed(
         }
         return Ok(Some((part, extras)));
     }
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let args: Vec<String> = std::env::args().skip(1).collect();
     let (tx, rx) = std::sync::mpsc::channel::<(usize, String)>();
     let mut stdins = Vec::new();
-    let mut children = Vec::new();
-    for w in 0..c.procs {
-        let mut child = std::process::Command::new(&exe)
-            .args(&args)
-            .args(["--worker", &format!("{w}/{}", c.procs)])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("worker {w}: {e}"))?;
+    let mut children = spawn_workers(c)?;
+    for (w, child) in children.iter_mut().enumerate() {
         stdins.push(child.stdin.take().ok_or("worker stdin")?);
         let out = child.stdout.take().ok_or("worker stdout")?;
         let tx = tx.clone();
@@ -392,7 +401,6 @@ fn distributed(
             }
             let _ = tx.send((w, "EXIT".into()));
         });
-        children.push(child);
     }
     drop(tx);
     let (mut waiting, mut phase_k, mut done) = (0, 0, 0);
@@ -710,22 +718,10 @@ fn connect(c: Common, topics: usize, mode: String, settle_s: u64) -> Result<(), 
 /// clients, and merges what they measured.
 fn connect_parent(c: &Common, topics: usize, mode: &str, settle_s: u64) -> Result<(), String> {
     use std::io::{BufRead, BufReader, Write as _};
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let before = c.server_pid.and_then(rss_of);
     let kernel_before = kernel_bytes();
     let started = Instant::now();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut children = Vec::new();
-    for w in 0..c.procs {
-        let child = std::process::Command::new(&exe)
-            .args(&args)
-            .args(["--worker", &format!("{w}/{}", c.procs)])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("worker {w}: {e}"))?;
-        children.push(child);
-    }
+    let mut children = spawn_workers(c)?;
     let mut parts = Vec::new();
     for (w, child) in children.iter_mut().enumerate() {
         let out = child.stdout.take().ok_or("worker stdout")?;
