@@ -15,36 +15,48 @@ impl Drop for Roster {
     }
 }
 
-fn roster() -> Roster {
-    // Built by `cargo test --workspace` next to roster-bench (same profile directory).
+/// The roster binary, built by `cargo test --workspace` next to roster-bench (same profile).
+fn roster_bin() -> PathBuf {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_roster-bench")).with_file_name("roster");
     assert!(
         bin.exists(),
         "{} missing: run the workspace's tests (scripts/test.sh) or build roster first",
         bin.display()
     );
-    let port = TcpListener::bind("127.0.0.1:0")
+    bin
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("port")
-        .port();
-    let child = Command::new(bin)
+        .port()
+}
+
+fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "roster listening on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn roster() -> Roster {
+    let port = free_port();
+    let child = Command::new(roster_bin())
         .args(["--listen", &format!("127.0.0.1:{port}"), "--shards", "2"])
         .env("ROSTER_LOG", "warn")
         .stderr(Stdio::null())
         .spawn()
         .expect("roster starts");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "roster listening");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(port);
     Roster(child, port)
 }
 
-fn run(args: &[&str]) -> serde_json::Value {
-    let server = roster();
+/// Runs roster-bench `args` against the server on `port` and returns its JSON results.
+fn bench(port: u16, args: &[&str]) -> serde_json::Value {
     let json = std::env::temp_dir().join(format!(
-        "roster-bench-smoke-{}-{}.json",
+        "roster-bench-smoke-{}-{}-{port}.json",
         std::process::id(),
         args[0]
     ));
@@ -52,12 +64,13 @@ fn run(args: &[&str]) -> serde_json::Value {
         .args(args)
         .args([
             "--url",
-            &format!("ws://127.0.0.1:{}/socket", server.1),
+            &format!("ws://127.0.0.1:{port}/socket"),
             "--duration-s",
             "30",
             "--json",
         ])
         .arg(&json)
+        .stdout(Stdio::null())
         .output()
         .expect("roster-bench runs");
     assert!(
@@ -68,6 +81,12 @@ fn run(args: &[&str]) -> serde_json::Value {
     let text = std::fs::read_to_string(&json).expect("JSON written");
     let _ = std::fs::remove_file(&json);
     serde_json::from_str(&text).expect("valid JSON")
+}
+
+/// One scenario against a fresh roster.
+fn run(args: &[&str]) -> serde_json::Value {
+    let server = roster();
+    bench(server.1, args)
 }
 
 #[test]
@@ -201,16 +220,12 @@ fn connect_over_worker_processes_merges_their_results() {
 #[test]
 fn reconnect_storm_across_a_server_restart() {
     // The server runs under a pid file so the restart command can replace it on the same port.
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_roster-bench")).with_file_name("roster");
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = free_port();
     let pidfile =
         std::env::temp_dir().join(format!("roster-smoke-restart-{}.pid", std::process::id()));
     let start = format!(
         "{} --listen 127.0.0.1:{port} --shards 2 >/dev/null 2>&1 & echo $! > {}",
-        bin.display(),
+        roster_bin().display(),
         pidfile.display()
     );
     let stop = format!(
@@ -222,48 +237,27 @@ fn reconnect_storm_across_a_server_restart() {
         .status()
         .expect("sh")
         .success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "roster listening");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let json = std::env::temp_dir().join(format!(
-        "roster-bench-smoke-{}-restart.json",
-        std::process::id()
-    ));
-    let out = Command::new(env!("CARGO_BIN_EXE_roster-bench"))
-        .args([
-            "reconnect-storm",
-            "--clients",
-            "60",
-            "--topics",
-            "3",
-            "--window-s",
-            "1",
-            "--duration-s",
-            "30",
-        ])
-        .args([
-            "--url",
-            &format!("ws://127.0.0.1:{port}/socket"),
-            "--restart-cmd",
-            &format!("{stop}; {start}"),
-            "--json",
-        ])
-        .arg(&json)
-        .stdout(Stdio::null())
-        .output()
-        .expect("roster-bench runs");
+    wait_listening(port);
+    let restart = format!("{stop}; {start}");
+    let v = std::panic::catch_unwind(|| {
+        bench(
+            port,
+            &[
+                "reconnect-storm",
+                "--clients",
+                "60",
+                "--topics",
+                "3",
+                "--window-s",
+                "1",
+                "--restart-cmd",
+                &restart,
+            ],
+        )
+    });
     let _ = Command::new("sh").args(["-c", &stop]).status();
     let _ = std::fs::remove_file(&pidfile);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("JSON")).expect("valid");
-    let _ = std::fs::remove_file(&json);
+    let v = v.unwrap_or_else(|e| std::panic::resume_unwind(e));
     assert_eq!(
         (
             v["reconnected"].as_u64(),

@@ -97,3 +97,12 @@ impl Connection {
         self.joins.push(joined);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// One of these per subscription: the comments above promise its size.
+    #[test]
+    fn a_join_record_is_48_bytes() {
+        assert_eq!(std::mem::size_of::<super::Joined>(), 48);
+    }
+}

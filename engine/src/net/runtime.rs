@@ -405,3 +405,12 @@ impl Runtime {
         slot.close.take().map(|b| *b)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// One per connection in a slab that doubles: the comment on `Slot` promises this size.
+    #[test]
+    fn a_slot_is_64_bytes() {
+        assert_eq!(std::mem::size_of::<super::Slot>(), 64);
+    }
+}
