@@ -46,13 +46,33 @@ pub struct Cli {
     /// with 1009. [default: 65536]
     #[arg(long, env = "ROSTER_MAX_FRAME_BYTES")]
     pub max_frame_bytes: Option<usize>,
-    /// Bytes of frames queued for one connection before it counts as a slow consumer and is
-    /// closed with 1008. [default: 1048576]
+    /// Bytes of frames queued for one connection before it counts as a slow consumer: its queued
+    /// presence diffs are dropped, and it gets a fresh presence_state once it drains.
+    /// [default: 1048576]
     #[arg(long, env = "ROSTER_MAX_OUTBOUND_BYTES")]
     pub max_outbound_bytes: Option<usize>,
     /// Least time between two presence_count pushes for one topic. [default: 1000]
     #[arg(long, env = "ROSTER_COUNT_INTERVAL_MS")]
     pub count_interval_ms: Option<u64>,
+    /// A slow consumer that has not drained its queue this long after losing diffs is closed
+    /// with 1008. [default: 30000]
+    #[arg(long, env = "ROSTER_SLOW_CONSUMER_TIMEOUT_MS")]
+    pub slow_consumer_timeout_ms: Option<u64>,
+    /// Users one connection may watch over all its watch: topics. [default: 1000]
+    #[arg(long, env = "ROSTER_MAX_WATCH")]
+    pub max_watch: Option<usize>,
+    /// Coalescing window of a large topic: its changes go out as one diff per window, and its
+    /// joiners within a window share one presence_state. 0 turns coalescing off. [default: 50]
+    #[arg(long, env = "ROSTER_DIFF_WINDOW_MS")]
+    pub diff_window_ms: Option<u64>,
+    /// Members (tracked presences or full-mode subscribers, whichever is more) from which a
+    /// topic is large and coalesced. [default: 1000]
+    #[arg(long, env = "ROSTER_LARGE_TOPIC_THRESHOLD")]
+    pub large_topic_threshold: Option<u32>,
+    /// How long a closed connection's presences are held for the same key to take them over
+    /// (a reconnect then broadcasts nothing). 0 = leave at once. [default: 0]
+    #[arg(long, env = "ROSTER_LEAVE_GRACE_MS")]
+    pub leave_grace_ms: Option<u64>,
     /// Capacity of each ring between two shards, in batches of messages. [default: 1024]
     #[arg(long, env = "ROSTER_RING_CAPACITY")]
     pub ring_capacity: Option<usize>,
@@ -73,6 +93,11 @@ pub struct FileConfig {
     pub max_frame_bytes: Option<usize>,
     pub max_outbound_bytes: Option<usize>,
     pub count_interval_ms: Option<u64>,
+    pub slow_consumer_timeout_ms: Option<u64>,
+    pub max_watch: Option<usize>,
+    pub diff_window_ms: Option<u64>,
+    pub large_topic_threshold: Option<u32>,
+    pub leave_grace_ms: Option<u64>,
     pub ring_capacity: Option<usize>,
 }
 
@@ -90,6 +115,11 @@ pub struct ServerConfig {
     pub max_frame_bytes: usize,
     pub max_outbound_bytes: usize,
     pub count_interval: Duration,
+    pub slow_consumer_timeout: Duration,
+    pub max_watch: usize,
+    pub diff_window: Duration,
+    pub large_topic_threshold: u32,
+    pub leave_grace: Duration,
     pub ring_capacity: usize,
 }
 
@@ -136,6 +166,22 @@ impl ServerConfig {
                 cli.count_interval_ms
                     .or(file.count_interval_ms)
                     .unwrap_or(1000),
+            ),
+            slow_consumer_timeout: Duration::from_millis(
+                cli.slow_consumer_timeout_ms
+                    .or(file.slow_consumer_timeout_ms)
+                    .unwrap_or(30_000),
+            ),
+            max_watch: cli.max_watch.or(file.max_watch).unwrap_or(1000),
+            diff_window: Duration::from_millis(
+                cli.diff_window_ms.or(file.diff_window_ms).unwrap_or(50),
+            ),
+            large_topic_threshold: cli
+                .large_topic_threshold
+                .or(file.large_topic_threshold)
+                .unwrap_or(1000),
+            leave_grace: Duration::from_millis(
+                cli.leave_grace_ms.or(file.leave_grace_ms).unwrap_or(0),
             ),
             ring_capacity: cli.ring_capacity.or(file.ring_capacity).unwrap_or(1024),
         };

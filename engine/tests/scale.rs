@@ -304,21 +304,101 @@ fn out_of_file_descriptors_pauses_accepting_and_recovers() {
     assert!(late.join("room:fd", json!({})).is_object());
 }
 
-#[test]
-fn a_consumer_that_stops_reading_is_closed_and_leaves_without_hurting_others() {
-    let _turn = heavy();
-    let server = Server::start(&["--shards", "2", "--max-outbound-bytes", "65536"]);
-    let mut watcher = Client::connect(server.addr, "watcher").expect("watcher");
-    watcher.join("room:flood", json!({"track": false}));
-    // A small receive buffer, so the kernel stops taking bytes for it early.
+/// A client on a socket with a small receive buffer, so the kernel stops taking bytes for it
+/// early when it does not read.
+fn small_buffered(server: &Server, user: &str) -> Client {
     let sock =
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
     sock.set_recv_buffer_size(4096).expect("rcvbuf");
     sock.connect(&server.addr.into()).expect("connect");
-    let mut slow =
-        Client::over(sock.into(), server.addr, "slow", Duration::from_secs(10)).expect("slow");
+    Client::over(sock.into(), server.addr, user, Duration::from_secs(10)).expect("client")
+}
+
+/// `n` presence_updates of ~1 KB each from `flooder` (joined to `topic` as `jr`), each waiting for
+/// its reply, stopping early when `stop` says so.
+fn flood(flooder: &mut Client, jr: &str, topic: &str, n: usize, stop: impl Fn() -> bool) -> usize {
+    let pad = "p".repeat(900);
+    let mut updates = 0;
+    while updates < n && !stop() {
+        updates += 1;
+        let r = flooder.push(
+            jr,
+            topic,
+            "presence_update",
+            json!({"meta": {"pad": pad, "n": updates}}),
+        );
+        flooder.until(|f| f[1] == r.as_str());
+    }
+    updates
+}
+
+#[test]
+fn a_consumer_that_stops_reading_loses_diffs_and_ends_with_a_correct_view() {
+    let _turn = heavy();
+    let server = Server::start(&["--shards", "2", "--max-outbound-bytes", "65536"]);
+    let mut slow = small_buffered(&server, "slow");
+    let mut view = View::new();
+    sync_state(&mut view, &slow.join("room:lag", json!({})));
+    let mut flooder = Client::connect(server.addr, "flooder").expect("flooder");
+    let r = flooder.push("jl", "room:lag", "phx_join", json!({"presence": "none"}));
+    flooder.until(|f| f[1] == r.as_str());
+    // ~3 MB of diffs for a client that reads nothing: past what the kernel buffers for it
+    // (~1.3 MB here) plus its 64 KiB bound.
+    let updates = flood(&mut flooder, "jl", "room:lag", 3000, || false);
+    // Now it reads, as phoenix.js Presence would apply what arrives.
+    slow.ws
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let (mut diffs, mut states) = (0, 0);
+    while let Some(f) = slow.recv() {
+        match f[3].as_str() {
+            Some("presence_diff") => {
+                diffs += 1;
+                sync_diff(&mut view, &f[4]);
+            }
+            Some("presence_state") => {
+                states += 1;
+                sync_state(&mut view, &f[4]);
+            }
+            _ => {}
+        }
+        let metas = &view.get("flooder").map(|m| m.len());
+        if metas == &Some(1) && view["flooder"][0]["n"] == updates {
+            break;
+        }
+    }
+    eprintln!("after {updates} updates the slow consumer got {diffs} diffs and {states} states");
+    assert!(states >= 1, "a fresh state after the dropped diffs");
+    assert!(diffs < updates, "diffs were dropped ({diffs} of {updates})");
+    let mine = view.get("flooder").cloned().unwrap_or_default();
+    assert_eq!(mine.len(), 1, "{view:?}");
+    assert_eq!(mine[0]["n"], updates, "the view ends current: {view:?}");
+    // And it is still connected: it resynced instead of being closed.
+    let r = slow.push(
+        "jroom:lag",
+        "room:lag",
+        "presence_update",
+        json!({"meta": {}}),
+    );
+    slow.until(|f| f[1] == r.as_str());
+}
+
+#[test]
+fn a_consumer_stuck_past_the_timeout_is_closed_and_leaves_without_hurting_others() {
+    let _turn = heavy();
+    let server = Server::start(&[
+        "--shards",
+        "2",
+        "--max-outbound-bytes",
+        "65536",
+        "--slow-consumer-timeout-ms",
+        "1000",
+    ]);
+    let mut watcher = Client::connect(server.addr, "watcher").expect("watcher");
+    watcher.join("room:flood", json!({"track": false}));
+    let mut slow = small_buffered(&server, "slow");
     slow.join("room:flood", json!({}));
-    eprintln!("slow joined");
     let mut flooder = Client::connect(server.addr, "flooder").expect("flooder");
     let r = flooder.push(
         "jroom:flood",
@@ -327,8 +407,6 @@ fn a_consumer_that_stops_reading_is_closed_and_leaves_without_hurting_others() {
         json!({"presence": "none"}),
     );
     flooder.until(|f| f[1] == r.as_str());
-    eprintln!("flooder joined");
-    let pad = "p".repeat(900);
     let left = std::sync::atomic::AtomicBool::new(false);
     let updates = std::thread::scope(|s| {
         // The watcher keeps reading; it must see the slow consumer leave.
@@ -349,24 +427,19 @@ fn a_consumer_that_stops_reading_is_closed_and_leaves_without_hurting_others() {
             }
         });
         let started = Instant::now();
-        let mut updates = 0;
-        while !left.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(30) {
-            updates += 1;
-            let r = flooder.push(
-                "jroom:flood",
-                "room:flood",
-                "presence_update",
-                json!({"meta": {"pad": pad, "n": updates}}),
-            );
-            flooder.until(|f| f[1] == r.as_str());
-        }
-        updates
+        flood(
+            &mut flooder,
+            "jroom:flood",
+            "room:flood",
+            usize::MAX,
+            || left.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(30),
+        )
     });
     assert!(
         left.load(Ordering::Relaxed),
         "slow consumer still present after {updates} updates"
     );
-    eprintln!("slow consumer closed after {updates} updates of ~1 KB");
+    eprintln!("stuck consumer closed after {updates} updates of ~1 KB");
     // Its socket ends with the 1008 close frame or, if even that could not be written, EOF.
     slow.ws
         .get_ref()

@@ -4,7 +4,7 @@
 //! Frames are `[join_ref, ref, topic, event, payload]`. Broadcasts (`presence_diff`) carry
 //! `null, null` so the same bytes can go to every subscriber.
 
-use crate::meta::write_json_str;
+use crate::meta::{write_json_str, write_with_topic};
 
 fn write_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
     match s {
@@ -160,6 +160,16 @@ impl<'o> PresenceMap<'o> {
         self.state = MapState::KeyOpenWithMeta;
     }
 
+    /// One stored meta of the current key, with `"topic"` added (watch lists).
+    pub fn meta_with_topic(&mut self, meta: &[u8], topic: &str) {
+        debug_assert!(self.state != MapState::Empty, "meta before key");
+        if self.state == MapState::KeyOpenWithMeta {
+            self.out.push(b',');
+        }
+        write_with_topic(meta, topic, self.out);
+        self.state = MapState::KeyOpenWithMeta;
+    }
+
     pub fn finish(self) {
         if self.state != MapState::Empty {
             self.out.extend_from_slice(b"]}");
@@ -195,6 +205,55 @@ impl<'o> DiffFrame<'o> {
         self.out.push(b'}');
         frame_tail(self.out);
     }
+}
+
+/// What a frame this module wrote carries, as far as flow control cares: a slow consumer may
+/// lose queued `presence_diff` broadcasts (it gets a fresh state instead), and a
+/// `presence_state` is the one frame a client asked for whose size it does not control.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameKind {
+    Diff,
+    State,
+    Other,
+}
+
+/// Reads the event of a frame written by [`frame_head`], without parsing the payload.
+pub fn frame_kind(frame: &[u8]) -> FrameKind {
+    let Some(mut rest) = frame.strip_prefix(b"[") else {
+        return FrameKind::Other;
+    };
+    let broadcast = rest.starts_with(b"null,null,");
+    for _ in 0..3 {
+        match skip_value(rest).and_then(|r| r.strip_prefix(b",")) {
+            Some(r) => rest = r,
+            None => return FrameKind::Other,
+        }
+    }
+    if broadcast && rest.starts_with(b"\"presence_diff\",") {
+        FrameKind::Diff
+    } else if rest.starts_with(b"\"presence_state\",") {
+        FrameKind::State
+    } else {
+        FrameKind::Other
+    }
+}
+
+/// Skips `null` or a JSON string.
+fn skip_value(s: &[u8]) -> Option<&[u8]> {
+    if let Some(rest) = s.strip_prefix(b"null") {
+        return Some(rest);
+    }
+    let body = s.strip_prefix(b"\"")?;
+    let mut escaped = false;
+    for (i, &b) in body.iter().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' => escaped = true,
+            b'"' => return Some(&body[i + 1..]),
+            _ => {}
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -254,6 +313,37 @@ mod tests {
         out.clear();
         PresenceMap::new(&mut out).finish();
         assert_eq!(out, b"{}");
+    }
+
+    #[test]
+    fn frame_kinds_are_read_from_the_head() {
+        let mut out = Vec::new();
+        for topic in ["room:1", "r\\", "a\"presence_diff\",", ""] {
+            out.clear();
+            let mut d = DiffFrame::new(&mut out, topic);
+            d.joins().finish();
+            d.leaves().finish();
+            d.finish();
+            assert_eq!(
+                frame_kind(&out),
+                FrameKind::Diff,
+                "{}",
+                String::from_utf8_lossy(&out)
+            );
+            out.clear();
+            presence_state(&mut out, Some("1\""), topic, b"{}");
+            assert_eq!(frame_kind(&out), FrameKind::State);
+            out.clear();
+            reply_ok(&mut out, None, None, topic, b"{}");
+            assert_eq!(frame_kind(&out), FrameKind::Other);
+            out.clear();
+            frame(&mut out, Some("3"), None, topic, "presence_diff", b"{}");
+            assert_eq!(frame_kind(&out), FrameKind::Other, "not a broadcast");
+            out.clear();
+            presence_count(&mut out, None, topic, 1, 1);
+            assert_eq!(frame_kind(&out), FrameKind::Other);
+        }
+        assert_eq!(frame_kind(b"[null,null,\"unterminated"), FrameKind::Other);
     }
 
     #[test]

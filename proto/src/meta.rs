@@ -136,6 +136,44 @@ pub fn stored_phx_ref(stored: &[u8]) -> Option<&[u8]> {
     stored.get(end.checked_sub(PhxRef::TEXT_LEN)?..end)
 }
 
+const REF_TAIL: usize = b"\"phx_ref\":\"".len() + PhxRef::TEXT_LEN + 2;
+const PREV_FIELD: &[u8] = b"\"phx_ref_prev\":\"";
+const PREV_LEN: usize = PREV_FIELD.len() + PhxRef::TEXT_LEN + 2;
+
+/// The client's part of a stored meta: everything before the server's fields, so two metas can be
+/// compared for "the same meta" whatever their refs (leave-grace takeover).
+pub fn stored_body(stored: &[u8]) -> &[u8] {
+    let Some(end) = stored.len().checked_sub(REF_TAIL) else {
+        return stored;
+    };
+    match end.checked_sub(PREV_LEN) {
+        Some(at) if stored[at..].starts_with(PREV_FIELD) => &stored[..at],
+        _ => &stored[..end],
+    }
+}
+
+/// A stored meta with its server fields rewritten: same client fields, `phx_ref_prev` = `prev`,
+/// `phx_ref` as it was (the presence keeps its identity, the diff shows what it replaced).
+pub fn restamp_prev(stored: &[u8], prev: PhxRef, out: &mut Vec<u8>) {
+    let body = stored_body(stored);
+    let tail = &stored[stored.len().saturating_sub(REF_TAIL)..];
+    out.extend_from_slice(body);
+    out.extend_from_slice(PREV_FIELD);
+    out.extend_from_slice(&prev.text());
+    out.extend_from_slice(b"\",");
+    out.extend_from_slice(tail);
+}
+
+/// A stored meta with `"topic"` added as its last field (watch lists say where a user is). Last,
+/// so that a client field of the same name cannot hide it.
+pub fn write_with_topic(stored: &[u8], topic: &str, out: &mut Vec<u8>) {
+    let open = stored.len().saturating_sub(1);
+    out.extend_from_slice(&stored[..open]);
+    out.extend_from_slice(b",\"topic\":");
+    write_json_str(out, topic);
+    out.push(b'}');
+}
+
 impl PhxRef {
     pub const TEXT_LEN: usize = 11;
 
@@ -233,6 +271,30 @@ mod tests {
         let mut out = Vec::new();
         ClientMeta::empty().encode(&mut out, None, PhxRef(2), None);
         assert_eq!(out, format!(r#"{{"phx_ref":"{}"}}"#, PhxRef(2)).as_bytes());
+    }
+
+    #[test]
+    fn body_restamp_and_topic() {
+        let plain = encoded(r#"{"a":1}"#, None, 5, None);
+        let updated = encoded(r#"{"a":1}"#, None, 6, Some(5));
+        assert_eq!(stored_body(plain.as_bytes()), br#"{"a":1,"#);
+        assert_eq!(stored_body(updated.as_bytes()), br#"{"a":1,"#);
+        assert_eq!(
+            stored_body(encoded("{}", None, 5, Some(4)).as_bytes()),
+            b"{"
+        );
+        let mut out = Vec::new();
+        restamp_prev(plain.as_bytes(), PhxRef(9), &mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["phx_ref_prev"], PhxRef(9).to_string());
+        assert_eq!(v["phx_ref"], PhxRef(5).to_string());
+        assert_eq!(stored_phx_ref(&out), Some(PhxRef(5).to_string().as_bytes()));
+        out.clear();
+        let own_topic = encoded(r#"{"topic":"mine"}"#, None, 5, None);
+        write_with_topic(own_topic.as_bytes(), "room:\"1\"", &mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["topic"], "room:\"1\"");
+        assert_eq!(v["phx_ref"], PhxRef(5).to_string());
     }
 
     #[test]

@@ -182,6 +182,7 @@ fn track_untrack_owner(shards: u16, topics: usize, pairs: usize) -> f64 {
                         seq: 0,
                         mode: PresenceMode::None,
                         track,
+                        resync: false,
                     }))
                 } else {
                     MeshMsg::Leave {
@@ -189,6 +190,7 @@ fn track_untrack_owner(shards: u16, topics: usize, pairs: usize) -> f64 {
                         from,
                         mode: PresenceMode::None,
                         tracked: Some((key, PhxRef(i))),
+                        closed: false,
                     }
                 };
                 cl.shards[owner.index()].mesh(msg);
@@ -289,6 +291,7 @@ fn memory_tables(shards: u16, n: usize) -> f64 {
             seq: 0,
             mode: PresenceMode::None,
             track,
+            resync: false,
         })));
         if i % 1024 == 1023 {
             cl.pump();

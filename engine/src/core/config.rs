@@ -15,6 +15,16 @@ pub struct Config {
     pub max_ref_bytes: usize,
     /// Least time between two `presence_count` pushes for one topic.
     pub count_interval: Millis,
+    /// Users one connection may watch, over all its `watch:` topics.
+    pub max_watch: usize,
+    /// Coalescing window of a large topic: its changes go out at most once per window, and
+    /// its joiners within a window share one state. 0 turns coalescing off.
+    pub diff_window: Millis,
+    /// Members (tracked presences or full-mode subscribers, whichever is more) from which a
+    /// topic is large.
+    pub large_topic_threshold: u32,
+    /// How long a closed connection's presences stay, for the same key to take them over.
+    pub leave_grace: Millis,
     /// Mixed into every `phx_ref` this process makes, so refs from two runs of the server differ
     /// (a client that reconnects after a restart must not confuse old and new presences). The
     /// driver picks it at random; tests fix it.
@@ -30,6 +40,10 @@ impl Default for Config {
             max_topic_bytes: 255,
             max_ref_bytes: 64,
             count_interval: Millis(1000),
+            max_watch: 1000,
+            diff_window: Millis(50),
+            large_topic_threshold: 1000,
+            leave_grace: Millis(0),
             ref_seed: 0,
         }
     }

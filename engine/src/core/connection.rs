@@ -27,6 +27,9 @@ pub(crate) struct Joined {
     /// Until the owner's reply arrives; only then does the connection get its ok, its state, and
     /// diffs.
     pub(crate) awaiting_reply: bool,
+    /// Diffs for this subscription were dropped (slow consumer): a fresh state is owed once the
+    /// connection drains.
+    pub(crate) stale: bool,
 }
 
 impl Joined {
@@ -45,6 +48,7 @@ impl Joined {
             mode,
             tracked: tracked.is_some(),
             awaiting_reply: true,
+            stale: false,
         }
     }
 

@@ -2,9 +2,12 @@
 //! carries no `Rc`. Between any two shards messages arrive in the order they were sent; the core's
 //! correctness rests on that and on nothing else about timing.
 
+use std::sync::Arc;
+
 use roster_proto::{PhxRef, PresenceMode};
 
 use crate::core::{ConnAddr, ConnId, Meta, TopicName, UserKey};
+use crate::mesh::ShardId;
 
 /// A presence to track: who, under which ref, with which stored meta.
 #[derive(Clone, Debug)]
@@ -24,13 +27,17 @@ pub struct JoinMsg {
     pub seq: u32,
     pub mode: PresenceMode,
     pub track: Option<Track>,
+    /// A subscriber that lost diffs (slow consumer) asks for a fresh state: it is already
+    /// subscribed and tracked, so the owner only answers.
+    pub resync: bool,
 }
 
 /// What the owner sends back for a join, per presence mode.
 #[derive(Debug)]
 pub enum JoinedReply {
-    /// The encoded `presence_state` payload, as of the moment the join was applied.
-    State(Box<[u8]>),
+    /// The encoded `presence_state` payload, as of the moment the join was applied. Shared: every
+    /// joiner of one coalescing window gets the same bytes.
+    State(Arc<[u8]>),
     Count {
         keys: u32,
         metas: u32,
@@ -55,6 +62,15 @@ pub enum MeshMsg {
         from: ConnAddr,
         mode: PresenceMode,
         tracked: Option<(UserKey, PhxRef)>,
+        /// The connection ended (rather than left the topic): its presence is held for the leave
+        /// grace.
+        closed: bool,
+    },
+    /// The connection's shard has applied an adopted ref (see [`MeshMsg::Joined`]): no message
+    /// naming `alias` follows, so the owner may forget it.
+    Adopted {
+        topic: TopicName,
+        alias: PhxRef,
     },
 
     // Topic owner -> connection's shard.
@@ -63,6 +79,9 @@ pub enum MeshMsg {
         conn: ConnId,
         seq: u32,
         reply: JoinedReply,
+        /// The join took over a presence held by the leave grace with an equal meta: the
+        /// connection's presence is now this ref, not the one it made.
+        adopted: Option<PhxRef>,
     },
     /// One encoded `presence_diff` frame for every full-mode subscriber on the receiving shard.
     Diff {
@@ -84,5 +103,36 @@ pub enum MeshMsg {
         topic: TopicName,
         key: UserKey,
         phx_ref: PhxRef,
+    },
+    /// presence_update (or a leave-grace takeover with a new meta): watchers see one diff.
+    UserUpdated {
+        topic: TopicName,
+        old: PhxRef,
+        track: Track,
+    },
+
+    // Watching shard -> user owner.
+    /// Shard `from` has connections watching `key`: send its presences, then every change.
+    Watch {
+        key: UserKey,
+        from: ShardId,
+        seq: u32,
+    },
+    Unwatch {
+        key: UserKey,
+        from: ShardId,
+    },
+
+    // User owner -> watching shard.
+    /// Where `key` is present, as of the [`MeshMsg::Watch`] with this `seq`.
+    UserState {
+        key: UserKey,
+        seq: u32,
+        presences: Vec<(TopicName, Meta)>,
+    },
+    UserChanged {
+        key: UserKey,
+        joins: Vec<(TopicName, Meta)>,
+        leaves: Vec<(TopicName, Meta)>,
     },
 }

@@ -4,10 +4,12 @@
 //! - the connections accepted on this shard and what each has joined ([`connection`]);
 //! - the topics whose hash lands here: the authoritative presence list and, per shard, how many
 //!   subscribers that shard has ([`topic`]);
-//! - the user keys whose hash lands here: where each user is present ([`user`]);
+//! - the user keys whose hash lands here: where each user is present and which shards watch them
+//!   ([`user`]);
 //!
 //! plus, for every topic any local connection subscribes to, the local subscriber set that fan-out
-//! writes to ([`subscribers`]).
+//! writes to ([`subscribers`]), and a replica of every user a local connection watches
+//! ([`watch`]). The client side is in `shard.rs`, the owner side in `owner.rs`.
 //!
 //! Everything crosses between shards as a [`MeshMsg`], even when both ends are this shard, so the
 //! local fast path and the cross-core path are the same code. The driver (glommio in the server, a
@@ -19,10 +21,13 @@ mod connection;
 mod ids;
 mod message;
 mod names;
+mod outbox;
+mod owner;
 mod shard;
 mod subscribers;
 mod topic;
 mod user;
+mod watch;
 
 pub use config::Config;
 pub use ids::{CloseCode, ConnAddr, ConnId, Frame, Meta, Millis, TopicName, UserKey};

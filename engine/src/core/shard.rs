@@ -1,7 +1,7 @@
-//! The shard state machine: client frames and shard messages in, frames and shard messages out.
+//! The shard state machine, client side: connections' frames in, replies and requests to owners
+//! out. What a shard does as a topic owner or user owner is in `owner.rs`.
 
 use std::collections::{HashMap, VecDeque};
-use std::rc::Rc;
 
 use ahash::RandomState;
 use roster_proto::encode;
@@ -11,30 +11,17 @@ use roster_proto::{
 
 use crate::core::connection::{Connection, Joined};
 use crate::core::names::Names;
+use crate::core::outbox::Outbox;
+pub use crate::core::outbox::Output;
 use crate::core::subscribers::LocalSubs;
 use crate::core::topic::Topic;
 use crate::core::user::Users;
+use crate::core::watch::{is_watch_topic, Watches};
 use crate::core::{
-    CloseCode, Config, ConnAddr, ConnId, Frame, JoinMsg, JoinedReply, MeshMsg, Meta, Millis,
-    TopicName, TopicView, Track, UserKey,
+    CloseCode, Config, ConnAddr, ConnId, JoinMsg, MeshMsg, Meta, Millis, TopicName, TopicView,
+    Track, UserKey,
 };
 use crate::mesh::{Router, ShardId};
-
-/// Something the driver must do.
-#[derive(Debug)]
-pub enum Output {
-    /// Write `frame` to local connection `conn`.
-    Send { conn: ConnId, frame: Frame },
-    /// Close `conn` with this WebSocket close code and reason. The shard has already forgotten the
-    /// connection (its presences are leaving); feeding it more frames does nothing.
-    Close {
-        conn: ConnId,
-        code: CloseCode,
-        reason: &'static str,
-    },
-    /// Put `msg` on the ring to shard `to`. Rings must deliver in order per (from, to) pair.
-    Mesh { to: ShardId, msg: MeshMsg },
-}
 
 /// Sizes of a shard's tables, for metrics and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -44,48 +31,48 @@ pub struct ShardStats {
     pub presences_owned: usize,
     pub users_owned: usize,
     pub subscribed_topics: usize,
+    pub watched_users: usize,
+    /// Presence diffs that went out for a topic (one per flush or window, not per subscriber).
+    pub diffs_sent: u64,
+    /// Flushes of a large topic held back by its coalescing window.
+    pub diffs_coalesced: u64,
+    /// Subscriptions given a fresh state after losing diffs (slow consumers).
+    pub resyncs: u64,
 }
 
-/// Messages to this shard itself go through a local queue instead of a ring, but are handled by
-/// the same code as messages from other shards.
-struct Outbox {
-    me: ShardId,
-    local: VecDeque<MeshMsg>,
-    out: Vec<Output>,
-}
+pub(crate) const REPLY_EMPTY: &[u8] = b"{}";
 
-impl Outbox {
-    fn mesh(&mut self, to: ShardId, msg: MeshMsg) {
-        if to == self.me {
-            self.local.push_back(msg);
-        } else {
-            self.out.push(Output::Mesh { to, msg });
-        }
-    }
-}
-
-const REPLY_EMPTY: &[u8] = b"{}";
+/// Longest user key a watch list may name (as the handshake's `user_id`).
+const MAX_KEY_BYTES: usize = 255;
 
 pub struct Shard {
-    id: ShardId,
-    router: Router,
-    config: Config,
+    pub(crate) id: ShardId,
+    pub(crate) router: Router,
+    pub(crate) config: Config,
     conns: HashMap<ConnId, Connection, RandomState>,
-    topics: HashMap<TopicName, Topic, RandomState>,
+    pub(crate) topics: HashMap<TopicName, Topic, RandomState>,
     /// Topics with changes not yet sent as a diff.
-    to_flush: Vec<TopicName>,
+    pub(crate) to_flush: Vec<TopicName>,
     /// Topics whose counts changed since the last `presence_count` push.
-    to_count: Vec<TopicName>,
-    users: Users,
+    pub(crate) to_count: Vec<TopicName>,
+    /// Topics with an open coalescing window.
+    pub(crate) windows: Vec<TopicName>,
+    /// Presences held by the leave grace, in the order their grace ends.
+    pub(crate) held: VecDeque<(Millis, TopicName, UserKey, PhxRef)>,
+    pub(crate) users: Users,
     subs: LocalSubs,
-    names: Names,
+    watches: Watches,
+    pub(crate) names: Names,
     /// `ref` of each phx_join still waiting for its owner, by (connection, join seq).
     awaiting: HashMap<(ConnId, u32), Option<Box<str>>, RandomState>,
-    tx: Outbox,
+    pub(crate) tx: Outbox,
     /// Scratch for encoding; its capacity is reused across frames.
-    buf: Vec<u8>,
+    pub(crate) buf: Vec<u8>,
     next_ref: u64,
     join_seq: u32,
+    /// The driver's clock as of the last tick.
+    pub(crate) now: Millis,
+    pub(crate) stats: ShardStats,
 }
 
 impl Shard {
@@ -99,18 +86,19 @@ impl Shard {
             topics: HashMap::default(),
             to_flush: Vec::new(),
             to_count: Vec::new(),
+            windows: Vec::new(),
+            held: VecDeque::new(),
             users: Users::default(),
             subs: LocalSubs::default(),
+            watches: Watches::default(),
             awaiting: HashMap::default(),
             names: Names::default(),
-            tx: Outbox {
-                me: id,
-                local: VecDeque::new(),
-                out: Vec::new(),
-            },
+            tx: Outbox::new(id),
             buf: Vec::with_capacity(4096),
             next_ref: 0,
             join_seq: 0,
+            now: Millis(0),
+            stats: ShardStats::default(),
         }
     }
 
@@ -132,7 +120,8 @@ impl Shard {
         self.drain_local();
     }
 
-    /// The connection is gone (socket closed, timed out, or the driver closed it).
+    /// The connection is gone (socket closed, timed out, or the driver closed it). Its presences
+    /// are held for the leave grace.
     pub fn close(&mut self, conn: ConnId) {
         if let Some(c) = self.conns.remove(&conn) {
             self.part_all(conn, c);
@@ -158,53 +147,89 @@ impl Shard {
         self.drain_local();
     }
 
-    /// End of a batch of inputs: broadcast every topic's pending changes as one diff each.
+    /// End of a batch of inputs: pending changes go out, one diff per topic (large topics wait
+    /// for the end of their window) and one per watched user.
     pub fn flush(&mut self) {
-        while !self.to_flush.is_empty() {
-            for name in std::mem::take(&mut self.to_flush) {
-                if let Some(t) = self.topics.get_mut(&name) {
-                    t.listed_for_flush = false;
-                }
-                self.flush_topic(&name);
-                self.forget_if_idle(&name);
-            }
+        loop {
+            self.flush_topics();
+            self.watches.flush(&mut self.tx, &mut self.buf);
             self.drain_local();
+            if self.to_flush.is_empty() {
+                break;
+            }
         }
     }
 
-    /// Time passes: throttled count pushes fall due.
+    /// Time passes: coalescing windows end, held presences leave, throttled counts fall due.
     pub fn tick(&mut self, now: Millis) {
-        let interval = self.config.count_interval;
-        let mut keep = Vec::new();
-        for name in std::mem::take(&mut self.to_count) {
-            let Some(t) = self.topics.get_mut(&name) else {
+        self.now = Millis(self.now.0.max(now.0));
+        self.expire_held();
+        self.end_windows();
+        self.push_counts();
+        self.drain_local();
+    }
+
+    /// The driver dropped the diffs queued for `conn` (it was not reading them fast enough): no
+    /// more diffs go to it until [`Shard::drained`], which gives it fresh states.
+    pub fn resync(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        for j in c.joins.iter_mut() {
+            if j.mode != PresenceMode::Full || j.awaiting_reply || j.stale {
                 continue;
-            };
-            if t.count_shards().next().is_none() {
-                // Nobody to tell; a later count subscriber gets counts in its join reply.
-                t.take_count_due(now, Millis(0));
-            } else if t.take_count_due(now, interval) {
-                let (keys, metas) = t.counts();
-                for shard in t.count_shards() {
-                    self.tx.mesh(
-                        shard,
-                        MeshMsg::Count {
-                            topic: name.clone(),
-                            keys,
-                            metas,
-                        },
-                    );
-                }
+            }
+            let topic = j.topic.as_str();
+            if is_watch_topic(topic) {
+                j.stale = self.watches.suspend(conn, topic);
             } else {
-                keep.push(name);
-                continue;
+                self.subs.remove(topic, conn, PresenceMode::Full);
+                j.stale = true;
             }
-            if let Some(t) = self.topics.get_mut(&name) {
-                t.listed_for_count = false;
-            }
-            self.forget_if_idle(&name);
         }
-        self.to_count = keep;
+    }
+
+    /// Everything queued for `conn` has been written: each subscription that lost diffs gets a
+    /// fresh `presence_state` (from the owner, or from the watch replicas).
+    pub fn drained(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let mut asks = Vec::new();
+        let mut watch_states = Vec::new();
+        for j in c.joins.iter_mut().filter(|j| j.stale) {
+            j.stale = false;
+            self.stats.resyncs += 1;
+            if is_watch_topic(j.topic.as_str()) {
+                watch_states.push((j.topic.clone(), j.join_ref().map(Box::<str>::from)));
+            } else {
+                // Answered like a join: the state arrives through `joined_reply`.
+                self.join_seq = self.join_seq.wrapping_add(1);
+                j.seq = self.join_seq;
+                j.awaiting_reply = true;
+                asks.push((j.topic.clone(), j.seq));
+            }
+        }
+        for (topic, seq) in asks {
+            let owner = self.router.topic_owner(topic.as_str());
+            let msg = MeshMsg::Join(Box::new(JoinMsg {
+                topic,
+                from: ConnAddr {
+                    shard: self.id,
+                    conn,
+                },
+                seq,
+                mode: PresenceMode::Full,
+                track: None,
+                resync: true,
+            }));
+            self.tx.mesh(owner, msg);
+        }
+        for (topic, jr) in watch_states {
+            if self.watches.is_suspended(conn, topic.as_str()) {
+                self.send_watch_state(conn, topic.as_str(), jr.as_deref());
+            }
+        }
         self.drain_local();
     }
 
@@ -215,6 +240,8 @@ impl Shard {
             presences_owned: self.topics.values().map(|t| t.counts().1 as usize).sum(),
             users_owned: self.users.len(),
             subscribed_topics: self.subs.topics(),
+            watched_users: self.watches.users(),
+            ..self.stats
         }
     }
 
@@ -224,8 +251,11 @@ impl Shard {
             && self.topics.is_empty()
             && self.users.len() == 0
             && self.subs.topics() == 0
+            && self.watches.is_empty()
             && self.to_flush.is_empty()
             && self.to_count.is_empty()
+            && self.windows.is_empty()
+            && self.held.is_empty()
             && self.awaiting.is_empty()
             && self.names.in_use() == 0
             && self.tx.local.is_empty()
@@ -281,11 +311,39 @@ impl Shard {
                 let joined = c.joins.swap_remove(at);
                 let key = c.key.clone();
                 self.abandon_join(conn, &joined);
-                self.part(conn, &key, joined);
+                self.part(conn, &key, joined, false);
                 self.reply_ok(conn, jr, r, topic);
             }
             ClientEvent::PresenceUpdate(meta) => self.update(conn, at, jr, r, topic, meta),
-            // Watch lists are not built yet (issue: watch lists); until then they are unknown.
+            ClientEvent::WatchAdd(users) if is_watch_topic(topic) => {
+                let Some(users) = self.watch_users(conn, jr, r, topic, &users) else {
+                    return;
+                };
+                self.reply_ok(conn, jr, r, topic);
+                self.watches.add(
+                    conn,
+                    topic,
+                    users,
+                    &self.router,
+                    &mut self.tx,
+                    &mut self.buf,
+                );
+            }
+            ClientEvent::WatchRemove(users) if is_watch_topic(topic) => {
+                let users: Vec<UserKey> = users.iter().map(|u| UserKey::new(u)).collect();
+                self.reply_ok(conn, jr, r, topic);
+                let done = self.watches.remove(
+                    conn,
+                    topic,
+                    &users,
+                    &self.router,
+                    &mut self.tx,
+                    &mut self.buf,
+                );
+                if done {
+                    self.complete_watch_join(conn, topic);
+                }
+            }
             _ => self.reply_error(conn, jr, r, topic, "unknown event"),
         }
     }
@@ -312,12 +370,15 @@ impl Shard {
             self.abandon_join(conn, &old);
             self.buf.clear();
             encode::phx_close(&mut self.buf, old.join_ref(), topic);
-            self.send_buf(conn);
-            self.part(conn, &key, old);
+            self.tx.send(conn, &self.buf);
+            self.part(conn, &key, old, false);
         }
         let c = self.conns.get_mut(&conn).expect("checked above");
         if c.joins.len() >= self.config.max_topics_per_conn {
             return self.reply_error(conn, jr, r, topic, "too many channels joined");
+        }
+        if is_watch_topic(topic) {
+            return self.watch_join(conn, jr, r, topic, req);
         }
         if req.meta.len() > self.config.max_meta_bytes {
             return self.reply_error(conn, jr, r, topic, "meta too large");
@@ -331,18 +392,7 @@ impl Shard {
                 meta: stored_meta(&mut self.buf, req.meta, phx_ref, None),
             }
         });
-        // Per shard, not per connection: connection ids are reused, and a reply to a closed
-        // connection's join must never match a new connection's join.
-        self.join_seq = self.join_seq.wrapping_add(1);
-        let seq = self.join_seq;
-        c.push(Joined::new(
-            name.clone(),
-            jr,
-            seq,
-            req.presence,
-            track.as_ref().map(|t| t.phx_ref),
-        ));
-        self.awaiting.insert((conn, seq), r.map(Box::from));
+        let seq = self.push_join(conn, &name, jr, r, req.presence, track.as_ref());
         let owner = self.router.topic_owner(topic);
         let from = ConnAddr {
             shard: self.id,
@@ -356,8 +406,120 @@ impl Shard {
                 seq,
                 mode: req.presence,
                 track,
+                resync: false,
             })),
         );
+    }
+
+    /// Records a join awaiting its answer; returns its sequence number.
+    fn push_join(
+        &mut self,
+        conn: ConnId,
+        name: &TopicName,
+        jr: Option<&str>,
+        r: Option<&str>,
+        mode: PresenceMode,
+        track: Option<&Track>,
+    ) -> u32 {
+        // Per shard, not per connection: connection ids are reused, and a reply to a closed
+        // connection's join must never match a new connection's join.
+        self.join_seq = self.join_seq.wrapping_add(1);
+        let seq = self.join_seq;
+        let c = self.conns.get_mut(&conn).expect("caller checked");
+        c.push(Joined::new(
+            name.clone(),
+            jr,
+            seq,
+            mode,
+            track.map(|t| t.phx_ref),
+        ));
+        self.awaiting.insert((conn, seq), r.map(Box::from));
+        seq
+    }
+
+    /// The users of a watch request, or None after replying with the error. Checks the
+    /// connection's `max_watch` against the users it would add.
+    fn watch_users(
+        &mut self,
+        conn: ConnId,
+        jr: Option<&str>,
+        r: Option<&str>,
+        topic: &str,
+        users: &[std::borrow::Cow<'_, str>],
+    ) -> Option<Vec<UserKey>> {
+        if users.iter().any(|u| u.len() > MAX_KEY_BYTES) {
+            self.reply_error(conn, jr, r, topic, "user key too long");
+            return None;
+        }
+        let users: Vec<UserKey> = users.iter().map(|u| UserKey::new(u)).collect();
+        let adding = self.watches.new_in(conn, topic, &users);
+        if self.watches.watched_by(conn) + adding > self.config.max_watch {
+            self.reply_error(conn, jr, r, topic, "too many users watched");
+            return None;
+        }
+        Some(users)
+    }
+
+    /// Joining `watch:NAME`: nothing is tracked; the reply and state come once every watched
+    /// user's replica is here.
+    fn watch_join(
+        &mut self,
+        conn: ConnId,
+        jr: Option<&str>,
+        r: Option<&str>,
+        topic: &str,
+        req: JoinRequest<'_>,
+    ) {
+        let listed = req.users.unwrap_or_default();
+        let Some(users) = self.watch_users(conn, jr, r, topic, &listed) else {
+            return;
+        };
+        let name = self.names.intern(topic);
+        self.push_join(conn, &name, jr, r, PresenceMode::Full, None);
+        let ready = self
+            .watches
+            .join(conn, name, users, &self.router, &mut self.tx, &mut self.buf);
+        if ready {
+            self.complete_watch_join(conn, topic);
+        }
+    }
+
+    /// Every user of a joining watch set has a replica: reply ok, then its state.
+    fn complete_watch_join(&mut self, conn: ConnId, topic: &str) {
+        let Some(joined) = self
+            .conns
+            .get_mut(&conn)
+            .and_then(|c| c.joins.iter_mut().find(|j| j.topic.as_str() == topic))
+        else {
+            return;
+        };
+        if !std::mem::take(&mut joined.awaiting_reply) {
+            return;
+        }
+        let seq = joined.seq;
+        let jr: Option<Box<str>> = joined.join_ref().map(Box::from);
+        let msg_ref = self.awaiting.remove(&(conn, seq)).flatten();
+        self.buf.clear();
+        encode::reply_ok(
+            &mut self.buf,
+            jr.as_deref(),
+            msg_ref.as_deref(),
+            topic,
+            REPLY_EMPTY,
+        );
+        self.tx.send(conn, &self.buf);
+        self.send_watch_state(conn, topic, jr.as_deref());
+    }
+
+    fn send_watch_state(&mut self, conn: ConnId, topic: &str, jr: Option<&str>) {
+        let mut state = std::mem::take(&mut self.buf);
+        self.watches.go_live(conn, topic, &mut self.tx, &mut state);
+        self.buf.clear();
+        encode::presence_state(&mut self.buf, jr, topic, &state);
+        self.tx.send(conn, &self.buf);
+        if state.capacity() > self.buf.capacity() {
+            self.buf = state;
+        }
     }
 
     fn update(
@@ -411,16 +573,22 @@ impl Shard {
                 topic,
                 REPLY_EMPTY,
             );
-            self.send_buf(conn);
+            self.tx.send(conn, &self.buf);
         }
     }
 
     /// The connection no longer has `joined`: stop delivering to it and tell the owner.
-    fn part(&mut self, conn: ConnId, key: &UserKey, joined: Joined) {
+    /// `closed`: the connection ended, so its presence is held for the leave grace.
+    fn part(&mut self, conn: ConnId, key: &UserKey, joined: Joined, closed: bool) {
         if joined.awaiting_reply {
             self.awaiting.remove(&(conn, joined.seq));
         } else {
             self.subs.remove(joined.topic.as_str(), conn, joined.mode);
+        }
+        if is_watch_topic(joined.topic.as_str()) {
+            self.watches
+                .part(conn, joined.topic.as_str(), &self.router, &mut self.tx);
+            return;
         }
         let owner = self.router.topic_owner(joined.topic.as_str());
         let tracked = joined.tracked().map(|r| (key.clone(), r));
@@ -432,13 +600,14 @@ impl Shard {
             },
             mode: joined.mode,
             tracked,
+            closed,
         };
         self.tx.mesh(owner, msg);
     }
 
     fn part_all(&mut self, conn: ConnId, c: Connection) {
         for joined in c.joins {
-            self.part(conn, &c.key, joined);
+            self.part(conn, &c.key, joined, true);
         }
     }
 
@@ -452,7 +621,7 @@ impl Shard {
     fn reply_ok(&mut self, conn: ConnId, jr: Option<&str>, r: Option<&str>, topic: &str) {
         self.buf.clear();
         encode::reply_ok(&mut self.buf, jr, r, topic, REPLY_EMPTY);
-        self.send_buf(conn);
+        self.tx.send(conn, &self.buf);
     }
 
     fn reply_error(
@@ -465,17 +634,10 @@ impl Shard {
     ) {
         self.buf.clear();
         encode::reply_error(&mut self.buf, jr, r, topic, reason);
-        self.send_buf(conn);
+        self.tx.send(conn, &self.buf);
     }
 
-    fn send_buf(&mut self, conn: ConnId) {
-        self.tx.out.push(Output::Send {
-            conn,
-            frame: Rc::from(self.buf.as_slice()),
-        });
-    }
-
-    // ---- mesh side ---------------------------------------------------------------------------
+    // ---- answers and broadcasts arriving at the connection's shard ----------------------------
 
     fn drain_local(&mut self) {
         while let Some(msg) = self.tx.local.pop_front() {
@@ -483,77 +645,20 @@ impl Shard {
         }
     }
 
+    /// Messages for the connection side; the rest go to the owner side.
     fn handle_mesh(&mut self, msg: MeshMsg) {
         match msg {
-            MeshMsg::Join(j) => self.owner_join(*j),
-            MeshMsg::Update {
-                topic,
-                from: _,
-                old,
-                new,
-            } => {
-                let Some(topic) = self.topics.get_key_value(&topic).map(|(k, _)| k.clone()) else {
-                    return;
-                };
-                let t = self.topics.get_mut(&topic).expect("looked up above");
-                if t.untrack(&new.key, old).is_some() {
-                    let user_owner = self.router.user_owner(new.key.as_str());
-                    let msg = MeshMsg::UserUntracked {
-                        topic: topic.clone(),
-                        key: new.key.clone(),
-                        phx_ref: old,
-                    };
-                    self.tx.mesh(user_owner, msg);
-                }
-                t.track(new.key.clone(), new.meta.clone());
-                self.tx.mesh(
-                    self.router.user_owner(new.key.as_str()),
-                    MeshMsg::UserTracked {
-                        topic: topic.clone(),
-                        track: new,
-                    },
-                );
-                note_change(&mut self.to_flush, &mut self.to_count, &topic, t);
-            }
-            MeshMsg::Leave {
-                topic,
-                from,
-                mode,
-                tracked,
-            } => {
-                let Some(t) = self.topics.get_mut(&topic) else {
-                    return;
-                };
-                t.unsubscribe(from.shard, mode);
-                if let Some((key, phx_ref)) = tracked {
-                    if t.untrack(&key, phx_ref).is_some() {
-                        let user_owner = self.router.user_owner(key.as_str());
-                        self.tx.mesh(
-                            user_owner,
-                            MeshMsg::UserUntracked {
-                                topic: topic.clone(),
-                                key,
-                                phx_ref,
-                            },
-                        );
-                    }
-                }
-                note_change(&mut self.to_flush, &mut self.to_count, &topic, t);
-                self.forget_if_idle(&topic);
-            }
             MeshMsg::Joined {
                 topic,
                 conn,
                 seq,
                 reply,
-            } => self.joined_reply(topic, conn, seq, reply),
+                adopted,
+            } => self.joined_reply(topic, conn, seq, reply, adopted),
             MeshMsg::Diff { topic, frame } => {
-                let frame: Frame = Rc::from(frame);
+                let frame: crate::core::Frame = std::rc::Rc::from(frame);
                 for conn in self.subs.full(topic.as_str()) {
-                    self.tx.out.push(Output::Send {
-                        conn,
-                        frame: frame.clone(),
-                    });
+                    self.tx.send_frame(conn, frame.clone());
                 }
             }
             MeshMsg::Count { topic, keys, metas } => {
@@ -570,78 +675,36 @@ impl Shard {
                         keys.into(),
                         metas.into(),
                     );
-                    self.tx.out.push(Output::Send {
-                        conn,
-                        frame: Rc::from(self.buf.as_slice()),
-                    });
+                    self.tx.send(conn, &self.buf);
                 }
             }
-            MeshMsg::UserTracked { topic, track } => {
-                self.users.tracked(track.key, topic, track.meta);
-            }
-            MeshMsg::UserUntracked {
-                topic,
+            MeshMsg::UserState {
                 key,
-                phx_ref,
-            } => self.users.untracked(&key, &topic, phx_ref),
+                seq,
+                presences,
+            } => {
+                let done =
+                    self.watches
+                        .user_state(key, seq, presences, &mut self.tx, &mut self.buf);
+                for (conn, topic) in done {
+                    self.complete_watch_join(conn, topic.as_str());
+                }
+            }
+            MeshMsg::UserChanged { key, joins, leaves } => {
+                self.watches.user_changed(key, joins, leaves)
+            }
+            msg => self.owner_message(msg),
         }
     }
 
-    fn owner_join(&mut self, j: JoinMsg) {
-        if self.topics.get(&j.topic).is_some_and(Topic::has_pending) {
-            // The joiner's state must be exactly "everything before the diffs it will get".
-            self.flush_topic(&j.topic);
-        }
-        // The owner's own copy of the name goes into every table, so that names arriving in
-        // messages are dropped instead of kept once per presence.
-        let name = match self.topics.get_key_value(&j.topic) {
-            Some((name, _)) => name.clone(),
-            None => {
-                let name = self.names.intern(j.topic.as_str());
-                self.topics.insert(name.clone(), Topic::default());
-                name
-            }
-        };
-        let t = self.topics.get_mut(&name).expect("inserted above");
-        t.subscribe(j.from.shard, j.mode);
-        // The state is taken before the joiner's own presence goes in: that presence reaches it
-        // in the next diff like everyone else's, so a join and leave that cancel out within one
-        // batch were never seen by anyone.
-        let state = (j.mode == PresenceMode::Full).then(|| {
-            self.buf.clear();
-            t.encode_state(&mut self.buf);
-            Box::<[u8]>::from(self.buf.as_slice())
-        });
-        if let Some(track) = j.track {
-            t.track(track.key.clone(), track.meta.clone());
-            let user_owner = self.router.user_owner(track.key.as_str());
-            self.tx.mesh(
-                user_owner,
-                MeshMsg::UserTracked {
-                    topic: name.clone(),
-                    track,
-                },
-            );
-            note_change(&mut self.to_flush, &mut self.to_count, &name, t);
-        }
-        let reply = match (state, j.mode) {
-            (Some(state), _) => JoinedReply::State(state),
-            (None, PresenceMode::Count) => {
-                let (keys, metas) = t.counts();
-                JoinedReply::Count { keys, metas }
-            }
-            (None, _) => JoinedReply::Nothing,
-        };
-        let msg = MeshMsg::Joined {
-            topic: j.topic,
-            conn: j.from.conn,
-            seq: j.seq,
-            reply,
-        };
-        self.tx.mesh(j.from.shard, msg);
-    }
-
-    fn joined_reply(&mut self, topic: TopicName, conn: ConnId, seq: u32, reply: JoinedReply) {
+    fn joined_reply(
+        &mut self,
+        topic: TopicName,
+        conn: ConnId,
+        seq: u32,
+        reply: crate::core::JoinedReply,
+        adopted: Option<PhxRef>,
+    ) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -655,80 +718,46 @@ impl Shard {
         if !std::mem::take(&mut joined.awaiting_reply) {
             return;
         }
-        let msg_ref = self.awaiting.remove(&(conn, seq)).flatten();
+        if let (Some(adopted), Some(alias)) = (adopted, joined.tracked()) {
+            // The presence held by the leave grace is this connection's now.
+            joined.set_tracked(adopted);
+            let owner = self.router.topic_owner(topic.as_str());
+            let msg = MeshMsg::Adopted {
+                topic: topic.clone(),
+                alias,
+            };
+            self.tx.mesh(owner, msg);
+        }
         let jr: Option<Box<str>> = joined.join_ref().map(Box::from);
-        self.subs.add(&topic, conn, joined.mode);
-        self.buf.clear();
-        encode::reply_ok(
-            &mut self.buf,
-            jr.as_deref(),
-            msg_ref.as_deref(),
-            topic.as_str(),
-            REPLY_EMPTY,
-        );
-        self.send_buf(conn);
+        let mode = joined.mode;
+        self.subs.add(&topic, conn, mode);
+        // A resync has no request to answer.
+        if let Some(msg_ref) = self.awaiting.remove(&(conn, seq)) {
+            self.buf.clear();
+            encode::reply_ok(
+                &mut self.buf,
+                jr.as_deref(),
+                msg_ref.as_deref(),
+                topic.as_str(),
+                REPLY_EMPTY,
+            );
+            self.tx.send(conn, &self.buf);
+        }
         self.buf.clear();
         match reply {
-            JoinedReply::State(state) => {
+            crate::core::JoinedReply::State(state) => {
                 encode::presence_state(&mut self.buf, jr.as_deref(), topic.as_str(), &state)
             }
-            JoinedReply::Count { keys, metas } => encode::presence_count(
+            crate::core::JoinedReply::Count { keys, metas } => encode::presence_count(
                 &mut self.buf,
                 jr.as_deref(),
                 topic.as_str(),
                 keys.into(),
                 metas.into(),
             ),
-            JoinedReply::Nothing => return,
+            crate::core::JoinedReply::Nothing => return,
         }
-        self.send_buf(conn);
-    }
-
-    fn flush_topic(&mut self, name: &TopicName) {
-        let Some(t) = self.topics.get_mut(name) else {
-            return;
-        };
-        if t.full_shards().next().is_none() {
-            // Nobody to tell: later subscribers get all of it in their state.
-            t.discard_pending();
-            return;
-        }
-        self.buf.clear();
-        if !t.take_diff(name.as_str(), &mut self.buf) {
-            return;
-        }
-        for shard in t.full_shards() {
-            self.tx.mesh(
-                shard,
-                MeshMsg::Diff {
-                    topic: name.clone(),
-                    frame: self.buf.as_slice().into(),
-                },
-            );
-        }
-    }
-
-    fn forget_if_idle(&mut self, name: &TopicName) {
-        if self.topics.get(name).is_some_and(Topic::is_idle) {
-            self.topics.remove(name);
-        }
-    }
-}
-
-/// Puts a changed topic on the lists that `flush` and `tick` walk, once each.
-fn note_change(
-    to_flush: &mut Vec<TopicName>,
-    to_count: &mut Vec<TopicName>,
-    name: &TopicName,
-    t: &mut Topic,
-) {
-    if t.has_pending() && !t.listed_for_flush {
-        t.listed_for_flush = true;
-        to_flush.push(name.clone());
-    }
-    if t.count_dirty() && !t.listed_for_count {
-        t.listed_for_count = true;
-        to_count.push(name.clone());
+        self.tx.send(conn, &self.buf);
     }
 }
 

@@ -2,17 +2,20 @@
 //! shard has, and the changes not yet broadcast.
 //!
 //! Changes are collected in [`Pending`] and turned into one `presence_diff` when the shard
-//! flushes. That is the batching point: today a flush ends every driver batch; large-topic
-//! coalescing windows will hold it longer.
+//! flushes. That is the batching point: a flush ends every driver batch, and a large topic's
+//! coalescing window holds it until the window ends (its full-mode joiners wait in `waiting`
+//! and share one state then). Presences of closed connections wait in `held` for the leave
+//! grace.
 
 use std::collections::HashMap;
 
 use ahash::RandomState;
 use roster_proto::encode::{DiffFrame, PresenceMap};
+use roster_proto::meta::stored_body;
 use roster_proto::{PhxRef, PresenceMode};
 use smallvec::SmallVec;
 
-use crate::core::{Meta, Millis, UserKey};
+use crate::core::{ConnId, Meta, Millis, UserKey};
 use crate::mesh::ShardId;
 
 #[derive(Debug, Clone, Copy)]
@@ -29,6 +32,25 @@ struct Pending {
     leaves: Vec<(UserKey, Meta)>,
 }
 
+/// A full-mode joiner (or a resync) waiting for the end of the topic's coalescing window.
+#[derive(Debug)]
+pub(crate) struct Waiter {
+    pub(crate) shard: ShardId,
+    pub(crate) conn: ConnId,
+    pub(crate) seq: u32,
+    pub(crate) adopted: Option<PhxRef>,
+}
+
+/// Leave-grace bookkeeping; most topics never have any, so it is boxed and absent.
+#[derive(Debug, Default)]
+struct Held {
+    /// Presences of closed connections still in the table: key -> refs.
+    by_key: HashMap<UserKey, SmallVec<[PhxRef; 1]>, RandomState>,
+    /// A joiner that adopted a held presence made its own ref first; messages its shard sent
+    /// before learning of the adoption still name that ref. alias -> adopted ref.
+    aliases: HashMap<PhxRef, PhxRef, RandomState>,
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Topic {
     // Most keys have one meta (one tab); SmallVec keeps that one inline in the map. A meta's
@@ -42,6 +64,10 @@ pub(crate) struct Topic {
     /// On the shard's flush list / count list (each topic is listed at most once).
     pub(crate) listed_for_flush: bool,
     pub(crate) listed_for_count: bool,
+    /// End of the open coalescing window; the topic is on the shard's window list while set.
+    pub(crate) window_until: Option<Millis>,
+    waiting: Vec<Waiter>,
+    held: Option<Box<Held>>,
 }
 
 /// A read-only copy of a topic's presences (for tests and the HTTP API).
@@ -122,6 +148,100 @@ impl Topic {
         self.subs.iter().filter(|s| s.count > 0).map(|s| s.shard)
     }
 
+    /// Tracked presences or full-mode subscribers, whichever is more: what makes a topic large.
+    pub(crate) fn members(&self) -> u32 {
+        let full: u32 = self.subs.iter().map(|s| s.full).sum();
+        self.metas.max(full)
+    }
+
+    pub(crate) fn wait(&mut self, w: Waiter) {
+        self.waiting.push(w);
+    }
+
+    pub(crate) fn take_waiters(&mut self) -> Vec<Waiter> {
+        std::mem::take(&mut self.waiting)
+    }
+
+    /// Keeps presence `r` of a closed connection for the leave grace (false if it is not here).
+    pub(crate) fn hold(&mut self, key: &UserKey, r: PhxRef) -> bool {
+        if self.meta(key, r).is_none() {
+            return false;
+        }
+        let held = self.held.get_or_insert_with(Default::default);
+        held.by_key.entry(key.clone()).or_default().push(r);
+        true
+    }
+
+    /// A joiner of `key` takes over one of its held presences: one with the same client meta if
+    /// any (then `true`), else the oldest.
+    pub(crate) fn take_held(&mut self, key: &UserKey, meta: &Meta) -> Option<(PhxRef, bool)> {
+        let held = self.held.as_mut()?;
+        let refs = held.by_key.get_mut(key)?;
+        let body = stored_body(meta.bytes());
+        let metas = self.presences.get(key);
+        let same = |r: &PhxRef| {
+            metas
+                .and_then(|ms| ms.iter().find(|m| m.is_ref(*r)))
+                .is_some_and(|m| stored_body(m.bytes()) == body)
+        };
+        let (at, equal) = match refs.iter().position(same) {
+            Some(at) => (at, true),
+            None => (0, false),
+        };
+        let r = refs.remove(at);
+        if refs.is_empty() {
+            held.by_key.remove(key);
+        }
+        self.shrink_held();
+        Some((r, equal))
+    }
+
+    /// The grace of held presence `r` ended: true if it was still held (it must leave now).
+    pub(crate) fn release_held(&mut self, key: &UserKey, r: PhxRef) -> bool {
+        let Some(refs) = self.held.as_mut().and_then(|h| h.by_key.get_mut(key)) else {
+            return false;
+        };
+        let Some(at) = refs.iter().position(|x| *x == r) else {
+            return false;
+        };
+        refs.swap_remove(at);
+        if refs.is_empty() {
+            self.held.as_mut().map(|h| h.by_key.remove(key));
+        }
+        self.shrink_held();
+        true
+    }
+
+    pub(crate) fn add_alias(&mut self, alias: PhxRef, adopted: PhxRef) {
+        let held = self.held.get_or_insert_with(Default::default);
+        held.aliases.insert(alias, adopted);
+    }
+
+    /// The presence a connection's message means by `r`: `r` itself unless `r` is an alias of an
+    /// adopted presence. The alias ends here: the message that used it leaves or replaces it.
+    pub(crate) fn resolve(&mut self, r: PhxRef) -> PhxRef {
+        let Some(held) = self.held.as_mut() else {
+            return r;
+        };
+        let resolved = held.aliases.remove(&r).unwrap_or(r);
+        self.shrink_held();
+        resolved
+    }
+
+    fn shrink_held(&mut self) {
+        if self
+            .held
+            .as_ref()
+            .is_some_and(|h| h.by_key.is_empty() && h.aliases.is_empty())
+        {
+            self.held = None;
+        }
+    }
+
+    fn meta(&self, key: &UserKey, r: PhxRef) -> Option<&Meta> {
+        self.presences.get(key)?.iter().find(|m| m.is_ref(r))
+    }
+
     /// `(keys, metas)`.
     pub(crate) fn counts(&self) -> (u32, u32) {
         (self.presences.len() as u32, self.metas)
@@ -135,6 +255,9 @@ impl Topic {
             && !self.has_pending()
             && !self.listed_for_flush
             && !self.listed_for_count
+            && self.window_until.is_none()
+            && self.waiting.is_empty()
+            && self.held.is_none()
     }
 
     pub(crate) fn has_pending(&self) -> bool {

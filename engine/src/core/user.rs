@@ -1,6 +1,6 @@
-//! User-owner side: for each user key hashed to this shard, every topic the user is tracked in,
-//! with the stored meta. This is what "where is X" and watch lists read; the watching shards will
-//! be recorded here too.
+//! User-owner side: for each user key hashed to this shard, every topic the user is tracked in
+//! (with the stored meta), and which shards have connections watching the user. This is what
+//! "where is X" and watch lists read.
 
 use std::collections::HashMap;
 
@@ -9,6 +9,7 @@ use roster_proto::PhxRef;
 use smallvec::SmallVec;
 
 use crate::core::{Meta, TopicName, UserKey};
+use crate::mesh::ShardId;
 
 #[derive(Debug)]
 struct UserPresence {
@@ -20,6 +21,8 @@ struct UserPresence {
 #[derive(Debug, Default)]
 pub(crate) struct Users {
     users: HashMap<UserKey, SmallVec<[UserPresence; 1]>, RandomState>,
+    /// Only watched users are here, so watch lists cost nothing to everyone else.
+    watchers: HashMap<UserKey, SmallVec<[ShardId; 2]>, RandomState>,
 }
 
 impl Users {
@@ -30,19 +33,22 @@ impl Users {
             .push(UserPresence { topic, meta });
     }
 
-    pub(crate) fn untracked(&mut self, key: &UserKey, topic: &TopicName, phx_ref: PhxRef) {
-        let Some(ps) = self.users.get_mut(key) else {
-            return;
-        };
-        if let Some(at) = ps
+    /// Removes presence `phx_ref` of `key` in `topic`, returning its meta.
+    pub(crate) fn untracked(
+        &mut self,
+        key: &UserKey,
+        topic: &TopicName,
+        phx_ref: PhxRef,
+    ) -> Option<Meta> {
+        let ps = self.users.get_mut(key)?;
+        let gone = ps
             .iter()
             .position(|p| &p.topic == topic && p.meta.is_ref(phx_ref))
-        {
-            ps.remove(at);
-        }
+            .map(|at| ps.remove(at).meta);
         if ps.is_empty() {
             self.users.remove(key);
         }
+        gone
     }
 
     /// `(topic, meta)` for every presence of `key`, sorted by topic then tracking order.
@@ -60,7 +66,29 @@ impl Users {
         v
     }
 
+    pub(crate) fn watch(&mut self, key: UserKey, shard: ShardId) {
+        let shards = self.watchers.entry(key).or_default();
+        if !shards.contains(&shard) {
+            shards.push(shard);
+        }
+    }
+
+    pub(crate) fn unwatch(&mut self, key: &UserKey, shard: ShardId) {
+        if let Some(shards) = self.watchers.get_mut(key) {
+            shards.retain(|s| *s != shard);
+            if shards.is_empty() {
+                self.watchers.remove(key);
+            }
+        }
+    }
+
+    /// Shards watching `key`.
+    pub(crate) fn watchers(&self, key: &str) -> &[ShardId] {
+        self.watchers.get(key).map_or(&[], |s| s.as_slice())
+    }
+
+    /// Users with a presence or a watcher here.
     pub(crate) fn len(&self) -> usize {
-        self.users.len()
+        self.users.len() + self.watchers.len()
     }
 }

@@ -139,9 +139,14 @@ impl Conn {
     /// Ready(()) when the connection is over or closing (the caller then finishes writing).
     fn poll(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> Poll<()> {
         for _ in 0..BURSTS_PER_POLL {
-            if let Poll::Ready(Err(())) = self.poll_outbound(cx, stream) {
-                self.closing = false;
-                return Poll::Ready(());
+            match self.poll_outbound(cx, stream) {
+                Poll::Ready(Err(())) => {
+                    self.closing = false;
+                    return Poll::Ready(());
+                }
+                // Everything owed is written: a slow consumer may have fresh states to come.
+                Poll::Ready(Ok(())) if !self.closing => self.rt.drained(self.conn),
+                _ => {}
             }
             if self.closing {
                 return Poll::Ready(());

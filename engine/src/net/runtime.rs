@@ -4,11 +4,12 @@
 
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::task::Waker;
 use std::time::Instant;
 
+use roster_proto::encode::{frame_kind, FrameKind};
 use slab::Slab;
 use smallvec::SmallVec;
 
@@ -26,6 +27,7 @@ pub type CloseReason = (u16, Cow<'static, str>);
 /// slab that grows by doubling, so it is kept small (64 bytes): the close reason, rare, is boxed.
 pub struct Slot {
     generation: u32,
+    /// Bytes queued in `out`, presence_state frames excepted (see `dispatch`).
     out_bytes: u32,
     /// Frames not yet taken by the connection's task. One fits inline: a connection that gets
     /// one frame per burst (the common fan-out case) never allocates here.
@@ -57,6 +59,8 @@ pub struct Stats {
     pub accept_errors: Cell<u64>,
     pub slow_closes: Cell<u64>,
     pub heartbeat_closes: Cell<u64>,
+    /// Slow consumers whose queued diffs were dropped (each gets fresh states once drained).
+    pub slow_resyncs: Cell<u64>,
 }
 
 pub struct Runtime {
@@ -70,6 +74,9 @@ pub struct Runtime {
     pub peer_signals: Vec<Signal>,
     /// Connections that stopped reading because the rings are backed up.
     paused: RefCell<HashSet<ConnId>>,
+    /// Slow consumers that lost diffs, with when (ms): they get fresh states once drained, or
+    /// are closed if that takes longer than the slow-consumer timeout.
+    resyncing: RefCell<HashMap<ConnId, u64>>,
     pub flush: Signal,
     wheel: RefCell<Wheel<(ConnId, u32)>>,
     epoch: Instant,
@@ -100,6 +107,10 @@ impl Runtime {
                 max_topic_bytes: config.max_topic_bytes,
                 max_ref_bytes: config.max_ref_bytes,
                 count_interval: Millis(config.count_interval.as_millis() as u64),
+                max_watch: config.max_watch,
+                diff_window: Millis(config.diff_window.as_millis() as u64),
+                large_topic_threshold: config.large_topic_threshold,
+                leave_grace: Millis(config.leave_grace.as_millis() as u64),
                 ref_seed,
             },
         );
@@ -114,6 +125,7 @@ impl Runtime {
             peer_queues: (0..n).map(|_| RefCell::new(Vec::new())).collect(),
             peer_signals: (0..n).map(|_| Signal::default()).collect(),
             paused: RefCell::new(HashSet::new()),
+            resyncing: RefCell::new(HashMap::new()),
             flush: Signal::default(),
             wheel: RefCell::new(Wheel::new(slots.min(4096), WHEEL_GRANULARITY_MS, 0)),
             epoch: Instant::now(),
@@ -174,6 +186,7 @@ impl Runtime {
     /// The connection's task is ending: its presences leave.
     pub fn closed(&self, conn: ConnId) {
         self.conns.borrow_mut().try_remove(conn.0 as usize);
+        self.resyncing.borrow_mut().remove(&conn);
         self.core.borrow_mut().close(conn);
         self.dispatch();
         self.flush.notify();
@@ -255,6 +268,19 @@ impl Runtime {
                 .set(self.stats.heartbeat_closes.get() + 1);
             self.close(conn, 1000, "heartbeat timeout");
         }
+        let stuck_after = self.config.slow_consumer_timeout.as_millis() as u64;
+        let stuck: Vec<ConnId> = self
+            .resyncing
+            .borrow()
+            .iter()
+            .filter(|(_, since)| now.saturating_sub(**since) >= stuck_after)
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in stuck {
+            self.resyncing.borrow_mut().remove(&conn);
+            self.stats.slow_closes.set(self.stats.slow_closes.get() + 1);
+            self.close(conn, 1008, "slow consumer: not reading");
+        }
         self.dispatch();
     }
 
@@ -279,6 +305,7 @@ impl Runtime {
         {
             let mut core = self.core.borrow_mut();
             let mut conns = self.conns.borrow_mut();
+            let mut resyncing = self.resyncing.borrow_mut();
             for o in core.outputs() {
                 match o {
                     Output::Send { conn, frame } => {
@@ -288,22 +315,33 @@ impl Runtime {
                         if slot.close.is_some() {
                             continue;
                         }
-                        let queued = slot.out_bytes as usize + frame.len();
-                        // Bounded memory per connection: a frame that would take the queue past
-                        // the limit closes the connection instead. One frame alone is always
-                        // queued, however large (a big room's state must still reach a joiner).
-                        // Resyncing slow consumers instead of closing them is issue 5's work.
-                        if !slot.out.is_empty() && queued > self.config.max_outbound_bytes {
-                            slot.close = Some(Box::new((
-                                1008,
-                                Cow::Borrowed("slow consumer: outbound buffer full"),
-                            )));
-                            slot.out = SmallVec::new();
-                            slow.push(conn);
-                        } else {
-                            slot.out_bytes = queued.min(u32::MAX as usize) as u32;
-                            slot.out.push(frame);
+                        let kind = frame_kind(&frame);
+                        if kind == FrameKind::Diff && resyncing.contains_key(&conn) {
+                            continue; // It gets a fresh state when it drains.
                         }
+                        // A state is what the client asked for by joining, bounded by the topics
+                        // it may join; only the rest counts toward the limit, or a joiner of a
+                        // room whose state is over the limit would be resynced by its first diff.
+                        let counted = if kind == FrameKind::State {
+                            0
+                        } else {
+                            frame.len()
+                        };
+                        let queued = slot.out_bytes as usize + counted;
+                        if queued > self.config.max_outbound_bytes && !slot.out.is_empty() {
+                            // Slow consumer: presence is state, not a log. Its queued diffs go,
+                            // and so does this one if it is a diff; replies and states stay.
+                            slot.out.retain(|f| frame_kind(f) != FrameKind::Diff);
+                            slot.out_bytes = counted_bytes(&slot.out);
+                            resyncing.insert(conn, self.now_ms());
+                            slow.push(conn);
+                            if kind == FrameKind::Diff {
+                                continue;
+                            }
+                        }
+                        slot.out_bytes =
+                            (slot.out_bytes as usize + counted).min(u32::MAX as usize) as u32;
+                        slot.out.push(frame);
                         slot.wake();
                     }
                     Output::Close { conn, code, reason } => {
@@ -325,16 +363,29 @@ impl Runtime {
         }
         if !slow.is_empty() {
             self.stats
-                .slow_closes
-                .set(self.stats.slow_closes.get() + slow.len() as u64);
+                .slow_resyncs
+                .set(self.stats.slow_resyncs.get() + slow.len() as u64);
             let mut core = self.core.borrow_mut();
             for conn in slow {
-                core.close(conn);
+                core.resync(conn);
             }
             drop(core);
             self.dispatch();
-            self.flush.notify();
         }
+    }
+
+    /// The connection's task wrote everything queued for it: a slow consumer that lost diffs
+    /// gets its fresh states now.
+    pub fn drained(&self, conn: ConnId) {
+        {
+            let mut resyncing = self.resyncing.borrow_mut();
+            if resyncing.is_empty() || resyncing.remove(&conn).is_none() {
+                return;
+            }
+        }
+        self.core.borrow_mut().drained(conn);
+        self.dispatch();
+        self.flush.notify();
     }
 
     /// When the rings are backed up: registers `waker` to be woken once they drain, and says so.
@@ -404,6 +455,16 @@ impl Runtime {
         }
         slot.close.take().map(|b| *b)
     }
+}
+
+/// Bytes of `frames` that count toward max_outbound_bytes.
+fn counted_bytes(frames: &[Frame]) -> u32 {
+    let n: usize = frames
+        .iter()
+        .filter(|f| frame_kind(f) != FrameKind::State)
+        .map(|f| f.len())
+        .sum();
+    n.min(u32::MAX as usize) as u32
 }
 
 #[cfg(test)]

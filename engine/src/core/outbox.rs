@@ -1,0 +1,61 @@
+//! What a shard hands to its driver, and the local queue for messages to itself.
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use crate::core::{CloseCode, ConnId, Frame, MeshMsg};
+use crate::mesh::ShardId;
+
+/// Something the driver must do.
+#[derive(Debug)]
+pub enum Output {
+    /// Write `frame` to local connection `conn`.
+    Send { conn: ConnId, frame: Frame },
+    /// Close `conn` with this WebSocket close code and reason. The shard has already forgotten the
+    /// connection (its presences are leaving); feeding it more frames does nothing.
+    Close {
+        conn: ConnId,
+        code: CloseCode,
+        reason: &'static str,
+    },
+    /// Put `msg` on the ring to shard `to`. Rings must deliver in order per (from, to) pair.
+    Mesh { to: ShardId, msg: MeshMsg },
+}
+
+/// Messages to this shard itself go through a local queue instead of a ring, but are handled by
+/// the same code as messages from other shards.
+pub(crate) struct Outbox {
+    pub(crate) me: ShardId,
+    pub(crate) local: VecDeque<MeshMsg>,
+    pub(crate) out: Vec<Output>,
+}
+
+impl Outbox {
+    pub(crate) fn new(me: ShardId) -> Self {
+        Outbox {
+            me,
+            local: VecDeque::new(),
+            out: Vec::new(),
+        }
+    }
+
+    pub(crate) fn mesh(&mut self, to: ShardId, msg: MeshMsg) {
+        if to == self.me {
+            self.local.push_back(msg);
+        } else {
+            self.out.push(Output::Mesh { to, msg });
+        }
+    }
+
+    /// Sends a copy of `bytes` to one connection.
+    pub(crate) fn send(&mut self, conn: ConnId, bytes: &[u8]) {
+        self.out.push(Output::Send {
+            conn,
+            frame: Rc::from(bytes),
+        });
+    }
+
+    pub(crate) fn send_frame(&mut self, conn: ConnId, frame: Frame) {
+        self.out.push(Output::Send { conn, frame });
+    }
+}

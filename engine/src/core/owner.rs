@@ -1,0 +1,465 @@
+//! The shard as topic owner (authoritative presence lists, diffs, coalescing windows, leave
+//! grace, counts) and as user owner (where each user is, who watches them).
+
+use std::sync::Arc;
+
+use roster_proto::meta::restamp_prev;
+use roster_proto::{PhxRef, PresenceMode};
+
+use crate::core::topic::{Topic, Waiter};
+use crate::core::Shard;
+use crate::core::{JoinMsg, JoinedReply, MeshMsg, Meta, Millis, TopicName, Track, UserKey};
+use crate::mesh::ShardId;
+
+impl Shard {
+    pub(crate) fn owner_message(&mut self, msg: MeshMsg) {
+        match msg {
+            MeshMsg::Join(j) => self.owner_join(*j),
+            MeshMsg::Update {
+                topic, old, new, ..
+            } => self.owner_update(topic, old, new),
+            MeshMsg::Leave {
+                topic,
+                from,
+                mode,
+                tracked,
+                closed,
+            } => self.owner_leave(topic, from.shard, mode, tracked, closed),
+            MeshMsg::Adopted { topic, alias } => {
+                if let Some(t) = self.topics.get_mut(&topic) {
+                    t.resolve(alias);
+                }
+                self.forget_if_idle(&topic);
+            }
+            MeshMsg::UserTracked { topic, track } => {
+                self.users
+                    .tracked(track.key.clone(), topic.clone(), track.meta.clone());
+                self.tell_watchers(&track.key, vec![(topic, track.meta)], Vec::new());
+            }
+            MeshMsg::UserUntracked {
+                topic,
+                key,
+                phx_ref,
+            } => {
+                if let Some(meta) = self.users.untracked(&key, &topic, phx_ref) {
+                    self.tell_watchers(&key, Vec::new(), vec![(topic, meta)]);
+                }
+            }
+            MeshMsg::UserUpdated { topic, old, track } => {
+                let left = self.users.untracked(&track.key, &topic, old);
+                self.users
+                    .tracked(track.key.clone(), topic.clone(), track.meta.clone());
+                let leaves = left.map(|m| vec![(topic.clone(), m)]).unwrap_or_default();
+                self.tell_watchers(&track.key, vec![(topic, track.meta)], leaves);
+            }
+            MeshMsg::Watch { key, from, seq } => {
+                let presences = self.users.presences(key.as_str());
+                self.users.watch(key.clone(), from);
+                let msg = MeshMsg::UserState {
+                    key,
+                    seq,
+                    presences,
+                };
+                self.tx.mesh(from, msg);
+            }
+            MeshMsg::Unwatch { key, from } => self.users.unwatch(&key, from),
+            // Connection-side messages are handled before they get here.
+            MeshMsg::Joined { .. }
+            | MeshMsg::Diff { .. }
+            | MeshMsg::Count { .. }
+            | MeshMsg::UserState { .. }
+            | MeshMsg::UserChanged { .. } => {}
+        }
+    }
+
+    fn tell_watchers(
+        &mut self,
+        key: &UserKey,
+        joins: Vec<(TopicName, Meta)>,
+        leaves: Vec<(TopicName, Meta)>,
+    ) {
+        let shards = self.users.watchers(key.as_str());
+        let Some((&last, rest)) = shards.split_last() else {
+            return;
+        };
+        for &shard in rest {
+            let msg = MeshMsg::UserChanged {
+                key: key.clone(),
+                joins: joins.clone(),
+                leaves: leaves.clone(),
+            };
+            self.tx.mesh(shard, msg);
+        }
+        let msg = MeshMsg::UserChanged {
+            key: key.clone(),
+            joins,
+            leaves,
+        };
+        self.tx.mesh(last, msg);
+    }
+
+    /// The owner's own copy of a topic name, creating the topic if needed: names arriving in
+    /// messages are dropped instead of kept once per presence.
+    fn owned_name(&mut self, topic: &TopicName) -> TopicName {
+        match self.topics.get_key_value(topic) {
+            Some((name, _)) => name.clone(),
+            None => {
+                let name = self.names.intern(topic.as_str());
+                self.topics.insert(name.clone(), Topic::default());
+                name
+            }
+        }
+    }
+
+    fn owner_join(&mut self, j: JoinMsg) {
+        let name = self.owned_name(&j.topic);
+        let t = self.topics.get_mut(&name).expect("created above");
+        if !j.resync {
+            t.subscribe(j.from.shard, j.mode);
+        }
+        let in_window = t.window_until.is_some();
+        if j.mode == PresenceMode::Full && in_window {
+            // Answered with everyone else of this window, from one state, when it ends.
+            let adopted = j.track.and_then(|track| self.track(&name, track));
+            let t = self.topics.get_mut(&name).expect("created above");
+            t.wait(Waiter {
+                shard: j.from.shard,
+                conn: j.from.conn,
+                seq: j.seq,
+                adopted,
+            });
+            return;
+        }
+        let mut state = None;
+        if j.mode == PresenceMode::Full {
+            if t.has_pending() {
+                // The joiner's state must be exactly "everything before the diffs it will get".
+                self.flush_topic(&name);
+                if self.start_window(&name) {
+                    self.windows.push(name.clone());
+                }
+            }
+            state = Some(self.encode_state(&name));
+        }
+        // The state was taken before the joiner's own presence goes in: that presence reaches it
+        // in the next diff like everyone else's, so a join and leave that cancel out within one
+        // batch were never seen by anyone.
+        let adopted = j.track.and_then(|track| self.track(&name, track));
+        let t = self.topics.get(&name).expect("created above");
+        let reply = match (state, j.mode) {
+            (Some(state), _) => JoinedReply::State(state),
+            (None, PresenceMode::Count) => {
+                let (keys, metas) = t.counts();
+                JoinedReply::Count { keys, metas }
+            }
+            (None, _) => JoinedReply::Nothing,
+        };
+        let msg = MeshMsg::Joined {
+            topic: j.topic,
+            conn: j.from.conn,
+            seq: j.seq,
+            reply,
+            adopted,
+        };
+        self.tx.mesh(j.from.shard, msg);
+    }
+
+    fn encode_state(&mut self, name: &TopicName) -> Arc<[u8]> {
+        self.buf.clear();
+        if let Some(t) = self.topics.get(name) {
+            t.encode_state(&mut self.buf);
+        }
+        Arc::from(self.buf.as_slice())
+    }
+
+    /// Tracks a joiner's presence, or lets it take over one the leave grace holds for its key.
+    /// Returns the held ref it adopted when the metas are equal (nothing changes then).
+    fn track(&mut self, name: &TopicName, track: Track) -> Option<PhxRef> {
+        let t = self.topics.get_mut(name).expect("caller made it");
+        let user_owner = self.router.user_owner(track.key.as_str());
+        let (msg, adopted) = match t.take_held(&track.key, &track.meta) {
+            Some((held, true)) => {
+                t.add_alias(track.phx_ref, held);
+                return Some(held);
+            }
+            Some((held, false)) => {
+                // One update diff: the held meta leaves, the new one joins in its place.
+                t.untrack(&track.key, held);
+                self.buf.clear();
+                restamp_prev(track.meta.bytes(), held, &mut self.buf);
+                let track = Track {
+                    meta: Meta::new(&self.buf),
+                    ..track
+                };
+                t.track(track.key.clone(), track.meta.clone());
+                let msg = MeshMsg::UserUpdated {
+                    topic: name.clone(),
+                    old: held,
+                    track,
+                };
+                (msg, None)
+            }
+            None => {
+                t.track(track.key.clone(), track.meta.clone());
+                let msg = MeshMsg::UserTracked {
+                    topic: name.clone(),
+                    track,
+                };
+                (msg, None)
+            }
+        };
+        self.tx.mesh(user_owner, msg);
+        note_change(&mut self.to_flush, &mut self.to_count, name, t);
+        adopted
+    }
+
+    fn owner_update(&mut self, topic: TopicName, old: PhxRef, new: Track) {
+        let Some(name) = self.topics.get_key_value(&topic).map(|(k, _)| k.clone()) else {
+            return;
+        };
+        let t = self.topics.get_mut(&name).expect("looked up above");
+        let old = t.resolve(old);
+        let user_owner = self.router.user_owner(new.key.as_str());
+        let msg = if t.untrack(&new.key, old).is_some() {
+            t.track(new.key.clone(), new.meta.clone());
+            MeshMsg::UserUpdated {
+                topic: name.clone(),
+                old,
+                track: new,
+            }
+        } else {
+            t.track(new.key.clone(), new.meta.clone());
+            MeshMsg::UserTracked {
+                topic: name.clone(),
+                track: new,
+            }
+        };
+        self.tx.mesh(user_owner, msg);
+        note_change(&mut self.to_flush, &mut self.to_count, &name, t);
+    }
+
+    fn owner_leave(
+        &mut self,
+        topic: TopicName,
+        from: ShardId,
+        mode: PresenceMode,
+        tracked: Option<(UserKey, PhxRef)>,
+        closed: bool,
+    ) {
+        let grace = self.config.leave_grace;
+        let Some(t) = self.topics.get_mut(&topic) else {
+            return;
+        };
+        t.unsubscribe(from, mode);
+        if let Some((key, phx_ref)) = tracked {
+            let phx_ref = t.resolve(phx_ref);
+            if closed && grace.0 > 0 && t.hold(&key, phx_ref) {
+                let until = Millis(self.now.0.saturating_add(grace.0));
+                let name = self.topics.get_key_value(&topic).map(|(k, _)| k.clone());
+                let name = name.expect("looked up above");
+                self.held.push_back((until, name, key, phx_ref));
+            } else {
+                self.untrack(&topic, key, phx_ref);
+            }
+        }
+        if let Some(t) = self.topics.get_mut(&topic) {
+            note_change(&mut self.to_flush, &mut self.to_count, &topic, t);
+        }
+        self.forget_if_idle(&topic);
+    }
+
+    fn untrack(&mut self, topic: &TopicName, key: UserKey, phx_ref: PhxRef) {
+        let Some(t) = self.topics.get_mut(topic) else {
+            return;
+        };
+        if t.untrack(&key, phx_ref).is_some() {
+            let user_owner = self.router.user_owner(key.as_str());
+            let msg = MeshMsg::UserUntracked {
+                topic: topic.clone(),
+                key,
+                phx_ref,
+            };
+            self.tx.mesh(user_owner, msg);
+            note_change(&mut self.to_flush, &mut self.to_count, topic, t);
+        }
+    }
+
+    /// The leave grace of held presences ended: they leave now.
+    pub(crate) fn expire_held(&mut self) {
+        while let Some((until, ..)) = self.held.front() {
+            if until.0 > self.now.0 {
+                break;
+            }
+            let (_, topic, key, phx_ref) = self.held.pop_front().expect("front exists");
+            let Some(t) = self.topics.get_mut(&topic) else {
+                continue;
+            };
+            // Taken over since, or the held presence's key rejoined: nothing to do.
+            if t.release_held(&key, phx_ref) {
+                self.untrack(&topic, key, phx_ref);
+            }
+            self.forget_if_idle(&topic);
+        }
+    }
+
+    /// Topics changed in this batch send their diffs; a large topic opens a coalescing window
+    /// instead of sending again before the window ends.
+    pub(crate) fn flush_topics(&mut self) {
+        for name in std::mem::take(&mut self.to_flush) {
+            let Some(t) = self.topics.get_mut(&name) else {
+                continue;
+            };
+            t.listed_for_flush = false;
+            if t.window_until.is_some() {
+                self.stats.diffs_coalesced += 1;
+                continue;
+            }
+            self.flush_topic(&name);
+            if self.start_window(&name) {
+                self.windows.push(name.clone());
+            }
+            self.forget_if_idle(&name);
+        }
+    }
+
+    /// Opens a coalescing window on a large topic; the caller lists it.
+    fn start_window(&mut self, name: &TopicName) -> bool {
+        let window = self.config.diff_window;
+        let threshold = self.config.large_topic_threshold;
+        let Some(t) = self.topics.get_mut(name) else {
+            return false;
+        };
+        let start = window.0 > 0 && t.window_until.is_none() && t.members() >= threshold;
+        if start {
+            t.window_until = Some(Millis(self.now.0.saturating_add(window.0)));
+        }
+        start
+    }
+
+    /// Windows that ended: their changes go out as one diff, then their joiners get one shared
+    /// state. A window that had something to send opens again (the topic is still busy).
+    pub(crate) fn end_windows(&mut self) {
+        let mut open = Vec::new();
+        for name in std::mem::take(&mut self.windows) {
+            let Some(t) = self.topics.get_mut(&name) else {
+                continue;
+            };
+            if t.window_until.is_some_and(|until| until.0 > self.now.0) {
+                open.push(name);
+                continue;
+            }
+            t.window_until = None;
+            let waiters = t.take_waiters();
+            let sent = self.flush_topic(&name);
+            let answered = !waiters.is_empty();
+            if answered {
+                let state = self.encode_state(&name);
+                for w in waiters {
+                    let msg = MeshMsg::Joined {
+                        topic: name.clone(),
+                        conn: w.conn,
+                        seq: w.seq,
+                        reply: JoinedReply::State(state.clone()),
+                        adopted: w.adopted,
+                    };
+                    self.tx.mesh(w.shard, msg);
+                }
+            }
+            // A window that sent something opens again; after a quiet one the next change goes
+            // out at once.
+            if (sent || answered) && self.start_window(&name) {
+                open.push(name);
+            } else {
+                self.forget_if_idle(&name);
+            }
+        }
+        open.append(&mut self.windows);
+        self.windows = open;
+    }
+
+    /// Throttled `presence_count` pushes that are due.
+    pub(crate) fn push_counts(&mut self) {
+        let interval = self.config.count_interval;
+        let now = self.now;
+        let mut keep = Vec::new();
+        for name in std::mem::take(&mut self.to_count) {
+            let Some(t) = self.topics.get_mut(&name) else {
+                continue;
+            };
+            if t.count_shards().next().is_none() {
+                // Nobody to tell; a later count subscriber gets counts in its join reply.
+                t.take_count_due(now, Millis(0));
+            } else if t.take_count_due(now, interval) {
+                let (keys, metas) = t.counts();
+                for shard in t.count_shards() {
+                    self.tx.mesh(
+                        shard,
+                        MeshMsg::Count {
+                            topic: name.clone(),
+                            keys,
+                            metas,
+                        },
+                    );
+                }
+            } else {
+                keep.push(name);
+                continue;
+            }
+            if let Some(t) = self.topics.get_mut(&name) {
+                t.listed_for_count = false;
+            }
+            self.forget_if_idle(&name);
+        }
+        self.to_count = keep;
+    }
+
+    /// Sends the topic's pending changes as one diff; false if there was nothing to send.
+    pub(crate) fn flush_topic(&mut self, name: &TopicName) -> bool {
+        let Some(t) = self.topics.get_mut(name) else {
+            return false;
+        };
+        if t.full_shards().next().is_none() {
+            // Nobody to tell: later subscribers get all of it in their state.
+            t.discard_pending();
+            return false;
+        }
+        self.buf.clear();
+        if !t.take_diff(name.as_str(), &mut self.buf) {
+            return false;
+        }
+        self.stats.diffs_sent += 1;
+        for shard in t.full_shards() {
+            self.tx.mesh(
+                shard,
+                MeshMsg::Diff {
+                    topic: name.clone(),
+                    frame: self.buf.as_slice().into(),
+                },
+            );
+        }
+        true
+    }
+
+    pub(crate) fn forget_if_idle(&mut self, name: &TopicName) {
+        if self.topics.get(name).is_some_and(Topic::is_idle) {
+            self.topics.remove(name);
+        }
+    }
+}
+
+/// Puts a changed topic on the lists that `flush` and `tick` walk, once each.
+pub(crate) fn note_change(
+    to_flush: &mut Vec<TopicName>,
+    to_count: &mut Vec<TopicName>,
+    name: &TopicName,
+    t: &mut Topic,
+) {
+    if t.has_pending() && !t.listed_for_flush {
+        t.listed_for_flush = true;
+        to_flush.push(name.clone());
+    }
+    if t.count_dirty() && !t.listed_for_count {
+        t.listed_for_count = true;
+        to_count.push(name.clone());
+    }
+}
