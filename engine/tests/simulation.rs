@@ -1,25 +1,32 @@
 //! Deterministic simulation of the shard core: N shards in one thread, a mesh that delivers
 //! messages in order per (from, to) pair but interleaves pairs at random, and random clients that
-//! join, update, leave, misbehave and close. Each client keeps its view exactly as phoenix.js
-//! `Presence` would (syncState / syncDiff); at quiescence every view must equal a reference model,
-//! and so must the owners' topic and user tables. After everyone leaves, every table is empty.
+//! join, update, leave, watch users, misbehave, stall (slow consumers) and close. Each client
+//! keeps its view exactly as phoenix.js `Presence` would (syncState / syncDiff); at quiescence
+//! (every window ended, every grace over) every view must equal a reference model, and so must
+//! the owners' topic and user tables. After everyone leaves, every table is empty.
+//!
+//! Seeds vary the shard count (1, 2, 3, 4, 7), coalescing windows (off, or on from 2 members) and
+//! the leave grace (off or on), so takeovers, shared window states and resyncs all happen.
 //!
 //! `ROSTER_SIM_SEEDS=N` runs N seeds (default 1000); `ROSTER_SIM_SEED=S` replays one seed;
 //! `ROSTER_SIM_STEPS=K` sets steps per seed (default 300). A failure prints its seed.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use roster_engine::core::{Config, ConnId, MeshMsg, Millis, Output, Shard, UserKey};
 use roster_engine::mesh::{Router, ShardId};
+use roster_proto::encode::{frame_kind, FrameKind};
 use serde_json::{json, Value};
 
 mod common;
 use common::presence::{sync_diff, sync_state, View};
 
 const TOPICS: &[&str] = &["room:a", "room:b", "doc:\"q\"", "lobby", "big"];
+const WATCH_TOPICS: &[&str] = &["watch:f", "watch:\"g\""];
+const MAX_WATCH: usize = 4;
 const KEYS: &[&str] = &["alice", "bob", "carol", "dave", "eve", "frank"];
 const SHARD_COUNTS: &[u16] = &[1, 2, 3, 4, 7];
 const MAX_TOPICS: usize = 3;
@@ -43,6 +50,11 @@ struct ClientTopic {
     got_state: bool,
     view: View,
     count: Option<(u64, u64)>,
+    /// Users watched, for `watch:` topics.
+    watching: Option<BTreeSet<String>>,
+    /// States still to come before a diff may (a slow consumer's dropped diffs are replaced by
+    /// a fresh state).
+    owed_states: u32,
 }
 
 #[derive(Debug)]
@@ -62,12 +74,25 @@ struct Client {
     /// phx_close frames this client must still receive (join_refs of replaced joins).
     expected_closes: Vec<String>,
     closed_by_server: bool,
+    /// Not reading: frames wait here, as in a socket buffer. The flag marks frames about a
+    /// topic the client has since joined again or left (phoenix.js routes them by join_ref).
+    stalled: Option<Vec<(Vec<u8>, bool)>>,
+    /// Its queued diffs were dropped and it has not drained since.
+    resyncing: bool,
 }
 
 impl Client {
     fn new_ref(&mut self) -> String {
         self.next_ref += 1;
         self.next_ref.to_string()
+    }
+
+    fn watched(&self) -> usize {
+        self.topics
+            .values()
+            .filter_map(|t| t.watching.as_ref())
+            .map(BTreeSet::len)
+            .sum()
     }
 }
 
@@ -82,7 +107,22 @@ struct Sim {
     /// Closed connection ids per shard: drivers reuse them (the server's slab does).
     free_ids: Vec<Vec<u32>>,
     now: u64,
+    /// The longest of the count interval, diff window and leave grace: after that much time
+    /// every throttled, coalesced or held thing has gone out.
+    settle: u64,
     log: Vec<String>,
+    exercised: Exercised,
+}
+
+/// How often the features under test happened, over all seeds: a run that never coalesced,
+/// resynced or took over a held presence would prove nothing about them.
+#[derive(Debug, Default, Clone, Copy)]
+struct Exercised {
+    coalesced: u64,
+    resyncs: u64,
+    takeovers: u64,
+    grace_expired: u64,
+    watch_diffs: u64,
 }
 
 fn fail(msg: String) -> ! {
@@ -92,11 +132,16 @@ fn fail(msg: String) -> ! {
 impl Sim {
     fn new(seed: u64) -> Sim {
         let n = SHARD_COUNTS[(seed % SHARD_COUNTS.len() as u64) as usize];
+        let variant = seed / SHARD_COUNTS.len() as u64;
         let config = Config {
             shards: n,
             max_topics_per_conn: MAX_TOPICS,
             max_meta_bytes: MAX_META,
+            max_watch: MAX_WATCH,
             count_interval: Millis(COUNT_INTERVAL),
+            diff_window: Millis([0, 300][(variant % 2) as usize]),
+            large_topic_threshold: 2,
+            leave_grace: Millis([0, 700][(variant / 2 % 2) as usize]),
             ref_seed: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15),
             ..Config::default()
         };
@@ -113,7 +158,11 @@ impl Sim {
             next_conn: 0,
             free_ids: (0..n).map(|_| Vec::new()).collect(),
             now: 0,
+            settle: COUNT_INTERVAL
+                .max(config.diff_window.0)
+                .max(config.leave_grace.0),
             log: Vec::new(),
+            exercised: Exercised::default(),
         }
     }
 
@@ -128,7 +177,7 @@ impl Sim {
         for o in outputs {
             match o {
                 Output::Mesh { to, msg } => self.rings[s * n + to.index()].push_back(msg),
-                Output::Send { conn, frame } => self.receive((s as u16, conn.0), &frame),
+                Output::Send { conn, frame } => self.deliver_frame((s as u16, conn.0), &frame),
                 Output::Close { conn, code, reason } => {
                     let c = self.clients.get_mut(&(s as u16, conn.0));
                     let c = c.unwrap_or_else(|| fail(format!("close for unknown conn {conn:?}")));
@@ -138,6 +187,30 @@ impl Sim {
                     c.closed_by_server = true;
                 }
             }
+        }
+    }
+
+    /// A frame for a client: read now, or queued while it stalls, or dropped if it is a diff
+    /// for a slow consumer being resynced (as the server's runtime does).
+    fn deliver_frame(&mut self, id: (u16, u32), frame: &[u8]) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            fail(format!(
+                "frame for unknown client {id:?}: {}",
+                String::from_utf8_lossy(frame)
+            ))
+        };
+        if c.resyncing && frame_kind(frame) == FrameKind::Diff {
+            self.log
+                .push(format!("  -x {id:?} {}", String::from_utf8_lossy(frame)));
+            return;
+        }
+        match &mut c.stalled {
+            Some(queue) => {
+                self.log
+                    .push(format!("  -| {id:?} {}", String::from_utf8_lossy(frame)));
+                queue.push((frame.to_vec(), false));
+            }
+            None => self.receive(id, frame),
         }
     }
 
@@ -201,10 +274,15 @@ impl Sim {
                     .topics
                     .get_mut(&topic)
                     .unwrap_or_else(|| fail(format!("state for unjoined topic: {text}")));
-                if !jr_matches(t) || !t.joined_ok || t.got_state || t.mode != Mode::Full {
+                if !jr_matches(t)
+                    || !t.joined_ok
+                    || (t.got_state && t.owed_states == 0)
+                    || t.mode != Mode::Full
+                {
                     fail(format!("state out of place ({t:?}): {text}"));
                 }
                 t.got_state = true;
+                t.owed_states = t.owed_states.saturating_sub(1);
                 sync_state(&mut t.view, &payload);
                 check_unique_refs(&t.view, &text);
             }
@@ -216,8 +294,11 @@ impl Sim {
                     .topics
                     .get_mut(&topic)
                     .unwrap_or_else(|| fail(format!("diff for unjoined topic: {text}")));
-                if !t.got_state {
+                if !t.got_state || t.owed_states > 0 {
                     fail(format!("diff before state: {text}"));
+                }
+                if t.watching.is_some() {
+                    self.exercised.watch_diffs += 1;
                 }
                 sync_diff(&mut t.view, &payload);
                 check_unique_refs(&t.view, &text);
@@ -327,11 +408,11 @@ impl Sim {
             return self.open();
         };
         match roll {
-            12..=49 => self.join(id),
-            50..=67 => self.update(id),
-            68..=79 => self.leave(id),
-            80..=87 => self.close(id),
-            88..=91 => {
+            12..=44 => self.join(id),
+            45..=59 => self.update(id),
+            60..=69 => self.leave(id),
+            70..=75 => self.close(id),
+            76..=78 => {
                 // Not a V2 frame: the server must close with 1007 and the presences must leave.
                 let junk = ["{}", "[1,2,3]", "not json", "[null,null,\"t\",\"e\",[]]"]
                     [self.rng.gen_range(0..4)];
@@ -341,7 +422,7 @@ impl Sim {
                 }
                 self.close(id);
             }
-            92..=95 => {
+            79..=81 => {
                 let c = self.clients.get_mut(&id).expect("live");
                 let r = c.new_ref();
                 let topic = TOPICS[(c.next_ref as usize) % TOPICS.len()].to_owned();
@@ -355,12 +436,153 @@ impl Sim {
                 c.expected.insert(r.clone(), want);
                 self.send(id, json!([jr, r, topic, "shout", {}]).to_string());
             }
-            _ => {
+            82..=84 => {
                 let c = self.clients.get_mut(&id).expect("live");
                 let r = c.new_ref();
                 c.expected.insert(r.clone(), Expect::Ok);
                 self.send(id, json!([null, r, "phoenix", "heartbeat", {}]).to_string());
             }
+            85..=90 => self.watch_change(id),
+            91..=93 => {
+                self.log.push(format!("stall {id:?}"));
+                let c = self.clients.get_mut(&id).expect("live");
+                c.stalled.get_or_insert_with(Vec::new);
+            }
+            94..=96 => self.overflow(id),
+            _ => self.drain(id),
+        }
+    }
+
+    fn random_users(&mut self) -> Vec<String> {
+        let n = self.rng.gen_range(0..=MAX_WATCH + 1);
+        (0..n)
+            .map(|_| KEYS[self.rng.gen_range(0..KEYS.len())].to_owned())
+            .collect()
+    }
+
+    /// watch_add or watch_remove on one of the client's watch topics.
+    fn watch_change(&mut self, id: (u16, u32)) {
+        let users = self.random_users();
+        let add = self.rng.gen_bool(0.6);
+        let c = self.clients.get_mut(&id).expect("live");
+        let Some(topic) = c
+            .topics
+            .iter()
+            .find(|(_, t)| t.watching.is_some())
+            .map(|(k, _)| k.clone())
+        else {
+            return;
+        };
+        let r = c.new_ref();
+        let watched = c.watched();
+        let t = c.topics.get_mut(&topic).expect("found");
+        let set = t.watching.as_mut().expect("a watch topic");
+        let jr = t.join_ref.clone();
+        let want = if add {
+            let fresh: BTreeSet<&String> = users.iter().filter(|u| !set.contains(*u)).collect();
+            if watched + fresh.len() > MAX_WATCH {
+                Expect::Error("too many users watched")
+            } else {
+                set.extend(users.iter().cloned());
+                Expect::Ok
+            }
+        } else {
+            for u in &users {
+                set.remove(u);
+            }
+            Expect::Ok
+        };
+        c.expected.insert(r.clone(), want);
+        let event = if add { "watch_add" } else { "watch_remove" };
+        self.send(
+            id,
+            json!([jr, r, topic, event, {"users": users}]).to_string(),
+        );
+    }
+
+    /// A stalled client's queue passed its bound: its queued diffs are dropped and the shard is
+    /// told, as the server's runtime does.
+    fn overflow(&mut self, id: (u16, u32)) {
+        let c = self.clients.get_mut(&id).expect("live");
+        let Some(queue) = c.stalled.as_mut() else {
+            return;
+        };
+        if c.resyncing {
+            return;
+        }
+        self.log.push(format!("overflow {id:?}"));
+        queue.retain(|(f, _)| frame_kind(f) != FrameKind::Diff);
+        // Subscriptions the shard has given their state (read, or still queued) are live there,
+        // and lose diffs now: one more state is owed to each.
+        let queued_states: Vec<(Value, Value)> = queue
+            .iter()
+            .filter(|(f, _)| frame_kind(f) == FrameKind::State)
+            .map(|(f, _)| {
+                let v: Value = serde_json::from_slice(f).expect("JSON");
+                (v[0].clone(), v[2].clone())
+            })
+            .collect();
+        for (topic, t) in c.topics.iter_mut().filter(|(_, t)| t.mode == Mode::Full) {
+            let queued = queued_states
+                .iter()
+                .any(|(jr, tp)| jr == t.join_ref.as_str() && tp == topic.as_str());
+            if t.got_state || queued {
+                t.owed_states = u32::from(queued) + 1;
+            }
+        }
+        c.resyncing = true;
+        self.shards[id.0 as usize].resync(ConnId(id.1));
+        self.collect(id.0 as usize);
+    }
+
+    /// The client joined again or left `topic` while frames about it were queued: phoenix.js
+    /// delivers those by join_ref.
+    fn mark_stale(&mut self, id: (u16, u32), topic: &str) {
+        let Some(queue) = self.clients.get_mut(&id).and_then(|c| c.stalled.as_mut()) else {
+            return;
+        };
+        for (f, stale) in queue.iter_mut() {
+            let v: Value = serde_json::from_slice(f).expect("JSON");
+            if v[2] == topic {
+                *stale = true;
+            }
+        }
+    }
+
+    /// A frame sent before the client's latest join or leave of its topic. Replies and closes
+    /// are matched by ref as always; the rest belonged to the old join and is dropped. (A
+    /// broadcast carries no join_ref, so phoenix.js would hand such a diff to the new join, held
+    /// until its state: a race the V2 protocol has with Phoenix too. The server never sends a
+    /// join's diffs before its reply, so a client can tell them apart; this one does.)
+    fn receive_stale(&mut self, id: (u16, u32), frame: &[u8]) {
+        let v: Value = serde_json::from_slice(frame).expect("JSON");
+        if v[3] == "phx_reply" || v[3] == "phx_close" {
+            return self.receive(id, frame);
+        }
+        self.log
+            .push(format!("  -> {id:?} (old join, dropped) {v}"));
+    }
+
+    /// A stalled client reads everything queued; a resyncing one is then drained.
+    fn drain(&mut self, id: (u16, u32)) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        let Some(queue) = c.stalled.take() else {
+            return;
+        };
+        self.log.push(format!("drain {id:?}"));
+        for (f, stale) in queue {
+            if stale {
+                self.receive_stale(id, &f);
+            } else {
+                self.receive(id, &f);
+            }
+        }
+        let c = self.clients.get_mut(&id).expect("live");
+        if std::mem::take(&mut c.resyncing) {
+            self.shards[id.0 as usize].drained(ConnId(id.1));
+            self.collect(id.0 as usize);
         }
     }
 
@@ -386,17 +608,26 @@ impl Sim {
                 expected: BTreeMap::new(),
                 expected_closes: Vec::new(),
                 closed_by_server: false,
+                stalled: None,
+                resyncing: false,
             },
         );
         self.collect(s as usize);
     }
 
     fn join(&mut self, id: (u16, u32)) {
-        let topic = TOPICS[self.rng.gen_range(0..TOPICS.len())].to_owned();
+        let watch = self.rng.gen_ratio(1, 5);
+        let topic = if watch {
+            WATCH_TOPICS[self.rng.gen_range(0..WATCH_TOPICS.len())]
+        } else {
+            TOPICS[self.rng.gen_range(0..TOPICS.len())]
+        }
+        .to_owned();
         let mode =
             [Mode::Full, Mode::Full, Mode::Full, Mode::Count, Mode::None][self.rng.gen_range(0..5)];
         let track = self.rng.gen_bool(0.8);
         let meta = self.random_meta();
+        let users = self.random_users();
         let c = self.clients.get_mut(&id).expect("live");
         let jr = c.new_ref();
         let mut payload = json!({"meta": meta, "track": track});
@@ -410,10 +641,14 @@ impl Sim {
             c.expected_closes.push(old.join_ref);
         }
         let too_big = meta.to_string().len() > MAX_META;
+        let distinct: BTreeSet<String> = users.iter().cloned().collect();
         if c.topics.len() >= MAX_TOPICS {
             c.expected
                 .insert(jr.clone(), Expect::JoinError("too many channels joined"));
-        } else if too_big {
+        } else if watch && c.watched() + distinct.len() > MAX_WATCH {
+            c.expected
+                .insert(jr.clone(), Expect::JoinError("too many users watched"));
+        } else if !watch && too_big {
             c.expected
                 .insert(jr.clone(), Expect::JoinError("meta too large"));
         } else {
@@ -422,15 +657,22 @@ impl Sim {
                 topic.clone(),
                 ClientTopic {
                     join_ref: jr.clone(),
-                    mode,
-                    meta: track.then(|| strip_reserved(&meta)),
+                    // A watch topic is never tracked, whatever the payload says.
+                    mode: if watch { Mode::Full } else { mode },
+                    meta: (track && !watch).then(|| strip_reserved(&meta)),
                     joined_ok: false,
                     got_state: false,
                     view: View::new(),
                     count: None,
+                    watching: watch.then_some(distinct),
+                    owed_states: 0,
                 },
             );
         }
+        if watch {
+            payload["users"] = json!(users);
+        }
+        self.mark_stale(id, &topic);
         self.send(id, json!([jr, jr, topic, "phx_join", payload]).to_string());
     }
 
@@ -467,6 +709,7 @@ impl Sim {
         abandon(c, &t);
         let r = c.new_ref();
         c.expected.insert(r.clone(), Expect::Ok);
+        self.mark_stale(id, &topic);
         self.send(
             id,
             json!([t.join_ref, r, topic, "phx_leave", {}]).to_string(),
@@ -481,9 +724,19 @@ impl Sim {
         self.collect(id.0 as usize);
     }
 
-    /// Delivers and flushes until nothing is in flight, then lets every count interval pass.
+    /// Stalled clients read again; then deliver and flush until nothing is in flight, and let
+    /// enough time pass for every window, grace and count interval to end, a few times over.
     fn quiesce(&mut self) {
-        for _ in 0..2 {
+        let stalled: Vec<(u16, u32)> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.stalled.is_some())
+            .map(|(k, _)| *k)
+            .collect();
+        for id in stalled {
+            self.drain(id);
+        }
+        for round in 0..5 {
             loop {
                 while self.deliver_one() {}
                 for s in 0..self.n() {
@@ -494,10 +747,12 @@ impl Sim {
                     break;
                 }
             }
-            self.now += COUNT_INTERVAL;
-            for s in 0..self.n() {
-                self.shards[s].tick(Millis(self.now));
-                self.collect(s);
+            if round < 4 {
+                self.now += self.settle + 1;
+                for s in 0..self.n() {
+                    self.shards[s].tick(Millis(self.now));
+                    self.collect(s);
+                }
             }
         }
     }
@@ -595,6 +850,7 @@ impl Sim {
                 ));
             }
         }
+        self.check_watchers(&model);
         // Where each user is, per the user owners.
         for key in KEYS {
             let owner = &self.shards[self.router.user_owner(key).index()];
@@ -623,6 +879,49 @@ impl Sim {
         }
     }
 
+    /// Each watch topic's view holds every presence of each watched user, with its topic, and
+    /// the refs the user owner has.
+    fn check_watchers(&self, model: &BTreeMap<String, BTreeMap<String, Vec<String>>>) {
+        for (id, c) in &self.clients {
+            for (topic, t) in &c.topics {
+                let Some(watching) = &t.watching else {
+                    continue;
+                };
+                if !t.joined_ok || !t.got_state {
+                    fail(format!("{id:?} never got the state of {topic}"));
+                }
+                let mut want: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                let mut want_refs = Vec::new();
+                for u in watching {
+                    let mut metas = Vec::new();
+                    for (tp, keys) in model {
+                        for m in keys.get(u).into_iter().flatten() {
+                            let mut v: Value = serde_json::from_str(m).expect("model JSON");
+                            v["topic"] = json!(tp);
+                            metas.push(v.to_string());
+                        }
+                    }
+                    if !metas.is_empty() {
+                        metas.sort();
+                        want.insert(u.clone(), metas);
+                    }
+                    let owner = &self.shards[self.router.user_owner(u).index()];
+                    want_refs.extend(owner.user_view(u).into_iter().map(|(_, m)| {
+                        let v: Value = serde_json::from_slice(m.bytes()).expect("JSON");
+                        v["phx_ref"].as_str().unwrap_or("?").to_owned()
+                    }));
+                }
+                want_refs.sort();
+                if stripped(&t.view) != want || sorted_refs(&t.view) != want_refs {
+                    fail(format!(
+                        "{id:?} watching {watching:?} on {topic} sees {:?}, want {want:?} refs {want_refs:?}",
+                        t.view
+                    ));
+                }
+            }
+        }
+    }
+
     fn run(&mut self, steps: usize) {
         for i in 0..steps {
             self.step();
@@ -638,6 +937,13 @@ impl Sim {
             self.close(id);
         }
         self.quiesce();
+        for s in &self.shards {
+            let st = s.stats();
+            self.exercised.coalesced += st.diffs_coalesced;
+            self.exercised.resyncs += st.resyncs;
+            self.exercised.takeovers += st.takeovers;
+            self.exercised.grace_expired += st.grace_expired;
+        }
         for (i, s) in self.shards.iter().enumerate() {
             if !s.is_empty() {
                 fail(format!(
@@ -698,7 +1004,7 @@ fn check_unique_refs(view: &View, text: &str) {
     }
 }
 
-fn run_seed(seed: u64, steps: usize) {
+fn run_seed(seed: u64, steps: usize) -> Exercised {
     let mut sim = Sim::new(seed);
     let result = catch_unwind(AssertUnwindSafe(|| sim.run(steps)));
     if let Err(e) = result {
@@ -715,6 +1021,7 @@ fn run_seed(seed: u64, steps: usize) {
             tail.join("\n"),
         );
     }
+    sim.exercised
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -725,10 +1032,28 @@ fn env_u64(name: &str) -> Option<u64> {
 fn shards_agree_with_the_reference_model() {
     let steps = env_u64("ROSTER_SIM_STEPS").unwrap_or(300) as usize;
     if let Some(seed) = env_u64("ROSTER_SIM_SEED") {
-        return run_seed(seed, steps);
+        run_seed(seed, steps);
+        return;
     }
     let seeds = env_u64("ROSTER_SIM_SEEDS").unwrap_or(1000);
+    let mut total = Exercised::default();
     for seed in 0..seeds {
-        run_seed(seed, steps);
+        let e = run_seed(seed, steps);
+        total.coalesced += e.coalesced;
+        total.resyncs += e.resyncs;
+        total.takeovers += e.takeovers;
+        total.grace_expired += e.grace_expired;
+        total.watch_diffs += e.watch_diffs;
+    }
+    eprintln!("{seeds} seeds x {steps} steps exercised {total:?}");
+    if seeds >= 100 {
+        assert!(
+            total.coalesced > 0
+                && total.resyncs > 0
+                && total.takeovers > 0
+                && total.grace_expired > 0
+                && total.watch_diffs > 0,
+            "the simulation no longer exercises every feature: {total:?}"
+        );
     }
 }

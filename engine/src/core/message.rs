@@ -79,9 +79,9 @@ pub enum MeshMsg {
         conn: ConnId,
         seq: u32,
         reply: JoinedReply,
-        /// The join took over a presence held by the leave grace with an equal meta: the
-        /// connection's presence is now this ref, not the one it made.
-        adopted: Option<PhxRef>,
+        /// The join took over a presence held by the leave grace with an equal meta:
+        /// `(the ref the connection made, the held ref it is now)`.
+        adopted: Option<(PhxRef, PhxRef)>,
     },
     /// One encoded `presence_diff` frame for every full-mode subscriber on the receiving shard.
     Diff {

@@ -173,14 +173,17 @@ impl Shard {
     }
 
     /// Tracks a joiner's presence, or lets it take over one the leave grace holds for its key.
-    /// Returns the held ref it adopted when the metas are equal (nothing changes then).
-    fn track(&mut self, name: &TopicName, track: Track) -> Option<PhxRef> {
+    /// Returns `(its own ref, the held ref it adopted)` when the metas are equal (nothing
+    /// changes then).
+    fn track(&mut self, name: &TopicName, track: Track) -> Option<(PhxRef, PhxRef)> {
         let t = self.topics.get_mut(name).expect("caller made it");
         let user_owner = self.router.user_owner(track.key.as_str());
-        let (msg, adopted) = match t.take_held(&track.key, &track.meta) {
+        let taken = t.take_held(&track.key, &track.meta);
+        self.stats.takeovers += u64::from(taken.is_some());
+        let (msg, adopted) = match taken {
             Some((held, true)) => {
                 t.add_alias(track.phx_ref, held);
-                return Some(held);
+                return Some((track.phx_ref, held));
             }
             Some((held, false)) => {
                 // One update diff: the held meta leaves, the new one joins in its place.
@@ -296,6 +299,7 @@ impl Shard {
             };
             // Taken over since, or the held presence's key rejoined: nothing to do.
             if t.release_held(&key, phx_ref) {
+                self.stats.grace_expired += 1;
                 self.untrack(&topic, key, phx_ref);
             }
             self.forget_if_idle(&topic);

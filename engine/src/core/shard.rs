@@ -1,7 +1,7 @@
 //! The shard state machine, client side: connections' frames in, replies and requests to owners
 //! out. What a shard does as a topic owner or user owner is in `owner.rs`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use ahash::RandomState;
 use roster_proto::encode;
@@ -38,6 +38,10 @@ pub struct ShardStats {
     pub diffs_coalesced: u64,
     /// Subscriptions given a fresh state after losing diffs (slow consumers).
     pub resyncs: u64,
+    /// Joins that took over a presence held by the leave grace.
+    pub takeovers: u64,
+    /// Held presences whose grace ended without a takeover.
+    pub grace_expired: u64,
 }
 
 pub(crate) const REPLY_EMPTY: &[u8] = b"{}";
@@ -65,6 +69,9 @@ pub struct Shard {
     pub(crate) names: Names,
     /// `ref` of each phx_join still waiting for its owner, by (connection, join seq).
     awaiting: HashMap<(ConnId, u32), Option<Box<str>>, RandomState>,
+    /// Slow consumers between [`Shard::resync`] and [`Shard::drained`]: the driver drops every
+    /// diff for them, so subscriptions that start meanwhile wait for the drain too.
+    resyncing: HashSet<ConnId, RandomState>,
     pub(crate) tx: Outbox,
     /// Scratch for encoding; its capacity is reused across frames.
     pub(crate) buf: Vec<u8>,
@@ -92,6 +99,7 @@ impl Shard {
             subs: LocalSubs::default(),
             watches: Watches::default(),
             awaiting: HashMap::default(),
+            resyncing: HashSet::default(),
             names: Names::default(),
             tx: Outbox::new(id),
             buf: Vec::with_capacity(4096),
@@ -175,6 +183,7 @@ impl Shard {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
+        self.resyncing.insert(conn);
         for j in c.joins.iter_mut() {
             if j.mode != PresenceMode::Full || j.awaiting_reply || j.stale {
                 continue;
@@ -192,6 +201,7 @@ impl Shard {
     /// Everything queued for `conn` has been written: each subscription that lost diffs gets a
     /// fresh `presence_state` (from the owner, or from the watch replicas).
     pub fn drained(&mut self, conn: ConnId) {
+        self.resyncing.remove(&conn);
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -257,6 +267,7 @@ impl Shard {
             && self.windows.is_empty()
             && self.held.is_empty()
             && self.awaiting.is_empty()
+            && self.resyncing.is_empty()
             && self.names.in_use() == 0
             && self.tx.local.is_empty()
     }
@@ -498,6 +509,12 @@ impl Shard {
         }
         let seq = joined.seq;
         let jr: Option<Box<str>> = joined.join_ref().map(Box::from);
+        let resyncing = self.resyncing.contains(&conn);
+        if resyncing {
+            // Its diffs would be dropped: the state comes once the connection drains.
+            joined.stale = true;
+            self.watches.suspend_joining(conn, topic);
+        }
         let msg_ref = self.awaiting.remove(&(conn, seq)).flatten();
         self.buf.clear();
         encode::reply_ok(
@@ -508,7 +525,9 @@ impl Shard {
             REPLY_EMPTY,
         );
         self.tx.send(conn, &self.buf);
-        self.send_watch_state(conn, topic, jr.as_deref());
+        if !resyncing {
+            self.send_watch_state(conn, topic, jr.as_deref());
+        }
     }
 
     fn send_watch_state(&mut self, conn: ConnId, topic: &str, jr: Option<&str>) {
@@ -606,6 +625,7 @@ impl Shard {
     }
 
     fn part_all(&mut self, conn: ConnId, c: Connection) {
+        self.resyncing.remove(&conn);
         for joined in c.joins {
             self.part(conn, &c.key, joined, true);
         }
@@ -703,7 +723,7 @@ impl Shard {
         conn: ConnId,
         seq: u32,
         reply: crate::core::JoinedReply,
-        adopted: Option<PhxRef>,
+        adopted: Option<(PhxRef, PhxRef)>,
     ) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
@@ -718,8 +738,9 @@ impl Shard {
         if !std::mem::take(&mut joined.awaiting_reply) {
             return;
         }
-        if let (Some(adopted), Some(alias)) = (adopted, joined.tracked()) {
-            // The presence held by the leave grace is this connection's now.
+        // The presence held by the leave grace is this connection's now. Unless an update
+        // already replaced it: the owner then resolved the alias, and the update's ref stands.
+        if let Some((alias, adopted)) = adopted.filter(|(a, _)| joined.tracked() == Some(*a)) {
             joined.set_tracked(adopted);
             let owner = self.router.topic_owner(topic.as_str());
             let msg = MeshMsg::Adopted {
@@ -730,7 +751,14 @@ impl Shard {
         }
         let jr: Option<Box<str>> = joined.join_ref().map(Box::from);
         let mode = joined.mode;
-        self.subs.add(&topic, conn, mode);
+        // A slow consumer's diffs are being dropped: a full subscription that starts now gets
+        // its state once the connection drains, not a state followed by lost diffs.
+        let deferred = mode == PresenceMode::Full && self.resyncing.contains(&conn);
+        if deferred {
+            joined.stale = true;
+        } else {
+            self.subs.add(&topic, conn, mode);
+        }
         // A resync has no request to answer.
         if let Some(msg_ref) = self.awaiting.remove(&(conn, seq)) {
             self.buf.clear();
@@ -742,6 +770,9 @@ impl Shard {
                 REPLY_EMPTY,
             );
             self.tx.send(conn, &self.buf);
+        }
+        if deferred {
+            return;
         }
         self.buf.clear();
         match reply {

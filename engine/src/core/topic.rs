@@ -38,7 +38,7 @@ pub(crate) struct Waiter {
     pub(crate) shard: ShardId,
     pub(crate) conn: ConnId,
     pub(crate) seq: u32,
-    pub(crate) adopted: Option<PhxRef>,
+    pub(crate) adopted: Option<(PhxRef, PhxRef)>,
 }
 
 /// Leave-grace bookkeeping; most topics never have any, so it is boxed and absent.

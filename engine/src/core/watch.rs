@@ -7,7 +7,7 @@
 //! replica, then `Live` (it has had its state and gets diffs); a slow consumer's set is
 //! `Suspended` until it drains and gets a fresh state.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::rc::Rc;
 
 use ahash::RandomState;
@@ -53,7 +53,9 @@ enum SetState {
 #[derive(Debug)]
 struct WatchSet {
     topic: TopicName,
-    users: HashSet<UserKey, RandomState>,
+    /// Ordered, so that what a set does (messages to owners, state layout) does not depend on a
+    /// hasher's seed: simulations replay exactly from their seed.
+    users: BTreeSet<UserKey>,
     state: SetState,
 }
 
@@ -96,7 +98,7 @@ impl Watches {
     ) -> bool {
         let mut set = WatchSet {
             topic,
-            users: HashSet::default(),
+            users: BTreeSet::new(),
             state: SetState::Joining { unready: 0 },
         };
         let mut unready = 0;
@@ -325,6 +327,14 @@ impl Watches {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// A set completed while its connection's diffs are being dropped: it goes live when the
+    /// connection drains.
+    pub(crate) fn suspend_joining(&mut self, conn: ConnId, topic: &str) {
+        if let Some(set) = self.set_mut(conn, topic) {
+            set.state = SetState::Suspended;
         }
     }
 
