@@ -169,12 +169,14 @@ impl Shard {
     }
 
     /// Time passes: coalescing windows end, held presences leave, throttled counts fall due.
+    /// Ends with a flush, so what time released goes out now.
     pub fn tick(&mut self, now: Millis) {
         self.now = Millis(self.now.0.max(now.0));
         self.expire_held();
         self.end_windows();
         self.push_counts();
         self.drain_local();
+        self.flush();
     }
 
     /// The driver dropped the diffs queued for `conn` (it was not reading them fast enough): no
@@ -974,5 +976,147 @@ mod tests {
         );
         assert_eq!(joined["phx_ref_prev"], left["phx_ref"], "{}", out[1]);
         assert_ne!(joined["phx_ref"], left["phx_ref"], "{}", out[1]);
+    }
+
+    fn diff_of(text: &str) -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(text).expect("JSON");
+        assert_eq!(v[3], "presence_diff", "{text}");
+        v[4].clone()
+    }
+
+    #[test]
+    fn a_reconnect_within_the_grace_takes_the_presence_over() {
+        let config = Config {
+            leave_grace: Millis(1000),
+            ..Config::default()
+        };
+        let mut s = Shard::new(ShardId(0), config);
+        let (old, observer, new, newer) = (ConnId(1), ConnId(2), ConnId(3), ConnId(4));
+        s.open(old, UserKey::new("u1"));
+        s.open(observer, UserKey::new("obs"));
+        s.frame(old, br#"["1","1","room","phx_join",{"meta":{"a":1}}]"#);
+        s.frame(observer, br#"["1","1","room","phx_join",{"track":false}]"#);
+        let out = texts(&mut s);
+        let state: serde_json::Value =
+            serde_json::from_str(out.last().expect("observer state")).expect("JSON");
+        let held_ref = state[4]["u1"]["metas"][0]["phx_ref"].clone();
+        // The socket drops; the same key is back within the grace with the same meta.
+        s.close(old);
+        s.tick(Millis(500));
+        s.open(new, UserKey::new("u1"));
+        s.frame(new, br#"["1","1","room","phx_join",{"meta":{"a":1}}]"#);
+        let out = texts(&mut s);
+        assert_eq!(
+            out.len(),
+            2,
+            "reply and state to the new connection only: {out:?}"
+        );
+        let state: serde_json::Value = serde_json::from_str(&out[1]).expect("JSON");
+        assert_eq!(
+            state[4]["u1"]["metas"][0]["phx_ref"], held_ref,
+            "{}",
+            out[1]
+        );
+        s.tick(Millis(5000));
+        assert!(texts(&mut s).is_empty(), "no leave when the grace ends");
+        // Its update names the adopted presence.
+        s.frame(
+            new,
+            br#"["1","2","room","presence_update",{"meta":{"a":3}}]"#,
+        );
+        let out = texts(&mut s);
+        assert_eq!(
+            diff_of(&out[1])["leaves"]["u1"]["metas"][0]["phx_ref"],
+            held_ref
+        );
+        let updated = diff_of(&out[1])["joins"]["u1"]["metas"][0]["phx_ref"].clone();
+        // Another drop, and a return with a different meta: one update diff.
+        s.close(new);
+        s.tick(Millis(5500));
+        s.open(newer, UserKey::new("u1"));
+        s.frame(newer, br#"["1","1","room","phx_join",{"meta":{"a":2}}]"#);
+        let out = texts(&mut s);
+        let diffs: Vec<&String> = out.iter().filter(|f| f.contains("presence_diff")).collect();
+        assert_eq!(
+            diffs.len(),
+            2,
+            "one diff each to observer and joiner: {out:?}"
+        );
+        let d = diff_of(diffs[0]);
+        assert_eq!(d["leaves"]["u1"]["metas"][0]["phx_ref"], updated, "{d}");
+        assert_eq!(d["joins"]["u1"]["metas"][0]["phx_ref_prev"], updated, "{d}");
+        assert_eq!(d["joins"]["u1"]["metas"][0]["a"], 2, "{d}");
+        // A drop with nobody coming back: the leave goes out when the grace ends.
+        s.close(newer);
+        assert!(texts(&mut s).is_empty(), "held, not left");
+        s.tick(Millis(6600));
+        let out = texts(&mut s);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(diff_of(&out[0])["leaves"]["u1"].is_object(), "{}", out[0]);
+        s.close(observer);
+        s.tick(Millis(7000));
+        assert!(s.is_empty(), "{:?}", s.stats());
+    }
+
+    #[test]
+    fn a_large_topic_sends_one_diff_per_window_and_one_state_to_its_joiners() {
+        let config = Config {
+            diff_window: Millis(50),
+            large_topic_threshold: 3,
+            ..Config::default()
+        };
+        let mut s = Shard::new(ShardId(0), config);
+        for i in 1..=3 {
+            s.open(ConnId(i), UserKey::new(&format!("u{i}")));
+            s.frame(ConnId(i), br#"["1","1","big","phx_join",{}]"#);
+            s.flush();
+        }
+        // u3 made it large: its diff opened a window, which ends quietly.
+        s.tick(Millis(60));
+        s.outputs().for_each(drop);
+        // Three joins: the first goes out at once and opens a window, the other two wait, and
+        // so do their joiners.
+        for i in 4..=6 {
+            s.open(ConnId(i), UserKey::new(&format!("u{i}")));
+            s.frame(ConnId(i), br#"["1","1","big","phx_join",{}]"#);
+            s.flush();
+        }
+        let out = texts(&mut s);
+        let diffs = out.iter().filter(|f| f.contains("presence_diff")).count();
+        let states = out.iter().filter(|f| f.contains("presence_state")).count();
+        assert_eq!((diffs, states), (4, 1), "{out:?}");
+        s.tick(Millis(120));
+        let out = texts(&mut s);
+        let diffs: Vec<&String> = out.iter().filter(|f| f.contains("presence_diff")).collect();
+        let states: Vec<&String> = out
+            .iter()
+            .filter(|f| f.contains("presence_state"))
+            .collect();
+        assert_eq!(
+            diffs.len(),
+            4,
+            "one diff to each of the 4 earlier members: {out:?}"
+        );
+        assert_eq!(
+            diff_of(diffs[0])["joins"].as_object().map(|o| o.len()),
+            Some(2),
+            "u5 and u6 in one diff: {}",
+            diffs[0]
+        );
+        assert_eq!(
+            states.len(),
+            2,
+            "u5 and u6 get their state at the window's end"
+        );
+        let payload =
+            |f: &str| serde_json::from_str::<serde_json::Value>(f).expect("JSON")[4].clone();
+        assert_eq!(payload(states[0]), payload(states[1]));
+        assert_eq!(
+            payload(states[0]).as_object().map(|o| o.len()),
+            Some(6),
+            "{}",
+            states[0]
+        );
+        assert_eq!(s.stats().diffs_coalesced, 2);
     }
 }
