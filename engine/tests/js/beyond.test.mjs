@@ -146,30 +146,31 @@ test('leave grace: a quick reconnect is invisible to others, a changed meta is o
 });
 
 test('a client that stops reading for a while ends with a correct view', async () => {
-  const server = await start(['--max-outbound-bytes', '65536']);
+  const server = await start(['--max-outbound-bytes', '65536', '--max-meta-bytes', '40000']);
   const slowSocket = open(server, 'slow');
   const slow = await join(slowSocket, 'room:lag');
-  // Counts the join's own state too (it arrives after join() resolves).
+  const flooder = await join(open(server, 'flooder'), 'room:lag', { presence: 'none', meta: { n: 0 } });
+  await waitFor(() => keys(slow.presence).includes('flooder'), 3000, 'flooder in');
+  // Its own state has been applied by now: count only what comes after.
   let states = 0;
   slow.channel.on('presence_state', () => { states += 1; });
   let diffs = 0;
   slow.channel.on('presence_diff', () => { diffs += 1; });
-  const flooder = await join(open(server, 'flooder'), 'room:lag', { presence: 'none', meta: { n: 0 } });
-  await waitFor(() => keys(slow.presence).includes('flooder'), 3000, 'flooder in');
-  // Stop reading from the socket: the kernel's buffers fill, then roster's queue passes its bound.
+  // Stop reading from the socket: the kernel's buffers fill (they grow to a few MB on
+  // loopback), then roster's queue passes its bound. ~20 MB of diffs in all.
   slowSocket.conn._socket.pause();
-  const pad = 'p'.repeat(900);
-  const updates = 4000;
-  for (let i = 1; i <= updates; i += 100) {
+  const pad = 'p'.repeat(32_000);
+  const updates = 640;
+  for (let i = 1; i <= updates; i += 40) {
     const batch = [];
-    for (let j = i; j < i + 100; j++) batch.push(push(flooder.channel, 'presence_update', { meta: { n: j, pad } }));
+    for (let j = i; j < i + 40; j++) batch.push(push(flooder.channel, 'presence_update', { meta: { n: j, pad } }));
     const replies = await Promise.all(batch);
     assert.ok(replies.every((r) => r.status === 'ok'));
   }
   slowSocket.conn._socket.resume();
-  await waitFor(() => metasOf(slow.presence, 'flooder').map((m) => m.n).join() === String(updates), 10_000,
+  await waitFor(() => metasOf(slow.presence, 'flooder').map((m) => m.n).join() === String(updates), 15_000,
     () => `the slow client's view to end current; has ${JSON.stringify(metasOf(slow.presence, 'flooder').map((m) => m.n))}`);
-  assert.ok(states >= 2, `a fresh presence_state replaced the dropped diffs (${states} states)`);
+  assert.ok(states >= 1, `a fresh presence_state replaced the dropped diffs (${states} states, ${diffs} diffs)`);
   assert.ok(diffs < updates, `diffs were dropped (${diffs} of ${updates} arrived)`);
   assert.equal(slowSocket.isConnected(), true, 'resynced, not closed');
 });
