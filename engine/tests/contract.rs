@@ -165,3 +165,51 @@ fn handshake_refusals_are_http_errors_with_reasons() {
         );
     }
 }
+
+/// A state over 64 KiB is written from the shared frame rather than copied per connection; what
+/// is queued after it (replies, diffs, pongs) must still arrive after it, whole.
+#[test]
+fn a_large_state_arrives_whole_and_in_order() {
+    let s = Server::start(&["--shards", "2", "--max-meta-bytes", "4096"]);
+    let pad = "m".repeat(3000);
+    let members: Vec<Client> = (0..40)
+        .map(|i| {
+            let mut c = Client::connect(s.addr, &format!("member{i}")).unwrap();
+            let r = c.push(
+                "m",
+                "room:big",
+                "phx_join",
+                json!({"meta": {"pad": pad}, "presence": "none"}),
+            );
+            c.until(|f| f[1] == r.as_str());
+            c
+        })
+        .collect();
+    for _ in 0..3 {
+        let mut joiner = Client::connect(s.addr, "joiner").unwrap();
+        let r = joiner.push("j", "room:big", "phx_join", json!({"meta": {"me": 1}}));
+        // Queued right behind the state: a heartbeat reply, and a ping's pong.
+        let hb = joiner.push("", "phoenix", "heartbeat", json!({}));
+        joiner.ws.send(Message::Ping(vec![7u8; 4].into())).unwrap();
+        let mut frames = Vec::new();
+        // (The heartbeat may be read only once the state is out: roster stops reading a client
+        // it owes more than 64 KiB.)
+        let seen = |frames: &[serde_json::Value], p: &dyn Fn(&serde_json::Value) -> bool| {
+            frames.iter().any(p)
+        };
+        while !seen(&frames, &|f| f[3] == "presence_diff")
+            || !seen(&frames, &|f| f[1] == hb.as_str())
+        {
+            frames.push(joiner.recv().expect("connection open"));
+        }
+        let at = |pred: &dyn Fn(&serde_json::Value) -> bool| frames.iter().position(pred);
+        let reply = at(&|f| f[1] == r.as_str()).expect("join reply");
+        let state = at(&|f| f[3] == "presence_state").expect("state");
+        let own = at(&|f| f[3] == "presence_diff").expect("own join");
+        assert!(reply < state && state < own, "{:?}", (reply, state, own));
+        assert_eq!(frames[state][4].as_object().map(|o| o.len()), Some(40));
+        assert!(frames[state].to_string().len() > 120_000);
+        assert_eq!(frames[own][4]["joins"]["joiner"]["metas"][0]["me"], 1);
+    }
+    drop(members);
+}

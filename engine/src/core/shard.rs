@@ -2,6 +2,8 @@
 //! out. What a shard does as a topic owner or user owner is in `owner.rs`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::rc::Rc;
+use std::sync::Arc;
 
 use ahash::RandomState;
 use roster_proto::encode;
@@ -18,8 +20,8 @@ use crate::core::topic::Topic;
 use crate::core::user::Users;
 use crate::core::watch::{is_watch_topic, Watches};
 use crate::core::{
-    CloseCode, Config, ConnAddr, ConnId, JoinMsg, MeshMsg, Meta, Millis, TopicName, TopicView,
-    Track, UserKey,
+    CloseCode, Config, ConnAddr, ConnId, Frame, JoinMsg, JoinedReply, MeshMsg, Meta, Millis,
+    TopicName, TopicView, Track, UserKey,
 };
 use crate::mesh::{Router, ShardId};
 
@@ -77,6 +79,11 @@ pub struct Shard {
     pub(crate) buf: Vec<u8>,
     next_ref: u64,
     join_seq: u32,
+    /// The last presence_state frame made from a shared state, for the next joiner with the
+    /// same join_ref: a window's joiners share one state, and clients of one app mostly share
+    /// join_refs, so a big room's state is one frame per shard and window, not one per joiner.
+    /// Dropped at the end of each batch.
+    last_state: Option<(Arc<[u8]>, Option<Box<str>>, Frame)>,
     /// The driver's clock as of the last tick.
     pub(crate) now: Millis,
     pub(crate) stats: ShardStats,
@@ -105,6 +112,7 @@ impl Shard {
             buf: Vec::with_capacity(4096),
             next_ref: 0,
             join_seq: 0,
+            last_state: None,
             now: Millis(0),
             stats: ShardStats::default(),
         }
@@ -166,6 +174,7 @@ impl Shard {
                 break;
             }
         }
+        self.last_state = None;
     }
 
     /// Time passes: coalescing windows end, held presences leave, throttled counts fall due.
@@ -678,7 +687,7 @@ impl Shard {
                 adopted,
             } => self.joined_reply(topic, conn, seq, reply, adopted),
             MeshMsg::Diff { topic, frame } => {
-                let frame: crate::core::Frame = std::rc::Rc::from(frame);
+                let frame: Frame = Rc::from(frame);
                 for conn in self.subs.full(topic.as_str()) {
                     self.tx.send_frame(conn, frame.clone());
                 }
@@ -724,7 +733,7 @@ impl Shard {
         topic: TopicName,
         conn: ConnId,
         seq: u32,
-        reply: crate::core::JoinedReply,
+        reply: JoinedReply,
         adopted: Option<(PhxRef, PhxRef)>,
     ) {
         let Some(c) = self.conns.get_mut(&conn) else {
@@ -778,17 +787,27 @@ impl Shard {
         }
         self.buf.clear();
         match reply {
-            crate::core::JoinedReply::State(state) => {
-                encode::presence_state(&mut self.buf, jr.as_deref(), topic.as_str(), &state)
+            JoinedReply::State(state) => {
+                if let Some((last, last_jr, frame)) = &self.last_state {
+                    if Arc::ptr_eq(last, &state) && *last_jr == jr {
+                        self.tx.send_frame(conn, frame.clone());
+                        return;
+                    }
+                }
+                encode::presence_state(&mut self.buf, jr.as_deref(), topic.as_str(), &state);
+                let frame: Frame = Rc::from(self.buf.as_slice());
+                self.tx.send_frame(conn, frame.clone());
+                self.last_state = Some((state, jr, frame));
+                return;
             }
-            crate::core::JoinedReply::Count { keys, metas } => encode::presence_count(
+            JoinedReply::Count { keys, metas } => encode::presence_count(
                 &mut self.buf,
                 jr.as_deref(),
                 topic.as_str(),
                 keys.into(),
                 metas.into(),
             ),
-            crate::core::JoinedReply::Nothing => return,
+            JoinedReply::Nothing => return,
         }
         self.tx.send(conn, &self.buf);
     }

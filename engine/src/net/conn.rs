@@ -14,7 +14,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketContext};
 use tungstenite::{Error as WsError, Message};
 
-use crate::core::{ConnId, UserKey};
+use crate::core::{ConnId, Frame, UserKey};
 use crate::net::handshake::{self, Handshake, Upgrade};
 use crate::net::runtime::{CloseReason, Runtime};
 use crate::net::ws::{self, Io};
@@ -27,6 +27,8 @@ const BURSTS_PER_POLL: usize = 16;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes owed to a client past which it is not read from until they are written.
 const MAX_UNSENT_BYTES: usize = 64 << 10;
+/// Frames from this size on are written from the shared frame, not copied per connection.
+const BIG_FRAME_BYTES: usize = 64 << 10;
 
 pub async fn serve(rt: Rc<Runtime>, mut stream: TcpStream) {
     // The handshake and closing phases are boxed: a task's future is allocated at the size of its
@@ -52,6 +54,7 @@ pub async fn serve(rt: Rc<Runtime>, mut stream: TcpStream) {
             ws: WebSocketContext::new(Role::Server, Some(ws::config(rt.config.max_frame_bytes))),
             wbuf: Vec::new(),
             written: 0,
+            big: None,
             closing: false,
         };
         if !leftover.is_empty() {
@@ -123,6 +126,12 @@ async fn upgrade(stream: &mut TcpStream) -> Option<(Upgrade, Vec<u8>)> {
     }
 }
 
+struct BigFrame {
+    frame: Frame,
+    written: usize,
+    at: usize,
+}
+
 struct Conn {
     rt: Rc<Runtime>,
     conn: ConnId,
@@ -131,6 +140,10 @@ struct Conn {
     /// empty and unallocated otherwise.
     wbuf: Vec<u8>,
     written: usize,
+    /// The payload of a large frame (a big room's presence_state), written from the shared
+    /// frame instead of being copied per connection. It goes out when `wbuf` has been written up
+    /// to `at` (its header is just before); what is appended to `wbuf` later goes after it.
+    big: Option<Box<BigFrame>>,
     /// A close frame is queued: write it, then end.
     closing: bool,
 }
@@ -155,7 +168,7 @@ impl Conn {
             // Read no more while the rings are backed up, or while this client is not reading what
             // we already owe it (a ping flood must not grow its pong buffer without bound); the
             // write side wakes us when that drains.
-            if self.wbuf.len() > MAX_UNSENT_BYTES || rt.pause_if_backlogged(self.conn) {
+            if self.unsent() > MAX_UNSENT_BYTES || rt.pause_if_backlogged(self.conn) {
                 return Poll::Pending;
             }
             // Nothing in feed() touches the scratch buffer, and no other task of this shard runs
@@ -184,7 +197,7 @@ impl Conn {
         if self.closing {
             return self.poll_write(cx, stream);
         }
-        if !self.wbuf.is_empty() {
+        if !self.wbuf.is_empty() || self.big.is_some() {
             // The socket is backed up: new frames stay in the shard's queue, where they count
             // against max_outbound_bytes, until this buffer has gone out.
             if let Some(reason) = self.rt.take_close(self.conn, cx.waker(), &mut self.wbuf) {
@@ -202,7 +215,7 @@ impl Conn {
         let rt = self.rt.clone();
         let mut shared = rt.write_scratch.borrow_mut();
         shared.clear();
-        let close = rt.take_outbound(self.conn, cx.waker(), &mut shared);
+        let (close, big) = rt.take_outbound(self.conn, cx.waker(), &mut shared, BIG_FRAME_BYTES);
         let mut off = 0;
         while off < shared.len() {
             match Pin::new(&mut *stream).poll_write(cx, &shared[off..]) {
@@ -212,6 +225,13 @@ impl Conn {
             }
         }
         self.wbuf.extend_from_slice(&shared[off..]);
+        self.big = big.map(|frame| {
+            Box::new(BigFrame {
+                frame,
+                written: 0,
+                at: self.wbuf.len(),
+            })
+        });
         if shared.capacity() > 1 << 20 {
             *shared = Vec::new();
         }
@@ -222,18 +242,39 @@ impl Conn {
         self.poll_write(cx, stream)
     }
 
-    /// Writes as much of `wbuf` as the socket takes. Ready(Ok) when it is all written.
+    /// Writes as much of `wbuf`, and of the large frame at its place in it, as the socket
+    /// takes. Ready(Ok) when it is all written.
     fn poll_write(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> Poll<Result<(), ()>> {
-        while self.written < self.wbuf.len() {
-            match Pin::new(&mut *stream).poll_write(cx, &self.wbuf[self.written..]) {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
-                Poll::Ready(Ok(n)) => self.written += n,
-                Poll::Pending => return Poll::Pending,
+        loop {
+            let upto = self.big.as_ref().map_or(self.wbuf.len(), |b| b.at);
+            while self.written < upto {
+                match Pin::new(&mut *stream).poll_write(cx, &self.wbuf[self.written..upto]) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
+                    Poll::Ready(Ok(n)) => self.written += n,
+                    Poll::Pending => return Poll::Pending,
+                }
             }
+            let Some(big) = self.big.as_mut() else {
+                break;
+            };
+            while big.written < big.frame.len() {
+                match Pin::new(&mut *stream).poll_write(cx, &big.frame[big.written..]) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
+                    Poll::Ready(Ok(n)) => big.written += n,
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            self.big = None;
         }
         self.written = 0;
         self.wbuf = Vec::new();
         Poll::Ready(Ok(()))
+    }
+
+    /// Bytes owed to the client that the socket has not taken.
+    fn unsent(&self) -> usize {
+        let big = self.big.as_ref().map_or(0, |b| b.frame.len() - b.written);
+        self.wbuf.len() - self.written + big
     }
 
     /// Hands received bytes to tungstenite and every complete text message to the core.

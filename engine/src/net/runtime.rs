@@ -18,7 +18,7 @@ use crate::core::{Config, ConnId, Frame, MeshMsg, Millis, Output, Shard, UserKey
 use crate::mesh::ShardId;
 use crate::net::signal::Signal;
 use crate::net::wheel::Wheel;
-use crate::net::ws::write_text_frame;
+use crate::net::ws::{write_text_frame, write_text_frame_header};
 
 /// Why the server closes a connection: WebSocket close code and reason.
 pub type CloseReason = (u16, Cow<'static, str>);
@@ -428,32 +428,54 @@ impl Runtime {
             slot.close.is_some()
         };
         if closing {
-            self.take_outbound(conn, waker, wbuf)
+            self.take_outbound(conn, waker, wbuf, usize::MAX).0
         } else {
             None
         }
     }
 
     /// Appends the frames queued for `conn` to `wbuf` as WebSocket frames and says whether the
-    /// connection must close; registers the task's waker.
+    /// connection must close; registers the task's waker. A frame of `big` bytes or more stops
+    /// the walk: only its header goes into `wbuf`, and the frame itself is returned for the
+    /// caller to write from (the frames after it stay queued).
     pub fn take_outbound(
         &self,
         conn: ConnId,
         waker: &Waker,
         wbuf: &mut Vec<u8>,
-    ) -> Option<CloseReason> {
+        big: usize,
+    ) -> (Option<CloseReason>, Option<Frame>) {
         let mut conns = self.conns.borrow_mut();
-        let slot = conns.get_mut(conn.0 as usize)?;
+        let Some(slot) = conns.get_mut(conn.0 as usize) else {
+            return (None, None);
+        };
         slot.set_waker(waker);
-        for frame in slot.out.drain(..) {
-            write_text_frame(wbuf, &frame);
+        let mut taken = 0;
+        let mut large = None;
+        for frame in slot.out.iter() {
+            taken += 1;
+            if frame.len() >= big {
+                write_text_frame_header(wbuf, frame.len());
+                large = Some(frame.clone());
+                break;
+            }
+            write_text_frame(wbuf, frame);
         }
-        slot.out_bytes = 0;
-        if slot.out.spilled() {
-            // A burst is over; an idle connection holds no queue.
-            slot.out = SmallVec::new();
+        slot.out.drain(..taken);
+        if slot.out.is_empty() {
+            slot.out_bytes = 0;
+            if slot.out.spilled() {
+                // A burst is over; an idle connection holds no queue.
+                slot.out = SmallVec::new();
+            }
+        } else {
+            slot.out_bytes = counted_bytes(&slot.out);
         }
-        slot.close.take().map(|b| *b)
+        if large.is_some() {
+            // The rest waits until the large frame is out; the task comes back for it.
+            return (None, large);
+        }
+        (slot.close.take().map(|b| *b), None)
     }
 }
 

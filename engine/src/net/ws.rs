@@ -49,8 +49,13 @@ pub fn config(max_frame_bytes: usize) -> WebSocketConfig {
 
 /// Appends one unmasked, final text frame carrying `payload`.
 pub fn write_text_frame(out: &mut Vec<u8>, payload: &[u8]) {
+    write_text_frame_header(out, payload.len());
+    out.extend_from_slice(payload);
+}
+
+/// Appends the header of a text frame whose `len` payload bytes the caller writes next.
+pub fn write_text_frame_header(out: &mut Vec<u8>, len: usize) {
     const FIN_TEXT: u8 = 0x81;
-    let len = payload.len();
     out.push(FIN_TEXT);
     if len < 126 {
         out.push(len as u8);
@@ -61,7 +66,6 @@ pub fn write_text_frame(out: &mut Vec<u8>, payload: &[u8]) {
         out.push(127);
         out.extend_from_slice(&(len as u64).to_be_bytes());
     }
-    out.extend_from_slice(payload);
 }
 
 #[cfg(test)]
