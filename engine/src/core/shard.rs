@@ -48,6 +48,9 @@ pub struct ShardStats {
 
 pub(crate) const REPLY_EMPTY: &[u8] = b"{}";
 
+/// A presence_state frame and what it was made from: the shared state and the join_ref.
+type StateFrame = (Arc<[u8]>, Option<Box<str>>, Frame);
+
 /// Longest user key a watch list may name (as the handshake's `user_id`).
 const MAX_KEY_BYTES: usize = 255;
 
@@ -83,7 +86,7 @@ pub struct Shard {
     /// same join_ref: a window's joiners share one state, and clients of one app mostly share
     /// join_refs, so a big room's state is one frame per shard and window, not one per joiner.
     /// Dropped at the end of each batch.
-    last_state: Option<(Arc<[u8]>, Option<Box<str>>, Frame)>,
+    last_state: Option<StateFrame>,
     /// The driver's clock as of the last tick.
     pub(crate) now: Millis,
     pub(crate) stats: ShardStats,
