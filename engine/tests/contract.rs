@@ -213,3 +213,20 @@ fn a_large_state_arrives_whole_and_in_order() {
     }
     drop(members);
 }
+
+/// SO_REUSEPORT would let a second server share the port with the first and split the clients
+/// between two servers that know nothing of each other; the second must refuse to start.
+#[test]
+fn a_second_server_on_the_same_address_refuses_to_start() {
+    let s = Server::start(&["--shards", "2"]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["--listen", &s.addr.to_string(), "--shards", "1"])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already in use"), "{err}");
+    // The first one is untouched.
+    let mut c = Client::connect(s.addr, "still-here").unwrap();
+    assert!(c.join("room:x", json!({})).is_object());
+}

@@ -84,7 +84,9 @@ enum Scenario {
         common: Common,
     },
     /// One tracked member and N-1 subscribers of one topic; the member updates its meta every
-    /// interval: time until each subscriber saw each update, and until all had.
+    /// interval: time until each subscriber saw each update, and until all had. With
+    /// `--presence count` the subscribers get counts, and the member leaves and rejoins each
+    /// round instead (an update changes no count): time until each saw each new count.
     Fanout {
         #[command(flatten)]
         common: Common,
@@ -92,6 +94,10 @@ enum Scenario {
         rounds: usize,
         #[arg(long, default_value_t = 200)]
         interval_ms: u64,
+        /// What the subscribers receive: full (diffs) or count (throttled counts; needs
+        /// --procs 1, as the send times are shared in memory).
+        #[arg(long, default_value = "full")]
+        presence: String,
     },
     /// N-1 subscribers of one topic while churners join and leave it at a steady rate: latency
     /// from a join to each subscriber seeing it, and the server's CPU.
@@ -489,8 +495,9 @@ fn kernel_bytes() -> Option<(usize, usize)> {
     Some((slab_kb * 1024, pages * 4096))
 }
 
-/// Each client sends its join (`frame(i)`) and waits for its presence_state; returns those that
-/// got one, counting the others as errors or timeouts.
+/// Each client sends its join (`frame(i)`) and waits for its presence_state (or, for joins in
+/// count mode, its presence_count); returns those that got one, counting the others as errors
+/// or timeouts.
 async fn join_each(
     clients: Vec<(usize, Client)>,
     part: &Rc<RefCell<Part>>,
@@ -508,7 +515,7 @@ async fn join_each(
                 }
                 let mut view = View::default();
                 if read_until(&mut client, &mut view, deadline, |_, f| {
-                    f[3] == "presence_state"
+                    f[3] == "presence_state" || f[3] == "presence_count"
                 })
                 .await
                 {
@@ -1081,6 +1088,119 @@ fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String> {
     )
 }
 
+/// Fanout in count mode: the member leaves (count 0) and rejoins (count 1) in turns; each
+/// subscriber times every count change it sees from the latest round that produced that count.
+fn fanout_count(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String> {
+    let t = Target::parse(&c)?;
+    let (n, e_count, conc) = (c.clients, c.executors, c.concurrency.max(1));
+    if n < 2 {
+        return Err("fanout needs at least 2 clients".into());
+    }
+    if c.procs > 1 {
+        return Err("fanout --presence count runs in one process (--procs 1)".into());
+    }
+    let ready = Arc::new(Barrier::new(e_count));
+    let deadline = Instant::now() + Duration::from_secs(c.duration_s);
+    // Round r leaves the member's count at r % 2 (0 after a leave, 1 after a rejoin); its send
+    // time, once sent.
+    let sent = Arc::new(Mutex::new(vec![0u64; rounds]));
+    let final_keys = ((rounds - 1) % 2) as u64;
+    let count_of = |r: usize| (r % 2) as u64;
+    let parts = on_executors(e_count, move |e| {
+        let (t, ready, sent) = (t.clone(), ready.clone(), sent.clone());
+        async move {
+            let part = Rc::new(RefCell::new(Part::new()));
+            let clients = connect_share(&t, e, e_count, n, conc, &part).await;
+            let ready_members = join_each(clients, &part, deadline, |i| {
+                let payload = if i == 0 {
+                    json!({"meta": {}, "presence": "count"})
+                } else {
+                    json!({"track": false, "presence": "count"})
+                };
+                json!(["1", "1", "room:fanout", "phx_join", payload]).to_string()
+            })
+            .await;
+            phase(&ready);
+            let tasks: Vec<_> = ready_members
+                .into_iter()
+                .map(|(i, mut client)| {
+                    let (part, sent) = (part.clone(), sent.clone());
+                    glommio::spawn_local(async move {
+                        if i == 0 {
+                            for r in 0..rounds {
+                                let (jr, event, payload) = if r % 2 == 0 {
+                                    ("1", "phx_leave", json!({}))
+                                } else {
+                                    ("1", "phx_join", json!({"meta": {}, "presence": "count"}))
+                                };
+                                if let Ok(mut s) = sent.lock() {
+                                    s[r] = mono_ns();
+                                }
+                                let f = json!([jr, format!("u{r}"), "room:fanout", event, payload]);
+                                if client.send(f.to_string()).await.is_err() {
+                                    break;
+                                }
+                                glommio::timer::sleep(Duration::from_millis(interval_ms)).await;
+                            }
+                            return;
+                        }
+                        let mut view = View::default();
+                        let mut last = 1u64;
+                        let done = read_until(&mut client, &mut view, deadline, |_, f| {
+                            if f[3] != "presence_count" {
+                                return false;
+                            }
+                            let keys = f[4]["keys"].as_u64().unwrap_or(u64::MAX);
+                            let now = mono_ns();
+                            if std::env::var("DBG").is_ok() && i < 4 {
+                                eprintln!("{i} {keys} {now}");
+                            }
+                            let times = sent.lock().map(|s| s.clone()).unwrap_or_default();
+                            if keys != last {
+                                last = keys;
+                                let from = (0..rounds).rev().find(|&r| {
+                                    times[r] != 0 && times[r] <= now && count_of(r) == keys
+                                });
+                                if let Some(r) = from {
+                                    part.borrow_mut()
+                                        .a
+                                        .record(now.saturating_sub(times[r]) / 1000)
+                                        .ok();
+                                }
+                            }
+                            // Done once a count pushed after the last change shows it (a change
+                            // that undoes one not yet pushed may push an unchanged count).
+                            let last_sent = times[rounds - 1];
+                            last_sent != 0 && last_sent <= now && keys == final_keys
+                        })
+                        .await;
+                        let mut p = part.borrow_mut();
+                        if done {
+                            p.ok += 1;
+                        } else {
+                            p.timeouts += 1;
+                        }
+                    })
+                })
+                .collect();
+            join_all(tasks).await;
+            into_part(part)
+        }
+    })?;
+    let p = Part::merge(parts);
+    println!("fanout (count): 1 member leaving and rejoining + {} count subscribers, {rounds} changes {interval_ms} ms apart; {} saw the last count", n - 1, p.ok);
+    p.print_errors();
+    println!(
+        "  change -> count seen by one member us: {}",
+        percentiles(&p.a)
+    );
+    write_json(
+        &c,
+        json!({"scenario": "fanout-count", "members": n, "rounds": rounds, "errors": p.errors, "timeouts": p.timeouts,
+        "delivery_us": json_percentiles(&p.a)}),
+    )
+}
+
 /// Runs --restart-cmd on its own thread, so the clients keep running meanwhile.
 fn run_restart(cmd: String) {
     std::thread::spawn(move || {
@@ -1444,7 +1564,12 @@ fn main() {
             common,
             rounds,
             interval_ms,
-        } => fanout(common, rounds.max(1), interval_ms),
+            presence,
+        } => match presence.as_str() {
+            "full" => fanout(common, rounds.max(1), interval_ms),
+            "count" => fanout_count(common, rounds.max(1), interval_ms),
+            other => Err(format!("--presence must be full or count, not {other}")),
+        },
     };
     if let Err(e) = result {
         eprintln!("roster-bench: {e}");

@@ -13,6 +13,19 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::net::conn;
 use crate::net::runtime::Runtime;
 
+/// Fails if something already listens on `addr`. The shards' sockets share their port through
+/// SO_REUSEPORT, which would just as quietly share it with a second roster (or anything else of
+/// the same user) left running: connections would be split between two servers that do not know
+/// of each other. A plain bind, without SO_REUSEPORT, cannot share, so it tells.
+pub fn ensure_free(addr: SocketAddr) -> std::io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into())
+}
+
 /// Binds one listening socket; its fd is handed to a shard's executor.
 pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<RawFd> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;

@@ -47,6 +47,12 @@ pub struct Launch {
 pub fn run(launch: Launch) -> Result<(), String> {
     let Launch { config, cpus, stop } = launch;
     let n = config.shards as usize;
+    listener::ensure_free(config.listen).map_err(|e| {
+        format!(
+            "cannot listen on {}: {e} (is another server running there?)",
+            config.listen
+        )
+    })?;
     let fds: Vec<RawFd> = (0..n)
         .map(|_| listener::bind(config.listen, config.backlog))
         .collect::<Result<_, _>>()
