@@ -1152,9 +1152,6 @@ fn fanout_count(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String
                             }
                             let keys = f[4]["keys"].as_u64().unwrap_or(u64::MAX);
                             let now = mono_ns();
-                            if std::env::var("DBG").is_ok() && i < 4 {
-                                eprintln!("{i} {keys} {now}");
-                            }
                             let times = sent.lock().map(|s| s.clone()).unwrap_or_default();
                             if keys != last {
                                 last = keys;
