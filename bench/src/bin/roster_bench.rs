@@ -904,14 +904,24 @@ fn join_storm(c: Common) -> Result<(), String> {
     let (n, e_count, conc) = (c.clients, c.executors, c.concurrency.max(1));
     let connected = Arc::new(Barrier::new(e_count));
     let deadline = Instant::now() + Duration::from_secs(c.duration_s);
+    let pid = c.server_pid;
     let local = move || {
+        // The server's CPU seconds when the joins start (one process only: with --procs the
+        // workers start apart).
+        let cpu_start = Arc::new(Mutex::new(None::<f64>));
+        let cpu2 = cpu_start.clone();
         let parts = on_executors(e_count, move |e| {
-            let (t, connected) = (t.clone(), connected.clone());
+            let (t, connected, cpu_start) = (t.clone(), connected.clone(), cpu2.clone());
             async move {
                 let part = Rc::new(RefCell::new(Part::new()));
                 let clients = connect_share(&t, e, e_count, n, conc, &part).await;
                 // Everyone, in every worker process, is connected: now all join at once.
                 phase(&connected);
+                if e == 0 {
+                    if let Ok(mut c) = cpu_start.lock() {
+                        *c = pid.and_then(cpu_seconds);
+                    }
+                }
                 let tasks: Vec<_> = clients
                     .into_iter()
                     .map(|(i, mut client)| {
@@ -925,10 +935,12 @@ fn join_storm(c: Common) -> Result<(), String> {
                                 return part.borrow_mut().error(err);
                             }
                             let mut view = View::default();
+                            let mut frames = 0u64;
                             let complete = read_until(&mut client, &mut view, deadline, |v, f| {
                                 if f[3] == "phx_reply" && f[4]["status"] != "ok" {
                                     return true;
                                 }
+                                frames += u64::from(f[3] == "presence_diff" || f[3] == "presence_state");
                                 v.keys() >= n
                             })
                             .await;
@@ -936,6 +948,7 @@ fn join_storm(c: Common) -> Result<(), String> {
                                 let mut p = part.borrow_mut();
                                 if complete && view.keys() >= n {
                                     p.a.record(sent.elapsed().as_micros() as u64).ok();
+                                    p.b.record(frames).ok();
                                     p.ok += 1;
                                 } else if complete {
                                     p.error("join refused".into());
@@ -951,9 +964,11 @@ fn join_storm(c: Common) -> Result<(), String> {
                 into_part(part)
             }
         })?;
-        Ok((Part::merge(parts), json!({})))
+        let start = cpu_start.lock().map_err(|_| "lock")?.to_owned();
+        let cpu = start.zip(pid.and_then(cpu_seconds)).map(|(a, b)| b - a);
+        Ok((Part::merge(parts), json!({ "server_cpu_s": cpu })))
     };
-    let Some((p, _)) = distributed(&c, |_| {}, local)? else {
+    let Some((p, extras)) = distributed(&c, |_| {}, local)? else {
         return Ok(());
     };
     println!(
@@ -966,10 +981,18 @@ fn join_storm(c: Common) -> Result<(), String> {
         "  every view complete after: {:.3} s",
         p.a.max() as f64 / 1e6
     );
+    println!(
+        "  presence frames (state + diffs) until complete, per client: {}",
+        percentiles(&p.b)
+    );
+    let cpu = extras["server_cpu_s"].as_f64();
+    if let Some(cpu) = cpu {
+        println!("  server CPU from the first join until every view was complete: {cpu:.2} s");
+    }
     write_json(
         &c,
         json!({"scenario": "join-storm", "clients": n, "complete": p.ok, "errors": p.errors, "timeouts": p.timeouts,
-        "complete_view_us": json_percentiles(&p.a)}),
+        "complete_view_us": json_percentiles(&p.a), "frames_per_client": json_percentiles(&p.b), "server_cpu_s": cpu}),
     )
 }
 
@@ -1106,8 +1129,11 @@ fn fanout_count(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String
     let sent = Arc::new(Mutex::new(vec![0u64; rounds]));
     let final_keys = ((rounds - 1) % 2) as u64;
     let count_of = |r: usize| (r % 2) as u64;
+    // The server's CPU seconds when the rounds start and end, and the wall time between.
+    let cpu = Arc::new(Mutex::new(None::<(f64, f64, f64)>));
+    let (cpu2, pid) = (cpu.clone(), c.server_pid);
     let parts = on_executors(e_count, move |e| {
-        let (t, ready, sent) = (t.clone(), ready.clone(), sent.clone());
+        let (t, ready, sent, cpu) = (t.clone(), ready.clone(), sent.clone(), cpu2.clone());
         async move {
             let part = Rc::new(RefCell::new(Part::new()));
             let clients = connect_share(&t, e, e_count, n, conc, &part).await;
@@ -1124,9 +1150,10 @@ fn fanout_count(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String
             let tasks: Vec<_> = ready_members
                 .into_iter()
                 .map(|(i, mut client)| {
-                    let (part, sent) = (part.clone(), sent.clone());
+                    let (part, sent, cpu) = (part.clone(), sent.clone(), cpu.clone());
                     glommio::spawn_local(async move {
                         if i == 0 {
+                            let (start, cpu_start) = (Instant::now(), pid.and_then(cpu_seconds));
                             for r in 0..rounds {
                                 let (jr, event, payload) = if r % 2 == 0 {
                                     ("1", "phx_leave", json!({}))
@@ -1141,6 +1168,11 @@ fn fanout_count(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String
                                     break;
                                 }
                                 glommio::timer::sleep(Duration::from_millis(interval_ms)).await;
+                            }
+                            if let (Some(a), Some(b)) = (cpu_start, pid.and_then(cpu_seconds)) {
+                                if let Ok(mut c) = cpu.lock() {
+                                    *c = Some((a, b, start.elapsed().as_secs_f64()));
+                                }
                             }
                             return;
                         }
@@ -1191,10 +1223,17 @@ fn fanout_count(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String
         "  change -> count seen by one member us: {}",
         percentiles(&p.a)
     );
+    let cpu = cpu
+        .lock()
+        .map_err(|_| "lock")?
+        .map(|(a, b, wall)| 100.0 * (b - a) / wall);
+    if let Some(pct) = cpu {
+        println!("  server CPU during the rounds: {pct:.1}% of one core");
+    }
     write_json(
         &c,
         json!({"scenario": "fanout-count", "members": n, "rounds": rounds, "errors": p.errors, "timeouts": p.timeouts,
-        "delivery_us": json_percentiles(&p.a)}),
+        "delivery_us": json_percentiles(&p.a), "server_cpu_pct": cpu}),
     )
 }
 

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The figures of presence beyond Phoenix, each side by side with its feature off: join storms
+# into one topic with and without coalescing, fan-out to a big topic in count and full mode, and
+# a reconnect storm with and without leave grace.
+#
+#   scripts/bench-beyond.sh [CLIENTS] [ROUNDS]   # default 19000 clients, 3 rounds of everything
+#
+# Join storms stop at 8,000: every client must end up holding every other one, so the bytes a
+# storm moves grow with the square of its size (19,000 would be ~18 GB of JSON through loopback
+# and 361M view entries in the load generator).
+source "$(dirname "$0")/bench-lib.sh"
+clients=${1:-19000}
+rounds=${2:-3}
+
+for r in $(seq "$rounds"); do
+  for n in 2000 4000; do
+    run "join-storm-$n-plain-$r" "--diff-window-ms 0" join-storm --clients "$n"
+    run "join-storm-$n-coalesced-$r" "" join-storm --clients "$n"
+  done
+  run "fanout-count-$r" "" fanout --clients "$clients" --presence count --rounds 10 --interval-ms 1500
+  run "fanout-full-$r" "" fanout --clients "$clients" --rounds 10 --interval-ms 250
+  run "reconnect-plain-$r" "" reconnect-storm --clients "$clients" --topics 100 --window-s 5
+  run "reconnect-grace-$r" "--leave-grace-ms 5000" reconnect-storm --clients "$clients" --topics 100 --window-s 5
+done
+ROSTER_BENCH_DURATION_S=300 run "join-storm-8000-coalesced" "" join-storm --clients 8000
+echo "results in $out"
