@@ -121,6 +121,7 @@ struct Exercised {
     coalesced: u64,
     resyncs: u64,
     takeovers: u64,
+    twins: u64,
     grace_expired: u64,
     watch_diffs: u64,
 }
@@ -942,6 +943,7 @@ impl Sim {
             self.exercised.coalesced += st.diffs_coalesced;
             self.exercised.resyncs += st.resyncs;
             self.exercised.takeovers += st.takeovers;
+            self.exercised.twins += st.twins;
             self.exercised.grace_expired += st.grace_expired;
         }
         for (i, s) in self.shards.iter().enumerate() {
@@ -1042,6 +1044,7 @@ fn shards_agree_with_the_reference_model() {
         total.coalesced += e.coalesced;
         total.resyncs += e.resyncs;
         total.takeovers += e.takeovers;
+        total.twins += e.twins;
         total.grace_expired += e.grace_expired;
         total.watch_diffs += e.watch_diffs;
     }
@@ -1051,6 +1054,7 @@ fn shards_agree_with_the_reference_model() {
             total.coalesced > 0
                 && total.resyncs > 0
                 && total.takeovers > 0
+                && total.twins > 0
                 && total.grace_expired > 0
                 && total.watch_diffs > 0,
             "the simulation no longer exercises every feature: {total:?}"

@@ -11,7 +11,8 @@ use hdrhistogram::Histogram;
 use roster_bench::alloc::{live_allocs, live_bytes, rss_bytes, Counting};
 use roster_bench::report::{median, percentiles};
 use roster_engine::core::{
-    Config, ConnAddr, ConnId, JoinMsg, MeshMsg, Meta, Output, Shard, TopicName, Track, UserKey,
+    Config, ConnAddr, ConnId, JoinMsg, MeshMsg, Meta, Millis, Output, Shard, TopicName, Track,
+    UserKey,
 };
 use roster_engine::mesh::{Router, ShardId};
 use roster_proto::{ClientMeta, PhxRef, PresenceMode};
@@ -33,6 +34,9 @@ impl Cluster {
     fn new(n: u16) -> Self {
         let config = Config {
             shards: n,
+            // No clock here: every flush is a diff, as without coalescing (what these figures
+            // measure is the work per diff).
+            diff_window: Millis(0),
             ..Config::default()
         };
         Cluster {
@@ -210,6 +214,42 @@ fn big_topic(shards: u16, members: usize) -> (f64, f64) {
     let leave = leave_frame("room:big");
     let joins = everyone_sends(&mut cl, members, &join);
     (joins, everyone_sends(&mut cl, members, &leave))
+}
+
+/// A topic of `members` tracked members; then one more connection joins in full mode. Returns
+/// the milliseconds from its join to its presence_state (the owner encodes the state once; the
+/// subscriber's shard frames it) and the state's size in bytes.
+fn big_state(shards: u16, members: usize) -> (f64, usize) {
+    let mut cl = Cluster::new(shards);
+    cl.open(members + 1);
+    let join = join_frame("room:big", "none");
+    everyone_sends(&mut cl, members, &join);
+    let (s, c) = cl.conn(members);
+    let t0 = Instant::now();
+    cl.shards[s].frame(c, &join_frame("room:big", "full"));
+    let mut state = 0;
+    // Pump by hand to see the joiner's frames.
+    loop {
+        for s in 0..cl.n() {
+            cl.shards[s].flush();
+            for o in cl.shards[s].outputs() {
+                match o {
+                    Output::Mesh { to, msg } => cl.inbox[to.index()].push_back(msg),
+                    Output::Send { frame, .. } if frame.len() > state => state = frame.len(),
+                    _ => {}
+                }
+            }
+        }
+        if cl.inbox.iter().all(VecDeque::is_empty) {
+            break;
+        }
+        for s in 0..cl.n() {
+            while let Some(msg) = cl.inbox[s].pop_front() {
+                cl.shards[s].mesh(msg);
+            }
+        }
+    }
+    (t0.elapsed().as_secs_f64() * 1e3, state)
 }
 
 /// Connections 0..n each send `frame`, pumped every 64; returns frames per second.
@@ -396,6 +436,15 @@ fn main() {
         let (m, lo, hi, r) = rounds(|| big_topic(shards, 100_000 / scale), |r| r.0);
         println!(
             "  {shards} shard(s): {m:.0} tracks/s ({lo:.0}..{hi:.0}); last round untracks {:.0}/s",
+            r.1
+        );
+    }
+
+    println!("\nthe presence_state of a 100k-member topic: one full-mode join until its state is framed:");
+    for shards in [1u16, 2] {
+        let (m, lo, hi, r) = rounds(|| big_state(shards, 100_000 / scale), |r| r.0);
+        println!(
+            "  {shards} shard(s): {m:.1} ms ({lo:.1}..{hi:.1}) for a state of {} bytes",
             r.1
         );
     }

@@ -940,7 +940,8 @@ fn join_storm(c: Common) -> Result<(), String> {
                                 if f[3] == "phx_reply" && f[4]["status"] != "ok" {
                                     return true;
                                 }
-                                frames += u64::from(f[3] == "presence_diff" || f[3] == "presence_state");
+                                frames +=
+                                    u64::from(f[3] == "presence_diff" || f[3] == "presence_state");
                                 v.keys() >= n
                             })
                             .await;

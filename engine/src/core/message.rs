@@ -66,6 +66,15 @@ pub enum MeshMsg {
         /// grace.
         closed: bool,
     },
+    /// The connection's presence `alias` was a twin of `adopted` (same key and meta), whose
+    /// connection has now closed: the connection's presence is `adopted` from now on
+    /// (topic owner -> connection's shard).
+    Adopt {
+        topic: TopicName,
+        conn: ConnId,
+        alias: PhxRef,
+        adopted: PhxRef,
+    },
     /// The connection's shard has applied an adopted ref (see [`MeshMsg::Joined`]): no message
     /// naming `alias` follows, so the owner may forget it.
     Adopted {

@@ -6,9 +6,11 @@ use std::sync::Arc;
 use roster_proto::meta::restamp_prev;
 use roster_proto::{PhxRef, PresenceMode};
 
-use crate::core::topic::{Topic, Waiter};
+use crate::core::topic::{Topic, Twin, Waiter};
 use crate::core::Shard;
-use crate::core::{JoinMsg, JoinedReply, MeshMsg, Meta, Millis, TopicName, Track, UserKey};
+use crate::core::{
+    ConnAddr, JoinMsg, JoinedReply, MeshMsg, Meta, Millis, TopicName, Track, UserKey,
+};
 use crate::mesh::ShardId;
 
 impl Shard {
@@ -65,6 +67,7 @@ impl Shard {
             MeshMsg::Unwatch { key, from } => self.users.unwatch(&key, from),
             // Connection-side messages are handled before they get here.
             MeshMsg::Joined { .. }
+            | MeshMsg::Adopt { .. }
             | MeshMsg::Diff { .. }
             | MeshMsg::Count { .. }
             | MeshMsg::UserState { .. }
@@ -120,7 +123,7 @@ impl Shard {
         let in_window = t.window_until.is_some();
         if j.mode == PresenceMode::Full && in_window {
             // Answered with everyone else of this window, from one state, when it ends.
-            let adopted = j.track.and_then(|track| self.track(&name, track));
+            let adopted = j.track.and_then(|track| self.track(&name, track, j.from));
             let t = self.topics.get_mut(&name).expect("created above");
             t.wait(Waiter {
                 shard: j.from.shard,
@@ -144,7 +147,7 @@ impl Shard {
         // The state was taken before the joiner's own presence goes in: that presence reaches it
         // in the next diff like everyone else's, so a join and leave that cancel out within one
         // batch were never seen by anyone.
-        let adopted = j.track.and_then(|track| self.track(&name, track));
+        let adopted = j.track.and_then(|track| self.track(&name, track, j.from));
         let t = self.topics.get(&name).expect("created above");
         let reply = match (state, j.mode) {
             (Some(state), _) => JoinedReply::State(state),
@@ -174,16 +177,22 @@ impl Shard {
 
     /// Tracks a joiner's presence, or lets it take over one the leave grace holds for its key.
     /// Returns `(its own ref, the held ref it adopted)` when the metas are equal (nothing
-    /// changes then).
-    fn track(&mut self, name: &TopicName, track: Track) -> Option<(PhxRef, PhxRef)> {
+    /// changes then). With a leave grace, a presence equal to one its key already has here is a
+    /// twin: not announced until its grace ends (see [`Twin`]).
+    fn track(
+        &mut self,
+        name: &TopicName,
+        track: Track,
+        from: ConnAddr,
+    ) -> Option<(PhxRef, PhxRef)> {
+        let grace = self.config.leave_grace;
         let t = self.topics.get_mut(name).expect("caller made it");
-        let user_owner = self.router.user_owner(track.key.as_str());
         let taken = t.take_held(&track.key, &track.meta);
         self.stats.takeovers += u64::from(taken.is_some());
-        let (msg, adopted) = match taken {
+        match taken {
             Some((held, true)) => {
                 t.add_alias(track.phx_ref, held);
-                return Some((track.phx_ref, held));
+                Some((track.phx_ref, held))
             }
             Some((held, false)) => {
                 // One update diff: the held meta leaves, the new one joins in its place.
@@ -195,25 +204,61 @@ impl Shard {
                     ..track
                 };
                 t.track(track.key.clone(), track.meta.clone());
+                let user_owner = self.router.user_owner(track.key.as_str());
                 let msg = MeshMsg::UserUpdated {
                     topic: name.clone(),
                     old: held,
                     track,
                 };
-                (msg, None)
+                self.tx.mesh(user_owner, msg);
+                note_change(&mut self.to_flush, &mut self.to_count, name, t);
+                None
+            }
+            None if grace.0 > 0 && t.has_same(&track.key, &track.meta) => {
+                let until = Millis(self.now.0.saturating_add(grace.0));
+                t.add_twin(Twin { track, from, until });
+                self.stats.twins += 1;
+                self.twins_due.push_back((until, name.clone()));
+                None
             }
             None => {
-                t.track(track.key.clone(), track.meta.clone());
-                let msg = MeshMsg::UserTracked {
-                    topic: name.clone(),
-                    track,
-                };
-                (msg, None)
+                self.announce(name, track);
+                None
             }
+        }
+    }
+
+    /// Tracks a presence and tells everyone.
+    fn announce(&mut self, name: &TopicName, track: Track) {
+        let Some(t) = self.topics.get_mut(name) else {
+            return;
+        };
+        t.track(track.key.clone(), track.meta.clone());
+        let user_owner = self.router.user_owner(track.key.as_str());
+        let msg = MeshMsg::UserTracked {
+            topic: name.clone(),
+            track,
         };
         self.tx.mesh(user_owner, msg);
         note_change(&mut self.to_flush, &mut self.to_count, name, t);
-        adopted
+    }
+
+    /// Twins whose grace ended without their twin closing are announced.
+    pub(crate) fn announce_twins(&mut self) {
+        while let Some((until, _)) = self.twins_due.front() {
+            if until.0 > self.now.0 {
+                break;
+            }
+            let (_, name) = self.twins_due.pop_front().expect("front exists");
+            let now = self.now;
+            let Some(t) = self.topics.get_mut(&name) else {
+                continue;
+            };
+            for twin in t.due_twins(now) {
+                self.announce(&name, twin.track);
+            }
+            self.forget_if_idle(&name);
+        }
     }
 
     fn owner_update(&mut self, topic: TopicName, old: PhxRef, new: Track) {
@@ -221,6 +266,10 @@ impl Shard {
             return;
         };
         let t = self.topics.get_mut(&name).expect("looked up above");
+        if t.remove_twin(old).is_some() {
+            // Never announced: the new meta is simply a join.
+            return self.announce(&name, new);
+        }
         let old = t.resolve(old);
         let user_owner = self.router.user_owner(new.key.as_str());
         let msg = if t.untrack(&new.key, old).is_some() {
@@ -255,20 +304,56 @@ impl Shard {
         };
         t.unsubscribe(from, mode);
         if let Some((key, phx_ref)) = tracked {
-            let phx_ref = t.resolve(phx_ref);
-            if closed && grace.0 > 0 && t.hold(&key, phx_ref) {
-                let until = Millis(self.now.0.saturating_add(grace.0));
-                let name = self.topics.get_key_value(&topic).map(|(k, _)| k.clone());
-                let name = name.expect("looked up above");
-                self.held.push_back((until, name, key, phx_ref));
-            } else {
-                self.untrack(&topic, key, phx_ref);
-            }
+            self.leave_presence(&topic, key, phx_ref, closed && grace.0 > 0);
         }
         if let Some(t) = self.topics.get_mut(&topic) {
             note_change(&mut self.to_flush, &mut self.to_count, &topic, t);
         }
         self.forget_if_idle(&topic);
+    }
+
+    /// A connection's presence ends. `graced`: its connection closed and a leave grace is set,
+    /// so a twin takes its place unseen, or it is held for a reconnect.
+    fn leave_presence(&mut self, topic: &TopicName, key: UserKey, phx_ref: PhxRef, graced: bool) {
+        let grace = self.config.leave_grace;
+        let Some(name) = self.topics.get_key_value(topic).map(|(k, _)| k.clone()) else {
+            return;
+        };
+        let t = self.topics.get_mut(&name).expect("looked up above");
+        if t.remove_twin(phx_ref).is_some() {
+            return; // Never announced.
+        }
+        let phx_ref = t.resolve(phx_ref);
+        let Some(meta) = t.meta(&key, phx_ref).cloned() else {
+            return;
+        };
+        let twin = t.take_twin(&key, &meta);
+        match twin {
+            Some(twin) if graced => {
+                // The reconnect arrived before its old connection was seen closing.
+                self.stats.takeovers += 1;
+                t.add_alias(twin.track.phx_ref, phx_ref);
+                let msg = MeshMsg::Adopt {
+                    topic: name,
+                    conn: twin.from.conn,
+                    alias: twin.track.phx_ref,
+                    adopted: phx_ref,
+                };
+                self.tx.mesh(twin.from.shard, msg);
+            }
+            _ if graced => {
+                t.hold(&key, phx_ref);
+                let until = Millis(self.now.0.saturating_add(grace.0));
+                self.held.push_back((until, name, key, phx_ref));
+            }
+            twin => {
+                self.untrack(&name, key, phx_ref);
+                // The twin stands alone now: announce it rather than let the key look gone.
+                if let Some(twin) = twin {
+                    self.announce(&name, twin.track);
+                }
+            }
+        }
     }
 
     fn untrack(&mut self, topic: &TopicName, key: UserKey, phx_ref: PhxRef) {

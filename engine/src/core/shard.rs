@@ -40,8 +40,11 @@ pub struct ShardStats {
     pub diffs_coalesced: u64,
     /// Subscriptions given a fresh state after losing diffs (slow consumers).
     pub resyncs: u64,
-    /// Joins that took over a presence held by the leave grace.
+    /// Joins that took over a presence held by the leave grace (or their twin's, see
+    /// `topic::Twin`).
     pub takeovers: u64,
+    /// Joins held back as twins of a presence their key already had.
+    pub twins: u64,
     /// Held presences whose grace ended without a takeover.
     pub grace_expired: u64,
 }
@@ -68,6 +71,8 @@ pub struct Shard {
     pub(crate) windows: Vec<TopicName>,
     /// Presences held by the leave grace, in the order their grace ends.
     pub(crate) held: VecDeque<(Millis, TopicName, UserKey, PhxRef)>,
+    /// Topics with twins (unannounced joins, see `topic::Twin`), in the order their grace ends.
+    pub(crate) twins_due: VecDeque<(Millis, TopicName)>,
     pub(crate) users: Users,
     subs: LocalSubs,
     watches: Watches,
@@ -105,6 +110,7 @@ impl Shard {
             to_count: Vec::new(),
             windows: Vec::new(),
             held: VecDeque::new(),
+            twins_due: VecDeque::new(),
             users: Users::default(),
             subs: LocalSubs::default(),
             watches: Watches::default(),
@@ -185,6 +191,7 @@ impl Shard {
     pub fn tick(&mut self, now: Millis) {
         self.now = Millis(self.now.0.max(now.0));
         self.expire_held();
+        self.announce_twins();
         self.end_windows();
         self.push_counts();
         self.drain_local();
@@ -280,6 +287,7 @@ impl Shard {
             && self.to_count.is_empty()
             && self.windows.is_empty()
             && self.held.is_empty()
+            && self.twins_due.is_empty()
             && self.awaiting.is_empty()
             && self.resyncing.is_empty()
             && self.names.in_use() == 0
@@ -712,6 +720,20 @@ impl Shard {
                     self.tx.send(conn, &self.buf);
                 }
             }
+            MeshMsg::Adopt {
+                topic,
+                conn,
+                alias,
+                adopted,
+            } => {
+                let joined = self
+                    .conns
+                    .get_mut(&conn)
+                    .and_then(|c| c.joins.iter_mut().find(|j| j.topic == topic));
+                if let Some(joined) = joined {
+                    adopt(joined, (&self.router, &mut self.tx), topic, alias, adopted);
+                }
+            }
             MeshMsg::UserState {
                 key,
                 seq,
@@ -752,16 +774,14 @@ impl Shard {
         if !std::mem::take(&mut joined.awaiting_reply) {
             return;
         }
-        // The presence held by the leave grace is this connection's now. Unless an update
-        // already replaced it: the owner then resolved the alias, and the update's ref stands.
-        if let Some((alias, adopted)) = adopted.filter(|(a, _)| joined.tracked() == Some(*a)) {
-            joined.set_tracked(adopted);
-            let owner = self.router.topic_owner(topic.as_str());
-            let msg = MeshMsg::Adopted {
-                topic: topic.clone(),
+        if let Some((alias, adopted)) = adopted {
+            adopt(
+                joined,
+                (&self.router, &mut self.tx),
+                topic.clone(),
                 alias,
-            };
-            self.tx.mesh(owner, msg);
+                adopted,
+            );
         }
         let jr: Option<Box<str>> = joined.join_ref().map(Box::from);
         let mode = joined.mode;
@@ -814,6 +834,26 @@ impl Shard {
         }
         self.tx.send(conn, &self.buf);
     }
+}
+
+/// The presence held by the leave grace (or the twin's closed original) is this join's now,
+/// unless an update already replaced it: the owner then resolved the alias, and the update's
+/// ref stands. Tells the owner the alias is no longer used.
+fn adopt(
+    joined: &mut Joined,
+    (router, tx): (&Router, &mut Outbox),
+    topic: TopicName,
+    alias: PhxRef,
+    adopted: PhxRef,
+) {
+    if joined.tracked() != Some(alias) {
+        return;
+    }
+    joined.set_tracked(adopted);
+    tx.mesh(
+        router.topic_owner(topic.as_str()),
+        MeshMsg::Adopted { topic, alias },
+    );
 }
 
 /// Refs are unique per process run: shard id in the top 16 bits, a per-shard counter below,
@@ -1140,5 +1180,59 @@ mod tests {
             states[0]
         );
         assert_eq!(s.stats().diffs_coalesced, 2);
+    }
+
+    #[test]
+    fn a_reconnect_before_the_old_connection_closes_is_a_twin() {
+        let config = Config {
+            leave_grace: Millis(1000),
+            ..Config::default()
+        };
+        let mut s = Shard::new(ShardId(0), config);
+        let (old, observer, new, tab) = (ConnId(1), ConnId(2), ConnId(3), ConnId(4));
+        s.open(observer, UserKey::new("obs"));
+        s.frame(observer, br#"["1","1","room","phx_join",{"track":false}]"#);
+        s.open(old, UserKey::new("u1"));
+        s.frame(old, br#"["1","1","room","phx_join",{"meta":{"a":1}}]"#);
+        let out = texts(&mut s);
+        let first =
+            diff_of(out.last().expect("the join"))["joins"]["u1"]["metas"][0]["phx_ref"].clone();
+        // The reconnect arrives before the old socket is seen closing: nobody hears of it...
+        s.open(new, UserKey::new("u1"));
+        s.frame(new, br#"["1","1","room","phx_join",{"meta":{"a":1}}]"#);
+        let out = texts(&mut s);
+        assert!(out.iter().all(|f| !f.contains("presence_diff")), "{out:?}");
+        assert_eq!(s.stats().twins, 1);
+        // ...nor of the old one closing: the new connection has its presence now.
+        s.close(old);
+        s.tick(Millis(5000));
+        assert!(texts(&mut s).is_empty());
+        s.frame(
+            new,
+            br#"["1","2","room","presence_update",{"meta":{"a":2}}]"#,
+        );
+        let out = texts(&mut s);
+        let d = diff_of(&out[1]);
+        assert_eq!(d["leaves"]["u1"]["metas"][0]["phx_ref"], first, "{d}");
+        assert_eq!(
+            s.topic_view("room").map(|v| v.presences[0].1.len()),
+            Some(1)
+        );
+        // A second tab with the same meta whose twin stays open: announced when its grace ends.
+        s.open(tab, UserKey::new("u1"));
+        s.frame(tab, br#"["1","1","room","phx_join",{"meta":{"a":2}}]"#);
+        assert!(texts(&mut s).iter().all(|f| !f.contains("presence_diff")));
+        s.tick(Millis(6100));
+        let out = texts(&mut s);
+        let joins: Vec<&String> = out.iter().filter(|f| f.contains("presence_diff")).collect();
+        assert_eq!(
+            joins.len(),
+            3,
+            "observer, new and tab each see the tab: {out:?}"
+        );
+        assert_eq!(
+            s.topic_view("room").map(|v| v.presences[0].1.len()),
+            Some(2)
+        );
     }
 }

@@ -15,7 +15,7 @@ use roster_proto::meta::stored_body;
 use roster_proto::{PhxRef, PresenceMode};
 use smallvec::SmallVec;
 
-use crate::core::{ConnId, Meta, Millis, UserKey};
+use crate::core::{ConnAddr, ConnId, Meta, Millis, Track, UserKey};
 use crate::mesh::ShardId;
 
 #[derive(Debug, Clone, Copy)]
@@ -41,6 +41,16 @@ pub(crate) struct Waiter {
     pub(crate) adopted: Option<(PhxRef, PhxRef)>,
 }
 
+/// A new presence with the same key and meta as one already here: most likely a reconnect
+/// whose old connection has not been seen closing yet. It is announced only when its grace ends
+/// without that; if the old one closes first, it takes the old one's place unseen.
+#[derive(Debug)]
+pub(crate) struct Twin {
+    pub(crate) track: Track,
+    pub(crate) from: ConnAddr,
+    pub(crate) until: Millis,
+}
+
 /// Leave-grace bookkeeping; most topics never have any, so it is boxed and absent.
 #[derive(Debug, Default)]
 struct Held {
@@ -49,6 +59,8 @@ struct Held {
     /// A joiner that adopted a held presence made its own ref first; messages its shard sent
     /// before learning of the adoption still name that ref. alias -> adopted ref.
     aliases: HashMap<PhxRef, PhxRef, RandomState>,
+    /// Joins not announced yet, in arrival order.
+    twins: Vec<Twin>,
 }
 
 #[derive(Debug, Default)]
@@ -232,13 +244,62 @@ impl Topic {
         if self
             .held
             .as_ref()
-            .is_some_and(|h| h.by_key.is_empty() && h.aliases.is_empty())
+            .is_some_and(|h| h.by_key.is_empty() && h.aliases.is_empty() && h.twins.is_empty())
         {
             self.held = None;
         }
     }
 
-    fn meta(&self, key: &UserKey, r: PhxRef) -> Option<&Meta> {
+    /// Whether `key` has a presence here with the same client meta as `meta`.
+    pub(crate) fn has_same(&self, key: &UserKey, meta: &Meta) -> bool {
+        let body = stored_body(meta.bytes());
+        self.presences
+            .get(key)
+            .is_some_and(|ms| ms.iter().any(|m| stored_body(m.bytes()) == body))
+    }
+
+    pub(crate) fn add_twin(&mut self, twin: Twin) {
+        self.held
+            .get_or_insert_with(Default::default)
+            .twins
+            .push(twin);
+    }
+
+    /// The oldest twin of presence `meta` of `key` (same key, same client meta).
+    pub(crate) fn take_twin(&mut self, key: &UserKey, meta: &Meta) -> Option<Twin> {
+        let body = stored_body(meta.bytes());
+        let twins = &mut self.held.as_mut()?.twins;
+        let at = twins
+            .iter()
+            .position(|t| &t.track.key == key && stored_body(t.track.meta.bytes()) == body)?;
+        let twin = twins.remove(at);
+        self.shrink_held();
+        Some(twin)
+    }
+
+    /// The twin whose own ref is `r`, if `r` is one.
+    pub(crate) fn remove_twin(&mut self, r: PhxRef) -> Option<Twin> {
+        let twins = &mut self.held.as_mut()?.twins;
+        let at = twins.iter().position(|t| t.track.phx_ref == r)?;
+        let twin = twins.remove(at);
+        self.shrink_held();
+        Some(twin)
+    }
+
+    /// Twins whose grace ended by `now`: they are announced.
+    pub(crate) fn due_twins(&mut self, now: Millis) -> Vec<Twin> {
+        let Some(held) = self.held.as_mut() else {
+            return Vec::new();
+        };
+        let (due, keep) = std::mem::take(&mut held.twins)
+            .into_iter()
+            .partition(|t| t.until.0 <= now.0);
+        held.twins = keep;
+        self.shrink_held();
+        due
+    }
+
+    pub(crate) fn meta(&self, key: &UserKey, r: PhxRef) -> Option<&Meta> {
         self.presences.get(key)?.iter().find(|m| m.is_ref(r))
     }
 

@@ -333,8 +333,14 @@ impl Runtime {
                             // and so does this one if it is a diff; replies and states stay.
                             slot.out.retain(|f| frame_kind(f) != FrameKind::Diff);
                             slot.out_bytes = counted_bytes(&slot.out);
-                            resyncing.insert(conn, self.now_ms());
-                            slow.push(conn);
+                            // Already resyncing (replies or counts alone went past the bound):
+                            // its stuck timer keeps running from the first time.
+                            if let std::collections::hash_map::Entry::Vacant(v) =
+                                resyncing.entry(conn)
+                            {
+                                v.insert(self.now_ms());
+                                slow.push(conn);
+                            }
                             if kind == FrameKind::Diff {
                                 continue;
                             }
