@@ -1259,9 +1259,12 @@ fn reconnect_storm(
     let fraction = if restarting { 1.0 } else { fraction };
     let t = Target::parse(&c)?;
     let (n, e_count, conc) = (c.clients, c.executors, c.concurrency.max(1));
-    // Every k-th client reconnects, so each topic has some of both.
+    // Every k-th member of each topic reconnects, so each topic has some of both. (Client i is
+    // member i / topics of topic i % topics: choosing by i itself would, with an even topic
+    // count, put all reconnecting clients in the even topics, and the stayers would see none
+    // of the storm.)
     let every = (1.0 / fraction.clamp(0.01, 1.0)).round().max(1.0) as usize;
-    let reconnects = move |i: usize| i.is_multiple_of(every);
+    let reconnects = move |i: usize| (i / topics.max(1)).is_multiple_of(every);
     let ready = Arc::new(Barrier::new(e_count));
     let deadline = Instant::now() + Duration::from_secs(c.duration_s);
     let parent_restart = restart_cmd.clone();
@@ -1278,9 +1281,24 @@ fn reconnect_storm(
                     json!(["1", "1", format!("room:{}", i % topics), "phx_join", {"meta": {"i": i}}]).to_string()
                 })
                 .await;
-                // Everyone has joined; let the joins' own diffs arrive before counting starts.
+                // Everyone has joined; read (and drop) the joins' own diffs for a second, so that
+                // what the stayers count is the storm's doing only.
                 phase(&ready);
-                glommio::timer::sleep(Duration::from_secs(1)).await;
+                let settled = Instant::now() + Duration::from_secs(1);
+                let draining: Vec<_> = members
+                    .into_iter()
+                    .map(|(i, mut client)| {
+                        glommio::spawn_local(async move {
+                            let mut view = View::default();
+                            read_until(&mut client, &mut view, settled, |_, _| false).await;
+                            (i, client)
+                        })
+                    })
+                    .collect();
+                let mut members = Vec::with_capacity(draining.len());
+                for d in draining {
+                    members.push(d.await);
+                }
                 // With --procs the parent restarts the server, once, as this phase opens.
                 if phase(&ready) && !is_worker() {
                     if let Some(cmd) = restart_cmd.clone() {
