@@ -17,10 +17,12 @@ for r in $(seq "$rounds"); do
     run "join-storm-$n-plain-$r" "--diff-window-ms 0" join-storm --clients "$n"
     run "join-storm-$n-coalesced-$r" "" join-storm --clients "$n"
   done
-  run "fanout-count-$r" "" fanout --clients "$clients" --presence count --rounds 10 --interval-ms 1500
-  run "fanout-full-$r" "" fanout --clients "$clients" --rounds 10 --interval-ms 250
-  run "reconnect-plain-$r" "" reconnect-storm --clients "$clients" --topics 100 --window-s 5
-  run "reconnect-grace-$r" "--leave-grace-ms 5000" reconnect-storm --clients "$clients" --topics 100 --window-s 5
+  # 10 changes a second for 3 s: diffs to every subscriber, or one count a second.
+  run "fanout-count-$r" "" fanout --clients "$clients" --presence count --rounds 30 --interval-ms 100
+  run "fanout-full-$r" "" fanout --clients "$clients" --rounds 30 --interval-ms 100
+  # Half the clients drop and come back; the grace must outlast the storm (~6-13 s here).
+  run "reconnect-plain-$r" "" reconnect-storm --clients "$clients" --topics 100 --window-s 15
+  run "reconnect-grace-$r" "--leave-grace-ms 15000" reconnect-storm --clients "$clients" --topics 100 --window-s 15
 done
 ROSTER_BENCH_DURATION_S=300 run "join-storm-8000-coalesced" "" join-storm --clients 8000
 echo "results in $out"

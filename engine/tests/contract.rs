@@ -211,6 +211,17 @@ fn a_large_state_arrives_whole_and_in_order() {
         assert!(frames[state].to_string().len() > 120_000);
         assert_eq!(frames[own][4]["joins"]["joiner"]["metas"][0]["me"], 1);
     }
+    // Nothing else from the client this time: what is queued behind the big state (its own
+    // join's diff) must still go out without any further event to wake the connection.
+    let mut quiet = Client::connect(s.addr, "quiet").unwrap();
+    quiet
+        .ws
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    quiet.push("j", "room:big", "phx_join", json!({"meta": {"me": 2}}));
+    let own = quiet.until(|f| f[3] == "presence_diff");
+    assert_eq!(own[4]["joins"]["quiet"]["metas"][0]["me"], 2);
     drop(members);
 }
 

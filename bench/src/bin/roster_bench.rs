@@ -904,23 +904,18 @@ fn join_storm(c: Common) -> Result<(), String> {
     let (n, e_count, conc) = (c.clients, c.executors, c.concurrency.max(1));
     let connected = Arc::new(Barrier::new(e_count));
     let deadline = Instant::now() + Duration::from_secs(c.duration_s);
-    let pid = c.server_pid;
+    let cpu = CpuWindow::new(c.server_pid);
     let local = move || {
-        // The server's CPU seconds when the joins start (one process only: with --procs the
-        // workers start apart).
-        let cpu_start = Arc::new(Mutex::new(None::<f64>));
-        let cpu2 = cpu_start.clone();
+        let cpu2 = cpu.clone();
         let parts = on_executors(e_count, move |e| {
-            let (t, connected, cpu_start) = (t.clone(), connected.clone(), cpu2.clone());
+            let (t, connected, cpu) = (t.clone(), connected.clone(), cpu2.clone());
             async move {
                 let part = Rc::new(RefCell::new(Part::new()));
                 let clients = connect_share(&t, e, e_count, n, conc, &part).await;
                 // Everyone, in every worker process, is connected: now all join at once.
                 phase(&connected);
                 if e == 0 {
-                    if let Ok(mut c) = cpu_start.lock() {
-                        *c = pid.and_then(cpu_seconds);
-                    }
+                    cpu.start();
                 }
                 let tasks: Vec<_> = clients
                     .into_iter()
@@ -965,8 +960,7 @@ fn join_storm(c: Common) -> Result<(), String> {
                 into_part(part)
             }
         })?;
-        let start = cpu_start.lock().map_err(|_| "lock")?.to_owned();
-        let cpu = start.zip(pid.and_then(cpu_seconds)).map(|(a, b)| b - a);
+        let cpu = cpu.finish().map(|(cpu, _)| cpu);
         Ok((Part::merge(parts), json!({ "server_cpu_s": cpu })))
     };
     let Some((p, extras)) = distributed(&c, |_| {}, local)? else {
@@ -1005,11 +999,12 @@ fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String> {
     }
     let ready = Arc::new(Barrier::new(e_count));
     let deadline = Instant::now() + Duration::from_secs(c.duration_s);
+    let cpu = CpuWindow::new(c.server_pid);
     let local = move || {
         let round_max = Arc::new(Mutex::new(vec![0u64; rounds]));
-        let rm = round_max.clone();
+        let (rm, cpu2) = (round_max.clone(), cpu.clone());
         let parts = on_executors(e_count, move |e| {
-            let (t, ready, round_max) = (t.clone(), ready.clone(), rm.clone());
+            let (t, ready, round_max, cpu) = (t.clone(), ready.clone(), rm.clone(), cpu2.clone());
             async move {
                 let part = Rc::new(RefCell::new(Part::new()));
                 let clients = connect_share(&t, e, e_count, n, conc, &part).await;
@@ -1026,6 +1021,9 @@ fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String> {
                 })
                 .await;
                 phase(&ready);
+                if e == 0 {
+                    cpu.start();
+                }
                 let tasks: Vec<_> = ready_members
                 .into_iter()
                 .map(|(i, mut client)| {
@@ -1083,7 +1081,10 @@ fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String> {
             }
         })?;
         let maxima = round_max.lock().map_err(|_| "lock")?.clone();
-        Ok((Part::merge(parts), json!({"round_max": maxima})))
+        Ok((
+            Part::merge(parts),
+            json!({"round_max": maxima, "server_cpu": cpu.finish()}),
+        ))
     };
     let Some((p, extras)) = distributed(&c, |_| {}, local)? else {
         return Ok(());
@@ -1105,10 +1106,14 @@ fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String> {
         "  update -> seen by all members us: {}",
         percentiles(&all_saw)
     );
+    let cpu = print_cpu(
+        &extras["server_cpu"],
+        "the first update until all saw the last",
+    );
     write_json(
         &c,
         json!({"scenario": "fanout", "members": n, "rounds": rounds, "errors": p.errors, "timeouts": p.timeouts,
-        "delivery_us": json_percentiles(&p.a), "all_members_us": json_percentiles(&all_saw)}),
+        "delivery_us": json_percentiles(&p.a), "all_members_us": json_percentiles(&all_saw), "server_cpu_pct": cpu}),
     )
 }
 
@@ -1130,9 +1135,8 @@ fn fanout_count(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String
     let sent = Arc::new(Mutex::new(vec![0u64; rounds]));
     let final_keys = ((rounds - 1) % 2) as u64;
     let count_of = |r: usize| (r % 2) as u64;
-    // The server's CPU seconds when the rounds start and end, and the wall time between.
-    let cpu = Arc::new(Mutex::new(None::<(f64, f64, f64)>));
-    let (cpu2, pid) = (cpu.clone(), c.server_pid);
+    let cpu = CpuWindow::new(c.server_pid);
+    let cpu2 = cpu.clone();
     let parts = on_executors(e_count, move |e| {
         let (t, ready, sent, cpu) = (t.clone(), ready.clone(), sent.clone(), cpu2.clone());
         async move {
@@ -1148,13 +1152,15 @@ fn fanout_count(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String
             })
             .await;
             phase(&ready);
+            if e == 0 {
+                cpu.start();
+            }
             let tasks: Vec<_> = ready_members
                 .into_iter()
                 .map(|(i, mut client)| {
-                    let (part, sent, cpu) = (part.clone(), sent.clone(), cpu.clone());
+                    let (part, sent) = (part.clone(), sent.clone());
                     glommio::spawn_local(async move {
                         if i == 0 {
-                            let (start, cpu_start) = (Instant::now(), pid.and_then(cpu_seconds));
                             for r in 0..rounds {
                                 let (jr, event, payload) = if r % 2 == 0 {
                                     ("1", "phx_leave", json!({}))
@@ -1169,11 +1175,6 @@ fn fanout_count(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String
                                     break;
                                 }
                                 glommio::timer::sleep(Duration::from_millis(interval_ms)).await;
-                            }
-                            if let (Some(a), Some(b)) = (cpu_start, pid.and_then(cpu_seconds)) {
-                                if let Ok(mut c) = cpu.lock() {
-                                    *c = Some((a, b, start.elapsed().as_secs_f64()));
-                                }
                             }
                             return;
                         }
@@ -1224,18 +1225,23 @@ fn fanout_count(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String
         "  change -> count seen by one member us: {}",
         percentiles(&p.a)
     );
-    let cpu = cpu
-        .lock()
-        .map_err(|_| "lock")?
-        .map(|(a, b, wall)| 100.0 * (b - a) / wall);
-    if let Some(pct) = cpu {
-        println!("  server CPU during the rounds: {pct:.1}% of one core");
-    }
+    let cpu = print_cpu(
+        &json!(cpu.finish()),
+        "the first change until all saw the last count",
+    );
     write_json(
         &c,
         json!({"scenario": "fanout-count", "members": n, "rounds": rounds, "errors": p.errors, "timeouts": p.timeouts,
         "delivery_us": json_percentiles(&p.a), "server_cpu_pct": cpu}),
     )
+}
+
+/// Prints `[cpu_s, wall_s]` (a [`CpuWindow`]) as a share of one core; returns the percentage.
+fn print_cpu(window: &Value, what: &str) -> Option<f64> {
+    let (cpu, wall) = (window[0].as_f64()?, window[1].as_f64()?);
+    let pct = 100.0 * cpu / wall;
+    println!("  server CPU from {what}: {cpu:.2} s in {wall:.2} s ({pct:.1}% of one core)");
+    Some(pct)
 }
 
 /// Runs --restart-cmd on its own thread, so the clients keep running meanwhile.
@@ -1412,6 +1418,38 @@ fn reconnect_storm(
 }
 
 /// CPU seconds (user + system) a process has used, from /proc/PID/stat.
+/// The server's CPU time over one phase of a run (in one process: with --procs the workers
+/// reach a phase apart).
+#[derive(Clone)]
+struct CpuWindow {
+    pid: Option<u32>,
+    start: Arc<Mutex<Option<(f64, Instant)>>>,
+}
+
+impl CpuWindow {
+    fn new(pid: Option<u32>) -> Self {
+        CpuWindow {
+            pid,
+            start: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    fn start(&self) {
+        if let (Some(cpu), Ok(mut s)) = (self.pid.and_then(cpu_seconds), self.start.lock()) {
+            *s = Some((cpu, Instant::now()));
+        }
+    }
+
+    /// `(server CPU seconds, wall seconds)` since `start`.
+    fn finish(&self) -> Option<(f64, f64)> {
+        let (cpu, at) = (*self.start.lock().ok()?)?;
+        Some((
+            self.pid.and_then(cpu_seconds)? - cpu,
+            at.elapsed().as_secs_f64(),
+        ))
+    }
+}
+
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start after the last ')'.

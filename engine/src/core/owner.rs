@@ -137,10 +137,7 @@ impl Shard {
         if j.mode == PresenceMode::Full {
             if t.has_pending() {
                 // The joiner's state must be exactly "everything before the diffs it will get".
-                self.flush_topic(&name);
-                if self.start_window(&name) {
-                    self.windows.push(name.clone());
-                }
+                self.flush_now(&name);
             }
             state = Some(self.encode_state(&name));
         }
@@ -196,22 +193,13 @@ impl Shard {
             }
             Some((held, false)) => {
                 // One update diff: the held meta leaves, the new one joins in its place.
-                t.untrack(&track.key, held);
                 self.buf.clear();
                 restamp_prev(track.meta.bytes(), held, &mut self.buf);
                 let track = Track {
                     meta: Meta::new(&self.buf),
                     ..track
                 };
-                t.track(track.key.clone(), track.meta.clone());
-                let user_owner = self.router.user_owner(track.key.as_str());
-                let msg = MeshMsg::UserUpdated {
-                    topic: name.clone(),
-                    old: held,
-                    track,
-                };
-                self.tx.mesh(user_owner, msg);
-                note_change(&mut self.to_flush, &mut self.to_count, name, t);
+                self.replace(name, held, track);
                 None
             }
             None if grace.0 > 0 && t.has_same(&track.key, &track.meta) => {
@@ -271,23 +259,26 @@ impl Shard {
             return self.announce(&name, new);
         }
         let old = t.resolve(old);
-        let user_owner = self.router.user_owner(new.key.as_str());
-        let msg = if t.untrack(&new.key, old).is_some() {
-            t.track(new.key.clone(), new.meta.clone());
-            MeshMsg::UserUpdated {
-                topic: name.clone(),
-                old,
-                track: new,
-            }
+        self.replace(&name, old, new);
+    }
+
+    /// Presence `old` of `track.key` is replaced by `track`: one diff leaves the old and joins
+    /// the new, and the user owner (so watchers) hears of both at once.
+    fn replace(&mut self, name: &TopicName, old: PhxRef, track: Track) {
+        let Some(t) = self.topics.get_mut(name) else {
+            return;
+        };
+        let replaced = t.untrack(&track.key, old).is_some();
+        t.track(track.key.clone(), track.meta.clone());
+        let user_owner = self.router.user_owner(track.key.as_str());
+        let topic = name.clone();
+        let msg = if replaced {
+            MeshMsg::UserUpdated { topic, old, track }
         } else {
-            t.track(new.key.clone(), new.meta.clone());
-            MeshMsg::UserTracked {
-                topic: name.clone(),
-                track: new,
-            }
+            MeshMsg::UserTracked { topic, track }
         };
         self.tx.mesh(user_owner, msg);
-        note_change(&mut self.to_flush, &mut self.to_count, &name, t);
+        note_change(&mut self.to_flush, &mut self.to_count, name, t);
     }
 
     fn owner_leave(
@@ -342,8 +333,8 @@ impl Shard {
                 self.tx.mesh(twin.from.shard, msg);
             }
             _ if graced => {
-                t.hold(&key, phx_ref);
                 let until = Millis(self.now.0.saturating_add(grace.0));
+                t.hold(&key, phx_ref, until);
                 self.held.push_back((until, name, key, phx_ref));
             }
             twin => {
@@ -378,12 +369,12 @@ impl Shard {
             if until.0 > self.now.0 {
                 break;
             }
-            let (_, topic, key, phx_ref) = self.held.pop_front().expect("front exists");
+            let (until, topic, key, phx_ref) = self.held.pop_front().expect("front exists");
             let Some(t) = self.topics.get_mut(&topic) else {
                 continue;
             };
-            // Taken over since, or the held presence's key rejoined: nothing to do.
-            if t.release_held(&key, phx_ref) {
+            // Taken over since (and maybe held again, until later): nothing to do.
+            if t.release_held(&key, phx_ref, until) {
                 self.stats.grace_expired += 1;
                 self.untrack(&topic, key, phx_ref);
             }
@@ -400,14 +391,20 @@ impl Shard {
             };
             t.listed_for_flush = false;
             if t.window_until.is_some() {
-                self.stats.diffs_coalesced += 1;
+                self.stats.diffs_coalesced += u64::from(t.has_pending());
                 continue;
             }
-            self.flush_topic(&name);
-            if self.start_window(&name) {
-                self.windows.push(name.clone());
-            }
+            self.flush_now(&name);
             self.forget_if_idle(&name);
+        }
+    }
+
+    /// Sends the topic's changes now; a large topic then opens a window, so that the next
+    /// changes wait for its end.
+    fn flush_now(&mut self, name: &TopicName) {
+        self.flush_topic(name);
+        if self.start_window(name) {
+            self.windows.push(name.clone());
         }
     }
 
@@ -476,8 +473,7 @@ impl Shard {
                 continue;
             };
             if t.count_shards().next().is_none() {
-                // Nobody to tell; a later count subscriber gets counts in its join reply.
-                t.take_count_due(now, Millis(0));
+                t.forget_count_change();
             } else if t.take_count_due(now, interval) {
                 let (keys, metas) = t.counts();
                 for shard in t.count_shards() {

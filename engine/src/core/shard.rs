@@ -280,7 +280,7 @@ impl Shard {
     pub fn is_empty(&self) -> bool {
         self.conns.is_empty()
             && self.topics.is_empty()
-            && self.users.len() == 0
+            && self.users.is_empty()
             && self.subs.topics() == 0
             && self.watches.is_empty()
             && self.to_flush.is_empty()
@@ -538,15 +538,7 @@ impl Shard {
             self.watches.suspend_joining(conn, topic);
         }
         let msg_ref = self.awaiting.remove(&(conn, seq)).flatten();
-        self.buf.clear();
-        encode::reply_ok(
-            &mut self.buf,
-            jr.as_deref(),
-            msg_ref.as_deref(),
-            topic,
-            REPLY_EMPTY,
-        );
-        self.tx.send(conn, &self.buf);
+        self.reply_ok(conn, jr.as_deref(), msg_ref.as_deref(), topic);
         if !resyncing {
             self.send_watch_state(conn, topic, jr.as_deref());
         }
@@ -605,16 +597,8 @@ impl Shard {
     /// that no request goes unanswered. The state that would follow is moot.
     fn abandon_join(&mut self, conn: ConnId, joined: &Joined) {
         if let Some(msg_ref) = self.awaiting.remove(&(conn, joined.seq)) {
-            self.buf.clear();
             let topic = joined.topic.as_str();
-            encode::reply_ok(
-                &mut self.buf,
-                joined.join_ref(),
-                msg_ref.as_deref(),
-                topic,
-                REPLY_EMPTY,
-            );
-            self.tx.send(conn, &self.buf);
+            self.reply_ok(conn, joined.join_ref(), msg_ref.as_deref(), topic);
         }
     }
 
@@ -709,14 +693,7 @@ impl Shard {
                         .conns
                         .get(&conn)
                         .and_then(|c| c.join_ref(topic.as_str()));
-                    self.buf.clear();
-                    encode::presence_count(
-                        &mut self.buf,
-                        jr,
-                        topic.as_str(),
-                        keys.into(),
-                        metas.into(),
-                    );
+                    count_frame(&mut self.buf, jr, topic.as_str(), (keys, metas));
                     self.tx.send(conn, &self.buf);
                 }
             }
@@ -795,15 +772,7 @@ impl Shard {
         }
         // A resync has no request to answer.
         if let Some(msg_ref) = self.awaiting.remove(&(conn, seq)) {
-            self.buf.clear();
-            encode::reply_ok(
-                &mut self.buf,
-                jr.as_deref(),
-                msg_ref.as_deref(),
-                topic.as_str(),
-                REPLY_EMPTY,
-            );
-            self.tx.send(conn, &self.buf);
+            self.reply_ok(conn, jr.as_deref(), msg_ref.as_deref(), topic.as_str());
         }
         if deferred {
             return;
@@ -823,13 +792,9 @@ impl Shard {
                 self.last_state = Some((state, jr, frame));
                 return;
             }
-            JoinedReply::Count { keys, metas } => encode::presence_count(
-                &mut self.buf,
-                jr.as_deref(),
-                topic.as_str(),
-                keys.into(),
-                metas.into(),
-            ),
+            JoinedReply::Count { keys, metas } => {
+                count_frame(&mut self.buf, jr.as_deref(), topic.as_str(), (keys, metas))
+            }
             JoinedReply::Nothing => return,
         }
         self.tx.send(conn, &self.buf);
@@ -854,6 +819,12 @@ fn adopt(
         router.topic_owner(topic.as_str()),
         MeshMsg::Adopted { topic, alias },
     );
+}
+
+/// `buf` = a presence_count push.
+fn count_frame(buf: &mut Vec<u8>, jr: Option<&str>, topic: &str, (keys, metas): (u32, u32)) {
+    buf.clear();
+    encode::presence_count(buf, jr, topic, keys.into(), metas.into());
 }
 
 /// Refs are unique per process run: shard id in the top 16 bits, a per-shard counter below,
@@ -1234,5 +1205,42 @@ mod tests {
             s.topic_view("room").map(|v| v.presences[0].1.len()),
             Some(2)
         );
+    }
+
+    #[test]
+    fn a_presence_held_taken_over_and_held_again_keeps_its_second_grace() {
+        let config = Config {
+            leave_grace: Millis(1000),
+            ..Config::default()
+        };
+        let mut s = Shard::new(ShardId(0), config);
+        s.open(ConnId(9), UserKey::new("obs"));
+        s.frame(ConnId(9), br#"["1","1","room","phx_join",{"track":false}]"#);
+        s.open(ConnId(1), UserKey::new("u1"));
+        s.frame(
+            ConnId(1),
+            br#"["1","1","room","phx_join",{"meta":{"a":1}}]"#,
+        );
+        texts(&mut s);
+        s.close(ConnId(1)); // held until 1000
+        s.tick(Millis(100));
+        s.open(ConnId(2), UserKey::new("u1"));
+        s.frame(
+            ConnId(2),
+            br#"["1","1","room","phx_join",{"meta":{"a":1}}]"#,
+        );
+        s.tick(Millis(200));
+        s.close(ConnId(2)); // held again, until 1200
+        assert!(texts(&mut s).iter().all(|f| !f.contains("presence_diff")));
+        s.tick(Millis(1000));
+        assert!(
+            texts(&mut s).is_empty(),
+            "the first hold's end must not release the second"
+        );
+        s.tick(Millis(1300));
+        let out = texts(&mut s);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(diff_of(&out[0])["leaves"]["u1"].is_object());
+        assert_eq!(s.stats().grace_expired, 1);
     }
 }

@@ -54,8 +54,8 @@ pub(crate) struct Twin {
 /// Leave-grace bookkeeping; most topics never have any, so it is boxed and absent.
 #[derive(Debug, Default)]
 struct Held {
-    /// Presences of closed connections still in the table: key -> refs.
-    by_key: HashMap<UserKey, SmallVec<[PhxRef; 1]>, RandomState>,
+    /// Presences of closed connections still in the table: key -> (ref, end of its grace).
+    by_key: HashMap<UserKey, SmallVec<[(PhxRef, Millis); 1]>, RandomState>,
     /// A joiner that adopted a held presence made its own ref first; messages its shard sent
     /// before learning of the adoption still name that ref. alias -> adopted ref.
     aliases: HashMap<PhxRef, PhxRef, RandomState>,
@@ -175,12 +175,12 @@ impl Topic {
     }
 
     /// Keeps presence `r` of a closed connection for the leave grace (false if it is not here).
-    pub(crate) fn hold(&mut self, key: &UserKey, r: PhxRef) -> bool {
+    pub(crate) fn hold(&mut self, key: &UserKey, r: PhxRef, until: Millis) -> bool {
         if self.meta(key, r).is_none() {
             return false;
         }
         let held = self.held.get_or_insert_with(Default::default);
-        held.by_key.entry(key.clone()).or_default().push(r);
+        held.by_key.entry(key.clone()).or_default().push((r, until));
         true
     }
 
@@ -189,18 +189,17 @@ impl Topic {
     pub(crate) fn take_held(&mut self, key: &UserKey, meta: &Meta) -> Option<(PhxRef, bool)> {
         let held = self.held.as_mut()?;
         let refs = held.by_key.get_mut(key)?;
-        let body = stored_body(meta.bytes());
         let metas = self.presences.get(key);
-        let same = |r: &PhxRef| {
+        let same = |(r, _): &(PhxRef, Millis)| {
             metas
                 .and_then(|ms| ms.iter().find(|m| m.is_ref(*r)))
-                .is_some_and(|m| stored_body(m.bytes()) == body)
+                .is_some_and(|m| same_meta(m, meta))
         };
         let (at, equal) = match refs.iter().position(same) {
             Some(at) => (at, true),
             None => (0, false),
         };
-        let r = refs.remove(at);
+        let (r, _) = refs.remove(at);
         if refs.is_empty() {
             held.by_key.remove(key);
         }
@@ -208,15 +207,17 @@ impl Topic {
         Some((r, equal))
     }
 
-    /// The grace of held presence `r` ended: true if it was still held (it must leave now).
-    pub(crate) fn release_held(&mut self, key: &UserKey, r: PhxRef) -> bool {
+    /// The grace of held presence `r`, held until `until`, ended: true if it is still held by
+    /// that hold (it must leave now). A hold taken over and held again later has a later end.
+    pub(crate) fn release_held(&mut self, key: &UserKey, r: PhxRef, until: Millis) -> bool {
         let Some(refs) = self.held.as_mut().and_then(|h| h.by_key.get_mut(key)) else {
             return false;
         };
-        let Some(at) = refs.iter().position(|x| *x == r) else {
+        let Some(at) = refs.iter().position(|x| *x == (r, until)) else {
             return false;
         };
-        refs.swap_remove(at);
+        // `remove`, not `swap_remove`: take_held's "oldest" is the first.
+        refs.remove(at);
         if refs.is_empty() {
             self.held.as_mut().map(|h| h.by_key.remove(key));
         }
@@ -252,10 +253,9 @@ impl Topic {
 
     /// Whether `key` has a presence here with the same client meta as `meta`.
     pub(crate) fn has_same(&self, key: &UserKey, meta: &Meta) -> bool {
-        let body = stored_body(meta.bytes());
         self.presences
             .get(key)
-            .is_some_and(|ms| ms.iter().any(|m| stored_body(m.bytes()) == body))
+            .is_some_and(|ms| ms.iter().any(|m| same_meta(m, meta)))
     }
 
     pub(crate) fn add_twin(&mut self, twin: Twin) {
@@ -267,20 +267,17 @@ impl Topic {
 
     /// The oldest twin of presence `meta` of `key` (same key, same client meta).
     pub(crate) fn take_twin(&mut self, key: &UserKey, meta: &Meta) -> Option<Twin> {
-        let body = stored_body(meta.bytes());
-        let twins = &mut self.held.as_mut()?.twins;
-        let at = twins
-            .iter()
-            .position(|t| &t.track.key == key && stored_body(t.track.meta.bytes()) == body)?;
-        let twin = twins.remove(at);
-        self.shrink_held();
-        Some(twin)
+        self.take_twin_where(|t| &t.track.key == key && same_meta(&t.track.meta, meta))
     }
 
     /// The twin whose own ref is `r`, if `r` is one.
     pub(crate) fn remove_twin(&mut self, r: PhxRef) -> Option<Twin> {
+        self.take_twin_where(|t| t.track.phx_ref == r)
+    }
+
+    fn take_twin_where(&mut self, pred: impl Fn(&Twin) -> bool) -> Option<Twin> {
         let twins = &mut self.held.as_mut()?.twins;
-        let at = twins.iter().position(|t| t.track.phx_ref == r)?;
+        let at = twins.iter().position(pred)?;
         let twin = twins.remove(at);
         self.shrink_held();
         Some(twin)
@@ -388,6 +385,12 @@ impl Topic {
         self.count_dirty
     }
 
+    /// Nobody to tell about this change: a later count subscriber gets counts in its join
+    /// reply, and its first push is not held back by a push that never happened.
+    pub(crate) fn forget_count_change(&mut self) {
+        self.count_dirty = false;
+    }
+
     pub(crate) fn view(&self) -> TopicView {
         let mut presences: Vec<(UserKey, Vec<Meta>)> = self
             .presences
@@ -397,6 +400,11 @@ impl Topic {
         presences.sort_by(|a, b| a.0.cmp(&b.0));
         TopicView { presences }
     }
+}
+
+/// Two stored metas with the same client fields, whatever their refs.
+fn same_meta(a: &Meta, b: &Meta) -> bool {
+    stored_body(a.bytes()) == stored_body(b.bytes())
 }
 
 /// JSON objects keep only the last of repeated keys, so all metas of one key must be written

@@ -87,8 +87,13 @@ impl Users {
         self.watchers.get(key).map_or(&[], |s| s.as_slice())
     }
 
-    /// Users with a presence or a watcher here.
+    /// Users with a presence here.
     pub(crate) fn len(&self) -> usize {
-        self.users.len() + self.watchers.len()
+        self.users.len()
+    }
+
+    /// No presence and no watcher.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.users.is_empty() && self.watchers.is_empty()
     }
 }

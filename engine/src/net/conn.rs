@@ -126,6 +126,24 @@ async fn upgrade(stream: &mut TcpStream) -> Option<(Upgrade, Vec<u8>)> {
     }
 }
 
+/// Writes `buf[*off..]` as far as the socket takes it, advancing `off`. Ready(Ok) once all of
+/// it is written; Ready(Err) if the connection is gone.
+fn write_from(
+    stream: &mut TcpStream,
+    cx: &mut Context<'_>,
+    buf: &[u8],
+    off: &mut usize,
+) -> Poll<Result<(), ()>> {
+    while *off < buf.len() {
+        match Pin::new(&mut *stream).poll_write(cx, &buf[*off..]) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
+            Poll::Ready(Ok(n)) => *off += n,
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+    Poll::Ready(Ok(()))
+}
+
 struct BigFrame {
     frame: Frame,
     written: usize,
@@ -217,14 +235,11 @@ impl Conn {
         shared.clear();
         let (close, big) = rt.take_outbound(self.conn, cx.waker(), &mut shared, BIG_FRAME_BYTES);
         let mut off = 0;
-        while off < shared.len() {
-            match Pin::new(&mut *stream).poll_write(cx, &shared[off..]) {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
-                Poll::Ready(Ok(n)) => off += n,
-                Poll::Pending => break,
-            }
+        if let Poll::Ready(Err(())) = write_from(stream, cx, &shared, &mut off) {
+            return Poll::Ready(Err(()));
         }
         self.wbuf.extend_from_slice(&shared[off..]);
+        let more = big.is_some();
         self.big = big.map(|frame| {
             Box::new(BigFrame {
                 frame,
@@ -239,7 +254,12 @@ impl Conn {
         if let Some(reason) = close {
             self.start_close(reason);
         }
-        self.poll_write(cx, stream)
+        match self.poll_write(cx, stream) {
+            // Frames queued after the large one (and a close) are still in the shard's queue,
+            // and nothing would wake this task for them.
+            Poll::Ready(Ok(())) if more => self.poll_outbound(cx, stream),
+            other => other,
+        }
     }
 
     /// Writes as much of `wbuf`, and of the large frame at its place in it, as the socket
@@ -247,23 +267,16 @@ impl Conn {
     fn poll_write(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> Poll<Result<(), ()>> {
         loop {
             let upto = self.big.as_ref().map_or(self.wbuf.len(), |b| b.at);
-            while self.written < upto {
-                match Pin::new(&mut *stream).poll_write(cx, &self.wbuf[self.written..upto]) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
-                    Poll::Ready(Ok(n)) => self.written += n,
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
+            std::task::ready!(write_from(
+                stream,
+                cx,
+                &self.wbuf[..upto],
+                &mut self.written
+            ))?;
             let Some(big) = self.big.as_mut() else {
                 break;
             };
-            while big.written < big.frame.len() {
-                match Pin::new(&mut *stream).poll_write(cx, &big.frame[big.written..]) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
-                    Poll::Ready(Ok(n)) => big.written += n,
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
+            std::task::ready!(write_from(stream, cx, &big.frame, &mut big.written))?;
             self.big = None;
         }
         self.written = 0;

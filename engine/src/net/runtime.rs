@@ -319,14 +319,7 @@ impl Runtime {
                         if kind == FrameKind::Diff && resyncing.contains_key(&conn) {
                             continue; // It gets a fresh state when it drains.
                         }
-                        // A state is what the client asked for by joining, bounded by the topics
-                        // it may join; only the rest counts toward the limit, or a joiner of a
-                        // room whose state is over the limit would be resynced by its first diff.
-                        let counted = if kind == FrameKind::State {
-                            0
-                        } else {
-                            frame.len()
-                        };
+                        let counted = counted(&frame);
                         let queued = slot.out_bytes as usize + counted;
                         if queued > self.config.max_outbound_bytes && !slot.out.is_empty() {
                             // Slow consumer: presence is state, not a log. Its queued diffs go,
@@ -487,12 +480,19 @@ impl Runtime {
 
 /// Bytes of `frames` that count toward max_outbound_bytes.
 fn counted_bytes(frames: &[Frame]) -> u32 {
-    let n: usize = frames
-        .iter()
-        .filter(|f| frame_kind(f) != FrameKind::State)
-        .map(|f| f.len())
-        .sum();
+    let n: usize = frames.iter().map(counted).sum();
     n.min(u32::MAX as usize) as u32
+}
+
+/// Bytes of a frame that count toward max_outbound_bytes: a state is what the client asked for
+/// by joining, bounded by the topics it may join; only the rest counts, or a joiner of a room
+/// whose state is over the limit would be resynced by its first diff.
+fn counted(frame: &Frame) -> usize {
+    if frame_kind(frame) == FrameKind::State {
+        0
+    } else {
+        frame.len()
+    }
 }
 
 #[cfg(test)]
