@@ -1137,8 +1137,11 @@ fn fanout_count(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String
     let count_of = |r: usize| (r % 2) as u64;
     let cpu = CpuWindow::new(c.server_pid);
     let cpu2 = cpu.clone();
+    // Subscribers done (or given up): the member leaves only after all of them.
+    let finished = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let parts = on_executors(e_count, move |e| {
         let (t, ready, sent, cpu) = (t.clone(), ready.clone(), sent.clone(), cpu2.clone());
+        let finished = finished.clone();
         async move {
             let part = Rc::new(RefCell::new(Part::new()));
             let clients = connect_share(&t, e, e_count, n, conc, &part).await;
@@ -1158,7 +1161,7 @@ fn fanout_count(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String
             let tasks: Vec<_> = ready_members
                 .into_iter()
                 .map(|(i, mut client)| {
-                    let (part, sent) = (part.clone(), sent.clone());
+                    let (part, sent, finished) = (part.clone(), sent.clone(), finished.clone());
                     glommio::spawn_local(async move {
                         if i == 0 {
                             for r in 0..rounds {
@@ -1176,6 +1179,14 @@ fn fanout_count(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String
                                 }
                                 glommio::timer::sleep(Duration::from_millis(interval_ms)).await;
                             }
+                            // Stay until every subscriber is done: leaving would change the
+                            // count they wait for.
+                            while finished.load(std::sync::atomic::Ordering::Relaxed) < n - 1
+                                && Instant::now() < deadline
+                            {
+                                glommio::timer::sleep(Duration::from_millis(50)).await;
+                            }
+                            drop(client);
                             return;
                         }
                         let mut view = View::default();
@@ -1205,6 +1216,7 @@ fn fanout_count(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String
                             last_sent != 0 && last_sent <= now && keys == final_keys
                         })
                         .await;
+                        finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let mut p = part.borrow_mut();
                         if done {
                             p.ok += 1;
@@ -1287,16 +1299,23 @@ fn reconnect_storm(
                     json!(["1", "1", format!("room:{}", i % topics), "phx_join", {"meta": {"i": i}}]).to_string()
                 })
                 .await;
-                // Everyone has joined; read (and drop) the joins' own diffs for a second, so that
-                // what the stayers count is the storm's doing only.
+                // Everyone has joined. Each client reads (and drops) the joins' own diffs until a
+                // second passes without any, so that what the stayers count is the storm's doing
+                // only (at 19k, the load generator takes seconds to get through them).
                 phase(&ready);
-                let settled = Instant::now() + Duration::from_secs(1);
                 let draining: Vec<_> = members
                     .into_iter()
                     .map(|(i, mut client)| {
                         glommio::spawn_local(async move {
-                            let mut view = View::default();
-                            read_until(&mut client, &mut view, settled, |_, _| false).await;
+                            while Instant::now() < deadline {
+                                let next = glommio::timer::timeout(Duration::from_secs(1), async {
+                                    Ok(client.next().await)
+                                })
+                                .await;
+                                if !matches!(next, Ok(Some(_))) {
+                                    break;
+                                }
+                            }
                             (i, client)
                         })
                     })
