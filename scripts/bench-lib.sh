@@ -17,7 +17,7 @@ run() { # name, "server args", roster-bench args...
     2>"$out/$name.server.log" &
   local pid=$!
   # Never leave a server behind (the next one would refuse to start on its port).
-  trap 'kill -TERM "$pid" 2>/dev/null || true' EXIT
+  trap 'kill -TERM "${pid:-}" 2>/dev/null || true' EXIT
   for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
   ./target/release/roster-bench "$@" --url "ws://127.0.0.1:$port/socket" --source-addrs "$sources" \
     --server-pid "$pid" --duration-s "${ROSTER_BENCH_DURATION_S:-120}" --json "$out/$name.json" \

@@ -89,8 +89,9 @@ pub enum MeshMsg {
         seq: u32,
         reply: JoinedReply,
         /// The join took over a presence held by the leave grace with an equal meta:
-        /// `(the ref the connection made, the held ref it is now)`.
-        adopted: Option<(PhxRef, PhxRef)>,
+        /// `(the ref the connection made, the held ref it is now)`. Boxed: rare, and every
+        /// message is as big as the biggest variant.
+        adopted: Option<Box<(PhxRef, PhxRef)>>,
     },
     /// One encoded `presence_diff` frame for every full-mode subscriber on the receiving shard.
     Diff {
@@ -144,4 +145,13 @@ pub enum MeshMsg {
         joins: Vec<(TopicName, Meta)>,
         leaves: Vec<(TopicName, Meta)>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every message moves through the rings by value, as big as the biggest variant.
+    #[test]
+    fn a_message_is_64_bytes() {
+        assert_eq!(std::mem::size_of::<super::MeshMsg>(), 64);
+    }
 }

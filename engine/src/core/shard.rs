@@ -688,13 +688,24 @@ impl Shard {
                 }
             }
             MeshMsg::Count { topic, keys, metas } => {
+                // A count push carries each subscriber's join_ref, but clients of one app mostly
+                // share join_refs: consecutive subscribers with the same one share the frame.
+                let mut last: Option<(Option<&str>, Frame)> = None;
                 for conn in self.subs.count(topic.as_str()) {
                     let jr = self
                         .conns
                         .get(&conn)
                         .and_then(|c| c.join_ref(topic.as_str()));
-                    count_frame(&mut self.buf, jr, topic.as_str(), (keys, metas));
-                    self.tx.send(conn, &self.buf);
+                    let frame = match &last {
+                        Some((last_jr, frame)) if *last_jr == jr => frame.clone(),
+                        _ => {
+                            count_frame(&mut self.buf, jr, topic.as_str(), (keys, metas));
+                            let frame: Frame = Rc::from(self.buf.as_slice());
+                            last = Some((jr, frame.clone()));
+                            frame
+                        }
+                    };
+                    self.tx.send_frame(conn, frame);
                 }
             }
             MeshMsg::Adopt {
@@ -736,7 +747,7 @@ impl Shard {
         conn: ConnId,
         seq: u32,
         reply: JoinedReply,
-        adopted: Option<(PhxRef, PhxRef)>,
+        adopted: Option<Box<(PhxRef, PhxRef)>>,
     ) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
@@ -751,7 +762,7 @@ impl Shard {
         if !std::mem::take(&mut joined.awaiting_reply) {
             return;
         }
-        if let Some((alias, adopted)) = adopted {
+        if let Some((alias, adopted)) = adopted.map(|pair| *pair) {
             adopt(
                 joined,
                 (&self.router, &mut self.tx),

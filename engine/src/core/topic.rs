@@ -38,7 +38,7 @@ pub(crate) struct Waiter {
     pub(crate) shard: ShardId,
     pub(crate) conn: ConnId,
     pub(crate) seq: u32,
-    pub(crate) adopted: Option<(PhxRef, PhxRef)>,
+    pub(crate) adopted: Option<Box<(PhxRef, PhxRef)>>,
 }
 
 /// A new presence with the same key and meta as one already here: most likely a reconnect
@@ -249,6 +249,11 @@ impl Topic {
         {
             self.held = None;
         }
+    }
+
+    /// Whether any leave-grace bookkeeping (held presences, aliases, twins) is here.
+    pub(crate) fn in_grace(&self) -> bool {
+        self.held.is_some()
     }
 
     /// Whether `key` has a presence here with the same client meta as `meta`.
