@@ -54,13 +54,21 @@ impl Cluster {
 
     /// Runs until no message is in flight and every shard has flushed.
     fn pump(&mut self) {
+        self.pump_with(|_| {});
+    }
+
+    /// `pump`, showing every frame sent to a connection to `on_send`.
+    fn pump_with(&mut self, mut on_send: impl FnMut(&[u8])) {
         loop {
             for s in 0..self.n() {
                 self.shards[s].flush();
                 for o in self.shards[s].outputs() {
                     match o {
                         Output::Mesh { to, msg } => self.inbox[to.index()].push_back(msg),
-                        Output::Send { .. } => self.frames += 1,
+                        Output::Send { frame, .. } => {
+                            self.frames += 1;
+                            on_send(&frame);
+                        }
                         Output::Close { .. } => panic!("benchmark sent a bad frame"),
                     }
                 }
@@ -228,27 +236,7 @@ fn big_state(shards: u16, members: usize) -> (f64, usize) {
     let t0 = Instant::now();
     cl.shards[s].frame(c, &join_frame("room:big", "full"));
     let mut state = 0;
-    // Pump by hand to see the joiner's frames.
-    loop {
-        for s in 0..cl.n() {
-            cl.shards[s].flush();
-            for o in cl.shards[s].outputs() {
-                match o {
-                    Output::Mesh { to, msg } => cl.inbox[to.index()].push_back(msg),
-                    Output::Send { frame, .. } if frame.len() > state => state = frame.len(),
-                    _ => {}
-                }
-            }
-        }
-        if cl.inbox.iter().all(VecDeque::is_empty) {
-            break;
-        }
-        for s in 0..cl.n() {
-            while let Some(msg) = cl.inbox[s].pop_front() {
-                cl.shards[s].mesh(msg);
-            }
-        }
-    }
+    cl.pump_with(|frame| state = state.max(frame.len()));
     (t0.elapsed().as_secs_f64() * 1e3, state)
 }
 

@@ -205,6 +205,15 @@ struct Part {
 }
 
 impl Part {
+    /// A client that did (or, by the deadline, did not) see what it waited for.
+    fn finished(&mut self, done: bool) {
+        if done {
+            self.ok += 1;
+        } else {
+            self.timeouts += 1;
+        }
+    }
+
     fn new() -> Part {
         Part {
             a: hist(),
@@ -1067,12 +1076,7 @@ fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String> {
                             seen >= rounds
                         })
                         .await;
-                        let mut p = part.borrow_mut();
-                        if done {
-                            p.ok += 1;
-                        } else {
-                            p.timeouts += 1;
-                        }
+                        part.borrow_mut().finished(done);
                     })
                 })
                 .collect();
@@ -1217,12 +1221,7 @@ fn fanout_count(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String
                         })
                         .await;
                         finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let mut p = part.borrow_mut();
-                        if done {
-                            p.ok += 1;
-                        } else {
-                            p.timeouts += 1;
-                        }
+                        part.borrow_mut().finished(done);
                     })
                 })
                 .collect();

@@ -1022,6 +1022,15 @@ mod tests {
         assert_ne!(joined["phx_ref"], left["phx_ref"], "{}", out[1]);
     }
 
+    /// One shard with a leave grace of 1 s.
+    fn graced() -> Shard {
+        let config = Config {
+            leave_grace: Millis(1000),
+            ..Config::default()
+        };
+        Shard::new(ShardId(0), config)
+    }
+
     fn diff_of(text: &str) -> serde_json::Value {
         let v: serde_json::Value = serde_json::from_str(text).expect("JSON");
         assert_eq!(v[3], "presence_diff", "{text}");
@@ -1030,11 +1039,7 @@ mod tests {
 
     #[test]
     fn a_reconnect_within_the_grace_takes_the_presence_over() {
-        let config = Config {
-            leave_grace: Millis(1000),
-            ..Config::default()
-        };
-        let mut s = Shard::new(ShardId(0), config);
+        let mut s = graced();
         let (old, observer, new, newer) = (ConnId(1), ConnId(2), ConnId(3), ConnId(4));
         s.open(old, UserKey::new("u1"));
         s.open(observer, UserKey::new("obs"));
@@ -1166,11 +1171,7 @@ mod tests {
 
     #[test]
     fn a_reconnect_before_the_old_connection_closes_is_a_twin() {
-        let config = Config {
-            leave_grace: Millis(1000),
-            ..Config::default()
-        };
-        let mut s = Shard::new(ShardId(0), config);
+        let mut s = graced();
         let (old, observer, new, tab) = (ConnId(1), ConnId(2), ConnId(3), ConnId(4));
         s.open(observer, UserKey::new("obs"));
         s.frame(observer, br#"["1","1","room","phx_join",{"track":false}]"#);
@@ -1220,11 +1221,7 @@ mod tests {
 
     #[test]
     fn a_presence_held_taken_over_and_held_again_keeps_its_second_grace() {
-        let config = Config {
-            leave_grace: Millis(1000),
-            ..Config::default()
-        };
-        let mut s = Shard::new(ShardId(0), config);
+        let mut s = graced();
         s.open(ConnId(9), UserKey::new("obs"));
         s.frame(ConnId(9), br#"["1","1","room","phx_join",{"track":false}]"#);
         s.open(ConnId(1), UserKey::new("u1"));
