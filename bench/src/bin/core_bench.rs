@@ -428,7 +428,10 @@ fn main() {
         );
     }
 
-    println!("\nthe presence_state of a 100k-member topic: one full-mode join until its state is framed:");
+    println!(
+        "\nthe presence_state of a {}-member topic: one full-mode join until its state is framed:",
+        100_000 / scale
+    );
     for shards in [1u16, 2] {
         let (m, lo, hi, r) = rounds(|| big_state(shards, 100_000 / scale), |r| r.0);
         println!(
