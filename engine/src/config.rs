@@ -76,6 +76,11 @@ pub struct Cli {
     /// Capacity of each ring between two shards, in batches of messages. [default: 1024]
     #[arg(long, env = "ROSTER_RING_CAPACITY")]
     pub ring_capacity: Option<usize>,
+    /// File holding the HS256 secret that signs client tokens (its bytes, trailing newline
+    /// dropped). The secret may instead come in ROSTER_SECRET. Without either, identities are
+    /// not verified (development mode).
+    #[arg(long, env = "ROSTER_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
 }
 
 /// The same options, from a TOML file.
@@ -99,6 +104,7 @@ pub struct FileConfig {
     pub large_topic_threshold: Option<u32>,
     pub leave_grace_ms: Option<u64>,
     pub ring_capacity: Option<usize>,
+    pub secret_file: Option<PathBuf>,
 }
 
 /// Everything the server runs with, resolved.
@@ -121,6 +127,40 @@ pub struct ServerConfig {
     pub large_topic_threshold: u32,
     pub leave_grace: Duration,
     pub ring_capacity: usize,
+    /// The token secret; None = development mode.
+    pub secret: Option<Secret>,
+}
+
+/// Token-signing secret; never printed.
+#[derive(Clone)]
+pub struct Secret(pub Vec<u8>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// The secret from `--secret-file` (or the file's setting) or else ROSTER_SECRET.
+fn secret(file: Option<&std::path::Path>) -> Result<Option<Secret>, String> {
+    let bytes = match file {
+        Some(path) => {
+            let mut bytes = std::fs::read(path)
+                .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
+            while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                bytes.pop();
+            }
+            bytes
+        }
+        None => match std::env::var_os("ROSTER_SECRET") {
+            Some(s) => s.into_encoded_bytes(),
+            None => return Ok(None),
+        },
+    };
+    if bytes.len() < 32 {
+        return Err("the token secret must be at least 32 bytes".into());
+    }
+    Ok(Some(Secret(bytes)))
 }
 
 impl ServerConfig {
@@ -184,6 +224,7 @@ impl ServerConfig {
                 cli.leave_grace_ms.or(file.leave_grace_ms).unwrap_or(0),
             ),
             ring_capacity: cli.ring_capacity.or(file.ring_capacity).unwrap_or(1024),
+            secret: secret(cli.secret_file.as_deref().or(file.secret_file.as_deref()))?,
         };
         if c.shards == 0 || c.shards > 1024 {
             return Err(format!("shards must be 1..=1024, not {}", c.shards));

@@ -8,11 +8,13 @@
 //! - [`mesh`]: which shard owns a topic or a user key.
 //! - [`net`]: glommio executors, listeners, WebSocket connections, rings and timers.
 //! - [`config`]: the server's options.
+//! - [`identity`]: who a connection is (token verification at the handshake).
 //!
 //! What it must not do: let I/O, time or threads leak into `core`, or make any decision in the I/O
 //! layer that the core should make (that would escape the simulation tests).
 
 pub mod config;
 pub mod core;
+pub mod identity;
 pub mod mesh;
 pub mod net;

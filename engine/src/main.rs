@@ -48,7 +48,9 @@ fn start() -> Result<(), String> {
         backlog = config.backlog,
         "roster {} starting", env!("CARGO_PKG_VERSION")
     );
-    tracing::warn!("no secret configured: identities are not verified (development mode; user_id comes from the query)");
+    if config.secret.is_none() {
+        tracing::warn!("no secret configured: identities are not verified (development mode; user_id comes from the query)");
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone())

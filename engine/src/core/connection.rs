@@ -3,7 +3,7 @@
 use roster_proto::{PhxRef, PresenceMode};
 
 use crate::core::ids::JoinRef;
-use crate::core::{TopicName, UserKey};
+use crate::core::{Grants, TopicName, UserKey};
 
 #[derive(Debug)]
 pub(crate) struct Connection {
@@ -11,6 +11,9 @@ pub(crate) struct Connection {
     /// At most `max_topics_per_conn` (100 by default): a linear scan beats a map here, in time and
     /// in memory per idle connection.
     pub(crate) joins: Vec<Joined>,
+    /// What its token allows (none in development mode); boxed, as most have none or share a
+    /// handful of shapes.
+    pub(crate) grants: Option<Box<Grants>>,
 }
 
 /// One joined topic of one connection. There is one per subscription, so it is kept small
@@ -68,11 +71,16 @@ impl Joined {
 }
 
 impl Connection {
-    pub(crate) fn new(key: UserKey) -> Self {
+    pub(crate) fn new(key: UserKey, grants: Option<Box<Grants>>) -> Self {
         Connection {
             key,
             joins: Vec::new(),
+            grants,
         }
+    }
+
+    pub(crate) fn allowed(&self, topic: &str) -> bool {
+        self.grants.as_ref().is_none_or(|g| g.allows(topic))
     }
 
     pub(crate) fn position(&self, topic: &str) -> Option<usize> {

@@ -18,6 +18,7 @@
 
 mod config;
 mod connection;
+mod grants;
 mod ids;
 mod message;
 mod names;
@@ -30,6 +31,7 @@ mod user;
 mod watch;
 
 pub use config::Config;
+pub use grants::{Grants, TopicPattern};
 pub use ids::{CloseCode, ConnAddr, ConnId, Frame, Meta, Millis, TopicName, UserKey};
 pub use message::{JoinMsg, JoinedReply, MeshMsg, Track};
 pub use shard::{Output, Shard, ShardStats};

@@ -20,8 +20,8 @@ use crate::core::topic::Topic;
 use crate::core::user::Users;
 use crate::core::watch::{is_watch_topic, Watches};
 use crate::core::{
-    CloseCode, Config, ConnAddr, ConnId, Frame, JoinMsg, JoinedReply, MeshMsg, Meta, Millis,
-    TopicName, TopicView, Track, UserKey,
+    CloseCode, Config, ConnAddr, ConnId, Frame, Grants, JoinMsg, JoinedReply, MeshMsg, Meta,
+    Millis, TopicName, TopicView, Track, UserKey,
 };
 use crate::mesh::{Router, ShardId};
 
@@ -136,9 +136,15 @@ impl Shard {
         self.tx.out.drain(..)
     }
 
-    /// A connection accepted on this shard, identified as `key`.
+    /// A connection accepted on this shard, identified as `key`, with no token (development
+    /// mode).
     pub fn open(&mut self, conn: ConnId, key: UserKey) {
-        if let Some(old) = self.conns.insert(conn, Connection::new(key)) {
+        self.open_with(conn, key, None);
+    }
+
+    /// A connection whose token gave it `grants`.
+    pub fn open_with(&mut self, conn: ConnId, key: UserKey, grants: Option<Box<Grants>>) {
+        if let Some(old) = self.conns.insert(conn, Connection::new(key, grants)) {
             // The driver reused an id without closing; leave the old connection's topics.
             self.part_all(conn, old);
         }
@@ -396,6 +402,9 @@ impl Shard {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
+        if !c.allowed(topic) {
+            return self.reply_error(conn, jr, r, topic, "unauthorized");
+        }
         if let Some(at) = c.position(topic) {
             // As Phoenix does: a second join of a joined topic closes the first channel.
             let old = c.joins.swap_remove(at);
@@ -422,7 +431,7 @@ impl Shard {
             Track {
                 key: c.key.clone(),
                 phx_ref,
-                meta: stored_meta(&mut self.buf, req.meta, phx_ref, None),
+                meta: stored_meta(&mut self.buf, req.meta, forced(c), phx_ref, None),
             }
         });
         let seq = self.push_join(conn, &name, jr, r, req.presence, track.as_ref());
@@ -568,16 +577,16 @@ impl Shard {
             return self.reply_error(conn, jr, r, topic, "meta too large");
         }
         let c = self.conns.get_mut(&conn).expect("joined implies open");
-        let joined = &mut c.joins[at];
-        let Some(old) = joined.tracked() else {
+        let Some(old) = c.joins[at].tracked() else {
             return self.reply_error(conn, jr, r, topic, "not tracked");
         };
         let phx_ref = next_ref(self.id, &mut self.next_ref, self.config.ref_seed);
         let new = Track {
             key: c.key.clone(),
             phx_ref,
-            meta: stored_meta(&mut self.buf, meta, phx_ref, Some(old)),
+            meta: stored_meta(&mut self.buf, meta, forced(c), phx_ref, Some(old)),
         };
+        let joined = &mut c.joins[at];
         joined.set_tracked(phx_ref);
         let msg = MeshMsg::Update {
             topic: joined.topic.clone(),
@@ -848,12 +857,18 @@ fn next_ref(shard: ShardId, counter: &mut u64, seed: u64) -> PhxRef {
 fn stored_meta(
     buf: &mut Vec<u8>,
     meta: ClientMeta<'_>,
+    forced: Option<ClientMeta<'_>>,
     phx_ref: PhxRef,
     prev: Option<PhxRef>,
 ) -> Meta {
     buf.clear();
-    meta.encode(buf, None, phx_ref, prev);
+    meta.encode(buf, forced, phx_ref, prev);
     Meta::new(buf)
+}
+
+/// The meta fields the connection's token forces on every meta it tracks.
+fn forced(c: &Connection) -> Option<ClientMeta<'_>> {
+    c.grants.as_ref().and_then(|g| g.meta())
 }
 
 #[cfg(test)]

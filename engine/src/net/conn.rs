@@ -14,8 +14,9 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketContext};
 use tungstenite::{Error as WsError, Message};
 
-use crate::core::{ConnId, Frame, UserKey};
-use crate::net::handshake::{self, Handshake, Upgrade};
+use crate::core::{ConnId, Frame};
+use crate::identity::Identity;
+use crate::net::handshake::{self, Handshake, Reject};
 use crate::net::runtime::{CloseReason, Runtime};
 use crate::net::ws::{self, Io};
 
@@ -35,7 +36,7 @@ pub async fn serve(rt: Rc<Runtime>, mut stream: TcpStream) {
     // largest state and kept for the connection's whole life, and only the middle phase lasts.
     // A block, so that nothing but `c` is kept in the task across the awaits below.
     let mut c = {
-        let Some((upgrade, leftover)) = Box::pin(handshake_phase(&rt, &mut stream)).await else {
+        let Some((identity, leftover)) = Box::pin(handshake_phase(&rt, &mut stream)).await else {
             rt.stats
                 .handshake_failures
                 .set(rt.stats.handshake_failures.get() + 1);
@@ -44,13 +45,9 @@ pub async fn serve(rt: Rc<Runtime>, mut stream: TcpStream) {
         if rt.shutting_down.get() {
             return;
         }
-        let key = match upgrade.user_id.filter(|u| !u.is_empty()) {
-            Some(id) => UserKey::new(&id),
-            None => UserKey::new(&format!("anon-{:016x}", fastrand::u64(..))),
-        };
         let mut c = Conn {
             rt: rt.clone(),
-            conn: rt.open(key),
+            conn: rt.open(identity),
             ws: WebSocketContext::new(Role::Server, Some(ws::config(rt.config.max_frame_bytes))),
             wbuf: Vec::new(),
             written: 0,
@@ -70,10 +67,9 @@ pub async fn serve(rt: Rc<Runtime>, mut stream: TcpStream) {
     rt.closed(conn);
 }
 
-async fn handshake_phase(rt: &Runtime, stream: &mut TcpStream) -> Option<(Upgrade, Vec<u8>)> {
+async fn handshake_phase(rt: &Runtime, stream: &mut TcpStream) -> Option<(Identity, Vec<u8>)> {
     let _ = stream.set_nodelay(true);
-    let _ = rt;
-    glommio::timer::timeout(HANDSHAKE_TIMEOUT, async { Ok(upgrade(stream).await) })
+    glommio::timer::timeout(HANDSHAKE_TIMEOUT, async { Ok(upgrade(rt, stream).await) })
         .await
         .ok()
         .flatten()
@@ -98,9 +94,9 @@ async fn close_phase(c: &mut Conn, stream: &mut TcpStream) {
     .await;
 }
 
-/// Reads the HTTP upgrade request and answers it. Returns the upgrade and any bytes that came
-/// after the request, or None when the request was refused or the peer went away.
-async fn upgrade(stream: &mut TcpStream) -> Option<(Upgrade, Vec<u8>)> {
+/// Reads the HTTP upgrade request and answers it. Returns who the client is and any bytes that
+/// came after the request, or None when the request was refused or the peer went away.
+async fn upgrade(rt: &Runtime, stream: &mut TcpStream) -> Option<(Identity, Vec<u8>)> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     loop {
@@ -111,16 +107,15 @@ async fn upgrade(stream: &mut TcpStream) -> Option<(Upgrade, Vec<u8>)> {
         buf.extend_from_slice(&chunk[..n]);
         match handshake::parse(&buf, MAX_REQUEST_BYTES) {
             Handshake::Incomplete => continue,
-            Handshake::Reject(r) => {
-                tracing::debug!(status = r.status, reason = r.reason, "handshake refused");
-                let _ = stream.write_all(&r.response()).await;
-                let _ = stream.close().await;
-                return None;
-            }
+            Handshake::Reject(r) => return refuse(stream, r).await,
             Handshake::Accept(u) => {
+                let identity = match rt.identify(&u) {
+                    Ok(identity) => identity,
+                    Err(r) => return refuse(stream, r).await,
+                };
                 stream.write_all(&u.response).await.ok()?;
                 let leftover = buf.split_off(u.consumed);
-                return Some((u, leftover));
+                return Some((identity, leftover));
             }
         }
     }
@@ -142,6 +137,13 @@ fn write_from(
         }
     }
     Poll::Ready(Ok(()))
+}
+
+async fn refuse<T>(stream: &mut TcpStream, r: Reject) -> Option<T> {
+    tracing::debug!(status = r.status, reason = r.reason, "handshake refused");
+    let _ = stream.write_all(&r.response()).await;
+    let _ = stream.close().await;
+    None
 }
 
 struct BigFrame {

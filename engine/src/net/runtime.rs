@@ -14,8 +14,10 @@ use slab::Slab;
 use smallvec::SmallVec;
 
 use crate::config::ServerConfig;
-use crate::core::{Config, ConnId, Frame, MeshMsg, Millis, Output, Shard, UserKey};
+use crate::core::{Config, ConnId, Frame, MeshMsg, Millis, Output, Shard};
+use crate::identity::{self, Identity, Verifier};
 use crate::mesh::ShardId;
+use crate::net::handshake::{Reject, Upgrade};
 use crate::net::signal::Signal;
 use crate::net::wheel::Wheel;
 use crate::net::ws::{write_text_frame, write_text_frame_header};
@@ -89,6 +91,8 @@ pub struct Runtime {
     /// Where a connection's queued frames are laid out for one write, shared the same way.
     pub write_scratch: RefCell<Vec<u8>>,
     pub stats: Stats,
+    /// None in development mode.
+    verifier: Option<Verifier>,
 }
 
 const WHEEL_GRANULARITY_MS: u64 = 250;
@@ -135,6 +139,7 @@ impl Runtime {
             scratch: RefCell::new(vec![0; 64 << 10]),
             write_scratch: RefCell::new(Vec::with_capacity(64 << 10)),
             stats: Stats::default(),
+            verifier: config.secret.as_ref().map(|s| Verifier::new(&s.0)),
             config,
         })
     }
@@ -144,7 +149,7 @@ impl Runtime {
     }
 
     /// A handshake completed: the connection gets an id and a heartbeat deadline.
-    pub fn open(&self, key: UserKey) -> ConnId {
+    pub fn open(&self, identity: Identity) -> ConnId {
         let now = self.now_ms();
         let generation = self.next_generation.get().wrapping_add(1);
         self.next_generation.set(generation);
@@ -161,9 +166,20 @@ impl Runtime {
         self.wheel
             .borrow_mut()
             .insert((conn, generation), now + timeout);
-        self.core.borrow_mut().open(conn, key);
+        self.core
+            .borrow_mut()
+            .open_with(conn, identity.key, identity.grants);
         self.dispatch();
         conn
+    }
+
+    /// Who the upgrade request says the client is: a verified token, or in development mode
+    /// its `user_id`.
+    pub fn identify(&self, upgrade: &Upgrade) -> Result<Identity, Reject> {
+        match &self.verifier {
+            Some(v) => v.identify(upgrade),
+            None => Ok(identity::unverified(upgrade)),
+        }
     }
 
     /// A text message from a client.

@@ -163,6 +163,44 @@ impl Client {
         Ok(Client { ws, next_ref: 0 })
     }
 
+    /// A client whose upgrade request carries `query` (after `vsn=2.0.0&`) and, if given,
+    /// `token` in Sec-WebSocket-Protocol the way phoenix.js 1.8's `authToken` sends it. A refusal
+    /// comes back as "STATUS body".
+    pub fn with_query(
+        addr: SocketAddr,
+        query: &str,
+        token: Option<&str>,
+    ) -> Result<Client, String> {
+        use base64::Engine as _;
+        use tungstenite::client::IntoClientRequest;
+        let stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        let url = format!("ws://{addr}/socket/websocket?vsn=2.0.0&{query}");
+        let mut req = url.into_client_request().map_err(|e| e.to_string())?;
+        if let Some(token) = token {
+            let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token);
+            let protocols = format!("phoenix, base64url.bearer.phx.{encoded}");
+            req.headers_mut().insert(
+                "Sec-WebSocket-Protocol",
+                protocols.parse().map_err(|_| "header")?,
+            );
+        }
+        match tungstenite::client::client(req, stream) {
+            Ok((ws, _)) => Ok(Client { ws, next_ref: 0 }),
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
+                let body = resp
+                    .body()
+                    .as_deref()
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default();
+                Err(format!("{} {}", resp.status().as_u16(), body.trim()))
+            }
+            Err(e) => Err(format!("handshake: {e}")),
+        }
+    }
+
     pub fn send(&mut self, frame: Value) {
         self.ws
             .send(Message::text(frame.to_string()))

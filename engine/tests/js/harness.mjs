@@ -40,6 +40,8 @@ export async function startServer(args = []) {
       const ws = new WebSocket(`${url}/websocket?vsn=2.0.0`);
       return new Promise((resolve) => {
         ws.on('open', () => { ws.close(); resolve(true); });
+        // With a secret set, a tokenless probe is refused: that answer is readiness too.
+        ws.on('unexpected-response', (req) => { req.destroy(); resolve(true); });
         ws.on('error', () => resolve(false));
       });
     }, 5000, () => `roster listening on ${port}: ${log}`);
