@@ -81,6 +81,25 @@ pub struct Cli {
     /// not verified (development mode).
     #[arg(long, env = "ROSTER_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
+    /// Messages a connection may send per second (a token bucket holding one second's worth);
+    /// faster closes it with 1008. 0 = no limit. [default: 100]
+    #[arg(long, env = "ROSTER_MAX_MSGS_PER_SEC")]
+    pub max_msgs_per_sec: Option<u32>,
+    /// Connections in total (over all shards); more get HTTP 503. 0 = only the open-files limit.
+    /// [default: 0]
+    #[arg(long, env = "ROSTER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Connections from one source address; more get HTTP 429. 0 = no limit. [default: 0]
+    #[arg(long, env = "ROSTER_MAX_CONNS_PER_IP")]
+    pub max_conns_per_ip: Option<usize>,
+    /// A browser origin allowed to connect (repeat for several); others get HTTP 403. None set:
+    /// any. Requests without an Origin header (not browsers) are not checked.
+    #[arg(
+        long = "allowed-origin",
+        env = "ROSTER_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<String>,
 }
 
 /// The same options, from a TOML file.
@@ -105,6 +124,10 @@ pub struct FileConfig {
     pub leave_grace_ms: Option<u64>,
     pub ring_capacity: Option<usize>,
     pub secret_file: Option<PathBuf>,
+    pub max_msgs_per_sec: Option<u32>,
+    pub max_connections: Option<usize>,
+    pub max_conns_per_ip: Option<usize>,
+    pub allowed_origins: Option<Vec<String>>,
 }
 
 /// Everything the server runs with, resolved.
@@ -129,6 +152,12 @@ pub struct ServerConfig {
     pub ring_capacity: usize,
     /// The token secret; None = development mode.
     pub secret: Option<Secret>,
+    /// 0 = no limit, for each of these.
+    pub max_msgs_per_sec: u32,
+    pub max_connections: usize,
+    pub max_conns_per_ip: usize,
+    /// Empty = any origin.
+    pub allowed_origins: Vec<String>,
 }
 
 /// Token-signing secret; never printed.
@@ -225,6 +254,17 @@ impl ServerConfig {
             ),
             ring_capacity: cli.ring_capacity.or(file.ring_capacity).unwrap_or(1024),
             secret: secret(cli.secret_file.as_deref().or(file.secret_file.as_deref()))?,
+            max_msgs_per_sec: cli
+                .max_msgs_per_sec
+                .or(file.max_msgs_per_sec)
+                .unwrap_or(100),
+            max_connections: cli.max_connections.or(file.max_connections).unwrap_or(0),
+            max_conns_per_ip: cli.max_conns_per_ip.or(file.max_conns_per_ip).unwrap_or(0),
+            allowed_origins: if cli.allowed_origins.is_empty() {
+                file.allowed_origins.unwrap_or_default()
+            } else {
+                cli.allowed_origins
+            },
         };
         if c.shards == 0 || c.shards > 1024 {
             return Err(format!("shards must be 1..=1024, not {}", c.shards));

@@ -335,7 +335,15 @@ fn flood(flooder: &mut Client, jr: &str, topic: &str, n: usize, stop: impl Fn() 
 #[test]
 fn a_consumer_that_stops_reading_loses_diffs_and_ends_with_a_correct_view() {
     let _turn = heavy();
-    let server = Server::start(&["--shards", "2", "--max-outbound-bytes", "65536"]);
+    // The flooder sends thousands of updates a second: no message rate limit here.
+    let server = Server::start(&[
+        "--shards",
+        "2",
+        "--max-outbound-bytes",
+        "65536",
+        "--max-msgs-per-sec",
+        "0",
+    ]);
     let mut slow = small_buffered(&server, "slow");
     let mut view = View::new();
     sync_state(&mut view, &slow.join("room:lag", json!({})));
@@ -394,6 +402,8 @@ fn a_consumer_stuck_past_the_timeout_is_closed_and_leaves_without_hurting_others
         "65536",
         "--slow-consumer-timeout-ms",
         "1000",
+        "--max-msgs-per-sec",
+        "0",
     ]);
     let mut watcher = Client::connect(server.addr, "watcher").expect("watcher");
     watcher.join("room:flood", json!({"track": false}));

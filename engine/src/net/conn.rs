@@ -16,6 +16,7 @@ use tungstenite::{Error as WsError, Message};
 
 use crate::core::{ConnId, Frame};
 use crate::identity::Identity;
+use crate::net::admission::Ticket;
 use crate::net::handshake::{self, Handshake, Reject};
 use crate::net::runtime::{CloseReason, Runtime};
 use crate::net::ws::{self, Io};
@@ -36,7 +37,8 @@ pub async fn serve(rt: Rc<Runtime>, mut stream: TcpStream) {
     // largest state and kept for the connection's whole life, and only the middle phase lasts.
     // A block, so that nothing but `c` is kept in the task across the awaits below.
     let mut c = {
-        let Some((identity, leftover)) = Box::pin(handshake_phase(&rt, &mut stream)).await else {
+        let Some((identity, ticket, leftover)) = Box::pin(handshake_phase(&rt, &mut stream)).await
+        else {
             rt.stats
                 .handshake_failures
                 .set(rt.stats.handshake_failures.get() + 1);
@@ -53,6 +55,8 @@ pub async fn serve(rt: Rc<Runtime>, mut stream: TcpStream) {
             written: 0,
             big: None,
             closing: false,
+            bucket: Bucket::full(rt.config.max_msgs_per_sec, rt.now_ms()),
+            _ticket: ticket.map(Box::new),
         };
         if !leftover.is_empty() {
             c.feed(&leftover);
@@ -67,7 +71,7 @@ pub async fn serve(rt: Rc<Runtime>, mut stream: TcpStream) {
     rt.closed(conn);
 }
 
-async fn handshake_phase(rt: &Runtime, stream: &mut TcpStream) -> Option<(Identity, Vec<u8>)> {
+async fn handshake_phase(rt: &Runtime, stream: &mut TcpStream) -> Option<Admitted> {
     let _ = stream.set_nodelay(true);
     glommio::timer::timeout(HANDSHAKE_TIMEOUT, async { Ok(upgrade(rt, stream).await) })
         .await
@@ -94,9 +98,13 @@ async fn close_phase(c: &mut Conn, stream: &mut TcpStream) {
     .await;
 }
 
-/// Reads the HTTP upgrade request and answers it. Returns who the client is and any bytes that
-/// came after the request, or None when the request was refused or the peer went away.
-async fn upgrade(rt: &Runtime, stream: &mut TcpStream) -> Option<(Identity, Vec<u8>)> {
+/// Who the client is, its place among the counted connections, and any bytes that came after
+/// its upgrade request.
+type Admitted = (Identity, Option<Ticket>, Vec<u8>);
+
+/// Reads the HTTP upgrade request and answers it: origin, identity and connection limits are
+/// checked before the 101. None when the request was refused or the peer went away.
+async fn upgrade(rt: &Runtime, stream: &mut TcpStream) -> Option<Admitted> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     loop {
@@ -109,13 +117,21 @@ async fn upgrade(rt: &Runtime, stream: &mut TcpStream) -> Option<(Identity, Vec<
             Handshake::Incomplete => continue,
             Handshake::Reject(r) => return refuse(stream, r).await,
             Handshake::Accept(u) => {
-                let identity = match rt.identify(&u) {
-                    Ok(identity) => identity,
+                let ip = stream.peer_addr().ok()?.ip();
+                let admitted = rt
+                    .admission
+                    .check_origin(u.origin.as_deref())
+                    .and_then(|()| {
+                        let identity = rt.identify(&u)?;
+                        Ok((identity, rt.admission.admit(ip)?))
+                    });
+                let (identity, ticket) = match admitted {
+                    Ok(a) => a,
                     Err(r) => return refuse(stream, r).await,
                 };
                 stream.write_all(&u.response).await.ok()?;
                 let leftover = buf.split_off(u.consumed);
-                return Some((identity, leftover));
+                return Some((identity, ticket, leftover));
             }
         }
     }
@@ -166,6 +182,45 @@ struct Conn {
     big: Option<Box<BigFrame>>,
     /// A close frame is queued: write it, then end.
     closing: bool,
+    bucket: Bucket,
+    /// Its place among the counted connections, given back when the task ends.
+    _ticket: Option<Box<Ticket>>,
+}
+
+/// Messages a connection may still send: a token bucket holding one second's worth, in
+/// thousandths of a message so that it refills every millisecond.
+struct Bucket {
+    milli: u32,
+    at_ms: u32,
+}
+
+impl Bucket {
+    fn full(per_sec: u32, now_ms: u64) -> Self {
+        Bucket {
+            milli: per_sec.saturating_mul(1000),
+            at_ms: now_ms as u32,
+        }
+    }
+
+    /// Takes one message's worth; false when there is none (0 = no limit).
+    fn take(&mut self, per_sec: u32, now_ms: u64) -> bool {
+        if per_sec == 0 {
+            return true;
+        }
+        let now = now_ms as u32;
+        let elapsed = now.wrapping_sub(self.at_ms);
+        self.at_ms = now;
+        let cap = per_sec.saturating_mul(1000);
+        self.milli = self
+            .milli
+            .saturating_add(elapsed.saturating_mul(per_sec))
+            .min(cap);
+        if self.milli < 1000 {
+            return false;
+        }
+        self.milli -= 1000;
+        true
+    }
 }
 
 impl Conn {
@@ -300,7 +355,13 @@ impl Conn {
         };
         loop {
             match self.ws.read(&mut io) {
-                Ok(Message::Text(text)) => self.rt.client_frame(self.conn, text.as_bytes()),
+                Ok(Message::Text(text)) => {
+                    let per_sec = self.rt.config.max_msgs_per_sec;
+                    if !self.bucket.take(per_sec, self.rt.now_ms()) {
+                        return self.refuse(1008, "rate limit: too many messages per second");
+                    }
+                    self.rt.client_frame(self.conn, text.as_bytes())
+                }
                 Ok(Message::Binary(_)) => {
                     return self.refuse(
                         1003,
@@ -355,5 +416,24 @@ impl Conn {
         let _ = self.ws.close(&mut io, Some(frame));
         let _ = self.ws.flush(&mut io);
         self.closing = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Bucket;
+
+    #[test]
+    fn the_bucket_holds_a_second_and_refills() {
+        let mut b = Bucket::full(10, 1_000);
+        assert_eq!((0..20).filter(|_| b.take(10, 1_000)).count(), 10);
+        assert!(!b.take(10, 1_050), "half a message refilled");
+        assert!(b.take(10, 1_150));
+        assert_eq!(
+            (0..20).filter(|_| b.take(10, 10_000)).count(),
+            10,
+            "never more than a second's worth"
+        );
+        assert!(Bucket::full(0, 0).take(0, 0), "0 = no limit");
     }
 }

@@ -31,6 +31,8 @@ pub struct Upgrade {
     pub token: Option<String>,
     /// Token sent as phoenix.js 1.8's `authToken`, still base64url-encoded.
     pub protocol_token: Option<String>,
+    /// The `Origin` header (browsers send it).
+    pub origin: Option<String>,
 }
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
@@ -144,6 +146,7 @@ pub fn parse(buf: &[u8], max: usize) -> Handshake {
         user_id,
         token,
         protocol_token,
+        origin: header("origin").map(str::to_owned),
     })
 }
 

@@ -2,6 +2,7 @@
 //! listener, connection tasks, ring tasks and timers. It only moves bytes and time in and out
 //! of the core.
 
+mod admission;
 mod conn;
 pub mod handshake;
 mod listener;
@@ -22,6 +23,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use crate::config::ServerConfig;
 use crate::core::MeshMsg;
 use crate::mesh::ShardId;
+use crate::net::admission::Admission;
 use runtime::Runtime;
 
 /// How often each shard ticks: count pushes, heartbeat deadlines, shutdown checks. It also bounds
@@ -59,18 +61,37 @@ pub fn run(launch: Launch) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let mesh = MeshBuilder::<Vec<MeshMsg>, _>::full(n, config.ring_capacity);
     let ref_seed = fastrand::u64(..);
+    let admission = Admission::new(
+        config.max_connections,
+        config.max_conns_per_ip,
+        config.allowed_origins.clone(),
+    );
     let mut handles = Vec::new();
     for (i, fd) in fds.into_iter().enumerate() {
         let placement = match &cpus {
             Some(cpus) => Placement::Fixed(cpus[i]),
             None => Placement::Unbound,
         };
-        let (config, mesh, stop) = (config.clone(), mesh.clone(), stop.clone());
+        let (config, mesh, stop, admission) = (
+            config.clone(),
+            mesh.clone(),
+            stop.clone(),
+            admission.clone(),
+        );
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("roster-{i}"))
             .io_memory(64 << 10)
             .spawn(move || async move {
-                shard_main(ShardId(i as u16), config, mesh, fd, stop, ref_seed).await
+                shard_main(
+                    ShardId(i as u16),
+                    config,
+                    mesh,
+                    fd,
+                    stop,
+                    ref_seed,
+                    admission,
+                )
+                .await
             })
             .map_err(|e| format!("cannot start shard {i}: {e}"))?;
         handles.push(handle);
@@ -93,9 +114,10 @@ async fn shard_main(
     fd: RawFd,
     stop: Arc<AtomicBool>,
     ref_seed: u64,
+    admission: Arc<Admission>,
 ) -> Result<(), String> {
     let (senders, mut receivers) = mesh.join().await.map_err(|e| format!("mesh: {e}"))?;
-    let rt = Runtime::new(id, config, ref_seed);
+    let rt = Runtime::new(id, config, ref_seed, admission);
     let senders = Rc::new(senders);
 
     for (peer, rx) in receivers.streams() {

@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
 
@@ -17,6 +18,7 @@ use crate::config::ServerConfig;
 use crate::core::{Config, ConnId, Frame, MeshMsg, Millis, Output, Shard};
 use crate::identity::{self, Identity, Verifier};
 use crate::mesh::ShardId;
+use crate::net::admission::Admission;
 use crate::net::handshake::{Reject, Upgrade};
 use crate::net::signal::Signal;
 use crate::net::wheel::Wheel;
@@ -93,6 +95,8 @@ pub struct Runtime {
     pub stats: Stats,
     /// None in development mode.
     verifier: Option<Verifier>,
+    /// Origins and connection counts, shared by every shard.
+    pub admission: Arc<Admission>,
 }
 
 const WHEEL_GRANULARITY_MS: u64 = 250;
@@ -101,7 +105,12 @@ const WHEEL_GRANULARITY_MS: u64 = 250;
 const MESH_BACKLOG_LIMIT: usize = 65_536;
 
 impl Runtime {
-    pub fn new(id: ShardId, config: ServerConfig, ref_seed: u64) -> Rc<Runtime> {
+    pub fn new(
+        id: ShardId,
+        config: ServerConfig,
+        ref_seed: u64,
+        admission: Arc<Admission>,
+    ) -> Rc<Runtime> {
         let core = Shard::new(
             id,
             Config {
@@ -140,6 +149,7 @@ impl Runtime {
             write_scratch: RefCell::new(Vec::with_capacity(64 << 10)),
             stats: Stats::default(),
             verifier: config.secret.as_ref().map(|s| Verifier::new(&s.0)),
+            admission,
             config,
         })
     }

@@ -171,20 +171,39 @@ impl Client {
         query: &str,
         token: Option<&str>,
     ) -> Result<Client, String> {
-        use base64::Engine as _;
-        use tungstenite::client::IntoClientRequest;
         let stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+        let protocol = token.map(|t| {
+            use base64::Engine as _;
+            let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(t);
+            format!("phoenix, base64url.bearer.phx.{encoded}")
+        });
+        let headers: Vec<(&str, &str)> = protocol
+            .as_deref()
+            .map(|p| ("Sec-WebSocket-Protocol", p))
+            .into_iter()
+            .collect();
+        Self::with_request(stream, addr, query, &headers)
+    }
+
+    /// The upgrade over `stream` with `query` and extra `headers`; a refusal comes back as
+    /// "STATUS body".
+    pub fn with_request(
+        stream: TcpStream,
+        addr: SocketAddr,
+        query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Client, String> {
+        use tungstenite::client::IntoClientRequest;
+        use tungstenite::http::{HeaderName, HeaderValue};
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .map_err(|e| e.to_string())?;
         let url = format!("ws://{addr}/socket/websocket?vsn=2.0.0&{query}");
         let mut req = url.into_client_request().map_err(|e| e.to_string())?;
-        if let Some(token) = token {
-            let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token);
-            let protocols = format!("phoenix, base64url.bearer.phx.{encoded}");
+        for (name, value) in headers {
             req.headers_mut().insert(
-                "Sec-WebSocket-Protocol",
-                protocols.parse().map_err(|_| "header")?,
+                HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?,
+                HeaderValue::from_str(value).map_err(|e| e.to_string())?,
             );
         }
         match tungstenite::client::client(req, stream) {

@@ -146,7 +146,8 @@ test('leave grace: a quick reconnect is invisible to others, a changed meta is o
 });
 
 test('a client that stops reading for a while ends with a correct view', async () => {
-  const server = await start(['--max-outbound-bytes', '65536', '--max-meta-bytes', '40000']);
+  // The flooder sends hundreds of updates a second: no message rate limit here.
+  const server = await start(['--max-outbound-bytes', '65536', '--max-meta-bytes', '40000', '--max-msgs-per-sec', '0']);
   const slowSocket = open(server, 'slow');
   const slow = await join(slowSocket, 'room:lag');
   const flooder = await join(open(server, 'flooder'), 'room:lag', { presence: 'none', meta: { n: 0 } });
