@@ -13,7 +13,8 @@ port=4790
 run() { # name, "server args", roster-bench args...
   local name=$1 server_args=$2; shift 2
   # shellcheck disable=SC2086 # server_args is a list of flags
-  ./target/release/roster --listen "127.0.0.1:$port" --shards "$shards" $server_args \
+  ./target/release/roster --listen "127.0.0.1:$port" --shards "$shards" --admin-listen 127.0.0.1:0 \
+    $server_args \
     2>"$out/$name.server.log" &
   local pid=$!
   # Never leave a server behind (the next one would refuse to start on its port).

@@ -45,6 +45,7 @@ fn roster() -> Roster {
     let port = free_port();
     let child = Command::new(roster_bin())
         .args(["--listen", &format!("127.0.0.1:{port}"), "--shards", "2"])
+        .args(["--admin-listen", "127.0.0.1:0"])
         .env("ROSTER_LOG", "warn")
         .stderr(Stdio::null())
         .spawn()
@@ -224,7 +225,7 @@ fn reconnect_storm_across_a_server_restart() {
     let pidfile =
         std::env::temp_dir().join(format!("roster-smoke-restart-{}.pid", std::process::id()));
     let start = format!(
-        "{} --listen 127.0.0.1:{port} --shards 2 >/dev/null 2>&1 & echo $! > {}",
+        "{} --listen 127.0.0.1:{port} --shards 2 --admin-listen 127.0.0.1:0 >/dev/null 2>&1 & echo $! > {}",
         roster_bin().display(),
         pidfile.display()
     );

@@ -100,6 +100,14 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub allowed_origins: Vec<String>,
+    /// Address of the admin listener (/healthz, /metrics, /api/...); port 0 picks one (logged).
+    /// [default: 127.0.0.1:4001]
+    #[arg(long, env = "ROSTER_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Bearer key the admin API and /metrics require (not /healthz). Prefer the environment
+    /// variable: a command line is visible to other users. [default: none, open]
+    #[arg(long, env = "ROSTER_API_KEY")]
+    pub api_key: Option<String>,
 }
 
 /// The same options, from a TOML file.
@@ -128,6 +136,8 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     pub max_conns_per_ip: Option<usize>,
     pub allowed_origins: Option<Vec<String>>,
+    pub admin_listen: Option<SocketAddr>,
+    pub api_key: Option<String>,
 }
 
 /// Everything the server runs with, resolved.
@@ -158,6 +168,8 @@ pub struct ServerConfig {
     pub max_conns_per_ip: usize,
     /// Empty = any origin.
     pub allowed_origins: Vec<String>,
+    pub admin_listen: SocketAddr,
+    pub api_key: Option<String>,
 }
 
 /// Token-signing secret; never printed.
@@ -265,6 +277,11 @@ impl ServerConfig {
             } else {
                 cli.allowed_origins
             },
+            admin_listen: cli
+                .admin_listen
+                .or(file.admin_listen)
+                .unwrap_or_else(|| ([127, 0, 0, 1], 4001).into()),
+            api_key: cli.api_key.or(file.api_key).filter(|k| !k.is_empty()),
         };
         if c.shards == 0 || c.shards > 1024 {
             return Err(format!("shards must be 1..=1024, not {}", c.shards));

@@ -2,6 +2,7 @@
 //! listener, connection tasks, ring tasks and timers. It only moves bytes and time in and out
 //! of the core.
 
+pub mod admin;
 mod admission;
 mod conn;
 pub mod handshake;
@@ -22,8 +23,11 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::config::ServerConfig;
 use crate::core::MeshMsg;
+use crate::mesh::Router;
 use crate::mesh::ShardId;
+use crate::net::admin::{Admin, Board};
 use crate::net::admission::Admission;
+use crate::net::runtime::Shared;
 use runtime::Runtime;
 
 /// How often each shard ticks: count pushes, heartbeat deadlines, shutdown checks. It also bounds
@@ -61,6 +65,16 @@ pub fn run(launch: Launch) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let mesh = MeshBuilder::<Vec<MeshMsg>, _>::full(n, config.ring_capacity);
     let ref_seed = fastrand::u64(..);
+    let board = Board::new(n);
+    let admin = admin::start(
+        config.admin_listen,
+        Admin {
+            board: board.clone(),
+            router: Router::new(config.shards),
+            api_key: config.api_key.clone(),
+        },
+    )?;
+    tracing::info!(%admin, "admin listening");
     let admission = Admission::new(
         config.max_connections,
         config.max_conns_per_ip,
@@ -72,26 +86,16 @@ pub fn run(launch: Launch) -> Result<(), String> {
             Some(cpus) => Placement::Fixed(cpus[i]),
             None => Placement::Unbound,
         };
-        let (config, mesh, stop, admission) = (
-            config.clone(),
-            mesh.clone(),
-            stop.clone(),
-            admission.clone(),
-        );
+        let (config, mesh, stop) = (config.clone(), mesh.clone(), stop.clone());
+        let shared = Shared {
+            admission: admission.clone(),
+            board: board.clone(),
+        };
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("roster-{i}"))
             .io_memory(64 << 10)
             .spawn(move || async move {
-                shard_main(
-                    ShardId(i as u16),
-                    config,
-                    mesh,
-                    fd,
-                    stop,
-                    ref_seed,
-                    admission,
-                )
-                .await
+                shard_main(ShardId(i as u16), config, mesh, fd, stop, ref_seed, shared).await
             })
             .map_err(|e| format!("cannot start shard {i}: {e}"))?;
         handles.push(handle);
@@ -114,10 +118,10 @@ async fn shard_main(
     fd: RawFd,
     stop: Arc<AtomicBool>,
     ref_seed: u64,
-    admission: Arc<Admission>,
+    shared: Shared,
 ) -> Result<(), String> {
     let (senders, mut receivers) = mesh.join().await.map_err(|e| format!("mesh: {e}"))?;
-    let rt = Runtime::new(id, config, ref_seed, admission);
+    let rt = Runtime::new(id, config, ref_seed, shared);
     let senders = Rc::new(senders);
 
     for (peer, rx) in receivers.streams() {

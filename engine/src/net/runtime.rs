@@ -18,6 +18,7 @@ use crate::config::ServerConfig;
 use crate::core::{Config, ConnId, Frame, MeshMsg, Millis, Output, Shard};
 use crate::identity::{self, Identity, Verifier};
 use crate::mesh::ShardId;
+use crate::net::admin::{Board, Figure, Query};
 use crate::net::admission::Admission;
 use crate::net::handshake::{Reject, Upgrade};
 use crate::net::signal::Signal;
@@ -65,6 +66,8 @@ pub struct Stats {
     pub heartbeat_closes: Cell<u64>,
     /// Slow consumers whose queued diffs were dropped (each gets fresh states once drained).
     pub slow_resyncs: Cell<u64>,
+    pub messages_in: Cell<u64>,
+    pub frames_out: Cell<u64>,
 }
 
 pub struct Runtime {
@@ -97,6 +100,14 @@ pub struct Runtime {
     verifier: Option<Verifier>,
     /// Origins and connection counts, shared by every shard.
     pub admission: Arc<Admission>,
+    /// Where this shard publishes its figures and takes API queries.
+    board: Arc<Board>,
+}
+
+/// What every shard's runtime shares with the others and the admin thread.
+pub struct Shared {
+    pub admission: Arc<Admission>,
+    pub board: Arc<Board>,
 }
 
 const WHEEL_GRANULARITY_MS: u64 = 250;
@@ -105,12 +116,7 @@ const WHEEL_GRANULARITY_MS: u64 = 250;
 const MESH_BACKLOG_LIMIT: usize = 65_536;
 
 impl Runtime {
-    pub fn new(
-        id: ShardId,
-        config: ServerConfig,
-        ref_seed: u64,
-        admission: Arc<Admission>,
-    ) -> Rc<Runtime> {
+    pub fn new(id: ShardId, config: ServerConfig, ref_seed: u64, shared: Shared) -> Rc<Runtime> {
         let core = Shard::new(
             id,
             Config {
@@ -149,7 +155,8 @@ impl Runtime {
             write_scratch: RefCell::new(Vec::with_capacity(64 << 10)),
             stats: Stats::default(),
             verifier: config.secret.as_ref().map(|s| Verifier::new(&s.0)),
-            admission,
+            admission: shared.admission,
+            board: shared.board,
             config,
         })
     }
@@ -194,6 +201,7 @@ impl Runtime {
 
     /// A text message from a client.
     pub fn client_frame(&self, conn: ConnId, bytes: &[u8]) {
+        self.stats.messages_in.set(self.stats.messages_in.get() + 1);
         if let Some(slot) = self.conns.borrow_mut().get_mut(conn.0 as usize) {
             slot.last_seen_ms = self.now_ms();
         }
@@ -263,6 +271,7 @@ impl Runtime {
     pub fn tick(&self) {
         let now = self.now_ms();
         self.core.borrow_mut().tick(Millis(now));
+        self.publish();
         let mut due = Vec::new();
         self.wheel.borrow_mut().advance(now, &mut due);
         let timeout = self.config.heartbeat_timeout.as_millis() as u64;
@@ -308,6 +317,36 @@ impl Runtime {
             self.close(conn, 1008, "slow consumer: not reading");
         }
         self.dispatch();
+    }
+
+    /// Puts this shard's figures on the board and answers the admin API's queries.
+    fn publish(&self) {
+        let board = &self.board.shards[self.id.index()];
+        let core = self.core.borrow();
+        let stats = core.stats();
+        board.publish_core(&stats);
+        let backlog: usize = self.peer_queues.iter().map(|q| q.borrow().len()).sum();
+        let s = &self.stats;
+        for (f, v) in [
+            (Figure::RingBacklog, backlog as u64),
+            (Figure::Accepted, s.accepted.get()),
+            (Figure::HandshakeFailures, s.handshake_failures.get()),
+            (Figure::AcceptErrors, s.accept_errors.get()),
+            (Figure::MessagesIn, s.messages_in.get()),
+            (Figure::FramesOut, s.frames_out.get()),
+            (Figure::Resyncs, s.slow_resyncs.get()),
+            (Figure::SlowCloses, s.slow_closes.get()),
+            (Figure::HeartbeatCloses, s.heartbeat_closes.get()),
+        ] {
+            board.set(f, v);
+        }
+        for q in board.take_queries() {
+            // A closed API connection dropped its receiver: nothing to do about it.
+            let _ = match q {
+                Query::Topic(name, reply) => reply.send(core.topic_view(name.as_str())).is_ok(),
+                Query::User(key, reply) => reply.send(core.user_view(&key)).is_ok(),
+            };
+        }
     }
 
     /// Stop accepting and ask every connection to close with 1001.
@@ -367,6 +406,7 @@ impl Runtime {
                         slot.out_bytes =
                             (slot.out_bytes as usize + counted).min(u32::MAX as usize) as u32;
                         slot.out.push(frame);
+                        self.stats.frames_out.set(self.stats.frames_out.get() + 1);
                         slot.wake();
                     }
                     Output::Close { conn, code, reason } => {

@@ -41,6 +41,12 @@ impl Server {
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut child = cmd
             .args(["--listen", &addr.to_string()])
+            // Tests run servers side by side: each admin listener takes a port of its own.
+            .args(if args.contains(&"--admin-listen") {
+                &[][..]
+            } else {
+                &["--admin-listen", "127.0.0.1:0"][..]
+            })
             .args(args)
             .env("ROSTER_LOG", "info")
             .stdout(Stdio::null())

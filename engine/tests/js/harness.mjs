@@ -27,7 +27,9 @@ async function freePort() {
 /** Starts roster with 4 shards (so cross-shard paths run) plus `args`. */
 export async function startServer(args = []) {
   const port = await freePort();
-  const proc = spawn(bin, ['--listen', `127.0.0.1:${port}`, '--shards', '4', ...args], {
+  // Servers run side by side: each admin listener takes a port of its own.
+  const admin = args.includes('--admin-listen') ? [] : ['--admin-listen', '127.0.0.1:0'];
+  const proc = spawn(bin, ['--listen', `127.0.0.1:${port}`, '--shards', '4', ...admin, ...args], {
     stdio: ['ignore', 'ignore', 'pipe'],
     env: { ...process.env, ROSTER_LOG: 'warn' },
   });

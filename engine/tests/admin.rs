@@ -1,0 +1,154 @@
+//! The admin listener on real sockets: health, Prometheus metrics that move as connections come
+//! and go, the topic and user API answering what the clients see, and its API key.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::server::{Client, Server};
+use serde_json::{json, Value};
+
+const KEY: &str = "admin-test-key";
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+}
+
+/// `GET path` → (status, body).
+fn get(admin: SocketAddr, path: &str, key: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(admin).expect("admin listener");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Sum over shards of a metric's samples.
+fn metric(admin: SocketAddr, name: &str) -> u64 {
+    let (_, body) = get(admin, "/metrics", Some(KEY));
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn eventually(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn health_metrics_and_api() {
+    let admin = free_port();
+    let s = Server::start(&[
+        "--shards",
+        "2",
+        "--admin-listen",
+        &admin.to_string(),
+        "--api-key",
+        KEY,
+    ]);
+    assert_eq!(get(admin, "/healthz", None), (200, "ok\n".into()));
+    assert_eq!(get(admin, "/metrics", None).0, 401);
+    assert_eq!(get(admin, "/metrics", Some("wrong")).0, 401);
+    assert_eq!(get(admin, "/api/users/alice", None).0, 401);
+    assert_eq!(get(admin, "/nope", Some(KEY)).0, 404);
+    let (status, body) = get(admin, "/metrics", Some(KEY));
+    assert_eq!(status, 200);
+    assert!(body.contains("roster_connections{shard=\"0\"}"), "{body}");
+    assert!(body.contains("# EOF"), "{body}");
+
+    // Metrics move as connections come and go.
+    let before = metric(admin, "roster_connections");
+    let mut alice = Client::connect(s.addr, "alice").unwrap();
+    let mut bob = Client::connect(s.addr, "bob").unwrap();
+    eventually("2 more connections", || {
+        metric(admin, "roster_connections") == before + 2
+    });
+    let state = alice.join("room:api", json!({"meta": {"page": "/a"}}));
+    assert_eq!(state, json!({}));
+    bob.join("room:api", json!({"meta": {"page": "/b"}}));
+    bob.join("doc:\"7\"", json!({"meta": {"x": 1}}));
+    eventually("3 presences", || metric(admin, "roster_presences") == 3);
+
+    // The API answers what a client of the topic sees.
+    let mut view = Value::Null;
+    eventually("alice's view has both", || {
+        if let Some(f) = alice.recv() {
+            if f[3] == "presence_diff" && f[4]["joins"]["bob"].is_object() {
+                view = f;
+                return true;
+            }
+        }
+        false
+    });
+    let (status, body) = get(admin, "/api/topics/room:api", Some(KEY));
+    assert_eq!(status, 200, "{body}");
+    let t: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(
+        (&t["topic"], &t["keys"], &t["metas"]),
+        (&json!("room:api"), &json!(2), &json!(2))
+    );
+    assert_eq!(
+        t["presences"]["bob"]["metas"][0],
+        view[4]["joins"]["bob"]["metas"][0]
+    );
+    assert_eq!(t["presences"]["alice"]["metas"][0]["page"], "/a");
+    let (_, body) = get(admin, "/api/topics/room:api?limit=1", Some(KEY));
+    let t: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(
+        (
+            t["keys"].clone(),
+            t["presences"].as_object().map(|o| o.len())
+        ),
+        (json!(2), Some(1))
+    );
+    // Topic names are percent-decoded.
+    let (_, body) = get(admin, "/api/topics/doc:%227%22", Some(KEY));
+    let t: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(t["topic"], "doc:\"7\"");
+    assert_eq!(t["presences"]["bob"]["metas"][0]["x"], 1);
+
+    let (_, body) = get(admin, "/api/users/bob", Some(KEY));
+    let u: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(u["online"], true);
+    let mut topics: Vec<&str> = u["presences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["topic"].as_str())
+        .collect();
+    topics.sort();
+    assert_eq!(topics, ["doc:\"7\"", "room:api"]);
+    drop(bob);
+    eventually("bob offline", || {
+        let (_, body) = get(admin, "/api/users/bob", Some(KEY));
+        serde_json::from_str::<Value>(&body)
+            .is_ok_and(|u| u["online"] == false && u["presences"] == json!([]))
+    });
+    eventually("a connection fewer", || {
+        metric(admin, "roster_connections") == before + 1
+    });
+    let (_, body) = get(admin, "/metrics", Some(KEY));
+    assert_eq!(
+        metric(admin, "roster_messages_in_total"),
+        3,
+        "three joins: {body}"
+    );
+}
