@@ -151,4 +151,24 @@ fn health_metrics_and_api() {
         3,
         "three joins: {body}"
     );
+
+    // Errors and refused upgrades are counted by reason.
+    let r = alice.push("", "room:never", "shout", json!({}));
+    alice.until(|f| f[1] == r.as_str());
+    let refused = Client::with_request(
+        TcpStream::connect(s.addr).unwrap(),
+        s.addr,
+        "vsn=1.0.0",
+        &[],
+    );
+    assert!(refused.is_err());
+    eventually("errors by reason", || {
+        let (_, body) = get(admin, "/metrics", Some(KEY));
+        let has = |metric: &str, reason: &str| {
+            body.lines()
+                .any(|l| l.starts_with(metric) && l.contains(reason))
+        };
+        has("roster_errors_total{", "reason=\"unmatched topic\"")
+            && has("roster_handshake_refusals_total{", "unsupported vsn")
+    });
 }

@@ -94,6 +94,8 @@ pub struct Shard {
     last_state: Option<StateFrame>,
     /// The driver's clock as of the last tick.
     pub(crate) now: Millis,
+    /// Error replies and closes so far, by reason.
+    errors: Vec<(&'static str, u64)>,
     pub(crate) stats: ShardStats,
 }
 
@@ -123,6 +125,7 @@ impl Shard {
             join_seq: 0,
             last_state: None,
             now: Millis(0),
+            errors: Vec::new(),
             stats: ShardStats::default(),
         }
     }
@@ -268,6 +271,11 @@ impl Shard {
             }
         }
         self.drain_local();
+    }
+
+    /// Error replies and closes this shard sent, by reason, since it started.
+    pub fn errors(&self) -> &[(&'static str, u64)] {
+        &self.errors
     }
 
     pub fn stats(&self) -> ShardStats {
@@ -647,6 +655,7 @@ impl Shard {
     }
 
     fn close_with(&mut self, conn: ConnId, code: CloseCode, reason: &'static str) {
+        count_error(&mut self.errors, reason);
         self.tx.out.push(Output::Close { conn, code, reason });
         if let Some(c) = self.conns.remove(&conn) {
             self.part_all(conn, c);
@@ -665,8 +674,9 @@ impl Shard {
         jr: Option<&str>,
         r: Option<&str>,
         topic: &str,
-        reason: &str,
+        reason: &'static str,
     ) {
+        count_error(&mut self.errors, reason);
         self.buf.clear();
         encode::reply_error(&mut self.buf, jr, r, topic, reason);
         self.tx.send(conn, &self.buf);
@@ -839,6 +849,14 @@ fn adopt(
         router.topic_owner(topic.as_str()),
         MeshMsg::Adopted { topic, alias },
     );
+}
+
+/// One more of `reason`. The reasons are PROTOCOL.md's handful, so a list beats a map.
+fn count_error(errors: &mut Vec<(&'static str, u64)>, reason: &'static str) {
+    match errors.iter_mut().find(|(r, _)| *r == reason) {
+        Some((_, n)) => *n += 1,
+        None => errors.push((reason, 1)),
+    }
 }
 
 /// `buf` = a presence_count push.

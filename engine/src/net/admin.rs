@@ -32,8 +32,21 @@ pub enum Query {
 #[derive(Default)]
 pub struct ShardBoard {
     figures: [AtomicU64; FIGURES.len()],
+    /// Counts by reason: (metric, reason, count).
+    reasons: Mutex<Vec<(&'static str, &'static str, u64)>>,
     inbox: Mutex<Vec<Query>>,
 }
+
+/// Metrics counted by reason.
+pub const ERRORS: &str = "errors";
+pub const REFUSALS: &str = "handshake_refusals";
+const REASON_HELP: [(&str, &str); 2] = [
+    (
+        ERRORS,
+        "Error replies and closes sent to clients, by reason",
+    ),
+    (REFUSALS, "Upgrade requests refused, by reason"),
+];
 
 /// Every figure a shard publishes: (metric name, help, is a counter).
 pub const FIGURES: [(&str, &str, bool); 16] = [
@@ -138,6 +151,16 @@ impl ShardBoard {
         self.set(Figure::WatchedUsers, s.watched_users as u64);
         self.set(Figure::Diffs, s.diffs_sent);
         self.set(Figure::DiffsCoalesced, s.diffs_coalesced);
+    }
+
+    /// Replaces this shard's counts by reason.
+    pub fn publish_reasons(
+        &self,
+        counts: impl IntoIterator<Item = (&'static str, &'static str, u64)>,
+    ) {
+        let mut reasons = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
+        reasons.clear();
+        reasons.extend(counts);
     }
 
     /// Queries waiting for this shard.
@@ -362,6 +385,20 @@ fn metrics(board: &Board) -> String {
             name.trim_start_matches("roster_").to_owned()
         };
         registry.register(name, *help, family);
+    }
+    for (metric, help) in REASON_HELP {
+        let family = Family::<Vec<(String, String)>, Gauge>::default();
+        for (s, shard) in board.shards.iter().enumerate() {
+            let reasons = shard.reasons.lock().unwrap_or_else(|e| e.into_inner());
+            for (_, reason, n) in reasons.iter().filter(|(m, _, _)| *m == metric) {
+                let labels = vec![
+                    ("shard".to_owned(), s.to_string()),
+                    ("reason".to_owned(), (*reason).to_owned()),
+                ];
+                family.get_or_create(&labels).set(*n as i64);
+            }
+        }
+        registry.register(format!("{metric}_total"), help, family);
     }
     let mut out = String::new();
     let _ = encode(&mut out, &registry);

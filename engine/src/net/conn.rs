@@ -18,7 +18,7 @@ use crate::core::{ConnId, Frame};
 use crate::identity::Identity;
 use crate::net::admission::Ticket;
 use crate::net::handshake::{self, Handshake, Reject};
-use crate::net::runtime::{CloseReason, Runtime};
+use crate::net::runtime::{CloseReason, Runtime, Stats};
 use crate::net::ws::{self, Io};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -115,7 +115,7 @@ async fn upgrade(rt: &Runtime, stream: &mut TcpStream) -> Option<Admitted> {
         buf.extend_from_slice(&chunk[..n]);
         match handshake::parse(&buf, MAX_REQUEST_BYTES) {
             Handshake::Incomplete => continue,
-            Handshake::Reject(r) => return refuse(stream, r).await,
+            Handshake::Reject(r) => return refuse(rt, stream, r).await,
             Handshake::Accept(u) => {
                 let ip = stream.peer_addr().ok()?.ip();
                 let admitted = rt
@@ -127,7 +127,7 @@ async fn upgrade(rt: &Runtime, stream: &mut TcpStream) -> Option<Admitted> {
                     });
                 let (identity, ticket) = match admitted {
                     Ok(a) => a,
-                    Err(r) => return refuse(stream, r).await,
+                    Err(r) => return refuse(rt, stream, r).await,
                 };
                 stream.write_all(&u.response).await.ok()?;
                 let leftover = buf.split_off(u.consumed);
@@ -155,8 +155,9 @@ fn write_from(
     Poll::Ready(Ok(()))
 }
 
-async fn refuse<T>(stream: &mut TcpStream, r: Reject) -> Option<T> {
+async fn refuse<T>(rt: &Runtime, stream: &mut TcpStream, r: Reject) -> Option<T> {
     tracing::debug!(status = r.status, reason = r.reason, "handshake refused");
+    Stats::count(&rt.stats.refusals, r.reason);
     let _ = stream.write_all(&r.response()).await;
     let _ = stream.close().await;
     None
@@ -396,6 +397,15 @@ impl Conn {
     /// Closes because of something the client sent: the core forgets the connection now (its
     /// presences leave), and the close frame goes out on the next poll.
     fn refuse(&mut self, code: u16, reason: impl Into<Cow<'static, str>>) {
+        let kind = match code {
+            1002 => "protocol error",
+            1003 => "binary frame",
+            1007 => "invalid UTF-8",
+            1008 => "rate limit",
+            1009 => "frame too large",
+            _ => "internal error",
+        };
+        Stats::count(&self.rt.stats.closes, kind);
         self.rt.close(self.conn, code, reason);
     }
 

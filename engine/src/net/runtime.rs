@@ -18,7 +18,7 @@ use crate::config::ServerConfig;
 use crate::core::{Config, ConnId, Frame, MeshMsg, Millis, Output, Shard};
 use crate::identity::{self, Identity, Verifier};
 use crate::mesh::ShardId;
-use crate::net::admin::{Board, Figure, Query};
+use crate::net::admin::{Board, Figure, Query, ERRORS, REFUSALS};
 use crate::net::admission::Admission;
 use crate::net::handshake::{Reject, Upgrade};
 use crate::net::signal::Signal;
@@ -68,6 +68,20 @@ pub struct Stats {
     pub slow_resyncs: Cell<u64>,
     pub messages_in: Cell<u64>,
     pub frames_out: Cell<u64>,
+    /// Closes the connection layer decided (bad frames, rate limit), by reason.
+    pub closes: RefCell<Vec<(&'static str, u64)>>,
+    /// Upgrade requests refused, by reason.
+    pub refusals: RefCell<Vec<(&'static str, u64)>>,
+}
+
+impl Stats {
+    pub fn count(list: &RefCell<Vec<(&'static str, u64)>>, reason: &'static str) {
+        let mut list = list.borrow_mut();
+        match list.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => list.push((reason, 1)),
+        }
+    }
 }
 
 pub struct Runtime {
@@ -340,6 +354,10 @@ impl Runtime {
         ] {
             board.set(f, v);
         }
+        let (closes, refusals) = (s.closes.borrow(), s.refusals.borrow());
+        let errors = core.errors().iter().chain(closes.iter());
+        let errors = errors.map(|&(r, n)| (ERRORS, r, n));
+        board.publish_reasons(errors.chain(refusals.iter().map(|&(r, n)| (REFUSALS, r, n))));
         for q in board.take_queries() {
             // A closed API connection dropped its receiver: nothing to do about it.
             let _ = match q {
