@@ -81,8 +81,9 @@ pub struct Cli {
     /// not verified (development mode).
     #[arg(long, env = "ROSTER_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
-    /// Messages a connection may send per second (a token bucket holding one second's worth);
-    /// faster closes it with 1008. 0 = no limit. [default: 100]
+    /// Messages a connection may send per second (a token bucket holding one second's worth;
+    /// pings count too); faster closes it with 1008. 0 = no limit. [default: 200, so a client
+    /// rejoining all its --max-topics-per-conn channels at once fits]
     #[arg(long, env = "ROSTER_MAX_MSGS_PER_SEC")]
     pub max_msgs_per_sec: Option<u32>,
     /// Connections in total (over all shards); more get HTTP 503. 0 = only the open-files limit.
@@ -106,7 +107,7 @@ pub struct Cli {
     pub admin_listen: Option<SocketAddr>,
     /// Bearer key the admin API and /metrics require (not /healthz). Prefer the environment
     /// variable: a command line is visible to other users. [default: none, open]
-    #[arg(long, env = "ROSTER_API_KEY")]
+    #[arg(long, env = "ROSTER_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 }
 
@@ -169,10 +170,10 @@ pub struct ServerConfig {
     /// Empty = any origin.
     pub allowed_origins: Vec<String>,
     pub admin_listen: SocketAddr,
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
 }
 
-/// Token-signing secret; never printed.
+/// A secret (token-signing secret, API key); never printed.
 #[derive(Clone)]
 pub struct Secret(pub Vec<u8>);
 
@@ -269,7 +270,7 @@ impl ServerConfig {
             max_msgs_per_sec: cli
                 .max_msgs_per_sec
                 .or(file.max_msgs_per_sec)
-                .unwrap_or(100),
+                .unwrap_or(200),
             max_connections: cli.max_connections.or(file.max_connections).unwrap_or(0),
             max_conns_per_ip: cli.max_conns_per_ip.or(file.max_conns_per_ip).unwrap_or(0),
             allowed_origins: if cli.allowed_origins.is_empty() {
@@ -281,7 +282,11 @@ impl ServerConfig {
                 .admin_listen
                 .or(file.admin_listen)
                 .unwrap_or_else(|| ([127, 0, 0, 1], 4001).into()),
-            api_key: cli.api_key.or(file.api_key).filter(|k| !k.is_empty()),
+            api_key: cli
+                .api_key
+                .or(file.api_key)
+                .filter(|k| !k.is_empty())
+                .map(|k| Secret(k.into_bytes())),
         };
         if c.shards == 0 || c.shards > 1024 {
             return Err(format!("shards must be 1..=1024, not {}", c.shards));

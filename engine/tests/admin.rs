@@ -152,8 +152,11 @@ fn health_metrics_and_api() {
         "three joins: {body}"
     );
 
-    // Errors and refused upgrades are counted by reason.
+    // Errors and refused upgrades are counted by reason, as valid exposition even when the
+    // reason quotes.
     let r = alice.push("", "room:never", "shout", json!({}));
+    alice.until(|f| f[1] == r.as_str());
+    let r = alice.push("q", "room:q", "phx_join", json!({"presence": "bogus"}));
     alice.until(|f| f[1] == r.as_str());
     let refused = Client::with_request(
         TcpStream::connect(s.addr).unwrap(),
@@ -170,5 +173,27 @@ fn health_metrics_and_api() {
         };
         has("roster_errors_total{", "reason=\"unmatched topic\"")
             && has("roster_handshake_refusals_total{", "unsupported vsn")
+            && has(
+                "roster_errors_total{",
+                r#"reason="presence must be \"full\", \"count\" or \"none\"""#,
+            )
     });
+}
+
+#[test]
+fn a_slow_admin_client_does_not_hold_up_health_checks() {
+    let admin = free_port();
+    let _s = Server::start(&["--admin-listen", &admin.to_string()]);
+    // Dribbles half a request and never finishes it; another never reads its answer.
+    let mut slow = TcpStream::connect(admin).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+    let mut deaf = TcpStream::connect(admin).unwrap();
+    deaf.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let started = Instant::now();
+    assert_eq!(get(admin, "/healthz", None), (200, "ok\n".into()));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
 }

@@ -186,7 +186,21 @@ impl Board {
 pub struct Admin {
     pub board: Arc<Board>,
     pub router: Router,
-    pub api_key: Option<String>,
+    pub api_key: Option<Vec<u8>>,
+}
+
+/// Compares without stopping at the first difference, so timing does not tell how much of a
+/// guessed key was right.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A label value in Prometheus text format: backslash, quote and newline escaped (reasons are
+/// PROTOCOL.md's texts, some of which quote).
+fn label_value(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Binds the admin listener (so a bad address fails at start-up) and serves it on its own
@@ -195,23 +209,53 @@ pub fn start(addr: SocketAddr, admin: Admin) -> Result<SocketAddr, String> {
     let listener =
         TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr} (admin): {e}"))?;
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    let admin = Arc::new(admin);
+    let busy = Arc::new(AtomicU64::new(0));
     std::thread::Builder::new()
         .name("roster-admin".into())
         .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                // One request per connection, a short one: the admin API is not a hot path.
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-                let _ = serve(&admin, stream);
+            for mut stream in listener.incoming().flatten() {
+                // A thread per request, a few at most: a client that dribbles its request or
+                // never reads the answer holds only its own thread, never /healthz.
+                let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
+                let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
+                if busy.fetch_add(1, Ordering::Relaxed) >= MAX_REQUESTS {
+                    busy.fetch_sub(1, Ordering::Relaxed);
+                    let _ = respond(&mut stream, 503, "text/plain", "busy\n");
+                    continue;
+                }
+                let (admin, busy) = (admin.clone(), busy.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("roster-admin-req".into())
+                    .spawn(move || {
+                        let _ = serve(&admin, stream);
+                        busy.fetch_sub(1, Ordering::Relaxed);
+                    });
+                if spawned.is_err() {
+                    // No thread to be had: the request is dropped; the next one may succeed.
+                    continue;
+                }
             }
         })
         .map_err(|e| format!("cannot start the admin thread: {e}"))?;
     Ok(bound)
 }
 
+/// Requests served at once; more get 503.
+const MAX_REQUESTS: u64 = 16;
+/// The whole request must arrive within this, and each write of the answer too.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn serve(admin: &Admin, mut stream: TcpStream) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
+    let deadline = std::time::Instant::now() + REQUEST_TIMEOUT;
     let (path, authorized) = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return respond(&mut stream, 400, "text/plain", "request too slow\n");
+        }
+        stream.set_read_timeout(Some(left))?;
         let n = stream.read(&mut chunk)?;
         if n == 0 {
             return Ok(());
@@ -231,7 +275,9 @@ fn serve(admin: &Admin, mut stream: TcpStream) -> std::io::Result<()> {
                     .and_then(|h| std::str::from_utf8(h.value).ok());
                 let authorized = match &admin.api_key {
                     None => true,
-                    Some(key) => auth.and_then(|a| a.strip_prefix("Bearer ")) == Some(key),
+                    Some(key) => auth
+                        .and_then(|a| a.strip_prefix("Bearer "))
+                        .is_some_and(|given| same_bytes(given.as_bytes(), key)),
                 };
                 break (req.path.unwrap_or("/").to_owned(), authorized);
             }
@@ -393,7 +439,7 @@ fn metrics(board: &Board) -> String {
             for (_, reason, n) in reasons.iter().filter(|(m, _, _)| *m == metric) {
                 let labels = vec![
                     ("shard".to_owned(), s.to_string()),
-                    ("reason".to_owned(), (*reason).to_owned()),
+                    ("reason".to_owned(), label_value(reason)),
                 ];
                 family.get_or_create(&labels).set(*n as i64);
             }

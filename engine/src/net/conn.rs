@@ -370,6 +370,10 @@ impl Conn {
                     )
                 }
                 Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {
+                    let per_sec = self.rt.config.max_msgs_per_sec;
+                    if !self.bucket.take(per_sec, self.rt.now_ms()) {
+                        return self.refuse(1008, "rate limit: too many messages per second");
+                    }
                     self.rt.touch(self.conn)
                 }
                 Ok(Message::Close(_)) => {

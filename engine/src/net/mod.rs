@@ -71,7 +71,7 @@ pub fn run(launch: Launch) -> Result<(), String> {
         Admin {
             board: board.clone(),
             router: Router::new(config.shards),
-            api_key: config.api_key.clone(),
+            api_key: config.api_key.as_ref().map(|k| k.0.clone()),
         },
     )?;
     tracing::info!(%admin, "admin listening");
