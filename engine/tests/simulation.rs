@@ -178,7 +178,9 @@ impl Sim {
         for o in outputs {
             match o {
                 Output::Mesh { to, msg } => self.rings[s * n + to.index()].push_back(msg),
-                Output::Send { conn, frame } => self.deliver_frame((s as u16, conn.0), &frame),
+                Output::Send { conn, frame, kind } => {
+                    self.deliver_frame((s as u16, conn.0), &frame, kind)
+                }
                 Output::Close { conn, code, reason } => {
                     let c = self.clients.get_mut(&(s as u16, conn.0));
                     let c = c.unwrap_or_else(|| fail(format!("close for unknown conn {conn:?}")));
@@ -193,14 +195,22 @@ impl Sim {
 
     /// A frame for a client: read now, or queued while it stalls, or dropped if it is a diff
     /// for a slow consumer being resynced (as the server's runtime does).
-    fn deliver_frame(&mut self, id: (u16, u32), frame: &[u8]) {
+    fn deliver_frame(&mut self, id: (u16, u32), frame: &[u8], kind: FrameKind) {
+        // The driver trusts the core's label; it must be what the bytes say.
+        if kind != frame_kind(frame) {
+            fail(format!(
+                "frame labelled {kind:?} is a {:?}: {}",
+                frame_kind(frame),
+                String::from_utf8_lossy(frame)
+            ));
+        }
         let Some(c) = self.clients.get_mut(&id) else {
             fail(format!(
                 "frame for unknown client {id:?}: {}",
                 String::from_utf8_lossy(frame)
             ))
         };
-        if c.resyncing && frame_kind(frame) == FrameKind::Diff {
+        if c.resyncing && kind == FrameKind::Diff {
             self.log
                 .push(format!("  -x {id:?} {}", String::from_utf8_lossy(frame)));
             return;

@@ -3,14 +3,21 @@
 use std::collections::VecDeque;
 use std::rc::Rc;
 
+use roster_proto::encode::FrameKind;
+
 use crate::core::{CloseCode, ConnId, Frame, MeshMsg};
 use crate::mesh::ShardId;
 
 /// Something the driver must do.
 #[derive(Debug)]
 pub enum Output {
-    /// Write `frame` to local connection `conn`.
-    Send { conn: ConnId, frame: Frame },
+    /// Write `frame` to local connection `conn`. `kind` says what flow control may do with it
+    /// (drop a diff for a slow consumer, not count a state), so the driver need not read it.
+    Send {
+        conn: ConnId,
+        frame: Frame,
+        kind: FrameKind,
+    },
     /// Close `conn` with this WebSocket close code and reason. The shard has already forgotten the
     /// connection (its presences are leaving); feeding it more frames does nothing.
     Close {
@@ -47,15 +54,12 @@ impl Outbox {
         }
     }
 
-    /// Sends a copy of `bytes` to one connection.
+    /// Sends a copy of `bytes` (a reply, a count, a close...) to one connection.
     pub(crate) fn send(&mut self, conn: ConnId, bytes: &[u8]) {
-        self.out.push(Output::Send {
-            conn,
-            frame: Rc::from(bytes),
-        });
+        self.send_frame(conn, Rc::from(bytes), FrameKind::Other);
     }
 
-    pub(crate) fn send_frame(&mut self, conn: ConnId, frame: Frame) {
-        self.out.push(Output::Send { conn, frame });
+    pub(crate) fn send_frame(&mut self, conn: ConnId, frame: Frame, kind: FrameKind) {
+        self.out.push(Output::Send { conn, frame, kind });
     }
 }

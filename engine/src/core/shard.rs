@@ -6,7 +6,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use ahash::RandomState;
-use roster_proto::encode;
+use roster_proto::encode::{self, FrameKind};
 use roster_proto::{
     decode, ClientEvent, ClientMessage, ClientMeta, JoinRequest, PhxRef, PresenceMode,
 };
@@ -566,7 +566,8 @@ impl Shard {
         self.watches.go_live(conn, topic, &mut self.tx, &mut state);
         self.buf.clear();
         encode::presence_state(&mut self.buf, jr, topic, &state);
-        self.tx.send(conn, &self.buf);
+        self.tx
+            .send_frame(conn, Rc::from(self.buf.as_slice()), FrameKind::State);
         if state.capacity() > self.buf.capacity() {
             self.buf = state;
         }
@@ -703,7 +704,7 @@ impl Shard {
             MeshMsg::Diff { topic, frame } => {
                 let frame: Frame = Rc::from(frame);
                 for conn in self.subs.full(topic.as_str()) {
-                    self.tx.send_frame(conn, frame.clone());
+                    self.tx.send_frame(conn, frame.clone(), FrameKind::Diff);
                 }
             }
             MeshMsg::Count { topic, keys, metas } => {
@@ -724,7 +725,7 @@ impl Shard {
                             frame
                         }
                     };
-                    self.tx.send_frame(conn, frame);
+                    self.tx.send_frame(conn, frame, FrameKind::Other);
                 }
             }
             MeshMsg::Adopt {
@@ -812,13 +813,13 @@ impl Shard {
             JoinedReply::State(state) => {
                 if let Some((last, last_jr, frame)) = &self.last_state {
                     if Arc::ptr_eq(last, &state) && *last_jr == jr {
-                        self.tx.send_frame(conn, frame.clone());
+                        self.tx.send_frame(conn, frame.clone(), FrameKind::State);
                         return;
                     }
                 }
                 encode::presence_state(&mut self.buf, jr.as_deref(), topic.as_str(), &state);
                 let frame: Frame = Rc::from(self.buf.as_slice());
-                self.tx.send_frame(conn, frame.clone());
+                self.tx.send_frame(conn, frame.clone(), FrameKind::State);
                 self.last_state = Some((state, jr, frame));
                 return;
             }

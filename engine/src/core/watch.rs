@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::rc::Rc;
 
 use ahash::RandomState;
-use roster_proto::encode::{DiffFrame, PresenceMap};
+use roster_proto::encode::{DiffFrame, FrameKind, PresenceMap};
 use smallvec::SmallVec;
 
 use crate::core::outbox::Outbox;
@@ -509,7 +509,7 @@ fn send_user_diff(
     diff.finish();
     let frame: Frame = Rc::from(buf.as_slice());
     for conn in conns {
-        tx.send_frame(conn, frame.clone());
+        tx.send_frame(conn, frame.clone(), FrameKind::Diff);
     }
 }
 

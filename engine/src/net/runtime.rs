@@ -391,18 +391,17 @@ impl Runtime {
             let mut resyncing = self.resyncing.borrow_mut();
             for o in core.outputs() {
                 match o {
-                    Output::Send { conn, frame } => {
+                    Output::Send { conn, frame, kind } => {
                         let Some(slot) = conns.get_mut(conn.0 as usize) else {
                             continue;
                         };
                         if slot.close.is_some() {
                             continue;
                         }
-                        let kind = frame_kind(&frame);
                         if kind == FrameKind::Diff && resyncing.contains_key(&conn) {
                             continue; // It gets a fresh state when it drains.
                         }
-                        let counted = counted(&frame);
+                        let counted = counted(kind, &frame);
                         let queued = slot.out_bytes as usize + counted;
                         if queued > self.config.max_outbound_bytes && !slot.out.is_empty() {
                             // Slow consumer: presence is state, not a log. Its queued diffs go,
@@ -562,17 +561,18 @@ impl Runtime {
     }
 }
 
-/// Bytes of `frames` that count toward max_outbound_bytes.
+/// Bytes of queued `frames` that count toward max_outbound_bytes. Only on overflow, so the
+/// frames' kinds are read back from their bytes rather than kept beside each of them.
 fn counted_bytes(frames: &[Frame]) -> u32 {
-    let n: usize = frames.iter().map(counted).sum();
+    let n: usize = frames.iter().map(|f| counted(frame_kind(f), f)).sum();
     n.min(u32::MAX as usize) as u32
 }
 
 /// Bytes of a frame that count toward max_outbound_bytes: a state is what the client asked for
 /// by joining, bounded by the topics it may join; only the rest counts, or a joiner of a room
 /// whose state is over the limit would be resynced by its first diff.
-fn counted(frame: &Frame) -> usize {
-    if frame_kind(frame) == FrameKind::State {
+fn counted(kind: FrameKind, frame: &Frame) -> usize {
+    if kind == FrameKind::State {
         0
     } else {
         frame.len()
