@@ -1,7 +1,7 @@
 //! The admin listener: `/healthz`, `/metrics` (Prometheus text, prometheus-client), and the
 //! read API `/api/topics/TOPIC` and `/api/users/KEY`. It runs on threads of its own (an accept
 //! thread, a short-lived thread per request), off the shards: shards publish their figures to a
-//! [`Board`] on every tick and answer API queries from their board inbox on the next tick (so an
+//! [`Board`] once a second and answer API queries from their board inbox on the next tick (so an
 //! API answer takes up to one tick). Nothing here touches a shard's state directly, and nothing
 //! here is on the presence path.
 

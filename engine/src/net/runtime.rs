@@ -116,6 +116,8 @@ pub struct Runtime {
     pub admission: Arc<Admission>,
     /// Where this shard publishes its figures and takes API queries.
     board: Arc<Board>,
+    /// When the figures last went on the board (ms).
+    published_ms: Cell<u64>,
 }
 
 /// What every shard's runtime shares with the others and the admin thread.
@@ -125,6 +127,8 @@ pub struct Shared {
 }
 
 const WHEEL_GRANULARITY_MS: u64 = 250;
+/// How often a shard's figures go on the admin board.
+const PUBLISH_EVERY_MS: u64 = 1000;
 /// Messages waiting for full rings, across all peers, past which connections stop reading (and
 /// so stop making more) until the rings drain. Backpressure instead of unbounded queues.
 const MESH_BACKLOG_LIMIT: usize = 65_536;
@@ -171,6 +175,7 @@ impl Runtime {
             verifier: config.secret.as_ref().map(|s| Verifier::new(&s.0)),
             admission: shared.admission,
             board: shared.board,
+            published_ms: Cell::new(0),
             config,
         })
     }
@@ -285,7 +290,12 @@ impl Runtime {
     pub fn tick(&self) {
         let now = self.now_ms();
         self.core.borrow_mut().tick(Millis(now));
-        self.publish();
+        self.answer_queries();
+        if now.saturating_sub(self.published_ms.get()) >= PUBLISH_EVERY_MS {
+            // Once a second: the core's figures walk its topic table.
+            self.published_ms.set(now);
+            self.publish();
+        }
         let mut due = Vec::new();
         self.wheel.borrow_mut().advance(now, &mut due);
         let timeout = self.config.heartbeat_timeout.as_millis() as u64;
@@ -333,7 +343,24 @@ impl Runtime {
         self.dispatch();
     }
 
-    /// Puts this shard's figures on the board and answers the admin API's queries.
+    /// Answers the admin API's queries waiting on the board.
+    fn answer_queries(&self) {
+        let board = &self.board.shards[self.id.index()];
+        let queries = board.take_queries();
+        if queries.is_empty() {
+            return;
+        }
+        let core = self.core.borrow();
+        for q in queries {
+            // A closed API connection dropped its receiver: nothing to do about it.
+            let _ = match q {
+                Query::Topic(name, reply) => reply.send(core.topic_view(name.as_str())).is_ok(),
+                Query::User(key, reply) => reply.send(core.user_view(&key)).is_ok(),
+            };
+        }
+    }
+
+    /// Puts this shard's figures on the board.
     fn publish(&self) {
         let board = &self.board.shards[self.id.index()];
         let core = self.core.borrow();
@@ -358,13 +385,6 @@ impl Runtime {
         let errors = core.errors().iter().chain(closes.iter());
         let errors = errors.map(|&(r, n)| (ERRORS, r, n));
         board.publish_reasons(errors.chain(refusals.iter().map(|&(r, n)| (REFUSALS, r, n))));
-        for q in board.take_queries() {
-            // A closed API connection dropped its receiver: nothing to do about it.
-            let _ = match q {
-                Query::Topic(name, reply) => reply.send(core.topic_view(name.as_str())).is_ok(),
-                Query::User(key, reply) => reply.send(core.user_view(&key)).is_ok(),
-            };
-        }
     }
 
     /// Stop accepting and ask every connection to close with 1001.
