@@ -3,7 +3,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer } from 'node:net';
-import { startServer, connect, join, keys, waitFor } from './harness.mjs';
+import { startServer, connect, join, keys, waitFor, sleep } from './harness.mjs';
 
 const KEY = 'js-admin-key';
 let server;
@@ -69,10 +69,12 @@ test('connection metrics move as clients come and go', async () => {
     return body.split('\n').filter((l) => l.startsWith('roster_connections{'))
       .reduce((sum, l) => sum + Number(l.split(' ').pop()), 0);
   };
+  // Figures are published once a second: let the earlier test's connections show first.
+  await sleep(1200);
   const before = await connections();
   const s = open('dee');
   await join(s, 'room:metrics');
-  await waitFor(async () => (await connections()) === before + 1, 3000, 'one more connection');
+  await waitFor(async () => (await connections()) === before + 1, 5000, 'one more connection');
   s.disconnect();
-  await waitFor(async () => (await connections()) === before, 3000, 'back to before');
+  await waitFor(async () => (await connections()) === before, 5000, 'back to before');
 });
