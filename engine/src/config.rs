@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 /// roster: a thread-per-core presence server speaking Phoenix Channels V2.
 #[derive(Parser, Debug, Default)]
-#[command(version, about)]
+#[command(name = "roster", version, about)]
 pub struct Cli {
     /// TOML file with any of the options below (names with underscores, e.g. `max_meta_bytes`).
     /// Command-line flags and environment variables override it.
@@ -26,7 +26,8 @@ pub struct Cli {
     /// reconnect storm. [default: 65535; the kernel caps it at net.core.somaxconn]
     #[arg(long, env = "ROSTER_BACKLOG")]
     pub backlog: Option<u32>,
-    /// Close a connection that sent nothing (not even a heartbeat) for this long. [default: 60000]
+    /// Close (1000) a connection that sent no text message (phoenix.js sends a heartbeat every
+    /// 30 s) for this long. Pings and pongs are answered but do not count. [default: 60000]
     #[arg(long, env = "ROSTER_HEARTBEAT_TIMEOUT_MS")]
     pub heartbeat_timeout_ms: Option<u64>,
     /// Topics one connection may have joined at once. [default: 100]
@@ -86,13 +87,34 @@ pub struct Cli {
     /// rejoining all its --max-topics-per-conn channels at once fits]
     #[arg(long, env = "ROSTER_MAX_MSGS_PER_SEC")]
     pub max_msgs_per_sec: Option<u32>,
-    /// Connections in total (over all shards); more get HTTP 503. 0 = only the open-files limit.
-    /// [default: 0]
+    /// Connections in total (over all shards), counted from accept (upgrades in progress
+    /// included); more get HTTP 503. 0 = only the open-files limit. [default: 0]
     #[arg(long, env = "ROSTER_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
-    /// Connections from one source address; more get HTTP 429. 0 = no limit. [default: 0]
+    /// Connections from one source address, counted from accept (upgrades in progress
+    /// included); more get HTTP 429. 0 = no limit. [default: 0]
     #[arg(long, env = "ROSTER_MAX_CONNS_PER_IP")]
     pub max_conns_per_ip: Option<usize>,
+    /// Connections accepted whose upgrade request has not been answered yet, over all shards;
+    /// more get HTTP 503 at once. 0 = no limit. [default: 4096]
+    #[arg(long, env = "ROSTER_MAX_HANDSHAKES")]
+    pub max_handshakes: Option<usize>,
+    /// The same, from one source address; more get HTTP 429. 0 = no limit (behind a proxy every
+    /// client shares its address). [default: 0]
+    #[arg(long, env = "ROSTER_MAX_HANDSHAKES_PER_IP")]
+    pub max_handshakes_per_ip: Option<usize>,
+    /// A connection must send its whole upgrade request within this; then it gets HTTP 408.
+    /// [default: 10000]
+    #[arg(long, env = "ROSTER_HANDSHAKE_TIMEOUT_MS")]
+    pub handshake_timeout_ms: Option<u64>,
+    /// Largest upgrade request (request line and headers, a token in the URL or in
+    /// Sec-WebSocket-Protocol included); larger gets HTTP 431. [default: 8192]
+    #[arg(long, env = "ROSTER_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: Option<usize>,
+    /// A WebSocket message whose first frame has arrived must be complete within this (a
+    /// fragmented or dribbled message holds buffers); else close 1008. [default: 10000]
+    #[arg(long, env = "ROSTER_MESSAGE_TIMEOUT_MS")]
+    pub message_timeout_ms: Option<u64>,
     /// A browser origin allowed to connect (repeat for several); others get HTTP 403. None set:
     /// any. Requests without an Origin header (not browsers) are not checked.
     #[arg(
@@ -105,6 +127,15 @@ pub struct Cli {
     /// [default: 127.0.0.1:4001]
     #[arg(long, env = "ROSTER_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
+    /// Connections the admin listener holds at once; a new one takes the place of the one that
+    /// has waited longest without sending a complete request (so idle sockets cannot shut out
+    /// /healthz). Admin requests may be at most 16 KiB. [default: 64]
+    #[arg(long, env = "ROSTER_ADMIN_MAX_CONNS")]
+    pub admin_max_conns: Option<usize>,
+    /// An admin connection must send its whole request within this, and then take the answer
+    /// within as long again; an unread request gets 408. [default: 2000]
+    #[arg(long, env = "ROSTER_ADMIN_TIMEOUT_MS")]
+    pub admin_timeout_ms: Option<u64>,
     /// Bearer key the admin API and /metrics require (not /healthz). Prefer the environment
     /// variable: a command line is visible to other users. [default: none, open]
     #[arg(long, env = "ROSTER_API_KEY", hide_env_values = true)]
@@ -138,7 +169,14 @@ pub struct FileConfig {
     pub max_conns_per_ip: Option<usize>,
     pub allowed_origins: Option<Vec<String>>,
     pub admin_listen: Option<SocketAddr>,
+    pub admin_max_conns: Option<usize>,
+    pub admin_timeout_ms: Option<u64>,
     pub api_key: Option<String>,
+    pub max_handshakes: Option<usize>,
+    pub max_handshakes_per_ip: Option<usize>,
+    pub handshake_timeout_ms: Option<u64>,
+    pub max_request_bytes: Option<usize>,
+    pub message_timeout_ms: Option<u64>,
 }
 
 /// Everything the server runs with, resolved.
@@ -170,7 +208,14 @@ pub struct ServerConfig {
     /// Empty = any origin.
     pub allowed_origins: Vec<String>,
     pub admin_listen: SocketAddr,
+    pub admin_max_conns: usize,
+    pub admin_timeout: Duration,
     pub api_key: Option<Secret>,
+    pub max_handshakes: usize,
+    pub max_handshakes_per_ip: usize,
+    pub handshake_timeout: Duration,
+    pub max_request_bytes: usize,
+    pub message_timeout: Duration,
 }
 
 /// A secret (token-signing secret, API key); never printed.
@@ -282,6 +327,31 @@ impl ServerConfig {
                 .admin_listen
                 .or(file.admin_listen)
                 .unwrap_or_else(|| ([127, 0, 0, 1], 4001).into()),
+            admin_max_conns: cli.admin_max_conns.or(file.admin_max_conns).unwrap_or(64),
+            admin_timeout: Duration::from_millis(
+                cli.admin_timeout_ms
+                    .or(file.admin_timeout_ms)
+                    .unwrap_or(2000),
+            ),
+            max_handshakes: cli.max_handshakes.or(file.max_handshakes).unwrap_or(4096),
+            max_handshakes_per_ip: cli
+                .max_handshakes_per_ip
+                .or(file.max_handshakes_per_ip)
+                .unwrap_or(0),
+            handshake_timeout: Duration::from_millis(
+                cli.handshake_timeout_ms
+                    .or(file.handshake_timeout_ms)
+                    .unwrap_or(10_000),
+            ),
+            max_request_bytes: cli
+                .max_request_bytes
+                .or(file.max_request_bytes)
+                .unwrap_or(8192),
+            message_timeout: Duration::from_millis(
+                cli.message_timeout_ms
+                    .or(file.message_timeout_ms)
+                    .unwrap_or(10_000),
+            ),
             api_key: cli
                 .api_key
                 .or(file.api_key)
@@ -293,6 +363,12 @@ impl ServerConfig {
         }
         if c.ring_capacity == 0 {
             return Err("ring_capacity must be at least 1".into());
+        }
+        if c.admin_max_conns == 0 {
+            return Err("admin_max_conns must be at least 1".into());
+        }
+        if c.max_request_bytes < 1024 {
+            return Err("max_request_bytes must be at least 1024".into());
         }
         if c.max_frame_bytes < 1024 {
             return Err("max_frame_bytes must be at least 1024".into());

@@ -30,8 +30,18 @@ pub struct Verifier {
 #[derive(Deserialize)]
 struct Claims {
     sub: Option<String>,
+    /// Read here rather than by the JWT crate, which skips an `exp` it cannot parse. Present
+    /// as null is Some(Null), not None: such a token is malformed, not unlimited.
+    #[serde(default, deserialize_with = "present")]
+    exp: Option<serde_json::Value>,
+    #[serde(default, deserialize_with = "present")]
+    nbf: Option<serde_json::Value>,
     topics: Option<Vec<String>>,
     meta: Option<Box<RawValue>>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
 }
 
 fn refuse(status: u16, reason: &'static str) -> Reject {
@@ -41,8 +51,11 @@ fn refuse(status: u16, reason: &'static str) -> Reject {
 impl Verifier {
     pub fn new(secret: &[u8]) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
-        // `exp` is honoured when present, not required; no clock leeway.
+        // `exp` and `nbf` are honoured when present, not required, and checked by `verify`
+        // against the time it is given (no clock leeway).
         validation.required_spec_claims.clear();
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
         validation.leeway = 0;
         // roster does not know its audience: an `aud` claim is allowed and not checked.
         validation.validate_aud = false;
@@ -52,17 +65,31 @@ impl Verifier {
         }
     }
 
-    /// The identity a token proves, or why it proves none (HTTP 401).
-    pub fn verify(&self, token: &str) -> Result<Identity, Reject> {
+    /// The identity a token proves at `now` (seconds since the Unix epoch), or why it proves
+    /// none (HTTP 401).
+    pub fn verify(&self, token: &str, now: u64) -> Result<Identity, Reject> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
             |e| match e.kind() {
-                ErrorKind::ExpiredSignature => refuse(401, "token expired"),
                 ErrorKind::InvalidSignature => refuse(401, "token signature does not verify"),
                 ErrorKind::InvalidAlgorithm => refuse(401, "token must be signed with HS256"),
                 _ => refuse(401, "malformed token"),
             },
         )?;
         let claims = data.claims;
+        if let Some(exp) = &claims.exp {
+            let exp = numeric_date(exp)
+                .ok_or(refuse(401, "malformed token: exp must be a NumericDate"))?;
+            if now as f64 >= exp {
+                return Err(refuse(401, "token expired"));
+            }
+        }
+        if let Some(nbf) = &claims.nbf {
+            let nbf = numeric_date(nbf)
+                .ok_or(refuse(401, "malformed token: nbf must be a NumericDate"))?;
+            if (now as f64) < nbf {
+                return Err(refuse(401, "token not valid yet"));
+            }
+        }
         let sub = claims
             .sub
             .filter(|s| !s.is_empty())
@@ -84,20 +111,30 @@ impl Verifier {
         })
     }
 
-    /// The connection's identity from its upgrade request.
-    pub fn identify(&self, upgrade: &Upgrade) -> Result<Identity, Reject> {
+    /// The connection's identity from its upgrade request, at `now` (Unix seconds).
+    pub fn identify(&self, upgrade: &Upgrade, now: u64) -> Result<Identity, Reject> {
         if let Some(token) = upgrade.token.as_deref() {
-            return self.verify(token);
+            return self.verify(token, now);
         }
         if let Some(encoded) = upgrade.protocol_token.as_deref() {
             let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
                 .decode(encoded.trim_end_matches('='))
                 .map_err(|_| refuse(401, "malformed token"))?;
             let token = std::str::from_utf8(&bytes).map_err(|_| refuse(401, "malformed token"))?;
-            return self.verify(token);
+            return self.verify(token, now);
         }
         Err(refuse(401, "missing token"))
     }
+}
+
+/// RFC 7519's NumericDate: seconds since the epoch, a non-negative number (fractions allowed).
+/// Anything else (a string, a boolean, null, a negative number, one past any real date such as
+/// 2^64) makes the token malformed rather than silently unlimited.
+fn numeric_date(v: &serde_json::Value) -> Option<f64> {
+    /// Year 10000: later dates are not dates a token means.
+    const LATEST: f64 = 253_402_300_800.0;
+    let n = v.as_f64()?;
+    (n.is_finite() && (0.0..LATEST).contains(&n)).then_some(n)
 }
 
 /// Development mode: `user_id` names the key, or a random one is made; nothing is verified.
@@ -146,7 +183,7 @@ mod tests {
             SECRET,
             json!({"sub": "alice", "exp": now() + 60, "topics": ["room:*"], "meta": {"role": "admin"}}),
         );
-        let id = v.verify(&t).unwrap();
+        let id = v.verify(&t, now()).unwrap();
         assert_eq!(id.key.as_str(), "alice");
         let g = id.grants.unwrap();
         assert!(g.allows("room:1") && !g.allows("doc:1"));
@@ -157,10 +194,13 @@ mod tests {
             SECRET,
             json!({"sub": "carol", "aud": "some-api"}),
         );
-        assert_eq!(v.verify(&t).unwrap().key.as_str(), "carol");
+        assert_eq!(v.verify(&t, now()).unwrap().key.as_str(), "carol");
         // No exp, no topics, no meta: fine.
         let id = v
-            .verify(&token(Algorithm::HS256, SECRET, json!({"sub": "bob"})))
+            .verify(
+                &token(Algorithm::HS256, SECRET, json!({"sub": "bob"})),
+                now(),
+            )
             .unwrap();
         assert_eq!(*id.grants.unwrap(), Grants::default());
     }
@@ -214,7 +254,61 @@ mod tests {
             ),
         ];
         for (t, want) in cases {
-            assert_eq!(reason(v.verify(&t)), want, "{t}");
+            assert_eq!(reason(v.verify(&t, now())), want, "{t}");
         }
+    }
+
+    #[test]
+    fn exp_and_nbf_must_be_numeric_dates() {
+        let v = Verifier::new(SECRET);
+        let with = |claims: serde_json::Value| {
+            reason(v.verify(&token(Algorithm::HS256, SECRET, claims), now()))
+        };
+        let bad_exp = "malformed token: exp must be a NumericDate";
+        // The JWT crate itself refuses some shapes (then the reason is plain "malformed token").
+        for exp in [
+            json!(-1),
+            json!("9999999999"),
+            json!(true),
+            json!(null),
+            json!([]),
+            json!({}),
+        ] {
+            let r = with(json!({"sub": "a", "exp": exp}));
+            assert!(r == bad_exp || r == "malformed token", "exp {exp}: {r}");
+        }
+        // 2^64 and 1e400 as written in the token, not as any Rust number holds them.
+        for exp in ["18446744073709551616", "1e400"] {
+            let claims = RawValue::from_string(format!(r#"{{"sub":"a","exp":{exp}}}"#)).unwrap();
+            let t = encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(SECRET),
+            )
+            .unwrap();
+            assert_ne!(reason(v.verify(&t, now())), "accepted", "exp {exp}");
+        }
+        let bad_nbf = "malformed token: nbf must be a NumericDate";
+        for nbf in [json!(-1), json!("0"), json!(false), json!(null), json!([1])] {
+            let r = with(json!({"sub": "a", "nbf": nbf}));
+            assert!(r == bad_nbf || r == "malformed token", "nbf {nbf}: {r}");
+        }
+        assert_eq!(
+            with(json!({"sub": "a", "exp": now() as f64 + 60.5})),
+            "accepted"
+        );
+        assert_eq!(with(json!({"sub": "a", "exp": now()})), "token expired");
+        assert_eq!(
+            with(json!({"sub": "a", "nbf": now() + 60})),
+            "token not valid yet"
+        );
+        assert_eq!(
+            with(json!({"sub": "a", "nbf": now() - 1, "exp": now() + 60})),
+            "accepted"
+        );
+        // The clock is an input: the same token is fine before its exp and expired after.
+        let t = token(Algorithm::HS256, SECRET, json!({"sub": "a", "exp": 1000}));
+        assert_eq!(reason(v.verify(&t, 999)), "accepted");
+        assert_eq!(reason(v.verify(&t, 1000)), "token expired");
     }
 }

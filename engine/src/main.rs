@@ -24,8 +24,8 @@ fn main() {
         )
         .init();
     if let Err(e) = start() {
+        // Once: the log goes to stderr already.
         tracing::error!("{e}");
-        eprintln!("roster: {e}");
         std::process::exit(1);
     }
 }
@@ -37,12 +37,24 @@ fn start() -> Result<(), String> {
         .map(|c| c.id)
         .collect();
     let config = ServerConfig::resolve(Cli::parse(), allowed.len().max(1) as u16)?;
-    raise_limits()?;
+    let open_files = raise_limits()?;
     // Pin only when every shard gets a core of its own (tests run more shards than cores).
     let cpus = (config.shards as usize <= allowed.len())
         .then(|| allowed[..config.shards as usize].to_vec());
+    let by_fds = open_files.saturating_sub(RESERVED_FDS);
+    let capacity = match config.max_connections as u64 {
+        0 => by_fds,
+        n => n.min(by_fds),
+    };
+    let mode = if config.secret.is_some() {
+        "tokens (HS256)"
+    } else {
+        "development (identities not verified)"
+    };
     tracing::info!(
-        listen = %config.listen,
+        url = %format!("ws://{}/socket", config.listen),
+        mode,
+        connection_capacity = capacity,
         shards = config.shards,
         pinned = cpus.is_some(),
         backlog = config.backlog,
@@ -62,15 +74,32 @@ fn start() -> Result<(), String> {
 }
 
 /// Raises the soft open-files and locked-memory limits to the hard ones and says what follows.
-fn raise_limits() -> Result<(), String> {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) => tracing::info!(
-            open_files = n,
-            connection_capacity = n.saturating_sub(RESERVED_FDS),
-            "open-files limit raised to the hard limit; raise the hard limit (LimitNOFILE, fs.nr_open) for more connections"
-        ),
-        Err(e) => tracing::warn!("cannot raise the open-files limit: {e}"),
-    }
+/// Returns the open-files limit in force.
+fn raise_limits() -> Result<u64, String> {
+    let (before, hard) = rlimit::Resource::NOFILE
+        .get()
+        .map_err(|e| format!("cannot read RLIMIT_NOFILE: {e}"))?;
+    let open_files = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if n > before => {
+            tracing::info!(
+                open_files = n,
+                from = before,
+                "open-files limit raised to the hard limit"
+            );
+            n
+        }
+        Ok(n) => {
+            tracing::info!(open_files = n, hard, "open-files limit already at the hard limit; raise the hard limit (LimitNOFILE, fs.nr_open) for more connections");
+            n
+        }
+        Err(e) => {
+            tracing::warn!(
+                open_files = before,
+                "cannot raise the open-files limit: {e}"
+            );
+            before
+        }
+    };
     let (soft, hard) = rlimit::Resource::MEMLOCK
         .get()
         .map_err(|e| format!("cannot read RLIMIT_MEMLOCK: {e}"))?;
@@ -85,5 +114,5 @@ fn raise_limits() -> Result<(), String> {
             "locked-memory limit is {soft} bytes; io_uring needs at least {MIN_MEMLOCK}. Raise it (ulimit -l, LimitMEMLOCK=) and start again"
         ));
     }
-    Ok(())
+    Ok(open_files)
 }

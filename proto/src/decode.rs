@@ -40,6 +40,8 @@ pub struct JoinRequest<'a> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PayloadError {
     MetaNotObject,
+    /// A meta a strict JSON decoder would refuse: a lone surrogate escape, a number past f64.
+    MetaInvalid,
     TrackNotBool,
     BadPresenceMode,
     UsersNotStrings,
@@ -52,6 +54,9 @@ impl PayloadError {
     pub fn reason(self) -> &'static str {
         match self {
             PayloadError::MetaNotObject => "meta must be an object",
+            PayloadError::MetaInvalid => {
+                "meta must be valid JSON: no lone surrogate escapes, numbers within range"
+            }
             PayloadError::TrackNotBool => "track must be a boolean",
             PayloadError::BadPresenceMode => "presence must be \"full\", \"count\" or \"none\"",
             PayloadError::UsersNotStrings => "users must be a list of strings",

@@ -23,13 +23,17 @@ impl<'a> ClientMeta<'a> {
         ClientMeta { raw: None }
     }
 
+    /// The meta is copied verbatim into every frame that shows it, so it must be JSON that any
+    /// standard decoder takes: serde_json's raw values only check its syntax, so a lone
+    /// surrogate escape (`"\ud800"`) or a number no f64 holds (`1e400`) would get through and make
+    /// strict clients drop whole frames.
     pub(crate) fn parse(raw: &'a RawValue) -> Result<Self, PayloadError> {
         let text = raw.get();
-        if text.starts_with('{') {
-            Ok(ClientMeta { raw: Some(text) })
-        } else {
-            Err(PayloadError::MetaNotObject)
+        if !text.starts_with('{') {
+            return Err(PayloadError::MetaNotObject);
         }
+        serde_json::from_str::<Strict>(text).map_err(|_| PayloadError::MetaInvalid)?;
+        Ok(ClientMeta { raw: Some(text) })
     }
 
     /// Parses a meta object from text (for server-side metas such as token claims).
@@ -116,9 +120,66 @@ impl<'a> ClientMeta<'a> {
             }
         }
         let mut de = serde_json::Deserializer::from_str(raw);
-        // `raw` was validated as a JSON object by serde_json when it was decoded, so this cannot
-        // fail; if it somehow did, the meta would simply lose its client fields.
+        // `raw` was decoded strictly by `parse` (every key unescaped), so this cannot fail.
         let _ = de::Deserializer::deserialize_map(&mut de, Fields(&mut f));
+    }
+}
+
+/// Any JSON value, decoded the way a strict decoder would (every string unescaped, every number
+/// read as a finite number) and then thrown away: only the verdict is kept.
+struct Strict;
+
+impl<'de> de::Deserialize<'de> for Strict {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Strict)
+    }
+}
+
+impl<'de> Visitor<'de> for Strict {
+    type Value = Strict;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Strict, E> {
+        if v.is_finite() {
+            Ok(Strict)
+        } else {
+            Err(E::custom("number out of range"))
+        }
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+
+    fn visit_unit<E>(self) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Strict, A::Error> {
+        while seq.next_element::<Strict>()?.is_some() {}
+        Ok(Strict)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Strict, A::Error> {
+        while map.next_key::<Strict>()?.is_some() {
+            map.next_value::<Strict>()?;
+        }
+        Ok(Strict)
     }
 }
 
@@ -295,6 +356,34 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["topic"], "room:\"1\"");
         assert_eq!(v["phx_ref"], PhxRef(5).to_string());
+    }
+
+    #[test]
+    fn metas_strict_decoders_refuse_are_refused() {
+        for bad in [
+            r#"{"a":"\ud800"}"#,
+            r#"{"\udc00":1,"b":2}"#,
+            r#"{"a":1e400}"#,
+            r#"{"a":[-1e309]}"#,
+            r#"{"a":{"b":"x\udfffy"}}"#,
+        ] {
+            assert_eq!(
+                ClientMeta::from_json(bad),
+                Err(PayloadError::MetaInvalid),
+                "{bad}"
+            );
+            // What the check stands for: serde_json itself refuses these.
+            assert!(
+                serde_json::from_str::<serde_json::Value>(bad).is_err(),
+                "{bad}"
+            );
+        }
+        for good in [
+            r#"{"a":"\ud83d\ude00","b":1e300,"c":-0.5,"d":null,"e":[true,{}],"\u00e9":18446744073709551615}"#,
+            r#"{}"#,
+        ] {
+            assert!(ClientMeta::from_json(good).is_ok(), "{good}");
+        }
     }
 
     #[test]

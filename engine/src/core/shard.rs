@@ -20,8 +20,8 @@ use crate::core::topic::Topic;
 use crate::core::user::Users;
 use crate::core::watch::{is_watch_topic, Watches};
 use crate::core::{
-    CloseCode, Config, ConnAddr, ConnId, Frame, Grants, JoinMsg, JoinedReply, MeshMsg, Meta,
-    Millis, TopicName, TopicView, Track, UserKey,
+    CloseCode, Config, ConnAddr, ConnId, Frame, Grants, JoinMsg, JoinedReply, Latency, MeshMsg,
+    Meta, Millis, TopicName, TopicView, Track, UserKey,
 };
 use crate::mesh::{Router, ShardId};
 
@@ -48,6 +48,9 @@ pub struct ShardStats {
     /// Held presences whose grace ended without a takeover.
     pub grace_expired: u64,
 }
+
+/// A join's `ref` and when it arrived (µs).
+type Awaiting = (Option<Box<str>>, u64);
 
 pub(crate) const REPLY_EMPTY: &[u8] = b"{}";
 
@@ -77,8 +80,14 @@ pub struct Shard {
     subs: LocalSubs,
     watches: Watches,
     pub(crate) names: Names,
-    /// `ref` of each phx_join still waiting for its owner, by (connection, join seq).
-    awaiting: HashMap<(ConnId, u32), Option<Box<str>>, RandomState>,
+    /// `ref` of each phx_join still waiting for its owner, by (connection, join seq), and when
+    /// it came (the driver's clock, for the join latency).
+    awaiting: HashMap<(ConnId, u32), Awaiting, RandomState>,
+    /// The driver's clock in microseconds, as of the last input; only times requests (nothing
+    /// the shard decides depends on it).
+    clock_us: u64,
+    /// From a phx_join's arrival to its reply, for joins answered so far.
+    join_latency: Latency,
     /// Slow consumers between [`Shard::resync`] and [`Shard::drained`]: the driver drops every
     /// diff for them, so subscriptions that start meanwhile wait for the drain too.
     resyncing: HashSet<ConnId, RandomState>,
@@ -117,6 +126,8 @@ impl Shard {
             subs: LocalSubs::default(),
             watches: Watches::default(),
             awaiting: HashMap::default(),
+            clock_us: 0,
+            join_latency: Latency::default(),
             resyncing: HashSet::default(),
             names: Names::default(),
             tx: Outbox::new(id),
@@ -271,6 +282,32 @@ impl Shard {
             }
         }
         self.drain_local();
+    }
+
+    /// The driver's clock, in microseconds, before an input: it times joins (see
+    /// [`Shard::join_latency`]) and nothing else.
+    pub fn set_clock_us(&mut self, now_us: u64) {
+        self.clock_us = self.clock_us.max(now_us);
+    }
+
+    /// How long joins took from their arrival to their reply, so far.
+    pub fn join_latency(&self) -> &Latency {
+        &self.join_latency
+    }
+
+    /// The `ref` of join `seq` of `conn`, which is being answered now; its latency is recorded.
+    fn answered(&mut self, conn: ConnId, seq: u32) -> Option<Option<Box<str>>> {
+        let (msg_ref, since) = self.awaiting.remove(&(conn, seq))?;
+        self.join_latency
+            .record(self.clock_us.saturating_sub(since));
+        Some(msg_ref)
+    }
+
+    /// Whether a join (or resync) of `conn` still waits for its owner's answer.
+    pub fn awaiting_reply(&self, conn: ConnId) -> bool {
+        self.conns
+            .get(&conn)
+            .is_some_and(|c| c.joins.iter().any(|j| j.awaiting_reply))
     }
 
     /// Error replies and closes this shard sent, by reason, since it started.
@@ -483,7 +520,8 @@ impl Shard {
             mode,
             track.map(|t| t.phx_ref),
         ));
-        self.awaiting.insert((conn, seq), r.map(Box::from));
+        self.awaiting
+            .insert((conn, seq), (r.map(Box::from), self.clock_us));
         seq
     }
 
@@ -554,7 +592,7 @@ impl Shard {
             joined.stale = true;
             self.watches.suspend_joining(conn, topic);
         }
-        let msg_ref = self.awaiting.remove(&(conn, seq)).flatten();
+        let msg_ref = self.answered(conn, seq).flatten();
         self.reply_ok(conn, jr.as_deref(), msg_ref.as_deref(), topic);
         if !resyncing {
             self.send_watch_state(conn, topic, jr.as_deref());
@@ -614,7 +652,7 @@ impl Shard {
     /// before it reads the next message, so the client would have had its ok by now: send it, so
     /// that no request goes unanswered. The state that would follow is moot.
     fn abandon_join(&mut self, conn: ConnId, joined: &Joined) {
-        if let Some(msg_ref) = self.awaiting.remove(&(conn, joined.seq)) {
+        if let Some((msg_ref, _)) = self.awaiting.remove(&(conn, joined.seq)) {
             let topic = joined.topic.as_str();
             self.reply_ok(conn, joined.join_ref(), msg_ref.as_deref(), topic);
         }
@@ -802,7 +840,7 @@ impl Shard {
             self.subs.add(&topic, conn, mode);
         }
         // A resync has no request to answer.
-        if let Some(msg_ref) = self.awaiting.remove(&(conn, seq)) {
+        if let Some(msg_ref) = self.answered(conn, seq) {
             self.reply_ok(conn, jr.as_deref(), msg_ref.as_deref(), topic.as_str());
         }
         if deferred {

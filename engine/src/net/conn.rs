@@ -55,6 +55,7 @@ pub async fn serve(rt: Rc<Runtime>, mut stream: TcpStream) {
             written: 0,
             big: None,
             closing: false,
+            read_closed: false,
             bucket: Bucket::full(rt.config.max_msgs_per_sec, rt.now_ms()),
             _ticket: ticket.map(Box::new),
         };
@@ -67,8 +68,26 @@ pub async fn serve(rt: Rc<Runtime>, mut stream: TcpStream) {
     poll_fn(|cx| c.poll(cx, &mut stream)).await;
     if c.closing {
         Box::pin(close_phase(&mut c, &mut stream)).await;
+    } else if c.read_closed {
+        Box::pin(half_closed_phase(&mut c, &mut stream)).await;
     }
     rt.closed(conn);
+}
+
+/// The client shut its side down (EOF) without a close frame. It may still be reading: what
+/// it asked for before (a join's reply, its state) is written out, bounded in time, and then
+/// the connection ends.
+async fn half_closed_phase(c: &mut Conn, stream: &mut TcpStream) {
+    let _ = glommio::timer::timeout(CLOSE_TIMEOUT, async {
+        poll_fn(|cx| match c.poll_outbound(cx, stream) {
+            Poll::Ready(Err(())) => Poll::Ready(()),
+            Poll::Ready(Ok(())) if c.closing || !c.rt.awaiting_reply(c.conn) => Poll::Ready(()),
+            _ => Poll::Pending,
+        })
+        .await;
+        Ok(())
+    })
+    .await;
 }
 
 async fn handshake_phase(rt: &Runtime, stream: &mut TcpStream) -> Option<Admitted> {
@@ -183,6 +202,8 @@ struct Conn {
     big: Option<Box<BigFrame>>,
     /// A close frame is queued: write it, then end.
     closing: bool,
+    /// The client sent EOF: nothing more to read, but it may still read what it is owed.
+    read_closed: bool,
     bucket: Bucket,
     /// Its place among the counted connections, given back when the task ends.
     _ticket: Option<Box<Ticket>>,
@@ -251,7 +272,11 @@ impl Conn {
             // until this poll returns.
             let mut scratch = rt.scratch.borrow_mut();
             match Pin::new(&mut *stream).poll_read(cx, &mut scratch) {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(0)) => {
+                    self.read_closed = true;
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
                 Poll::Ready(Ok(n)) => self.feed(&scratch[..n]),
                 Poll::Pending => return Poll::Pending,
             }
@@ -369,16 +394,20 @@ impl Conn {
                         "binary frames are not supported; send V2 JSON text frames",
                     )
                 }
+                // Answered (tungstenite queues the pong), rate-limited, but not activity: only
+                // text messages keep a connection past the heartbeat timeout, so a client that
+                // pings and never speaks V2 is still closed.
                 Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {
                     let per_sec = self.rt.config.max_msgs_per_sec;
                     if !self.bucket.take(per_sec, self.rt.now_ms()) {
                         return self.refuse(1008, "rate limit: too many messages per second");
                     }
-                    self.rt.touch(self.conn)
                 }
                 Ok(Message::Close(_)) => {
-                    // tungstenite has queued its close reply in wbuf. The presences leave now,
-                    // not after that reply has been written.
+                    // tungstenite has prepared its reply (the client's code echoed, or 1002 for
+                    // a code RFC 6455 does not allow); flushing puts it in wbuf. The presences
+                    // leave now, not after that reply has been written.
+                    let _ = self.ws.flush(&mut io);
                     self.rt.forget(self.conn);
                     self.closing = true;
                     return;

@@ -41,20 +41,38 @@ pub struct Reject {
     pub reason: &'static str,
 }
 
+/// The reason phrase of every status roster answers an upgrade with.
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
 impl Reject {
+    pub const fn new(status: u16, reason: &'static str) -> Reject {
+        Reject { status, reason }
+    }
+
     pub fn response(&self) -> Vec<u8> {
-        let text = match self.status {
-            400 => "Bad Request",
-            401 => "Unauthorized",
-            403 => "Forbidden",
-            404 => "Not Found",
-            405 => "Method Not Allowed",
-            431 => "Request Header Fields Too Large",
-            _ => "Error",
+        // RFC 6455 4.4: a server that does not speak the client's version says which it does.
+        let version = if self.reason == WRONG_VERSION {
+            "Sec-WebSocket-Version: 13\r\n"
+        } else {
+            ""
         };
         format!(
-            "HTTP/1.1 {} {text}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}\n",
+            "HTTP/1.1 {} {}\r\n{version}Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}\n",
             self.status,
+            reason_phrase(self.status),
             self.reason.len() + 1,
             self.reason
         )
@@ -62,8 +80,19 @@ impl Reject {
     }
 }
 
+const WRONG_VERSION: &str = "unsupported WebSocket version; 13 is required";
+
 fn reject(status: u16, reason: &'static str) -> Handshake {
     Handshake::Reject(Reject { status, reason })
+}
+
+/// RFC 6455 4.1: the key is 16 random bytes, base64-encoded (24 characters).
+fn valid_key(key: &str) -> bool {
+    use base64::Engine as _;
+    key.len() == 24
+        && base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .is_ok_and(|k| k.len() == 16)
 }
 
 /// Reads an upgrade request from `buf`; requests longer than `max` bytes are refused.
@@ -81,6 +110,10 @@ pub fn parse(buf: &[u8], max: usize) -> Handshake {
     };
     if req.method != Some("GET") {
         return reject(405, "only GET upgrades to a WebSocket");
+    }
+    // RFC 6455 4.1: the upgrade is an HTTP/1.1 (or later) request; httparse reads 1.0 and 1.1.
+    if req.version != Some(1) {
+        return reject(400, "HTTP/1.1 is required for a WebSocket upgrade");
     }
     let target = req.path.unwrap_or("");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
@@ -100,7 +133,7 @@ pub fn parse(buf: &[u8], max: usize) -> Handshake {
         return reject(400, "not a WebSocket upgrade");
     }
     if header("sec-websocket-version").map(str::trim) != Some("13") {
-        return reject(400, "unsupported WebSocket version; 13 is required");
+        return reject(400, WRONG_VERSION);
     }
     let Some(key) = header("sec-websocket-key")
         .map(str::trim)
@@ -108,8 +141,12 @@ pub fn parse(buf: &[u8], max: usize) -> Handshake {
     else {
         return reject(400, "missing Sec-WebSocket-Key");
     };
+    if !valid_key(key) {
+        return reject(400, "Sec-WebSocket-Key must be base64 of 16 bytes");
+    }
     let mut user_id = None;
     let mut token = None;
+    let mut vsn = false;
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
         match &*k {
             "vsn" if !v.starts_with("2.") => {
@@ -118,11 +155,19 @@ pub fn parse(buf: &[u8], max: usize) -> Handshake {
                     "unsupported vsn: roster speaks the Phoenix V2 serializer (vsn=2.0.0)",
                 )
             }
+            "vsn" => vsn = true,
             "user_id" if v.len() > MAX_USER_ID_BYTES => return reject(400, "user_id too long"),
             "user_id" => user_id = Some(v.into_owned()),
             "token" => token = Some(v.into_owned()),
             _ => {}
         }
+    }
+    // Phoenix reads a missing vsn as 1.0.0, the V1 serializer, which roster does not speak.
+    if !vsn {
+        return reject(
+            400,
+            "missing vsn: roster speaks the Phoenix V2 serializer (add vsn=2.0.0)",
+        );
     }
     let offered: Vec<&str> = header("sec-websocket-protocol")
         .map(|v| v.split(',').map(str::trim).collect())
@@ -239,5 +284,49 @@ mod tests {
         }
         .response();
         assert!(String::from_utf8(r).unwrap().ends_with("\r\n\r\nwhy\n"));
+    }
+
+    fn refusal(req: &str) -> String {
+        match parse(req.as_bytes(), 8192) {
+            Handshake::Reject(r) => String::from_utf8(r.response()).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn conformance_refusals() {
+        let good = "/socket/websocket?vsn=2.0.0";
+        for bad_key in [
+            "short",
+            "dGhlIHNhbXBsZSBub25jZQ",
+            "!!!!!!!!!!!!!!!!!!!!!!==",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ] {
+            let req = request(good, "").replace("dGhlIHNhbXBsZSBub25jZQ==", bad_key);
+            assert!(
+                refusal(&req).contains("Sec-WebSocket-Key must be base64 of 16 bytes"),
+                "{bad_key}"
+            );
+        }
+        let http10 = request(good, "").replace("HTTP/1.1", "HTTP/1.0");
+        assert!(refusal(&http10).starts_with("HTTP/1.1 400 Bad Request\r\n"));
+        assert!(refusal(&http10).contains("HTTP/1.1 is required"));
+        // Phoenix reads no vsn as 1.0.0 (V1), which roster does not speak.
+        assert!(refusal(&request("/socket/websocket?user_id=a", "")).contains("missing vsn"));
+        let v8 = request(good, "").replace("Version: 13", "Version: 8");
+        let text = refusal(&v8);
+        assert!(text.contains("\r\nSec-WebSocket-Version: 13\r\n"), "{text}");
+        assert!(!refusal(&http10).contains("Sec-WebSocket-Version"));
+        for (status, phrase) in [
+            (429, "Too Many Requests"),
+            (503, "Service Unavailable"),
+            (408, "Request Timeout"),
+        ] {
+            let r = String::from_utf8(Reject::new(status, "x").response()).unwrap();
+            assert!(
+                r.starts_with(&format!("HTTP/1.1 {status} {phrase}\r\n")),
+                "{r}"
+            );
+        }
     }
 }

@@ -73,6 +73,10 @@ pub fn run(launch: Launch) -> Result<(), String> {
             router: Router::new(config.shards),
             api_key: config.api_key.as_ref().map(|k| k.0.clone()),
         },
+        admin::Limits {
+            max_conns: config.admin_max_conns,
+            timeout: config.admin_timeout,
+        },
     )?;
     tracing::info!(%admin, "admin listening");
     let admission = Admission::new(

@@ -15,10 +15,10 @@ use slab::Slab;
 use smallvec::SmallVec;
 
 use crate::config::ServerConfig;
-use crate::core::{Config, ConnId, Frame, MeshMsg, Millis, Output, Shard};
+use crate::core::{Config, ConnId, Frame, Latency, MeshMsg, Millis, Output, Shard};
 use crate::identity::{self, Identity, Verifier};
 use crate::mesh::ShardId;
-use crate::net::admin::{Board, Figure, Query, ERRORS, REFUSALS};
+use crate::net::admin::{Board, Figure, LatencyOf, Query, ERRORS, REFUSALS};
 use crate::net::admission::Admission;
 use crate::net::handshake::{Reject, Upgrade};
 use crate::net::signal::Signal;
@@ -39,7 +39,10 @@ pub struct Slot {
     out: SmallVec<[Frame; 1]>,
     close: Option<Box<CloseReason>>,
     waker: Option<Waker>,
-    last_seen_ms: u64,
+    /// When the client last sent a text message (ms, wrapping: only differences are read).
+    last_seen_ms: u32,
+    /// When the oldest frame in `out` was queued (µs, wrapping), for the delivery latency.
+    queued_us: u32,
 }
 
 impl Slot {
@@ -118,6 +121,8 @@ pub struct Runtime {
     board: Arc<Board>,
     /// When the figures last went on the board (ms).
     published_ms: Cell<u64>,
+    /// How long frames waited in connections' queues before their task wrote them.
+    delivery: RefCell<Latency>,
 }
 
 /// What every shard's runtime shares with the others and the admin thread.
@@ -176,12 +181,24 @@ impl Runtime {
             admission: shared.admission,
             board: shared.board,
             published_ms: Cell::new(0),
+            delivery: RefCell::new(Latency::default()),
             config,
         })
     }
 
     pub fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// The core, its clock set to now (it times joins with it).
+    fn core(&self) -> std::cell::RefMut<'_, Shard> {
+        let mut core = self.core.borrow_mut();
+        core.set_clock_us(self.now_us());
+        core
     }
 
     /// A handshake completed: the connection gets an id and a heartbeat deadline.
@@ -195,7 +212,8 @@ impl Runtime {
             out_bytes: 0,
             close: None,
             waker: None,
-            last_seen_ms: now,
+            last_seen_ms: now as u32,
+            queued_us: 0,
         };
         let conn = ConnId(self.conns.borrow_mut().insert(slot) as u32);
         let timeout = self.config.heartbeat_timeout.as_millis() as u64;
@@ -213,7 +231,12 @@ impl Runtime {
     /// its `user_id`.
     pub fn identify(&self, upgrade: &Upgrade) -> Result<Identity, Reject> {
         match &self.verifier {
-            Some(v) => v.identify(upgrade),
+            Some(v) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                v.identify(upgrade, now)
+            }
             None => Ok(identity::unverified(upgrade)),
         }
     }
@@ -222,25 +245,18 @@ impl Runtime {
     pub fn client_frame(&self, conn: ConnId, bytes: &[u8]) {
         self.stats.messages_in.set(self.stats.messages_in.get() + 1);
         if let Some(slot) = self.conns.borrow_mut().get_mut(conn.0 as usize) {
-            slot.last_seen_ms = self.now_ms();
+            slot.last_seen_ms = self.now_ms() as u32;
         }
-        self.core.borrow_mut().frame(conn, bytes);
+        self.core().frame(conn, bytes);
         self.dispatch();
         self.flush.notify();
-    }
-
-    /// Any sign of life that is not a text message (ping, pong).
-    pub fn touch(&self, conn: ConnId) {
-        if let Some(slot) = self.conns.borrow_mut().get_mut(conn.0 as usize) {
-            slot.last_seen_ms = self.now_ms();
-        }
     }
 
     /// The connection's task is ending: its presences leave.
     pub fn closed(&self, conn: ConnId) {
         self.conns.borrow_mut().try_remove(conn.0 as usize);
         self.resyncing.borrow_mut().remove(&conn);
-        self.core.borrow_mut().close(conn);
+        self.core().close(conn);
         self.dispatch();
         self.flush.notify();
         if self.shutting_down.get() && self.conns.borrow().is_empty() {
@@ -248,10 +264,15 @@ impl Runtime {
         }
     }
 
+    /// Whether a join of `conn` still waits for its owner's reply.
+    pub fn awaiting_reply(&self, conn: ConnId) -> bool {
+        self.core.borrow().awaiting_reply(conn)
+    }
+
     /// The client is closing: the core forgets the connection (its presences leave) while its task
     /// finishes the close handshake.
     pub fn forget(&self, conn: ConnId) {
-        self.core.borrow_mut().close(conn);
+        self.core().close(conn);
         self.dispatch();
         self.flush.notify();
     }
@@ -264,14 +285,14 @@ impl Runtime {
             }
             slot.wake();
         }
-        self.core.borrow_mut().close(conn);
+        self.core().close(conn);
         self.dispatch();
         self.flush.notify();
     }
 
     pub fn mesh_in(&self, batch: Vec<MeshMsg>) {
         {
-            let mut core = self.core.borrow_mut();
+            let mut core = self.core();
             for msg in batch {
                 core.mesh(msg);
             }
@@ -282,14 +303,14 @@ impl Runtime {
 
     /// End of a batch: every topic's pending changes go out as one diff each.
     pub fn flush_core(&self) {
-        self.core.borrow_mut().flush();
+        self.core().flush();
         self.dispatch();
     }
 
     /// Periodic work: count pushes and heartbeat deadlines.
     pub fn tick(&self) {
         let now = self.now_ms();
-        self.core.borrow_mut().tick(Millis(now));
+        self.core().tick(Millis(now));
         self.answer_queries();
         if now.saturating_sub(self.published_ms.get()) >= PUBLISH_EVERY_MS {
             // Once a second: the core's figures walk its topic table.
@@ -311,7 +332,8 @@ impl Runtime {
                 else {
                     continue; // closed since
                 };
-                let deadline = slot.last_seen_ms + timeout;
+                let silent = (now as u32).wrapping_sub(slot.last_seen_ms) as u64;
+                let deadline = now + timeout.saturating_sub(silent);
                 // A connection we stopped reading (rings backed up) may well have sent its
                 // heartbeat: do not hold our own backpressure against it.
                 if deadline <= now && !paused.contains(&conn) {
@@ -366,6 +388,8 @@ impl Runtime {
         let core = self.core.borrow();
         let stats = core.stats();
         board.publish_core(&stats);
+        board.set_latency(LatencyOf::Join, core.join_latency());
+        board.set_latency(LatencyOf::Delivery, &self.delivery.borrow());
         let backlog: usize = self.peer_queues.iter().map(|q| q.borrow().len()).sum();
         let s = &self.stats;
         for (f, v) in [
@@ -405,8 +429,10 @@ impl Runtime {
     /// Carries out what the core asked for.
     fn dispatch(&self) {
         let mut slow = Vec::new();
+        // Read once, and only if a frame is queued.
+        let mut now_us = None;
         {
-            let mut core = self.core.borrow_mut();
+            let mut core = self.core();
             let mut conns = self.conns.borrow_mut();
             let mut resyncing = self.resyncing.borrow_mut();
             for o in core.outputs() {
@@ -442,6 +468,9 @@ impl Runtime {
                         }
                         slot.out_bytes =
                             (slot.out_bytes as usize + counted).min(u32::MAX as usize) as u32;
+                        if slot.out.is_empty() {
+                            slot.queued_us = *now_us.get_or_insert_with(|| self.now_us()) as u32;
+                        }
                         slot.out.push(frame);
                         self.stats.frames_out.set(self.stats.frames_out.get() + 1);
                         slot.wake();
@@ -467,7 +496,7 @@ impl Runtime {
             self.stats
                 .slow_resyncs
                 .set(self.stats.slow_resyncs.get() + slow.len() as u64);
-            let mut core = self.core.borrow_mut();
+            let mut core = self.core();
             for conn in slow {
                 core.resync(conn);
             }
@@ -485,7 +514,7 @@ impl Runtime {
                 return;
             }
         }
-        self.core.borrow_mut().drained(conn);
+        self.core().drained(conn);
         self.dispatch();
         self.flush.notify();
     }
@@ -552,6 +581,14 @@ impl Runtime {
             return (None, None);
         };
         slot.set_waker(waker);
+        if !slot.out.is_empty() {
+            let now = self.now_us() as u32;
+            self.delivery
+                .borrow_mut()
+                .record(now.wrapping_sub(slot.queued_us) as u64);
+            // What stays queued (behind a large frame) is timed from now.
+            slot.queued_us = now;
+        }
         let mut taken = 0;
         let mut large = None;
         for frame in slot.out.iter() {

@@ -1,0 +1,257 @@
+//! `/metrics`: every shard's published figures, the process's own figures and the build, in the
+//! OpenMetrics text format (prometheus-client), each series typed as what it is: counters as
+//! counters (`_total`), latencies as histograms.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::core::latency::BOUNDS_US;
+use crate::core::Latency;
+use crate::net::admin::board::{Board, FIGURES, LATENCIES, REASON_HELP};
+
+type Labels = Vec<(String, String)>;
+
+fn shard_label(s: usize) -> Labels {
+    vec![("shard".to_owned(), s.to_string())]
+}
+
+/// A label value in the text format: backslash, quote and newline escaped (reasons are
+/// PROTOCOL.md's texts, some of which quote).
+fn label_value(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// One latency histogram per shard, as the shards published them.
+#[derive(Debug)]
+struct Histograms(Vec<(Labels, Latency)>);
+
+impl EncodeMetric for Histograms {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for (labels, l) in &self.0 {
+            let mut cumulative = 0;
+            let mut buckets = Vec::with_capacity(BOUNDS_US.len() + 1);
+            for (i, n) in l.counts.iter().enumerate() {
+                cumulative += n;
+                // prometheus-client writes `le="+Inf"` for f64::MAX.
+                let bound = BOUNDS_US.get(i).map_or(f64::MAX, |us| *us as f64 / 1e6);
+                buckets.push((bound, cumulative));
+            }
+            encoder.encode_family(labels)?.encode_histogram::<Labels>(
+                l.sum_us as f64 / 1e6,
+                cumulative,
+                &buckets,
+                None,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// The whole exposition, built afresh for each scrape.
+pub fn render(board: &Board) -> String {
+    let mut registry = Registry::default();
+    for (i, (name, help, counter)) in FIGURES.iter().enumerate() {
+        if *counter {
+            let family = Family::<Labels, Counter>::default();
+            for (s, shard) in board.shards.iter().enumerate() {
+                family.get_or_create(&shard_label(s)).inc_by(shard.get(i));
+            }
+            // The encoder adds `_total`.
+            registry.register(*name, *help, family);
+        } else {
+            let family = Family::<Labels, Gauge>::default();
+            for (s, shard) in board.shards.iter().enumerate() {
+                family
+                    .get_or_create(&shard_label(s))
+                    .set(shard.get(i) as i64);
+            }
+            registry.register(*name, *help, family);
+        }
+    }
+    for (metric, help) in REASON_HELP {
+        let family = Family::<Labels, Counter>::default();
+        for (s, shard) in board.shards.iter().enumerate() {
+            let reasons = shard.reasons.lock().unwrap_or_else(|e| e.into_inner());
+            for (_, reason, n) in reasons.iter().filter(|(m, _, _)| *m == metric) {
+                let mut labels = shard_label(s);
+                labels.push(("reason".to_owned(), label_value(reason)));
+                family.get_or_create(&labels).inc_by(*n);
+            }
+        }
+        registry.register(format!("roster_{metric}"), help, family);
+    }
+    for (i, (name, help)) in LATENCIES.iter().enumerate() {
+        let per_shard = board
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(s, shard)| {
+                let l = shard.latencies.lock().unwrap_or_else(|e| e.into_inner())[i];
+                (shard_label(s), l)
+            })
+            .collect();
+        let name = name.trim_end_matches("_seconds");
+        registry.register_with_unit(name, *help, Unit::Seconds, Histograms(per_shard));
+    }
+    registry.register(
+        "roster_build",
+        "The running build",
+        Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+    );
+    process(&mut registry);
+    let mut out = String::new();
+    let _ = encode(&mut out, &registry);
+    out
+}
+
+/// The process's own figures, under the names Prometheus's client libraries use, read from
+/// /proc (Linux only, as roster is).
+fn process(registry: &mut Registry) {
+    let figures = ProcessFigures::read();
+    if let Some(cpu) = figures.cpu_seconds {
+        let c = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        c.inc_by(cpu);
+        registry.register_with_unit(
+            "process_cpu",
+            "User and system CPU time spent",
+            Unit::Seconds,
+            c,
+        );
+    }
+    let gauge = |registry: &mut Registry, name: &str, help: &str, unit: Option<Unit>, v: i64| {
+        let g = Gauge::<i64>::default();
+        g.set(v);
+        match unit {
+            Some(u) => registry.register_with_unit(name, help, u, g),
+            None => registry.register(name, help, g),
+        }
+    };
+    if let Some(rss) = figures.resident_bytes {
+        gauge(
+            registry,
+            "process_resident_memory",
+            "Resident memory size",
+            Some(Unit::Bytes),
+            rss,
+        );
+    }
+    if let Some(vm) = figures.virtual_bytes {
+        gauge(
+            registry,
+            "process_virtual_memory",
+            "Virtual memory size",
+            Some(Unit::Bytes),
+            vm,
+        );
+    }
+    if let Some(n) = figures.open_fds {
+        gauge(
+            registry,
+            "process_open_fds",
+            "Open file descriptors",
+            None,
+            n,
+        );
+    }
+    if let Some(n) = figures.max_fds {
+        gauge(
+            registry,
+            "process_max_fds",
+            "Limit on open file descriptors",
+            None,
+            n,
+        );
+    }
+    if let Some(t) = figures.start_time {
+        gauge(
+            registry,
+            "process_start_time",
+            "Start time of the process since the Unix epoch",
+            Some(Unit::Seconds),
+            t,
+        );
+    }
+    gauge(
+        registry,
+        "roster_heap",
+        "Heap bytes in use (glibc mallinfo2: allocated chunks, mmapped ones included)",
+        Some(Unit::Bytes),
+        heap_bytes() as i64,
+    );
+}
+
+/// Bytes the allocator has handed out and not had back, over all arenas. Unlike the resident
+/// size, it drops as soon as memory is freed, whether or not malloc gave it back to the system.
+pub fn heap_bytes() -> usize {
+    // SAFETY: mallinfo2 has no preconditions; it only reads the allocator's statistics.
+    let info = unsafe { libc::mallinfo2() };
+    info.uordblks + info.hblkhd
+}
+
+#[derive(Default)]
+struct ProcessFigures {
+    cpu_seconds: Option<f64>,
+    resident_bytes: Option<i64>,
+    virtual_bytes: Option<i64>,
+    open_fds: Option<i64>,
+    max_fds: Option<i64>,
+    start_time: Option<i64>,
+}
+
+impl ProcessFigures {
+    fn read() -> ProcessFigures {
+        // SAFETY: sysconf has no preconditions.
+        let (tick, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        let mut f = ProcessFigures::default();
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            // The command name (field 2) may hold spaces; fields after it are plain numbers.
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+            // Fields 14, 15 (utime, stime) and 22 (starttime), counted from 1 with the pid and
+            // the name as fields 1 and 2: here indices 11, 12 and 19.
+            let num = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+            if let (Some(u), Some(s)) = (num(11), num(12)) {
+                f.cpu_seconds = Some((u + s) as f64 / tick.max(1) as f64);
+            }
+            let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("btime "))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            });
+            if let (Some(start), Some(boot)) = (num(19), boot) {
+                f.start_time = Some((boot + start / tick.max(1) as u64) as i64);
+            }
+        }
+        if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
+            let mut pages = statm.split_whitespace().map(|v| v.parse::<i64>().ok());
+            f.virtual_bytes = pages.next().flatten().map(|p| p * page);
+            f.resident_bytes = pages.next().flatten().map(|p| p * page);
+        }
+        f.open_fds = std::fs::read_dir("/proc/self/fd")
+            .ok()
+            .map(|d| d.count() as i64);
+        f.max_fds = rlimit::Resource::NOFILE
+            .get()
+            .ok()
+            .map(|(soft, _)| soft.min(i64::MAX as u64) as i64);
+        f
+    }
+}
