@@ -6,6 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The metrics test checks /metrics with the Prometheus project's strict OpenMetrics parser.
+python3 -c 'import prometheus_client' 2>/dev/null ||
+  python3 -m pip install --quiet --disable-pip-version-check prometheus-client
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 log=$(mktemp)

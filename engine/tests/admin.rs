@@ -3,38 +3,15 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use common::http::{free_port, get};
 use common::server::{Client, Server};
 use serde_json::{json, Value};
 
 const KEY: &str = "admin-test-key";
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-}
-
-/// `GET path` → (status, body).
-fn get(admin: SocketAddr, path: &str, key: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect(admin).expect("admin listener");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let auth = key
-        .map(|k| format!("Authorization: Bearer {k}\r\n"))
-        .unwrap_or_default();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
 
 /// Sum over shards of a metric's samples.
 fn metric(admin: SocketAddr, name: &str) -> u64 {

@@ -19,10 +19,11 @@ use crate::identity::Identity;
 use crate::net::admission::Ticket;
 use crate::net::handshake::{self, Handshake, Reject};
 use crate::net::runtime::{CloseReason, Runtime, Stats};
-use crate::net::ws::{self, Io};
+use crate::net::ws::{self, FrameCursor, Io};
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_REQUEST_BYTES: usize = 8 << 10;
+/// A refused connection's request is read (so closing does not reset the refusal away) for at
+/// most this long before the refusal is written.
+const REFUSAL_READ: Duration = Duration::from_millis(20);
 /// Read bursts handled before yielding to other tasks of the shard.
 const BURSTS_PER_POLL: usize = 16;
 /// After a close frame is queued, how long to wait for it to be written.
@@ -56,6 +57,8 @@ pub async fn serve(rt: Rc<Runtime>, mut stream: TcpStream) {
             big: None,
             closing: false,
             read_closed: false,
+            cursor: FrameCursor::default(),
+            partial: false,
             bucket: Bucket::full(rt.config.max_msgs_per_sec, rt.now_ms()),
             _ticket: ticket.map(Box::new),
         };
@@ -90,12 +93,41 @@ async fn half_closed_phase(c: &mut Conn, stream: &mut TcpStream) {
     .await;
 }
 
+/// Takes the connection's place among the counted ones, then reads and answers its upgrade
+/// request within the handshake deadline (else 408).
 async fn handshake_phase(rt: &Runtime, stream: &mut TcpStream) -> Option<Admitted> {
     let _ = stream.set_nodelay(true);
-    glommio::timer::timeout(HANDSHAKE_TIMEOUT, async { Ok(upgrade(rt, stream).await) })
-        .await
-        .ok()
-        .flatten()
+    let ip = stream.peer_addr().ok()?.ip();
+    let mut ticket = match rt.admission.admit(ip) {
+        Ok(t) => t,
+        Err(r) => {
+            // Not read yet: take what has arrived, so that closing does not reset the answer.
+            let mut sink = [0u8; 1024];
+            let _ = glommio::timer::timeout(REFUSAL_READ, async {
+                let _ = stream.read(&mut sink).await;
+                Ok(())
+            })
+            .await;
+            return refuse(rt, stream, r).await;
+        }
+    };
+    let upgraded = glommio::timer::timeout(rt.config.handshake_timeout, async {
+        Ok(upgrade(rt, stream).await)
+    })
+    .await;
+    match upgraded {
+        Ok(Some((identity, leftover))) => {
+            if let Some(t) = ticket.as_mut() {
+                t.upgraded();
+            }
+            Some((identity, ticket, leftover))
+        }
+        Ok(None) => None,
+        Err(_) => {
+            let late = Reject::new(408, "upgrade request not received in time");
+            refuse(rt, stream, late).await
+        }
+    }
 }
 
 /// Gives the close frame (and what was queued before it) a bounded time to leave.
@@ -121,9 +153,9 @@ async fn close_phase(c: &mut Conn, stream: &mut TcpStream) {
 /// its upgrade request.
 type Admitted = (Identity, Option<Ticket>, Vec<u8>);
 
-/// Reads the HTTP upgrade request and answers it: origin, identity and connection limits are
-/// checked before the 101. None when the request was refused or the peer went away.
-async fn upgrade(rt: &Runtime, stream: &mut TcpStream) -> Option<Admitted> {
+/// Reads the HTTP upgrade request and answers it: origin and identity are checked before the
+/// 101. None when the request was refused or the peer went away.
+async fn upgrade(rt: &Runtime, stream: &mut TcpStream) -> Option<(Identity, Vec<u8>)> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     loop {
@@ -132,25 +164,21 @@ async fn upgrade(rt: &Runtime, stream: &mut TcpStream) -> Option<Admitted> {
             return None;
         }
         buf.extend_from_slice(&chunk[..n]);
-        match handshake::parse(&buf, MAX_REQUEST_BYTES) {
+        match handshake::parse(&buf, rt.config.max_request_bytes) {
             Handshake::Incomplete => continue,
             Handshake::Reject(r) => return refuse(rt, stream, r).await,
             Handshake::Accept(u) => {
-                let ip = stream.peer_addr().ok()?.ip();
                 let admitted = rt
                     .admission
                     .check_origin(u.origin.as_deref())
-                    .and_then(|()| {
-                        let identity = rt.identify(&u)?;
-                        Ok((identity, rt.admission.admit(ip)?))
-                    });
-                let (identity, ticket) = match admitted {
-                    Ok(a) => a,
+                    .and_then(|()| rt.identify(&u));
+                let identity = match admitted {
+                    Ok(identity) => identity,
                     Err(r) => return refuse(rt, stream, r).await,
                 };
                 stream.write_all(&u.response).await.ok()?;
                 let leftover = buf.split_off(u.consumed);
-                return Some((identity, ticket, leftover));
+                return Some((identity, leftover));
             }
         }
     }
@@ -177,7 +205,13 @@ fn write_from(
 async fn refuse<T>(rt: &Runtime, stream: &mut TcpStream, r: Reject) -> Option<T> {
     tracing::debug!(status = r.status, reason = r.reason, "handshake refused");
     Stats::count(&rt.stats.refusals, r.reason);
-    let _ = stream.write_all(&r.response()).await;
+    // A client that does not read cannot hold the connection open: the refusal is small, and
+    // gets a bounded time to leave.
+    let _ = glommio::timer::timeout(CLOSE_TIMEOUT, async {
+        let _ = stream.write_all(&r.response()).await;
+        Ok(())
+    })
+    .await;
     let _ = stream.close().await;
     None
 }
@@ -204,6 +238,10 @@ struct Conn {
     closing: bool,
     /// The client sent EOF: nothing more to read, but it may still read what it is owed.
     read_closed: bool,
+    /// Frame boundaries in what the client sent, to know when tungstenite holds nothing.
+    cursor: FrameCursor,
+    /// A message is partly received (its deadline runs in the runtime).
+    partial: bool,
     bucket: Bucket,
     /// Its place among the counted connections, given back when the task ends.
     _ticket: Option<Box<Ticket>>,
@@ -375,6 +413,7 @@ impl Conn {
 
     /// Hands received bytes to tungstenite and every complete text message to the core.
     fn feed(&mut self, bytes: &[u8]) {
+        self.cursor.advance(bytes);
         let mut io = Io {
             input: bytes,
             output: &mut self.wbuf,
@@ -412,7 +451,7 @@ impl Conn {
                     self.closing = true;
                     return;
                 }
-                Err(WsError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(WsError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(WsError::Capacity(_)) => return self.refuse(1009, "frame too large"),
                 Err(WsError::Utf8(_)) => return self.refuse(1007, "text frame is not valid UTF-8"),
                 Err(WsError::Protocol(e)) => {
@@ -424,6 +463,22 @@ impl Conn {
                 }
                 Err(e) => return self.refuse(1011, format!("error: {e}")),
             }
+        }
+        // Every byte is in tungstenite now.
+        if self.cursor.idle() {
+            if std::mem::take(&mut self.cursor.grew) {
+                // It holds nothing but buffers grown for a large frame or a fragmented message:
+                // a fresh context is the same protocol state at its idle size.
+                self.ws = WebSocketContext::new(
+                    Role::Server,
+                    Some(ws::config(self.rt.config.max_frame_bytes)),
+                );
+            }
+            if std::mem::take(&mut self.partial) {
+                self.rt.message_done(self.conn);
+            }
+        } else if !std::mem::replace(&mut self.partial, true) {
+            self.rt.message_started(self.conn);
         }
     }
 

@@ -80,8 +80,12 @@ pub fn run(launch: Launch) -> Result<(), String> {
     )?;
     tracing::info!(%admin, "admin listening");
     let admission = Admission::new(
-        config.max_connections,
-        config.max_conns_per_ip,
+        admission::Limits {
+            max_total: config.max_connections,
+            max_per_ip: config.max_conns_per_ip,
+            max_handshakes: config.max_handshakes,
+            max_handshakes_per_ip: config.max_handshakes_per_ip,
+        },
         config.allowed_origins.clone(),
     );
     let mut handles = Vec::new();

@@ -101,6 +101,9 @@ pub struct Runtime {
     /// Slow consumers that lost diffs, with when (ms): they get fresh states once drained, or
     /// are closed if that takes longer than the slow-consumer timeout.
     resyncing: RefCell<HashMap<ConnId, u64>>,
+    /// Connections with a message partly received, with since when (ms): it must be complete
+    /// within the message timeout.
+    partial: RefCell<HashMap<ConnId, u64>>,
     pub flush: Signal,
     wheel: RefCell<Wheel<(ConnId, u32)>>,
     epoch: Instant,
@@ -168,6 +171,7 @@ impl Runtime {
             peer_signals: (0..n).map(|_| Signal::default()).collect(),
             paused: RefCell::new(HashSet::new()),
             resyncing: RefCell::new(HashMap::new()),
+            partial: RefCell::new(HashMap::new()),
             flush: Signal::default(),
             wheel: RefCell::new(Wheel::new(slots.min(4096), WHEEL_GRANULARITY_MS, 0)),
             epoch: Instant::now(),
@@ -256,12 +260,23 @@ impl Runtime {
     pub fn closed(&self, conn: ConnId) {
         self.conns.borrow_mut().try_remove(conn.0 as usize);
         self.resyncing.borrow_mut().remove(&conn);
+        self.partial.borrow_mut().remove(&conn);
         self.core().close(conn);
         self.dispatch();
         self.flush.notify();
         if self.shutting_down.get() && self.conns.borrow().is_empty() {
             self.drained.notify();
         }
+    }
+
+    /// The first bytes of a message from `conn` have come, not all of it.
+    pub fn message_started(&self, conn: ConnId) {
+        self.partial.borrow_mut().insert(conn, self.now_ms());
+    }
+
+    /// The message `conn` had begun is complete (or the connection holds none).
+    pub fn message_done(&self, conn: ConnId) {
+        self.partial.borrow_mut().remove(&conn);
     }
 
     /// Whether a join of `conn` still waits for its owner's reply.
@@ -361,6 +376,19 @@ impl Runtime {
             self.resyncing.borrow_mut().remove(&conn);
             self.stats.slow_closes.set(self.stats.slow_closes.get() + 1);
             self.close(conn, 1008, "slow consumer: not reading");
+        }
+        let message_timeout = self.config.message_timeout.as_millis() as u64;
+        let unfinished: Vec<ConnId> = self
+            .partial
+            .borrow()
+            .iter()
+            .filter(|(_, since)| now.saturating_sub(**since) >= message_timeout)
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in unfinished {
+            self.partial.borrow_mut().remove(&conn);
+            Stats::count(&self.stats.closes, "message timeout");
+            self.close(conn, 1008, "message not completed in time");
         }
         self.dispatch();
     }

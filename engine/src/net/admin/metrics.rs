@@ -36,17 +36,20 @@ struct Histograms(Vec<(Labels, Latency)>);
 impl EncodeMetric for Histograms {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
         for (labels, l) in &self.0 {
-            let mut cumulative = 0;
-            let mut buckets = Vec::with_capacity(BOUNDS_US.len() + 1);
-            for (i, n) in l.counts.iter().enumerate() {
-                cumulative += n;
-                // prometheus-client writes `le="+Inf"` for f64::MAX.
-                let bound = BOUNDS_US.get(i).map_or(f64::MAX, |us| *us as f64 / 1e6);
-                buckets.push((bound, cumulative));
-            }
+            // Counts per bucket, not cumulative: the encoder accumulates them.
+            let buckets: Vec<(f64, u64)> = l
+                .counts
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    // prometheus-client writes `le="+Inf"` for f64::MAX.
+                    let bound = BOUNDS_US.get(i).map_or(f64::MAX, |us| *us as f64 / 1e6);
+                    (bound, *n)
+                })
+                .collect();
             encoder.encode_family(labels)?.encode_histogram::<Labels>(
                 l.sum_us as f64 / 1e6,
-                cumulative,
+                l.count(),
                 &buckets,
                 None,
             )?;
