@@ -780,7 +780,8 @@ fn idle_memory(c: Common, frame_bytes: usize, settle_s: u64) -> Result<(), Strin
                         Some(f) if f[3] == "phx_reply" => break,
                         Some(_) => continue,
                         None => {
-                            part.borrow_mut().error("closed after the large frame".into());
+                            part.borrow_mut()
+                                .error("closed after the large frame".into());
                             break;
                         }
                     }
@@ -793,7 +794,9 @@ fn idle_memory(c: Common, frame_bytes: usize, settle_s: u64) -> Result<(), Strin
             println!("idle-memory: {connected} of {n} clients connected; one {frame_bytes}-byte frame each");
             p.print_errors();
             let per = |rss: Option<usize>| {
-                rss.map_or(-1.0, |r| r.saturating_sub(base) as f64 / connected.max(1) as f64)
+                rss.map_or(-1.0, |r| {
+                    r.saturating_sub(base) as f64 / connected.max(1) as f64
+                })
             };
             println!(
                 "  server RSS per connection: idle {:.0} bytes, idle after the burst {:.0} bytes",
