@@ -63,6 +63,12 @@ impl Admission {
         })
     }
 
+    /// Whether finished upgrades are counted at all (a connection limit is set); if not, a
+    /// connection needs its ticket only while it upgrades.
+    pub fn counts_connections(&self) -> bool {
+        self.limits.max_total > 0 || self.per_ip_counted()
+    }
+
     fn per_ip_counted(&self) -> bool {
         self.limits.max_per_ip > 0 || self.limits.max_handshakes_per_ip > 0
     }

@@ -120,6 +120,10 @@ async fn handshake_phase(rt: &Runtime, stream: &mut TcpStream) -> Option<Admitte
             if let Some(t) = ticket.as_mut() {
                 t.upgraded();
             }
+            if !rt.admission.counts_connections() {
+                // Only upgrades in progress are bounded: nothing to keep per connection.
+                ticket = None;
+            }
             Some((identity, ticket, leftover))
         }
         Ok(None) => None,

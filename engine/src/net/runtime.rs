@@ -460,7 +460,7 @@ impl Runtime {
         // Read once, and only if a frame is queued.
         let mut now_us = None;
         {
-            let mut core = self.core();
+            let mut core = self.core.borrow_mut();
             let mut conns = self.conns.borrow_mut();
             let mut resyncing = self.resyncing.borrow_mut();
             for o in core.outputs() {

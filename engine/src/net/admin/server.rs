@@ -23,6 +23,8 @@ pub const MAX_REQUEST_BYTES: usize = 16 << 10;
 const LISTENER: Token = Token(usize::MAX);
 /// Out of descriptors: how long accept waits before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Any other accept error: how long accept waits.
+const ERROR_BACKOFF: Duration = Duration::from_millis(10);
 /// While a shard's answer is awaited, how often the loop looks for it.
 const ANSWER_POLL: Duration = Duration::from_millis(5);
 
@@ -160,8 +162,17 @@ impl Server {
                     self.accept_after = Some(Instant::now() + ACCEPT_BACKOFF);
                     return;
                 }
-                // A connection that went away before it was accepted, and the like.
-                Err(_) => continue,
+                // A connection that went away before it was accepted: the next one may be fine.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
+                // Anything else (no buffers, no memory) may last: retry shortly, never spin.
+                Err(e) => {
+                    if self.last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                        tracing::warn!("admin listener: accept failed: {e}");
+                        self.last_warning = Some(Instant::now());
+                    }
+                    self.accept_after = Some(Instant::now() + ERROR_BACKOFF);
+                    return;
+                }
             }
         }
     }
