@@ -41,9 +41,10 @@ pub struct Reject {
     pub reason: &'static str,
 }
 
-/// The reason phrase of every status roster answers an upgrade with.
+/// The reason phrase of every status roster answers with (upgrades and the admin listener).
 pub fn reason_phrase(status: u16) -> &'static str {
     match status {
+        200 => "OK",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",

@@ -12,6 +12,7 @@ use roster_proto::meta::write_json_str;
 use crate::core::{Meta, TopicName, TopicView};
 use crate::net::admin::board::Query;
 use crate::net::admin::{metrics, Admin};
+use crate::net::handshake::reason_phrase;
 
 /// How long a shard gets to answer an API query before the client gets 503.
 pub const SHARD_WAIT: Duration = Duration::from_secs(2);
@@ -32,16 +33,7 @@ impl Response {
     }
 
     pub fn bytes(&self) -> Vec<u8> {
-        let reason = match self.status {
-            200 => "OK",
-            400 => "Bad Request",
-            401 => "Unauthorized",
-            404 => "Not Found",
-            405 => "Method Not Allowed",
-            408 => "Request Timeout",
-            431 => "Request Header Fields Too Large",
-            _ => "Service Unavailable",
-        };
+        let reason = reason_phrase(self.status);
         let mut out = format!(
             "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             self.status,

@@ -166,7 +166,10 @@ impl Server {
                 Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
                 // Anything else (no buffers, no memory) may last: retry shortly, never spin.
                 Err(e) => {
-                    if self.last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                    if self
+                        .last_warning
+                        .is_none_or(|t| t.elapsed() > Duration::from_secs(5))
+                    {
                         tracing::warn!("admin listener: accept failed: {e}");
                         self.last_warning = Some(Instant::now());
                     }
