@@ -365,26 +365,14 @@ impl Runtime {
             self.close(conn, 1000, "heartbeat timeout");
         }
         let stuck_after = self.config.slow_consumer_timeout.as_millis() as u64;
-        let stuck: Vec<ConnId> = self
-            .resyncing
-            .borrow()
-            .iter()
-            .filter(|(_, since)| now.saturating_sub(**since) >= stuck_after)
-            .map(|(c, _)| *c)
-            .collect();
+        let stuck = overdue(&self.resyncing, now, stuck_after);
         for conn in stuck {
             self.resyncing.borrow_mut().remove(&conn);
             self.stats.slow_closes.set(self.stats.slow_closes.get() + 1);
             self.close(conn, 1008, "slow consumer: not reading");
         }
         let message_timeout = self.config.message_timeout.as_millis() as u64;
-        let unfinished: Vec<ConnId> = self
-            .partial
-            .borrow()
-            .iter()
-            .filter(|(_, since)| now.saturating_sub(**since) >= message_timeout)
-            .map(|(c, _)| *c)
-            .collect();
+        let unfinished = overdue(&self.partial, now, message_timeout);
         for conn in unfinished {
             self.partial.borrow_mut().remove(&conn);
             Stats::count(&self.stats.closes, "message timeout");
@@ -644,6 +632,16 @@ impl Runtime {
         }
         (slot.close.take().map(|b| *b), None)
     }
+}
+
+/// The connections in `since` (connection -> since when, ms) for `after` ms or more at `now`.
+fn overdue(since: &RefCell<HashMap<ConnId, u64>>, now: u64, after: u64) -> Vec<ConnId> {
+    since
+        .borrow()
+        .iter()
+        .filter(|(_, t)| now.saturating_sub(**t) >= after)
+        .map(|(c, _)| *c)
+        .collect()
 }
 
 /// Bytes of queued `frames` that count toward max_outbound_bytes. Only on overflow, so the
