@@ -133,66 +133,54 @@ fn process(registry: &mut Registry) {
             c,
         );
     }
-    let gauge = |registry: &mut Registry, name: &str, help: &str, unit: Option<Unit>, v: i64| {
+    let gauges = [
+        (
+            "process_resident_memory",
+            "Resident memory size",
+            Some(Unit::Bytes),
+            figures.resident_bytes,
+        ),
+        (
+            "process_virtual_memory",
+            "Virtual memory size",
+            Some(Unit::Bytes),
+            figures.virtual_bytes,
+        ),
+        (
+            "process_open_fds",
+            "Open file descriptors",
+            None,
+            figures.open_fds,
+        ),
+        (
+            "process_max_fds",
+            "Limit on open file descriptors",
+            None,
+            figures.max_fds,
+        ),
+        (
+            "process_start_time",
+            "Start time of the process since the Unix epoch",
+            Some(Unit::Seconds),
+            figures.start_time,
+        ),
+        (
+            "roster_heap",
+            "Heap bytes in use (glibc mallinfo2: allocated chunks, mmapped ones included)",
+            Some(Unit::Bytes),
+            Some(heap_bytes() as i64),
+        ),
+    ];
+    // A figure /proc would not give is left out rather than reported as 0.
+    for (name, help, unit, value) in gauges {
+        let Some(v) = value else { continue };
         let g = Gauge::<i64>::default();
         g.set(v);
         match unit {
             Some(u) => registry.register_with_unit(name, help, u, g),
             None => registry.register(name, help, g),
         }
-    };
-    if let Some(rss) = figures.resident_bytes {
-        gauge(
-            registry,
-            "process_resident_memory",
-            "Resident memory size",
-            Some(Unit::Bytes),
-            rss,
-        );
     }
-    if let Some(vm) = figures.virtual_bytes {
-        gauge(
-            registry,
-            "process_virtual_memory",
-            "Virtual memory size",
-            Some(Unit::Bytes),
-            vm,
-        );
-    }
-    if let Some(n) = figures.open_fds {
-        gauge(
-            registry,
-            "process_open_fds",
-            "Open file descriptors",
-            None,
-            n,
-        );
-    }
-    if let Some(n) = figures.max_fds {
-        gauge(
-            registry,
-            "process_max_fds",
-            "Limit on open file descriptors",
-            None,
-            n,
-        );
-    }
-    if let Some(t) = figures.start_time {
-        gauge(
-            registry,
-            "process_start_time",
-            "Start time of the process since the Unix epoch",
-            Some(Unit::Seconds),
-            t,
-        );
-    }
-    gauge(
-        registry,
-        "roster_heap",
-        "Heap bytes in use (glibc mallinfo2: allocated chunks, mmapped ones included)",
-        Some(Unit::Bytes),
-        heap_bytes() as i64,
-    );
 }
 
 /// Bytes the allocator has handed out and not had back, over all arenas. Unlike the resident
