@@ -153,24 +153,22 @@ fn unfinished_upgrades_count_and_are_bounded() {
         "300 silent sockets from one address hold {} descriptors",
         fds - base
     );
-    // The refused ones were told why.
-    let mut refused = 0;
-    for h in held.iter_mut().skip(20).take(50) {
-        h.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let text = read_all(h);
+    // The refused ones were told why; the ten admitted (which ten depends on how the shards
+    // took them from their queues) still wait.
+    let (waiting, refused) = split_by_answer(&mut held);
+    assert_eq!((waiting.len(), refused.len()), (10, 290));
+    for text in &refused {
         assert!(
             text.starts_with("HTTP/1.1 429 Too Many Requests\r\n"),
             "{text:?}"
         );
         assert!(text.contains("too many connections from this address"));
-        refused += 1;
     }
-    assert_eq!(refused, 50);
     // An honest client from elsewhere gets in while the attacker's ten wait.
     let honest = Client::with_request(from([127, 0, 0, 3], s.addr), s.addr, "user_id=ok", &[]);
     assert!(honest.is_ok(), "{:?}", honest.err());
     // The silent ten get 408 at the handshake deadline.
-    let first = &mut held[0];
+    let first = &mut held[waiting[0]];
     first
         .set_read_timeout(Some(Duration::from_secs(4)))
         .unwrap();
@@ -180,6 +178,25 @@ fn unfinished_upgrades_count_and_are_bounded() {
         "{text:?}"
     );
     assert!(text.contains("upgrade request not received in time"));
+}
+
+/// Which sockets have been answered (their answer, read whole) and which still wait (indices).
+fn split_by_answer(sockets: &mut [TcpStream]) -> (Vec<usize>, Vec<String>) {
+    let (mut waiting, mut answered) = (Vec::new(), Vec::new());
+    for (i, s) in sockets.iter_mut().enumerate() {
+        s.set_nonblocking(true).unwrap();
+        let mut first = [0u8; 1];
+        let got = s.peek(&mut first);
+        s.set_nonblocking(false).unwrap();
+        match got {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => waiting.push(i),
+            _ => {
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                answered.push(read_all(s));
+            }
+        }
+    }
+    (waiting, answered)
 }
 
 #[test]
@@ -204,24 +221,24 @@ fn upgrades_in_progress_are_bounded_in_total_and_per_address() {
     std::thread::sleep(Duration::from_millis(500));
     let fds = open_fds(s.pid());
     assert!(fds <= base + 45, "{} descriptors held", fds - base);
-    let mut statuses = std::collections::BTreeMap::new();
-    for h in held.iter_mut() {
-        h.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        let text = read_all(h);
-        *statuses.entry(http::status(&text)).or_insert(0) += 1;
+    let (waiting, answered) = split_by_answer(&mut held);
+    // 40 wait, at most 15 of them from any one address (30 sockets each, in order).
+    assert_eq!(waiting.len(), 40);
+    for a in 0..6 {
+        let from_a = waiting.iter().filter(|i| **i / 30 == a).count();
+        assert!(
+            from_a <= 15,
+            "{from_a} upgrades in progress from one address"
+        );
     }
-    // 40 wait (status 0: nothing read yet); every other one was refused readably.
-    assert_eq!(statuses.get(&0), Some(&40), "{statuses:?}");
-    assert_eq!(
-        statuses.get(&429).unwrap_or(&0) + statuses.get(&503).unwrap_or(&0),
-        140,
-        "{statuses:?}"
-    );
-    assert!(
-        statuses.contains_key(&429) && statuses.contains_key(&503),
-        "{statuses:?}"
-    );
+    // Every other one was refused, readably.
+    for text in &answered {
+        let ok = text.starts_with("HTTP/1.1 503 Service Unavailable\r\n")
+            && text.contains("too many upgrades in progress")
+            || text.starts_with("HTTP/1.1 429 Too Many Requests\r\n")
+                && text.contains("too many upgrades in progress from this address");
+        assert!(ok, "{text:?}");
+    }
     // A finished upgrade gives its place back at once.
     drop(held);
     eventually("places come back", Duration::from_secs(5), || {
@@ -307,7 +324,7 @@ fn unfinished_messages_and_pings_alone_do_not_keep_a_connection() {
         let mut a = half.try_clone().unwrap();
         let mut b = pinger.try_clone().unwrap();
         move || {
-            for _ in 0..40 {
+            for _ in 0..45 {
                 let _ = a.write_all(&client_frame(true, 9, b"p"));
                 let _ = b.write_all(&client_frame(true, 9, b"p"));
                 std::thread::sleep(Duration::from_millis(100));
@@ -318,7 +335,8 @@ fn unfinished_messages_and_pings_alone_do_not_keep_a_connection() {
         read_close(&mut half),
         Some((1008, "message not completed in time".into()))
     );
-    assert!(started.elapsed() < Duration::from_secs(2));
+    // Closed within the message timeout plus a tick or two (generous: tests share the cores).
+    assert!(started.elapsed() < Duration::from_secs(3));
     // Pongs come back, but pings are not activity: the heartbeat timeout still applies.
     let (op, _) = read_frame(&mut pinger).unwrap();
     assert_eq!(op, 10, "a pong");

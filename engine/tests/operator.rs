@@ -125,9 +125,19 @@ fn metrics_pass_a_strict_openmetrics_parser() {
     let s = Server::start(&["--shards", "2", "--admin-listen", &admin.to_string()]);
     let mut c = Client::connect(s.addr, "m").unwrap();
     c.join("room:metrics", json!({}));
-    // A figure publish period, so the join is in the histograms.
-    std::thread::sleep(std::time::Duration::from_millis(1200));
-    let (status, body) = get(admin, "/metrics", None);
+    // Shards publish once a second: wait until the join is in the histograms.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (status, body) = loop {
+        let (status, body) = get(admin, "/metrics", None);
+        let joined = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("roster_join_seconds_count{"))
+            .any(|l| !l.ends_with("} 0"));
+        if joined || std::time::Instant::now() > deadline {
+            break (status, body);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
     assert_eq!(status, 200);
     // The Prometheus project's own parser (pip prometheus-client), strict about types, names,
     // histogram buckets and the closing # EOF. scripts/test.sh installs it.

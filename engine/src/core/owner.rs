@@ -533,6 +533,9 @@ impl Shard {
             self.forget_if_idle(&name);
         }
         self.to_count = keep;
+        // The kept ones' due times are read again by the next poll_timeout.
+        self.count_wake = None;
+        self.count_scanned = 0;
     }
 
     /// Sends the topic's pending changes as one diff; false if there was nothing to send.

@@ -101,8 +101,11 @@ pub struct Shard {
     /// join_refs, so a big room's state is one frame per shard and window, not one per joiner.
     /// Dropped at the end of each batch.
     last_state: Option<StateFrame>,
-    /// The driver's clock as of the last tick.
+    /// The driver's clock as of the last input or tick (never goes back).
     pub(crate) now: Millis,
+    /// The earliest count push due among `to_count[..count_scanned]` (see `poll_timeout`).
+    pub(crate) count_wake: Option<Millis>,
+    pub(crate) count_scanned: usize,
     /// Error replies and closes so far, by reason.
     errors: Vec<(&'static str, u64)>,
     pub(crate) stats: ShardStats,
@@ -136,6 +139,8 @@ impl Shard {
             join_seq: 0,
             last_state: None,
             now: Millis(0),
+            count_wake: None,
+            count_scanned: 0,
             errors: Vec::new(),
             stats: ShardStats::default(),
         }
@@ -284,10 +289,42 @@ impl Shard {
         self.drain_local();
     }
 
-    /// The driver's clock, in microseconds, before an input: it times joins (see
-    /// [`Shard::join_latency`]) and nothing else.
-    pub fn set_clock_us(&mut self, now_us: u64) {
+    /// The driver's clock (µs, monotonic) before each input: deadlines made by the input
+    /// (a window opened, a presence held for its grace) count from this moment rather than from
+    /// the last tick, and joins are timed with it ([`Shard::join_latency`]). Time never goes
+    /// back: an earlier value is ignored.
+    pub fn advance(&mut self, now_us: u64) {
         self.clock_us = self.clock_us.max(now_us);
+        self.now = Millis(self.now.0.max(now_us / 1000));
+    }
+
+    /// When the shard next needs [`Shard::tick`]: the earliest end of a coalescing window, of a
+    /// leave grace or a twin's grace, or of a count interval with a change waiting. None when
+    /// nothing waits on time. The driver sleeps until then (or less); ticking early is harmless.
+    pub fn poll_timeout(&mut self) -> Option<Millis> {
+        // New count changes are appended; read only those not seen yet.
+        let interval = self.config.count_interval;
+        for name in &self.to_count[self.count_scanned.min(self.to_count.len())..] {
+            let due = self
+                .topics
+                .get(name)
+                .and_then(|t| t.count_due_at(self.now, interval));
+            self.count_wake = match (self.count_wake, due) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        self.count_scanned = self.to_count.len();
+        let windows = self
+            .windows
+            .iter()
+            .filter_map(|name| self.topics.get(name)?.window_until);
+        let queued = [
+            self.held.front().map(|h| h.0),
+            self.twins_due.front().map(|t| t.0),
+            self.count_wake,
+        ];
+        windows.chain(queued.into_iter().flatten()).min()
     }
 
     /// How long joins took from their arrival to their reply, so far.
@@ -1239,6 +1276,74 @@ mod tests {
             states[0]
         );
         assert_eq!(s.stats().diffs_coalesced, 2);
+    }
+
+    /// The driver's clock is an input: a window opened between two ticks lasts its whole length
+    /// from the moment of the diff that opened it, whatever the phase of the driver's ticks, and
+    /// `poll_timeout` names its end.
+    #[test]
+    fn a_window_lasts_its_full_length_whatever_the_phase_of_the_ticks() {
+        for phase in [0u64, 1, 17, 49] {
+            let config = Config {
+                diff_window: Millis(50),
+                large_topic_threshold: 2,
+                ..Config::default()
+            };
+            let mut s = Shard::new(ShardId(0), config);
+            let ms = |t: u64| t * 1000;
+            for i in 1..=2 {
+                s.advance(ms(1000));
+                s.open(ConnId(i), UserKey::new(&format!("u{i}")));
+                s.frame(ConnId(i), br#"["1","1","big","phx_join",{}]"#);
+                s.flush();
+            }
+            // Quiet until the window u2's join opened has ended.
+            s.tick(Millis(1100));
+            s.outputs().for_each(drop);
+            assert_eq!(s.poll_timeout(), None, "nothing waits on time");
+            // A join between two ticks (the driver ticks at phase + k*50): its diff goes at once
+            // and opens a window from this moment.
+            let t0 = 1100 + phase + 3;
+            s.advance(ms(t0));
+            s.open(ConnId(3), UserKey::new("u3"));
+            s.frame(ConnId(3), br#"["1","1","big","phx_join",{}]"#);
+            s.flush();
+            let diffs = |s: &mut Shard| {
+                texts(s)
+                    .iter()
+                    .filter(|f| f.contains("presence_diff"))
+                    .count()
+            };
+            assert_eq!(diffs(&mut s), 3, "u3's join to u1, u2 and u3 at once");
+            assert_eq!(s.poll_timeout(), Some(Millis(t0 + 50)));
+            // One more change right after: it waits for the window's end, not the next tick.
+            s.advance(ms(t0 + 1));
+            s.open(ConnId(4), UserKey::new("u4"));
+            s.frame(ConnId(4), br#"["1","1","big","phx_join",{"track":false}]"#);
+            s.frame(
+                ConnId(1),
+                br#"["1","2","big","presence_update",{"meta":{"n":1}}]"#,
+            );
+            s.flush();
+            assert_eq!(diffs(&mut s), 0, "held by the window");
+            // A driver tick that happens to fall 1 ms before the end sends nothing...
+            s.tick(Millis(t0 + 49));
+            assert_eq!(
+                diffs(&mut s),
+                0,
+                "phase {phase}: the window is not cut short"
+            );
+            // ...and the one poll_timeout asked for sends the window's diff, and u4, which joined
+            // inside the window, its state.
+            s.tick(Millis(t0 + 50));
+            let out = texts(&mut s);
+            let count = |what: &str| out.iter().filter(|f| f.contains(what)).count();
+            assert_eq!(
+                (count("presence_diff"), count("presence_state")),
+                (3, 1),
+                "phase {phase}: {out:?}"
+            );
+        }
     }
 
     #[test]

@@ -374,6 +374,16 @@ impl Topic {
     }
 
     /// Whether a count push is due, marking it sent if so.
+    /// When a count push falls due, if a change waits for one and someone counts. (A change
+    /// nobody counts is dropped at the next tick; no need to wake for it.)
+    pub(crate) fn count_due_at(&self, now: Millis, interval: Millis) -> Option<Millis> {
+        let wanted = self.count_dirty && self.count_shards().next().is_some();
+        wanted.then(|| {
+            self.count_sent
+                .map_or(now, |sent| Millis(sent.0.saturating_add(interval.0)))
+        })
+    }
+
     pub(crate) fn take_count_due(&mut self, now: Millis, interval: Millis) -> bool {
         let due = self.count_dirty
             && self

@@ -30,8 +30,9 @@ use crate::net::admission::Admission;
 use crate::net::runtime::Shared;
 use runtime::Runtime;
 
-/// How often each shard ticks: count pushes, heartbeat deadlines, shutdown checks. It also bounds
-/// glommio's park stall (STACK.md): a parked executor wakes at its next timer.
+/// The longest a shard sleeps between ticks: heartbeat deadlines, slow consumers, shutdown
+/// checks, the admin board. The core's own deadlines (windows, graces, counts) wake it sooner.
+/// It also bounds glommio's park stall (STACK.md): a parked executor wakes at its next timer.
 const TICK: Duration = Duration::from_millis(50);
 /// Connections get this long to take their 1001 close before the shard exits anyway.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -192,7 +193,14 @@ async fn shard_main(
         glommio::spawn_local(async move {
             let mut last_trim = std::time::Instant::now();
             loop {
-                glommio::timer::sleep(TICK).await;
+                // Until the core's next deadline (a window's end, a grace), or TICK at most.
+                let now = rt.now_ms();
+                let at = rt.next_wake(now, TICK.as_millis() as u64);
+                let sleep = glommio::timer::sleep(Duration::from_millis(at.saturating_sub(now)));
+                futures_lite::future::or(sleep, rt.rewake.wait()).await;
+                if rt.now_ms() < at && !stop.load(Ordering::Relaxed) {
+                    continue; // A batch made an earlier deadline: sleep until that one.
+                }
                 if stop.load(Ordering::Relaxed) {
                     rt.shut_down();
                 }

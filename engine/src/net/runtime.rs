@@ -126,6 +126,9 @@ pub struct Runtime {
     published_ms: Cell<u64>,
     /// How long frames waited in connections' queues before their task wrote them.
     delivery: RefCell<Latency>,
+    /// When the tick task will next run (ms), and the signal that makes it look again.
+    wake_at: Cell<u64>,
+    pub rewake: Signal,
 }
 
 /// What every shard's runtime shares with the others and the admin thread.
@@ -186,6 +189,8 @@ impl Runtime {
             board: shared.board,
             published_ms: Cell::new(0),
             delivery: RefCell::new(Latency::default()),
+            wake_at: Cell::new(0),
+            rewake: Signal::default(),
             config,
         })
     }
@@ -198,10 +203,10 @@ impl Runtime {
         self.epoch.elapsed().as_micros() as u64
     }
 
-    /// The core, its clock set to now (it times joins with it).
+    /// The core, its clock set to now: deadlines the next input makes count from this moment.
     fn core(&self) -> std::cell::RefMut<'_, Shard> {
         let mut core = self.core.borrow_mut();
-        core.set_clock_us(self.now_us());
+        core.advance(self.now_us());
         core
     }
 
@@ -316,10 +321,28 @@ impl Runtime {
         self.flush.notify();
     }
 
-    /// End of a batch: every topic's pending changes go out as one diff each.
+    /// End of a batch: every topic's pending changes go out as one diff each. If the batch made
+    /// a deadline earlier than the tick task's next wake, the tick task is told.
     pub fn flush_core(&self) {
-        self.core().flush();
+        let due = {
+            let mut core = self.core();
+            core.flush();
+            core.poll_timeout()
+        };
         self.dispatch();
+        if due.is_some_and(|d| d.0 < self.wake_at.get()) {
+            self.rewake.notify();
+        }
+    }
+
+    /// When the tick task should next run (ms): the core's next deadline, and at least every
+    /// `max_sleep_ms` for what the driver checks itself (heartbeats, slow consumers, the admin
+    /// board). Recorded, so that a batch making an earlier deadline can wake the task.
+    pub fn next_wake(&self, now: u64, max_sleep_ms: u64) -> u64 {
+        let core_due = self.core().poll_timeout().map_or(u64::MAX, |m| m.0);
+        let at = core_due.min(now + max_sleep_ms);
+        self.wake_at.set(at);
+        at
     }
 
     /// Periodic work: count pushes and heartbeat deadlines.
