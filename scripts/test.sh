@@ -14,9 +14,41 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+
+# Every server test needs io_uring and locked memory: say so once, up front, rather than let
+# each test time out waiting for a server that cannot start.
+cargo build --release -q -p roster-engine --bin roster
+target_dir=$(cargo metadata --format-version 1 --no-deps |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+memlock=$(ulimit -Hl)
+if [ "$memlock" != unlimited ] && [ "$memlock" -lt 512 ]; then
+  echo "scripts/test.sh: the locked-memory hard limit is ${memlock} KiB; io_uring needs 512 KiB (ulimit -l, LimitMEMLOCK)" >&2
+  exit 1
+fi
+if [ "$(cat /proc/sys/kernel/io_uring_disabled 2>/dev/null || echo 0)" = 2 ]; then
+  echo "scripts/test.sh: io_uring is disabled on this kernel (kernel.io_uring_disabled=2); roster needs it" >&2
+  exit 1
+fi
+"$target_dir/release/roster" --shards 1 --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
+  2>"$log" >/dev/null &
+probe=$!
+for _ in $(seq 50); do
+  grep -q "shard ready" "$log" && break
+  sleep 0.1
+done
+ready=$(grep -c "shard ready" "$log" || true)
+kill "$probe" 2>/dev/null || true
+wait "$probe" 2>/dev/null || true
+if [ "$ready" = 0 ]; then
+  echo "scripts/test.sh: roster cannot start here (io_uring or locked memory unavailable?):" >&2
+  cat "$log" >&2
+  exit 1
+fi
+: >"$log"
+
 cargo test --workspace --release 2>&1 | tee "$log"
 # End to end: the real binary driven by the official phoenix client (engine/tests/js).
-cargo build --release -q -p roster-engine --bin roster
+export ROSTER_BIN="$target_dir/release/roster"
 if [ ! -d engine/tests/js/node_modules ]; then
   npm ci --prefix engine/tests/js --no-audit --no-fund
 fi

@@ -1,6 +1,6 @@
 // Starts the real roster binary and drives it with the official phoenix client (and raw
 // WebSockets for what phoenix.js cannot send). Every wait is bounded.
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { createServer } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
@@ -10,7 +10,18 @@ import { Socket as PhxSocket, Presence as PhxPresence } from 'phoenix';
 export const Socket = PhxSocket;
 export const Presence = PhxPresence;
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
-const bin = process.env.ROSTER_BIN || path.join(root, 'target/release/roster');
+const bin = process.env.ROSTER_BIN || path.join(targetDir(), 'release', 'roster');
+
+/** Where cargo puts its builds: CARGO_TARGET_DIR (relative to where cargo runs), else what
+ * `cargo metadata` says (a workspace may set it in .cargo/config.toml). */
+function targetDir() {
+  if (process.env.CARGO_TARGET_DIR) return path.resolve(process.env.CARGO_TARGET_DIR);
+  const meta = execFileSync('cargo', ['metadata', '--format-version', '1', '--no-deps'], {
+    cwd: root,
+    encoding: 'utf8',
+  });
+  return JSON.parse(meta).target_directory;
+}
 
 async function freePort() {
   return new Promise((resolve, reject) => {
