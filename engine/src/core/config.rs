@@ -29,6 +29,9 @@ pub struct Config {
     /// (a client that reconnects after a restart must not confuse old and new presences). The
     /// driver picks it at random; tests fix it.
     pub ref_seed: u64,
+    /// Seeds every hash table of the core. The driver picks it at random (clients choose the
+    /// keys); the simulation fixes it, so that a seed replays exactly.
+    pub hash_seed: u64,
 }
 
 impl Default for Config {
@@ -45,6 +48,7 @@ impl Default for Config {
             large_topic_threshold: 1000,
             leave_grace: Millis(0),
             ref_seed: 0,
+            hash_seed: 0,
         }
     }
 }

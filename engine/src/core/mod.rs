@@ -19,6 +19,7 @@
 mod config;
 mod connection;
 mod grants;
+mod hash;
 mod ids;
 pub mod latency;
 mod message;

@@ -5,20 +5,25 @@
 //! says little. Instead, names only this set still holds are swept out whenever the set has
 //! doubled since the last sweep, which keeps the cost amortised O(1) per new name.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
-use ahash::RandomState;
-
+use crate::core::hash::{Seeds, Set};
 use crate::core::TopicName;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Names {
-    set: HashSet<TopicName, RandomState>,
+    set: Set<TopicName>,
     len_after_sweep: usize,
 }
 
 impl Names {
+    pub(crate) fn new(seeds: Seeds) -> Self {
+        Names {
+            set: seeds.set(),
+            len_after_sweep: 0,
+        }
+    }
+
     pub(crate) fn intern(&mut self, name: &str) -> TopicName {
         if let Some(n) = self.set.get(name) {
             return n.clone();
@@ -51,7 +56,7 @@ mod tests {
 
     #[test]
     fn interned_names_share_one_allocation_and_are_swept() {
-        let mut names = Names::default();
+        let mut names = Names::new(Seeds::new(0));
         let a = names.intern("room:1");
         let b = names.intern("room:1");
         assert!(Arc::ptr_eq(&a.0, &b.0));

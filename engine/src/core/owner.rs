@@ -162,7 +162,7 @@ impl Shard {
             Some((name, _)) => name.clone(),
             None => {
                 let name = self.names.intern(topic.as_str());
-                self.topics.insert(name.clone(), Topic::default());
+                self.topics.insert(name.clone(), Topic::new(self.seeds));
                 name
             }
         }

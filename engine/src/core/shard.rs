@@ -1,17 +1,17 @@
 //! The shard state machine, client side: connections' frames in, replies and requests to owners
 //! out. What a shard does as a topic owner or user owner is in `owner.rs`.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use ahash::RandomState;
 use roster_proto::encode::{self, FrameKind};
 use roster_proto::{
     decode, ClientEvent, ClientMessage, ClientMeta, JoinRequest, PhxRef, PresenceMode,
 };
 
 use crate::core::connection::{Connection, Joined};
+use crate::core::hash::{Map, Seeds, Set};
 use crate::core::names::Names;
 use crate::core::outbox::Outbox;
 pub use crate::core::outbox::Output;
@@ -64,8 +64,10 @@ pub struct Shard {
     pub(crate) id: ShardId,
     pub(crate) router: Router,
     pub(crate) config: Config,
-    conns: HashMap<ConnId, Connection, RandomState>,
-    pub(crate) topics: HashMap<TopicName, Topic, RandomState>,
+    /// Seeds of every hash table below (see `hash.rs`).
+    pub(crate) seeds: Seeds,
+    conns: Map<ConnId, Connection>,
+    pub(crate) topics: Map<TopicName, Topic>,
     /// Topics with changes not yet sent as a diff.
     pub(crate) to_flush: Vec<TopicName>,
     /// Topics whose counts changed since the last `presence_count` push.
@@ -82,7 +84,7 @@ pub struct Shard {
     pub(crate) names: Names,
     /// `ref` of each phx_join still waiting for its owner, by (connection, join seq), and when
     /// it came (the driver's clock, for the join latency).
-    awaiting: HashMap<(ConnId, u32), Awaiting, RandomState>,
+    awaiting: Map<(ConnId, u32), Awaiting>,
     /// The driver's clock in microseconds, as of the last input; only times requests (nothing
     /// the shard decides depends on it).
     clock_us: u64,
@@ -90,7 +92,7 @@ pub struct Shard {
     join_latency: Latency,
     /// Slow consumers between [`Shard::resync`] and [`Shard::drained`]: the driver drops every
     /// diff for them, so subscriptions that start meanwhile wait for the drain too.
-    resyncing: HashSet<ConnId, RandomState>,
+    resyncing: Set<ConnId>,
     pub(crate) tx: Outbox,
     /// Scratch for encoding; its capacity is reused across frames.
     pub(crate) buf: Vec<u8>,
@@ -114,25 +116,27 @@ pub struct Shard {
 impl Shard {
     pub fn new(id: ShardId, config: Config) -> Self {
         assert!(id.0 < config.shards, "shard {} of {}", id.0, config.shards);
+        let seeds = Seeds::new(config.hash_seed);
         Shard {
+            seeds,
             id,
             router: Router::new(config.shards),
             config,
-            conns: HashMap::default(),
-            topics: HashMap::default(),
+            conns: seeds.map(),
+            topics: seeds.map(),
             to_flush: Vec::new(),
             to_count: Vec::new(),
             windows: Vec::new(),
             held: VecDeque::new(),
             twins_due: VecDeque::new(),
-            users: Users::default(),
-            subs: LocalSubs::default(),
-            watches: Watches::default(),
-            awaiting: HashMap::default(),
+            users: Users::new(seeds),
+            subs: LocalSubs::new(seeds),
+            watches: Watches::new(seeds),
+            awaiting: seeds.map(),
             clock_us: 0,
             join_latency: Latency::default(),
-            resyncing: HashSet::default(),
-            names: Names::default(),
+            resyncing: seeds.set(),
+            names: Names::new(seeds),
             tx: Outbox::new(id),
             buf: Vec::with_capacity(4096),
             next_ref: 0,

@@ -1,30 +1,46 @@
 //! Subscriber side: for each topic, which local connections receive its diffs or counts. Only
 //! connections whose join the owner has confirmed are here, so nobody gets a diff before its state.
 
-use std::collections::{HashMap, HashSet};
-
-use ahash::RandomState;
 use roster_proto::PresenceMode;
 
+use crate::core::hash::{Map, Seeds, Set};
 use crate::core::{ConnId, TopicName};
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Subscribers {
-    full: HashSet<ConnId, RandomState>,
-    count: HashSet<ConnId, RandomState>,
+    full: Set<ConnId>,
+    count: Set<ConnId>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct LocalSubs {
-    topics: HashMap<TopicName, Subscribers, RandomState>,
+    seeds: Seeds,
+    topics: Map<TopicName, Subscribers>,
 }
 
 impl LocalSubs {
+    pub(crate) fn new(seeds: Seeds) -> Self {
+        LocalSubs {
+            seeds,
+            topics: seeds.map(),
+        }
+    }
+
     pub(crate) fn add(&mut self, topic: &TopicName, conn: ConnId, mode: PresenceMode) {
+        if mode == PresenceMode::None {
+            return;
+        }
+        let seeds = self.seeds;
+        let subs = self
+            .topics
+            .entry(topic.clone())
+            .or_insert_with(|| Subscribers {
+                full: seeds.set(),
+                count: seeds.set(),
+            });
         let set = match mode {
-            PresenceMode::None => return,
-            PresenceMode::Full => &mut self.topics.entry(topic.clone()).or_default().full,
-            PresenceMode::Count => &mut self.topics.entry(topic.clone()).or_default().count,
+            PresenceMode::Full => &mut subs.full,
+            _ => &mut subs.count,
         };
         set.insert(conn);
     }

@@ -7,14 +7,12 @@
 //! and share one state then). Presences of closed connections wait in `held` for the leave
 //! grace.
 
-use std::collections::HashMap;
-
-use ahash::RandomState;
 use roster_proto::encode::{DiffFrame, PresenceMap};
 use roster_proto::meta::stored_body;
 use roster_proto::{PhxRef, PresenceMode};
 use smallvec::SmallVec;
 
+use crate::core::hash::{Map, Seeds};
 use crate::core::{ConnAddr, ConnId, Meta, Millis, Track, UserKey};
 use crate::mesh::ShardId;
 
@@ -52,22 +50,23 @@ pub(crate) struct Twin {
 }
 
 /// Leave-grace bookkeeping; most topics never have any, so it is boxed and absent.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Held {
     /// Presences of closed connections still in the table: key -> (ref, end of its grace).
-    by_key: HashMap<UserKey, SmallVec<[(PhxRef, Millis); 1]>, RandomState>,
+    by_key: Map<UserKey, SmallVec<[(PhxRef, Millis); 1]>>,
     /// A joiner that adopted a held presence made its own ref first; messages its shard sent
     /// before learning of the adoption still name that ref. alias -> adopted ref.
-    aliases: HashMap<PhxRef, PhxRef, RandomState>,
+    aliases: Map<PhxRef, PhxRef>,
     /// Joins not announced yet, in arrival order.
     twins: Vec<Twin>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Topic {
     // Most keys have one meta (one tab); SmallVec keeps that one inline in the map. A meta's
-    // phx_ref is read from its bytes.
-    presences: HashMap<UserKey, SmallVec<[Meta; 1]>, RandomState>,
+    // phx_ref is read from its bytes. Its hasher (seeded by the shard) serves the topic's other
+    // tables too.
+    presences: Map<UserKey, SmallVec<[Meta; 1]>>,
     metas: u32,
     subs: SmallVec<[ShardSubs; 2]>,
     pending: Pending,
@@ -90,6 +89,34 @@ pub struct TopicView {
 }
 
 impl Topic {
+    pub(crate) fn new(seeds: Seeds) -> Self {
+        Topic {
+            presences: seeds.map(),
+            metas: 0,
+            subs: SmallVec::new(),
+            pending: Pending::default(),
+            count_dirty: false,
+            count_sent: None,
+            listed_for_flush: false,
+            listed_for_count: false,
+            window_until: None,
+            waiting: Vec::new(),
+            held: None,
+        }
+    }
+
+    /// The leave-grace bookkeeping, made on first use with the topic's hasher.
+    fn held_mut(&mut self) -> &mut Held {
+        let hasher = self.presences.hasher();
+        self.held.get_or_insert_with(|| {
+            Box::new(Held {
+                by_key: Map::with_hasher(hasher.clone()),
+                aliases: Map::with_hasher(hasher.clone()),
+                twins: Vec::new(),
+            })
+        })
+    }
+
     pub(crate) fn track(&mut self, key: UserKey, meta: Meta) {
         self.presences
             .entry(key.clone())
@@ -179,7 +206,7 @@ impl Topic {
         if self.meta(key, r).is_none() {
             return false;
         }
-        let held = self.held.get_or_insert_with(Default::default);
+        let held = self.held_mut();
         held.by_key.entry(key.clone()).or_default().push((r, until));
         true
     }
@@ -226,7 +253,7 @@ impl Topic {
     }
 
     pub(crate) fn add_alias(&mut self, alias: PhxRef, adopted: PhxRef) {
-        let held = self.held.get_or_insert_with(Default::default);
+        let held = self.held_mut();
         held.aliases.insert(alias, adopted);
     }
 
@@ -264,10 +291,7 @@ impl Topic {
     }
 
     pub(crate) fn add_twin(&mut self, twin: Twin) {
-        self.held
-            .get_or_insert_with(Default::default)
-            .twins
-            .push(twin);
+        self.held_mut().twins.push(twin);
     }
 
     /// The oldest twin of presence `meta` of `key` (same key, same client meta).
@@ -460,7 +484,7 @@ mod tests {
 
     #[test]
     fn join_and_leave_in_one_batch_cancel_out() {
-        let mut t = Topic::default();
+        let mut t = Topic::new(Seeds::new(0));
         let k = UserKey::new("k");
         t.track(k.clone(), meta(1));
         assert_eq!(t.untrack(&k, PhxRef(1)), Some(meta(1)));
@@ -470,7 +494,7 @@ mod tests {
 
     #[test]
     fn metas_of_one_key_are_grouped_under_one_key() {
-        let mut t = Topic::default();
+        let mut t = Topic::new(Seeds::new(0));
         let (a, b) = (UserKey::new("a"), UserKey::new("b"));
         t.track(a.clone(), meta(1));
         t.track(b.clone(), meta(2));
@@ -501,7 +525,7 @@ mod tests {
 
     #[test]
     fn subscriber_counts_per_shard() {
-        let mut t = Topic::default();
+        let mut t = Topic::new(Seeds::new(0));
         t.subscribe(ShardId(1), PresenceMode::Full);
         t.subscribe(ShardId(1), PresenceMode::Count);
         t.subscribe(ShardId(2), PresenceMode::None);

@@ -2,12 +2,10 @@
 //! (with the stored meta), and which shards have connections watching the user. This is what
 //! "where is X" and watch lists read.
 
-use std::collections::HashMap;
-
-use ahash::RandomState;
 use roster_proto::PhxRef;
 use smallvec::SmallVec;
 
+use crate::core::hash::{Map, Seeds};
 use crate::core::{Meta, TopicName, UserKey};
 use crate::mesh::ShardId;
 
@@ -18,14 +16,21 @@ struct UserPresence {
     meta: Meta,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Users {
-    users: HashMap<UserKey, SmallVec<[UserPresence; 1]>, RandomState>,
+    users: Map<UserKey, SmallVec<[UserPresence; 1]>>,
     /// Only watched users are here, so watch lists cost nothing to everyone else.
-    watchers: HashMap<UserKey, SmallVec<[ShardId; 2]>, RandomState>,
+    watchers: Map<UserKey, SmallVec<[ShardId; 2]>>,
 }
 
 impl Users {
+    pub(crate) fn new(seeds: Seeds) -> Self {
+        Users {
+            users: seeds.map(),
+            watchers: seeds.map(),
+        }
+    }
+
     pub(crate) fn tracked(&mut self, key: UserKey, topic: TopicName, meta: Meta) {
         self.users
             .entry(key)

@@ -7,13 +7,13 @@
 //! replica, then `Live` (it has had its state and gets diffs); a slow consumer's set is
 //! `Suspended` until it drains and gets a fresh state.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 use std::rc::Rc;
 
-use ahash::RandomState;
 use roster_proto::encode::{DiffFrame, FrameKind, PresenceMap};
 use smallvec::SmallVec;
 
+use crate::core::hash::{Map, Seeds, Set};
 use crate::core::outbox::Outbox;
 use crate::core::{ConnId, Frame, MeshMsg, Meta, TopicName, UserKey};
 use crate::mesh::Router;
@@ -59,15 +59,26 @@ struct WatchSet {
     state: SetState,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Watches {
-    users: HashMap<UserKey, Watched, RandomState>,
-    conns: HashMap<ConnId, SmallVec<[WatchSet; 1]>, RandomState>,
+    seeds: Seeds,
+    users: Map<UserKey, Watched>,
+    conns: Map<ConnId, SmallVec<[WatchSet; 1]>>,
     changed: Vec<UserKey>,
     seq: u32,
 }
 
 impl Watches {
+    pub(crate) fn new(seeds: Seeds) -> Self {
+        Watches {
+            seeds,
+            users: seeds.map(),
+            conns: seeds.map(),
+            changed: Vec::new(),
+            seq: 0,
+        }
+    }
+
     /// Users `conn` watches over all its watch sets.
     pub(crate) fn watched_by(&self, conn: ConnId) -> usize {
         self.conns
@@ -78,7 +89,7 @@ impl Watches {
     /// How many of `users` `conn` does not watch yet in `topic` (what a watch_add would add).
     pub(crate) fn new_in(&self, conn: ConnId, topic: &str, users: &[UserKey]) -> usize {
         let set = self.set(conn, topic);
-        let mut seen: HashSet<&str, RandomState> = HashSet::default();
+        let mut seen: Set<&str> = self.seeds.set();
         users
             .iter()
             .filter(|u| set.is_none_or(|s| !s.users.contains(*u)) && seen.insert(u.as_str()))

@@ -27,7 +27,7 @@ use crate::mesh::Router;
 use crate::mesh::ShardId;
 use crate::net::admin::{Admin, Board};
 use crate::net::admission::Admission;
-use crate::net::runtime::Shared;
+use crate::net::runtime::{CoreSeeds, Shared};
 use runtime::Runtime;
 
 /// The longest a shard sleeps between ticks: heartbeat deadlines, slow consumers, shutdown
@@ -65,7 +65,6 @@ pub fn run(launch: Launch) -> Result<(), String> {
         .collect::<Result<_, _>>()
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let mesh = MeshBuilder::<Vec<MeshMsg>, _>::full(n, config.ring_capacity);
-    let ref_seed = fastrand::u64(..);
     let board = Board::new(n);
     let admin = admin::start(
         config.admin_listen,
@@ -89,6 +88,11 @@ pub fn run(launch: Launch) -> Result<(), String> {
         },
         config.allowed_origins.clone(),
     );
+    // Random per run: refs from two runs differ, and clients cannot aim hash collisions.
+    let seeds = CoreSeeds {
+        refs: fastrand::u64(..),
+        hashing: fastrand::u64(..),
+    };
     let mut handles = Vec::new();
     for (i, fd) in fds.into_iter().enumerate() {
         let placement = match &cpus {
@@ -99,12 +103,13 @@ pub fn run(launch: Launch) -> Result<(), String> {
         let shared = Shared {
             admission: admission.clone(),
             board: board.clone(),
+            seeds,
         };
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("roster-{i}"))
             .io_memory(64 << 10)
             .spawn(move || async move {
-                shard_main(ShardId(i as u16), config, mesh, fd, stop, ref_seed, shared).await
+                shard_main(ShardId(i as u16), config, mesh, fd, stop, shared).await
             })
             .map_err(|e| format!("cannot start shard {i}: {e}"))?;
         handles.push(handle);
@@ -126,11 +131,10 @@ async fn shard_main(
     mesh: MeshBuilder<Vec<MeshMsg>, glommio::channels::channel_mesh::Full>,
     fd: RawFd,
     stop: Arc<AtomicBool>,
-    ref_seed: u64,
     shared: Shared,
 ) -> Result<(), String> {
     let (senders, mut receivers) = mesh.join().await.map_err(|e| format!("mesh: {e}"))?;
-    let rt = Runtime::new(id, config, ref_seed, shared);
+    let rt = Runtime::new(id, config, shared);
     let senders = Rc::new(senders);
 
     for (peer, rx) in receivers.streams() {

@@ -135,6 +135,14 @@ pub struct Runtime {
 pub struct Shared {
     pub admission: Arc<Admission>,
     pub board: Arc<Board>,
+    pub seeds: CoreSeeds,
+}
+
+/// The random numbers every shard's core is given, the same for all shards of a process.
+#[derive(Clone, Copy)]
+pub struct CoreSeeds {
+    pub refs: u64,
+    pub hashing: u64,
 }
 
 const WHEEL_GRANULARITY_MS: u64 = 250;
@@ -145,7 +153,7 @@ const PUBLISH_EVERY_MS: u64 = 1000;
 const MESH_BACKLOG_LIMIT: usize = 65_536;
 
 impl Runtime {
-    pub fn new(id: ShardId, config: ServerConfig, ref_seed: u64, shared: Shared) -> Rc<Runtime> {
+    pub fn new(id: ShardId, config: ServerConfig, shared: Shared) -> Rc<Runtime> {
         let core = Shard::new(
             id,
             Config {
@@ -159,7 +167,8 @@ impl Runtime {
                 diff_window: Millis(config.diff_window.as_millis() as u64),
                 large_topic_threshold: config.large_topic_threshold,
                 leave_grace: Millis(config.leave_grace.as_millis() as u64),
-                ref_seed,
+                ref_seed: shared.seeds.refs,
+                hash_seed: shared.seeds.hashing,
             },
         );
         let n = config.shards as usize;
