@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the project: formatting, lints, unit tests, the multi-shard simulation
-# (1,000 seeds; ROSTER_SIM_SEEDS=N for more), server tests on real sockets, the phoenix.js
-# end-to-end tests, and a smoke run of the core benchmark.
+# (1,000 seeds, every invariant checked after every step; ROSTER_SIM_SEEDS=N for more), server
+# tests on real sockets, the phoenix.js end-to-end tests, and a smoke run of the core benchmark.
 # This is the test command README.md names and .ci/run calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,7 +46,8 @@ if [ "$ready" = 0 ]; then
 fi
 : >"$log"
 
-cargo test --workspace --release 2>&1 | tee "$log"
+# The ci profile: release speed, overflow checks and debug assertions on (Cargo.toml).
+cargo test --workspace --profile ci 2>&1 | tee "$log"
 # End to end: the real binary driven by the official phoenix client (engine/tests/js).
 export ROSTER_BIN="$target_dir/release/roster"
 if [ ! -d engine/tests/js/node_modules ]; then

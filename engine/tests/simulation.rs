@@ -943,6 +943,11 @@ impl Sim {
     fn run(&mut self, steps: usize) {
         for i in 0..steps {
             self.step();
+            for (s, shard) in self.shards.iter().enumerate() {
+                if let Err(e) = shard.check_invariants() {
+                    fail(format!("shard {s} after step {i}: {e}"));
+                }
+            }
             if i % 100 == 99 {
                 self.quiesce();
                 self.check();

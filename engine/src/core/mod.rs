@@ -21,6 +21,7 @@ mod connection;
 mod grants;
 mod hash;
 mod ids;
+mod invariants;
 pub mod latency;
 mod message;
 mod names;

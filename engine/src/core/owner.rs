@@ -260,6 +260,9 @@ impl Shard {
                 let until = Millis(self.now.0.saturating_add(grace.0));
                 t.add_twin(Twin { track, from, until });
                 self.stats.twins += 1;
+                // Expiry pops from the front: the queue stays in deadline order because the
+                // grace is one length and time never goes back.
+                debug_assert!(self.twins_due.back().is_none_or(|b| b.0 <= until));
                 self.twins_due.push_back((until, name.clone()));
                 None
             }
@@ -383,6 +386,7 @@ impl Shard {
             _ if graced => {
                 let until = Millis(self.now.0.saturating_add(grace.0));
                 t.hold(&key, phx_ref, until);
+                debug_assert!(self.held.back().is_none_or(|b| b.0 <= until));
                 self.held.push_back((until, name, key, phx_ref));
             }
             twin => {

@@ -344,6 +344,23 @@ impl Shard {
         Some(msg_ref)
     }
 
+    /// Every reply awaited belongs to a join that still waits for its owner. (Not the other way
+    /// round: a resync waits for a fresh state without a request to answer.)
+    pub(crate) fn check_connections(&self) -> Result<(), String> {
+        for (conn, seq) in self.awaiting.keys() {
+            let waiting = self
+                .conns
+                .get(conn)
+                .is_some_and(|c| c.joins.iter().any(|j| j.seq == *seq && j.awaiting_reply));
+            if !waiting {
+                return Err(format!(
+                    "a reply awaited for {conn:?} join {seq} that waits for none"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether a join (or resync) of `conn` still waits for its owner's answer.
     pub fn awaiting_reply(&self, conn: ConnId) -> bool {
         self.conns

@@ -105,6 +105,21 @@ impl Topic {
         }
     }
 
+    /// The topic's own invariants (see `invariants.rs`).
+    pub(crate) fn check(&self) -> Result<(), String> {
+        let metas: usize = self.presences.values().map(|m| m.len()).sum();
+        if metas != self.metas as usize {
+            return Err(format!(
+                "{} metas counted, {metas} in the table",
+                self.metas
+            ));
+        }
+        if self.presences.values().any(|m| m.is_empty()) {
+            return Err("a key with no metas".into());
+        }
+        Ok(())
+    }
+
     /// The leave-grace bookkeeping, made on first use with the topic's hasher.
     fn held_mut(&mut self) -> &mut Held {
         let hasher = self.presences.hasher();
