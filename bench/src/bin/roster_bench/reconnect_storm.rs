@@ -1,0 +1,183 @@
+//! Scenario `reconnect-storm`: a fraction of clients drop and come back (or the server restarts).
+
+use crate::prelude::*;
+
+/// Runs --restart-cmd on its own thread, so the clients keep running meanwhile.
+pub(crate) fn run_restart(cmd: String) {
+    std::thread::spawn(move || {
+        match std::process::Command::new("sh").args(["-c", &cmd]).status() {
+            Ok(status) if status.success() => {}
+            other => eprintln!("roster-bench: --restart-cmd: {other:?}"),
+        }
+    });
+}
+
+pub(crate) fn reconnect_storm(
+    c: Common,
+    topics: usize,
+    fraction: f64,
+    window_s: u64,
+    restart_cmd: Option<String>,
+) -> Result<(), String> {
+    let restarting = restart_cmd.is_some();
+    let fraction = if restarting { 1.0 } else { fraction };
+    let t = Target::parse(&c)?;
+    let (n, e_count, conc) = (c.clients, c.executors, c.concurrency.max(1));
+    // Every k-th member of each topic reconnects, so each topic has some of both. (Client i is
+    // member i / topics of topic i % topics: choosing by i itself would, with an even topic
+    // count, put all reconnecting clients in the even topics, and the stayers would see none
+    // of the storm.)
+    let every = (1.0 / fraction.clamp(0.01, 1.0)).round().max(1.0) as usize;
+    let reconnects = move |i: usize| (i / topics.max(1)).is_multiple_of(every);
+    let ready = Arc::new(Barrier::new(e_count));
+    let deadline = Instant::now() + Duration::from_secs(c.duration_s);
+    let parent_restart = restart_cmd.clone();
+    let local = move || {
+        let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let seen2 = seen.clone();
+        let parts = on_executors(e_count, move |e| {
+            let (t, ready, seen, restart_cmd) =
+                (t.clone(), ready.clone(), seen2.clone(), restart_cmd.clone());
+            async move {
+                let part = Rc::new(RefCell::new(Part::new()));
+                let clients = connect_share(&t, e, e_count, n, conc, &part).await;
+                let members = join_each(clients, &part, deadline, |i| {
+                    json!(["1", "1", format!("room:{}", i % topics), "phx_join", {"meta": {"i": i}}]).to_string()
+                })
+                .await;
+                // Everyone has joined. Each client reads (and drops) the joins' own diffs until a
+                // second passes without any, so that what the stayers count is the storm's doing
+                // only (at 19k, the load generator takes seconds to get through them).
+                phase(&ready);
+                let draining: Vec<_> = members
+                    .into_iter()
+                    .map(|(i, mut client)| {
+                        glommio::spawn_local(async move {
+                            while Instant::now() < deadline {
+                                let next = glommio::timer::timeout(Duration::from_secs(1), async {
+                                    Ok(client.next().await)
+                                })
+                                .await;
+                                if !matches!(next, Ok(Some(_))) {
+                                    break;
+                                }
+                            }
+                            (i, client)
+                        })
+                    })
+                    .collect();
+                let mut members = Vec::with_capacity(draining.len());
+                for d in draining {
+                    members.push(d.await);
+                }
+                // With --procs the parent restarts the server, once, as this phase opens.
+                if phase(&ready) && !is_worker() {
+                    if let Some(cmd) = restart_cmd.clone() {
+                        run_restart(cmd);
+                    }
+                }
+                let storm = Instant::now();
+                let window_end = storm + Duration::from_secs(window_s);
+                let tasks: Vec<_> = members
+                .into_iter()
+                .map(|(i, mut client)| {
+                    let (t, part, seen) = (t.clone(), part.clone(), seen.clone());
+                    glommio::spawn_local(async move {
+                        if reconnects(i) {
+                            if restarting {
+                                // Wait for the restart to end this connection.
+                                while Instant::now() < deadline && client.next().await.is_some() {}
+                            }
+                            drop(client); // abrupt: no close handshake, as when a network drops
+                            let attempt = || async {
+                                let mut c = open(&t, i).await?;
+                                let join = json!(["1", "1", format!("room:{}", i % topics), "phx_join", {"meta": {"i": i}}]).to_string();
+                                c.send(join).await?;
+                                let mut view = View::default();
+                                if read_until(&mut c, &mut view, deadline, |_, f| f[3] == "presence_state").await {
+                                    Ok(c)
+                                } else {
+                                    Err("no presence_state after reconnecting".to_string())
+                                }
+                            };
+                            let again = async {
+                                // Across a restart, connecting fails while the server is down, and a
+                                // connection can land on the old server's closing listener: retry,
+                                // as phoenix.js does.
+                                loop {
+                                    match attempt().await {
+                                        Ok(c) => return Ok(c),
+                                        Err(e) if !restarting || Instant::now() > deadline => return Err(e),
+                                        Err(_) => glommio::timer::sleep(Duration::from_millis(50)).await,
+                                    }
+                                }
+                            };
+                            match again.await {
+                                Ok(c) => {
+                                    {
+                                        let mut p = part.borrow_mut();
+                                        p.a.record(storm.elapsed().as_micros() as u64).ok();
+                                        p.ok += 1;
+                                    }
+                                    // Stay until the window ends: leaving now would be counted as
+                                    // a storm change by the others.
+                                    glommio::timer::sleep(window_end.saturating_duration_since(Instant::now())).await;
+                                    drop(c);
+                                }
+                                Err(err) => part.borrow_mut().error(err),
+                            }
+                        } else {
+                            let mut view = View::default();
+                            let mut changes = 0u64;
+                            read_until(&mut client, &mut view, window_end, |_, f| {
+                                if f[3] == "presence_diff" {
+                                    for side in ["joins", "leaves"] {
+                                        for (_, p) in f[4][side].as_object().into_iter().flatten() {
+                                            changes += p["metas"].as_array().map_or(0, |m| m.len() as u64);
+                                        }
+                                    }
+                                }
+                                false
+                            })
+                            .await;
+                            seen.fetch_add(changes, std::sync::atomic::Ordering::Relaxed);
+                            part.borrow_mut().b.record(changes).ok();
+                        }
+                    })
+                })
+                .collect();
+                join_all(tasks).await;
+                into_part(part)
+            }
+        })?;
+        let total = seen.load(std::sync::atomic::Ordering::Relaxed);
+        Ok((Part::merge(parts), json!({"seen": total})))
+    };
+    let on_phase = |k: usize| {
+        if k == 1 {
+            if let Some(cmd) = parent_restart.clone() {
+                run_restart(cmd);
+            }
+        }
+    };
+    let Some((p, extras)) = distributed(&c, on_phase, local)? else {
+        return Ok(());
+    };
+    let total = extras["seen"].as_u64().unwrap_or(0);
+    let reconnecting = (0..n).filter(|&i| i.is_multiple_of(every)).count();
+    let how = if restarting {
+        "lost their connection to a server restart"
+    } else {
+        "dropped at once"
+    };
+    println!("reconnect-storm: {n} clients in {topics} topics; {reconnecting} {how}, {} back and rejoined", p.ok);
+    p.print_errors();
+    println!("  drop -> rejoined us: {}", percentiles(&p.a));
+    println!("  all back after: {:.3} s", p.a.max() as f64 / 1e6);
+    println!("  presence changes seen by the {} that stayed, in {window_s} s: {total} in all; per client {}", p.b.len(), percentiles(&p.b));
+    write_json(
+        &c,
+        json!({"scenario": "reconnect-storm", "clients": n, "topics": topics, "reconnected": p.ok, "dropped": reconnecting,
+        "errors": p.errors, "rejoin_us": json_percentiles(&p.a), "changes_seen_total": total, "changes_seen_per_stayer": json_percentiles(&p.b)}),
+    )
+}

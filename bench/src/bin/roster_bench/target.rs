@@ -1,0 +1,55 @@
+//! Where the clients connect from and to: the URL and the source addresses.
+
+use crate::prelude::*;
+
+#[derive(Clone)]
+pub(crate) struct Target {
+    pub(crate) addr: SocketAddr,
+    pub(crate) path: String,
+    pub(crate) sources: Vec<IpAddr>,
+}
+
+impl Target {
+    pub(crate) fn parse(c: &Common) -> Result<Target, String> {
+        let rest = c.url.strip_prefix("ws://").ok_or("only ws:// URLs")?;
+        let (host, path) = rest.split_once('/').unwrap_or((rest, "socket"));
+        let addr = host
+            .to_socket_addrs()
+            .map_err(|e| e.to_string())?
+            .next()
+            .ok_or("no address")?;
+        if !addr.ip().is_loopback() {
+            return Err(format!(
+                "{addr} is not a loopback address; roster-bench only targets 127.0.0.0/8"
+            ));
+        }
+        let sources = match &c.source_addrs {
+            None => Vec::new(),
+            Some(range) => parse_range(range)?,
+        };
+        Ok(Target {
+            addr,
+            path: format!("/{}", path.trim_end_matches('/')),
+            sources,
+        })
+    }
+
+    pub(crate) fn source(&self, i: usize) -> Option<IpAddr> {
+        (!self.sources.is_empty()).then(|| self.sources[i % self.sources.len()])
+    }
+}
+
+pub(crate) fn parse_range(s: &str) -> Result<Vec<IpAddr>, String> {
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let a: Ipv4Addr = a.parse().map_err(|e| format!("{a}: {e}"))?;
+    let b: Ipv4Addr = b.parse().map_err(|e| format!("{b}: {e}"))?;
+    let (a, b) = (u32::from(a), u32::from(b));
+    if b < a || b - a > 65_536 {
+        return Err(format!("bad source range {s}"));
+    }
+    let v: Vec<IpAddr> = (a..=b).map(|x| IpAddr::V4(Ipv4Addr::from(x))).collect();
+    if v.iter().any(|ip| !ip.is_loopback()) {
+        return Err("source addresses must be in 127.0.0.0/8".into());
+    }
+    Ok(v)
+}
