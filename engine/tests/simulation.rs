@@ -16,7 +16,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use roster_engine::core::{Config, ConnId, MeshMsg, Millis, Output, Shard, UserKey};
+use roster_engine::core::{outbound, Config, ConnId, MeshMsg, Millis, Output, Shard, UserKey};
 use roster_engine::mesh::{Router, ShardId};
 use roster_proto::encode::{frame_kind, FrameKind};
 use serde_json::{json, Value};
@@ -32,6 +32,8 @@ const SHARD_COUNTS: &[u16] = &[1, 2, 3, 4, 7];
 const MAX_TOPICS: usize = 3;
 const MAX_META: usize = 64;
 const COUNT_INTERVAL: u64 = 1000;
+/// A stalled client's queue bound, small so that stalls overflow within a few frames.
+const MAX_OUTBOUND: usize = 1000;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Mode {
@@ -77,8 +79,6 @@ struct Client {
     /// Not reading: frames wait here, as in a socket buffer. The flag marks frames about a
     /// topic the client has since joined again or left (phoenix.js routes them by join_ref).
     stalled: Option<Vec<(Vec<u8>, bool)>>,
-    /// Its queued diffs were dropped and it has not drained since.
-    resyncing: bool,
 }
 
 impl Client {
@@ -127,6 +127,7 @@ struct Exercised {
     twins: u64,
     grace_expired: u64,
     watch_diffs: u64,
+    slow_closes: u64,
 }
 
 fn fail(msg: String) -> ! {
@@ -146,6 +147,7 @@ impl Sim {
             diff_window: Millis([0, 300][(variant % 2) as usize]),
             large_topic_threshold: 2,
             leave_grace: Millis([0, 700][(variant / 2 % 2) as usize]),
+            slow_consumer_timeout: Millis([30_000, 300][(variant / 4 % 2) as usize]),
             ref_seed: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15),
             ..Config::default()
         };
@@ -191,17 +193,38 @@ impl Sim {
                 Output::Close { conn, code, reason } => {
                     let c = self.clients.get_mut(&(s as u16, conn.0));
                     let c = c.unwrap_or_else(|| fail(format!("close for unknown conn {conn:?}")));
-                    if code.0 != 1007 || reason.is_empty() {
+                    let slow = code.0 == 1008 && reason == "slow consumer: not reading";
+                    if slow && c.stalled.is_none() {
+                        fail(format!(
+                            "slow-consumer close for a client reading: {conn:?}"
+                        ));
+                    }
+                    if !slow && (code.0 != 1007 || reason.is_empty()) {
                         fail(format!("unexpected close {code:?} {reason}"));
                     }
-                    c.closed_by_server = true;
+                    if slow {
+                        // What was queued before the close still goes out before it (the
+                        // runtime writes a connection's queue, then its close frame): the
+                        // client reads it, then the close.
+                        self.log.push(format!("slow close {:?}", (s, conn)));
+                        self.exercised.slow_closes += 1;
+                        self.drain((s as u16, conn.0));
+                        // Then it sees the close, and its socket is gone.
+                        self.close((s as u16, conn.0));
+                        continue;
+                    }
+                    if let Some(c) = self.clients.get_mut(&(s as u16, conn.0)) {
+                        c.closed_by_server = true;
+                    }
                 }
             }
         }
+        self.check_overflows(s);
     }
 
     /// A frame for a client: read now, or queued while it stalls, or dropped if it is a diff
-    /// for a slow consumer being resynced (as the server's runtime does).
+    /// for a slow consumer being resynced. What a queue holds, when it overflows and what that
+    /// drops are the core's `outbound` policy, as in the server's runtime.
     fn deliver_frame(&mut self, id: (u16, u32), frame: &[u8], kind: FrameKind) {
         // The driver trusts the core's label; it must be what the bytes say.
         if kind != frame_kind(frame) {
@@ -217,18 +240,40 @@ impl Sim {
                 String::from_utf8_lossy(frame)
             ))
         };
-        if c.resyncing && kind == FrameKind::Diff {
+        let resyncing = self.shards[id.0 as usize].is_resyncing(ConnId(id.1));
+        if resyncing && kind == FrameKind::Diff {
             self.log
                 .push(format!("  -x {id:?} {}", String::from_utf8_lossy(frame)));
             return;
         }
-        match &mut c.stalled {
-            Some(queue) => {
-                self.log
-                    .push(format!("  -| {id:?} {}", String::from_utf8_lossy(frame)));
-                queue.push((frame.to_vec(), false));
-            }
-            None => self.receive(id, frame),
+        let Some(queue) = &mut c.stalled else {
+            return self.receive(id, frame);
+        };
+        self.log
+            .push(format!("  -| {id:?} {}", String::from_utf8_lossy(frame)));
+        queue.push((frame.to_vec(), false));
+    }
+
+    /// After a batch of shard `s`'s outputs: a stalled client of it whose queue passed the
+    /// bound overflows. (The runtime checks at every frame; over a whole batch that drops the
+    /// same frames, and here every state of the batch is in the queue when the states the client
+    /// is owed are counted.)
+    fn check_overflows(&mut self, s: usize) {
+        let over: Vec<(u16, u32)> = self
+            .clients
+            .iter()
+            .filter(|(id, c)| id.0 as usize == s && !c.closed_by_server)
+            .filter_map(|(id, c)| {
+                let queue = c.stalled.as_ref()?;
+                let queued: usize = queue
+                    .iter()
+                    .map(|(f, _)| outbound::counted(frame_kind(f), f.len()))
+                    .sum();
+                outbound::overflows(queued, 0, MAX_OUTBOUND, queue.is_empty()).then_some(*id)
+            })
+            .collect();
+        for id in over {
+            self.overflow(id);
         }
     }
 
@@ -461,12 +506,11 @@ impl Sim {
                 self.send(id, json!([null, r, "phoenix", "heartbeat", {}]).to_string());
             }
             85..=90 => self.watch_change(id),
-            91..=93 => {
+            91..=96 => {
                 self.log.push(format!("stall {id:?}"));
                 let c = self.clients.get_mut(&id).expect("live");
                 c.stalled.get_or_insert_with(Vec::new);
             }
-            94..=96 => self.overflow(id),
             _ => self.drain(id),
         }
     }
@@ -518,18 +562,20 @@ impl Sim {
         );
     }
 
-    /// A stalled client's queue passed its bound: its queued diffs are dropped and the shard is
-    /// told, as the server's runtime does.
+    /// A stalled client's queue passed its bound: its queued diffs are dropped and the shard
+    /// resyncs it, as the server's runtime does.
     fn overflow(&mut self, id: (u16, u32)) {
+        let conn = ConnId(id.1);
+        let shard = id.0 as usize;
         let c = self.clients.get_mut(&id).expect("live");
         let Some(queue) = c.stalled.as_mut() else {
             return;
         };
-        if c.resyncing {
-            return;
+        queue.retain(|(f, _)| !outbound::dropped_on_overflow(frame_kind(f)));
+        if self.shards[shard].is_resyncing(conn) {
+            return; // Its diffs are dropped already; its timeout runs from the first overflow.
         }
         self.log.push(format!("overflow {id:?}"));
-        queue.retain(|(f, _)| frame_kind(f) != FrameKind::Diff);
         // Subscriptions the shard has given their state (read, or still queued) are live there,
         // and lose diffs now: one more state is owed to each.
         let queued_states: Vec<(Value, Value)> = queue
@@ -548,9 +594,10 @@ impl Sim {
                 t.owed_states = u32::from(queued) + 1;
             }
         }
-        c.resyncing = true;
-        self.shards[id.0 as usize].resync(ConnId(id.1));
-        self.collect(id.0 as usize);
+        // A connection the shard has closed already has nothing to resync.
+        if self.shards[shard].resync(conn) {
+            self.collect(shard);
+        }
     }
 
     /// The client joined again or left `topic` while frames about it were queued: phoenix.js
@@ -597,11 +644,10 @@ impl Sim {
                 self.receive(id, &f);
             }
         }
-        let c = self.clients.get_mut(&id).expect("live");
-        if std::mem::take(&mut c.resyncing) {
-            self.shards[id.0 as usize].drained(ConnId(id.1));
-            self.collect(id.0 as usize);
-        }
+        // Everything written: a resyncing connection gets its fresh states (the shard knows
+        // whether it is one).
+        self.shards[id.0 as usize].drained(ConnId(id.1));
+        self.collect(id.0 as usize);
     }
 
     fn open(&mut self) {
@@ -627,7 +673,6 @@ impl Sim {
                 expected_closes: Vec::new(),
                 closed_by_server: false,
                 stalled: None,
-                resyncing: false,
             },
         );
         self.collect(s as usize);
@@ -1086,6 +1131,7 @@ fn shards_agree_with_the_reference_model() {
         total.twins += e.twins;
         total.grace_expired += e.grace_expired;
         total.watch_diffs += e.watch_diffs;
+        total.slow_closes += e.slow_closes;
     }
     eprintln!("{seeds} seeds x {steps} steps exercised {total:?}");
     if seeds >= 100 {
@@ -1095,7 +1141,8 @@ fn shards_agree_with_the_reference_model() {
                 && total.takeovers > 0
                 && total.twins > 0
                 && total.grace_expired > 0
-                && total.watch_diffs > 0,
+                && total.watch_diffs > 0
+                && total.slow_closes > 0,
             "the simulation no longer exercises every feature: {total:?}"
         );
     }

@@ -25,6 +25,9 @@ pub struct Config {
     pub large_topic_threshold: u32,
     /// How long a closed connection's presences stay, for the same key to take them over.
     pub leave_grace: Millis,
+    /// A connection resyncing as a slow consumer that has not drained this long after it lost
+    /// its diffs is closed (1008).
+    pub slow_consumer_timeout: Millis,
     /// Mixed into every `phx_ref` this process makes, so refs from two runs of the server differ
     /// (a client that reconnects after a restart must not confuse old and new presences). The
     /// driver picks it at random; tests fix it.
@@ -47,6 +50,7 @@ impl Default for Config {
             diff_window: Millis(50),
             large_topic_threshold: 1000,
             leave_grace: Millis(0),
+            slow_consumer_timeout: Millis(30_000),
             ref_seed: 0,
             hash_seed: 0,
         }

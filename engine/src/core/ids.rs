@@ -32,6 +32,8 @@ pub struct CloseCode(pub u16);
 impl CloseCode {
     /// RFC 6455 1007: the frame's data is not consistent with the message type (not V2).
     pub const INVALID_PAYLOAD: CloseCode = CloseCode(1007);
+    /// RFC 6455 1008: the connection broke a policy (here: a slow consumer that did not drain).
+    pub const POLICY: CloseCode = CloseCode(1008);
 }
 
 /// Bytes of one encoded server frame. Reference-counted without atomics: a broadcast is encoded

@@ -25,6 +25,7 @@ mod invariants;
 pub mod latency;
 mod message;
 mod names;
+pub mod outbound;
 mod outbox;
 mod owner;
 mod shard;

@@ -11,7 +11,7 @@ use roster_proto::{
 };
 
 use crate::core::connection::{Connection, Joined};
-use crate::core::hash::{Map, Seeds, Set};
+use crate::core::hash::{Map, Seeds};
 use crate::core::names::Names;
 use crate::core::outbox::Outbox;
 pub use crate::core::outbox::Output;
@@ -40,6 +40,8 @@ pub struct ShardStats {
     pub diffs_coalesced: u64,
     /// Subscriptions given a fresh state after losing diffs (slow consumers).
     pub resyncs: u64,
+    /// Slow consumers closed for not draining within the timeout.
+    pub slow_closes: u64,
     /// Joins that took over a presence held by the leave grace (or their twin's, see
     /// `topic::Twin`).
     pub takeovers: u64,
@@ -90,9 +92,10 @@ pub struct Shard {
     clock_us: u64,
     /// From a phx_join's arrival to its reply, for joins answered so far.
     join_latency: Latency,
-    /// Slow consumers between [`Shard::resync`] and [`Shard::drained`]: the driver drops every
-    /// diff for them, so subscriptions that start meanwhile wait for the drain too.
-    resyncing: Set<ConnId>,
+    /// Slow consumers between [`Shard::resync`] and [`Shard::drained`], with when they lost
+    /// their diffs: the driver drops every diff for them, so subscriptions that start meanwhile
+    /// wait for the drain too. The one record of who is resyncing.
+    resyncing: Map<ConnId, Millis>,
     pub(crate) tx: Outbox,
     /// Scratch for encoding; its capacity is reused across frames.
     pub(crate) buf: Vec<u8>,
@@ -135,7 +138,7 @@ impl Shard {
             awaiting: seeds.map(),
             clock_us: 0,
             join_latency: Latency::default(),
-            resyncing: seeds.set(),
+            resyncing: seeds.map(),
             names: Names::new(seeds),
             tx: Outbox::new(id),
             buf: Vec::with_capacity(4096),
@@ -157,6 +160,13 @@ impl Shard {
     /// Outputs produced so far, in the order they must be carried out.
     pub fn outputs(&mut self) -> std::vec::Drain<'_, Output> {
         self.tx.out.drain(..)
+    }
+
+    /// The same, moved into `into` (which must be empty) without allocating: the driver can
+    /// then carry them out while it asks the shard about connections, or tells it of overflows.
+    pub fn take_outputs(&mut self, into: &mut Vec<Output>) {
+        debug_assert!(into.is_empty());
+        std::mem::swap(&mut self.tx.out, into);
     }
 
     /// A connection accepted on this shard, identified as `key`, with no token (development
@@ -223,17 +233,23 @@ impl Shard {
         self.announce_twins();
         self.end_windows();
         self.push_counts();
+        self.close_stuck();
         self.drain_local();
         self.flush();
     }
 
-    /// The driver dropped the diffs queued for `conn` (it was not reading them fast enough): no
-    /// more diffs go to it until [`Shard::drained`], which gives it fresh states.
-    pub fn resync(&mut self, conn: ConnId) {
+    /// The driver dropped the diffs queued for `conn` (its queue overflowed, see
+    /// [`outbound`](crate::core::outbound)): no more diffs go to it until [`Shard::drained`],
+    /// which gives it fresh states. False if it was resyncing already (its timeout keeps running
+    /// from the first overflow) or is not here.
+    pub fn resync(&mut self, conn: ConnId) -> bool {
         let Some(c) = self.conns.get_mut(&conn) else {
-            return;
+            return false;
         };
-        self.resyncing.insert(conn);
+        if self.resyncing.contains_key(&conn) {
+            return false;
+        }
+        self.resyncing.insert(conn, self.now);
         for j in c.joins.iter_mut() {
             if j.mode != PresenceMode::Full || j.awaiting_reply || j.stale {
                 continue;
@@ -246,12 +262,40 @@ impl Shard {
                 j.stale = true;
             }
         }
+        true
     }
 
-    /// Everything queued for `conn` has been written: each subscription that lost diffs gets a
-    /// fresh `presence_state` (from the owner, or from the watch replicas).
+    /// Whether `conn` is resyncing: the driver drops its diffs, and tells [`Shard::drained`]
+    /// once it has written everything.
+    pub fn is_resyncing(&self, conn: ConnId) -> bool {
+        self.resyncing.contains_key(&conn)
+    }
+
+    /// Slow consumers that did not drain within the timeout are closed (1008).
+    fn close_stuck(&mut self) {
+        let timeout = self.config.slow_consumer_timeout;
+        let now = self.now;
+        let mut stuck: Vec<ConnId> = self
+            .resyncing
+            .iter()
+            .filter(|(_, since)| now.0.saturating_sub(since.0) >= timeout.0)
+            .map(|(c, _)| *c)
+            .collect();
+        // The table's order is the hasher's: close in a fixed order.
+        stuck.sort_unstable();
+        for conn in stuck {
+            self.stats.slow_closes += 1;
+            self.close_with(conn, CloseCode::POLICY, "slow consumer: not reading");
+        }
+    }
+
+    /// Everything queued for `conn` has been written: if it was resyncing, each subscription
+    /// that lost diffs gets a fresh `presence_state` (from the owner, or from the watch
+    /// replicas). Nothing to do otherwise.
     pub fn drained(&mut self, conn: ConnId) {
-        self.resyncing.remove(&conn);
+        if self.resyncing.remove(&conn).is_none() {
+            return;
+        }
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -323,12 +367,20 @@ impl Shard {
             .windows
             .iter()
             .filter_map(|name| self.topics.get(name)?.window_until);
+        let timeout = self.config.slow_consumer_timeout.0;
+        let stuck = self
+            .resyncing
+            .values()
+            .map(|since| Millis(since.0.saturating_add(timeout)));
         let queued = [
             self.held.front().map(|h| h.0),
             self.twins_due.front().map(|t| t.0),
             self.count_wake,
         ];
-        windows.chain(queued.into_iter().flatten()).min()
+        windows
+            .chain(stuck)
+            .chain(queued.into_iter().flatten())
+            .min()
     }
 
     /// How long joins took from their arrival to their reply, so far.
@@ -644,7 +696,7 @@ impl Shard {
         }
         let seq = joined.seq;
         let jr: Option<Box<str>> = joined.join_ref().map(Box::from);
-        let resyncing = self.resyncing.contains(&conn);
+        let resyncing = self.resyncing.contains_key(&conn);
         if resyncing {
             // Its diffs would be dropped: the state comes once the connection drains.
             joined.stale = true;
@@ -891,7 +943,7 @@ impl Shard {
         let mode = joined.mode;
         // A slow consumer's diffs are being dropped: a full subscription that starts now gets
         // its state once the connection drains, not a state followed by lost diffs.
-        let deferred = mode == PresenceMode::Full && self.resyncing.contains(&conn);
+        let deferred = mode == PresenceMode::Full && self.resyncing.contains_key(&conn);
         if deferred {
             joined.stale = true;
         } else {

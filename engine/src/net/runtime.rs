@@ -15,7 +15,7 @@ use slab::Slab;
 use smallvec::SmallVec;
 
 use crate::config::ServerConfig;
-use crate::core::{Config, ConnId, Frame, Latency, MeshMsg, Millis, Output, Shard};
+use crate::core::{outbound, Config, ConnId, Frame, Latency, MeshMsg, Millis, Output, Shard};
 use crate::identity::{self, Identity, Verifier};
 use crate::mesh::ShardId;
 use crate::net::admin::{Board, Figure, LatencyOf, Query, ERRORS, REFUSALS};
@@ -65,7 +65,6 @@ pub struct Stats {
     pub accepted: Cell<u64>,
     pub handshake_failures: Cell<u64>,
     pub accept_errors: Cell<u64>,
-    pub slow_closes: Cell<u64>,
     pub heartbeat_closes: Cell<u64>,
     /// Slow consumers whose queued diffs were dropped (each gets fresh states once drained).
     pub slow_resyncs: Cell<u64>,
@@ -98,9 +97,6 @@ pub struct Runtime {
     pub peer_signals: Vec<Signal>,
     /// Connections that stopped reading because the rings are backed up.
     paused: RefCell<HashSet<ConnId>>,
-    /// Slow consumers that lost diffs, with when (ms): they get fresh states once drained, or
-    /// are closed if that takes longer than the slow-consumer timeout.
-    resyncing: RefCell<HashMap<ConnId, u64>>,
     /// Connections with a message partly received, with since when (ms): it must be complete
     /// within the message timeout.
     partial: RefCell<HashMap<ConnId, u64>>,
@@ -126,6 +122,8 @@ pub struct Runtime {
     published_ms: Cell<u64>,
     /// How long frames waited in connections' queues before their task wrote them.
     delivery: RefCell<Latency>,
+    /// The core's outputs while they are carried out (kept for its capacity).
+    outputs: RefCell<Vec<Output>>,
     /// When the tick task will next run (ms), and the signal that makes it look again.
     wake_at: Cell<u64>,
     pub rewake: Signal,
@@ -167,6 +165,7 @@ impl Runtime {
                 diff_window: Millis(config.diff_window.as_millis() as u64),
                 large_topic_threshold: config.large_topic_threshold,
                 leave_grace: Millis(config.leave_grace.as_millis() as u64),
+                slow_consumer_timeout: Millis(config.slow_consumer_timeout.as_millis() as u64),
                 ref_seed: shared.seeds.refs,
                 hash_seed: shared.seeds.hashing,
             },
@@ -182,7 +181,6 @@ impl Runtime {
             peer_queues: (0..n).map(|_| RefCell::new(Vec::new())).collect(),
             peer_signals: (0..n).map(|_| Signal::default()).collect(),
             paused: RefCell::new(HashSet::new()),
-            resyncing: RefCell::new(HashMap::new()),
             partial: RefCell::new(HashMap::new()),
             flush: Signal::default(),
             wheel: RefCell::new(Wheel::new(slots.min(4096), WHEEL_GRANULARITY_MS, 0)),
@@ -198,6 +196,7 @@ impl Runtime {
             board: shared.board,
             published_ms: Cell::new(0),
             delivery: RefCell::new(Latency::default()),
+            outputs: RefCell::new(Vec::new()),
             wake_at: Cell::new(0),
             rewake: Signal::default(),
             config,
@@ -273,7 +272,6 @@ impl Runtime {
     /// The connection's task is ending: its presences leave.
     pub fn closed(&self, conn: ConnId) {
         self.conns.borrow_mut().try_remove(conn.0 as usize);
-        self.resyncing.borrow_mut().remove(&conn);
         self.partial.borrow_mut().remove(&conn);
         self.core().close(conn);
         self.dispatch();
@@ -396,13 +394,6 @@ impl Runtime {
                 .set(self.stats.heartbeat_closes.get() + 1);
             self.close(conn, 1000, "heartbeat timeout");
         }
-        let stuck_after = self.config.slow_consumer_timeout.as_millis() as u64;
-        let stuck = overdue(&self.resyncing, now, stuck_after);
-        for conn in stuck {
-            self.resyncing.borrow_mut().remove(&conn);
-            self.stats.slow_closes.set(self.stats.slow_closes.get() + 1);
-            self.close(conn, 1008, "slow consumer: not reading");
-        }
         let message_timeout = self.config.message_timeout.as_millis() as u64;
         let unfinished = overdue(&self.partial, now, message_timeout);
         for conn in unfinished {
@@ -448,7 +439,7 @@ impl Runtime {
             (Figure::MessagesIn, s.messages_in.get()),
             (Figure::FramesOut, s.frames_out.get()),
             (Figure::Resyncs, s.slow_resyncs.get()),
-            (Figure::SlowCloses, s.slow_closes.get()),
+            (Figure::SlowCloses, stats.slow_closes),
             (Figure::HeartbeatCloses, s.heartbeat_closes.get()),
         ] {
             board.set(f, v);
@@ -474,16 +465,18 @@ impl Runtime {
         }
     }
 
-    /// Carries out what the core asked for.
+    /// Carries out what the core asked for. The outputs are moved out of the core first, so
+    /// that a queue overflowing midway can start the connection's resync at once: the diffs
+    /// after it in the same batch are then dropped like every later one.
     fn dispatch(&self) {
-        let mut slow = Vec::new();
+        let mut outputs = std::mem::take(&mut *self.outputs.borrow_mut());
         // Read once, and only if a frame is queued.
         let mut now_us = None;
         {
             let mut core = self.core.borrow_mut();
+            core.take_outputs(&mut outputs);
             let mut conns = self.conns.borrow_mut();
-            let mut resyncing = self.resyncing.borrow_mut();
-            for o in core.outputs() {
+            for o in outputs.drain(..) {
                 match o {
                     Output::Send { conn, frame, kind } => {
                         let Some(slot) = conns.get_mut(conn.0 as usize) else {
@@ -492,25 +485,22 @@ impl Runtime {
                         if slot.close.is_some() {
                             continue;
                         }
-                        if kind == FrameKind::Diff && resyncing.contains_key(&conn) {
+                        if kind == FrameKind::Diff && core.is_resyncing(conn) {
                             continue; // It gets a fresh state when it drains.
                         }
-                        let counted = counted(kind, &frame);
-                        let queued = slot.out_bytes as usize + counted;
-                        if queued > self.config.max_outbound_bytes && !slot.out.is_empty() {
-                            // Slow consumer: presence is state, not a log. Its queued diffs go,
-                            // and so does this one if it is a diff; replies and states stay.
-                            slot.out.retain(|f| frame_kind(f) != FrameKind::Diff);
+                        let counted = outbound::counted(kind, frame.len());
+                        let max = self.config.max_outbound_bytes;
+                        let queued = slot.out_bytes as usize;
+                        if outbound::overflows(queued, counted, max, slot.out.is_empty()) {
+                            slot.out
+                                .retain(|f| !outbound::dropped_on_overflow(frame_kind(f)));
                             slot.out_bytes = counted_bytes(&slot.out);
-                            // Already resyncing (replies or counts alone went past the bound):
-                            // its stuck timer keeps running from the first time.
-                            if let std::collections::hash_map::Entry::Vacant(v) =
-                                resyncing.entry(conn)
-                            {
-                                v.insert(self.now_ms());
-                                slow.push(conn);
+                            if core.resync(conn) {
+                                self.stats
+                                    .slow_resyncs
+                                    .set(self.stats.slow_resyncs.get() + 1);
                             }
-                            if kind == FrameKind::Diff {
+                            if outbound::dropped_on_overflow(kind) {
                                 continue;
                             }
                         }
@@ -540,27 +530,14 @@ impl Runtime {
                 }
             }
         }
-        if !slow.is_empty() {
-            self.stats
-                .slow_resyncs
-                .set(self.stats.slow_resyncs.get() + slow.len() as u64);
-            let mut core = self.core();
-            for conn in slow {
-                core.resync(conn);
-            }
-            drop(core);
-            self.dispatch();
-        }
+        *self.outputs.borrow_mut() = outputs;
     }
 
     /// The connection's task wrote everything queued for it: a slow consumer that lost diffs
     /// gets its fresh states now.
     pub fn drained(&self, conn: ConnId) {
-        {
-            let mut resyncing = self.resyncing.borrow_mut();
-            if resyncing.is_empty() || resyncing.remove(&conn).is_none() {
-                return;
-            }
+        if !self.core.borrow().is_resyncing(conn) {
+            return;
         }
         self.core().drained(conn);
         self.dispatch();
@@ -679,19 +656,11 @@ fn overdue(since: &RefCell<HashMap<ConnId, u64>>, now: u64, after: u64) -> Vec<C
 /// Bytes of queued `frames` that count toward max_outbound_bytes. Only on overflow, so the
 /// frames' kinds are read back from their bytes rather than kept beside each of them.
 fn counted_bytes(frames: &[Frame]) -> u32 {
-    let n: usize = frames.iter().map(|f| counted(frame_kind(f), f)).sum();
+    let n: usize = frames
+        .iter()
+        .map(|f| outbound::counted(frame_kind(f), f.len()))
+        .sum();
     n.min(u32::MAX as usize) as u32
-}
-
-/// Bytes of a frame that count toward max_outbound_bytes: a state is what the client asked for
-/// by joining, bounded by the topics it may join; only the rest counts, or a joiner of a room
-/// whose state is over the limit would be resynced by its first diff.
-fn counted(kind: FrameKind, frame: &Frame) -> usize {
-    if kind == FrameKind::State {
-        0
-    } else {
-        frame.len()
-    }
 }
 
 #[cfg(test)]
