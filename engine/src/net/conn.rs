@@ -14,6 +14,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketContext};
 use tungstenite::{Error as WsError, Message};
 
+use crate::core::rate::MessageRate;
 use crate::core::{ConnId, Frame};
 use crate::identity::Identity;
 use crate::net::admission::Ticket;
@@ -59,7 +60,7 @@ pub async fn serve(rt: Rc<Runtime>, mut stream: TcpStream) {
             read_closed: false,
             cursor: FrameCursor::default(),
             partial: false,
-            bucket: Bucket::full(rt.config.max_msgs_per_sec, rt.now_ms()),
+            bucket: MessageRate::full(rt.config.max_msgs_per_sec, rt.now_ms()),
             _ticket: ticket.map(Box::new),
         };
         if !leftover.is_empty() {
@@ -246,45 +247,9 @@ struct Conn {
     cursor: FrameCursor,
     /// A message is partly received (its deadline runs in the runtime).
     partial: bool,
-    bucket: Bucket,
+    bucket: MessageRate,
     /// Its place among the counted connections, given back when the task ends.
     _ticket: Option<Box<Ticket>>,
-}
-
-/// Messages a connection may still send: a token bucket holding one second's worth, in
-/// thousandths of a message so that it refills every millisecond.
-struct Bucket {
-    milli: u32,
-    at_ms: u32,
-}
-
-impl Bucket {
-    fn full(per_sec: u32, now_ms: u64) -> Self {
-        Bucket {
-            milli: per_sec.saturating_mul(1000),
-            at_ms: now_ms as u32,
-        }
-    }
-
-    /// Takes one message's worth; false when there is none (0 = no limit).
-    fn take(&mut self, per_sec: u32, now_ms: u64) -> bool {
-        if per_sec == 0 {
-            return true;
-        }
-        let now = now_ms as u32;
-        let elapsed = now.wrapping_sub(self.at_ms);
-        self.at_ms = now;
-        let cap = per_sec.saturating_mul(1000);
-        self.milli = self
-            .milli
-            .saturating_add(elapsed.saturating_mul(per_sec))
-            .min(cap);
-        if self.milli < 1000 {
-            return false;
-        }
-        self.milli -= 1000;
-        true
-    }
 }
 
 impl Conn {
@@ -518,24 +483,5 @@ impl Conn {
         let _ = self.ws.close(&mut io, Some(frame));
         let _ = self.ws.flush(&mut io);
         self.closing = true;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Bucket;
-
-    #[test]
-    fn the_bucket_holds_a_second_and_refills() {
-        let mut b = Bucket::full(10, 1_000);
-        assert_eq!((0..20).filter(|_| b.take(10, 1_000)).count(), 10);
-        assert!(!b.take(10, 1_050), "half a message refilled");
-        assert!(b.take(10, 1_150));
-        assert_eq!(
-            (0..20).filter(|_| b.take(10, 10_000)).count(),
-            10,
-            "never more than a second's worth"
-        );
-        assert!(Bucket::full(0, 0).take(0, 0), "0 = no limit");
     }
 }

@@ -15,6 +15,7 @@ use slab::Slab;
 use smallvec::SmallVec;
 
 use crate::config::ServerConfig;
+use crate::core::liveness::{heartbeat, Heartbeat};
 use crate::core::{outbound, Config, ConnId, Frame, Latency, MeshMsg, Millis, Output, Shard};
 use crate::identity::{self, Identity, Verifier};
 use crate::mesh::ShardId;
@@ -377,14 +378,13 @@ impl Runtime {
                 else {
                     continue; // closed since
                 };
-                let silent = (now as u32).wrapping_sub(slot.last_seen_ms) as u64;
-                let deadline = now + timeout.saturating_sub(silent);
                 // A connection we stopped reading (rings backed up) may well have sent its
-                // heartbeat: do not hold our own backpressure against it.
-                if deadline <= now && !paused.contains(&conn) {
-                    expired.push(conn);
-                } else {
-                    wheel.insert((conn, generation), deadline.max(now + WHEEL_GRANULARITY_MS));
+                // heartbeat: our own backpressure is not held against it.
+                match heartbeat(slot.last_seen_ms, now, timeout, paused.contains(&conn)) {
+                    Heartbeat::Expired => expired.push(conn),
+                    Heartbeat::CheckAt(at) => {
+                        wheel.insert((conn, generation), at.max(now + WHEEL_GRANULARITY_MS))
+                    }
                 }
             }
         }
