@@ -4,7 +4,9 @@
 //! shards (one per core), and producing the frames that tell subscribers about it.
 //!
 //! - [`core`]: the sans-IO shard state machine. Inputs in (client frames, connection events, shard
-//!   messages, ticks), outputs out (frames, closes, shard messages). No sockets, clocks or threads.
+//!   messages, the driver's clock before each, ticks when it asks for them with `poll_timeout`),
+//!   outputs out (frames, closes, shard messages), and the policies the driver applies (slow
+//!   consumers, heartbeats, message rate). No sockets, clocks or threads.
 //! - [`mesh`]: which shard owns a topic or a user key.
 //! - [`net`]: glommio executors, listeners, WebSocket connections, rings and timers.
 //! - [`config`]: the server's options.

@@ -32,7 +32,9 @@ impl<'a> ClientMeta<'a> {
         if !text.starts_with('{') {
             return Err(PayloadError::MetaNotObject);
         }
-        serde_json::from_str::<Strict>(text).map_err(|_| PayloadError::MetaInvalid)?;
+        if may_be_refused(text) {
+            serde_json::from_str::<Strict>(text).map_err(|_| PayloadError::MetaInvalid)?;
+        }
         Ok(ClientMeta { raw: Some(text) })
     }
 
@@ -123,6 +125,29 @@ impl<'a> ClientMeta<'a> {
         // `raw` was decoded strictly by `parse` (every key unescaped), so this cannot fail.
         let _ = de::Deserializer::deserialize_map(&mut de, Fields(&mut f));
     }
+}
+
+/// Whether syntactically valid JSON `text` may still be refused by a strict decoder, so that
+/// most metas skip the second pass. Without a backslash every string is the UTF-8 it is written
+/// in (no escape can make a lone surrogate); without an exponent and without a run of 300 or more
+/// digits every number is below 10^300, well inside f64. False positives ("e" after a digit in a
+/// string) only cost the strict pass.
+fn may_be_refused(text: &str) -> bool {
+    let mut digits = 0usize;
+    for b in text.bytes() {
+        match b {
+            b'\\' => return true,
+            b'0'..=b'9' => {
+                digits += 1;
+                if digits >= 300 {
+                    return true;
+                }
+            }
+            b'e' | b'E' if digits > 0 => return true,
+            _ => digits = 0,
+        }
+    }
+    false
 }
 
 /// Any JSON value, decoded the way a strict decoder would (every string unescaped, every number
@@ -384,6 +409,24 @@ mod tests {
         ] {
             assert!(ClientMeta::from_json(good).is_ok(), "{good}");
         }
+    }
+
+    #[test]
+    fn the_fast_path_skips_only_what_cannot_be_refused() {
+        for needs in [r#"{"a":"\n"}"#, r#"{"a":1e5}"#, r#"{"a":2E-3}"#] {
+            assert!(may_be_refused(needs), "{needs}");
+        }
+        let long = format!(r#"{{"a":{}}}"#, "9".repeat(300));
+        assert!(may_be_refused(&long));
+        for plain in [
+            r#"{"page":"/home","n":12345,"x":-0.5,"ok":true}"#,
+            r#"{"e":"eee"}"#,
+        ] {
+            assert!(!may_be_refused(plain), "{plain}");
+        }
+        // 309 nines is past f64::MAX: the fast path must not let it through.
+        let huge = format!(r#"{{"a":{}}}"#, "9".repeat(309));
+        assert_eq!(ClientMeta::from_json(&huge), Err(PayloadError::MetaInvalid));
     }
 
     #[test]
