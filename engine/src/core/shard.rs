@@ -347,8 +347,9 @@ impl Shard {
     }
 
     /// When the shard next needs [`Shard::tick`]: the earliest end of a coalescing window, of a
-    /// leave grace or a twin's grace, or of a count interval with a change waiting. None when
-    /// nothing waits on time. The driver sleeps until then (or less); ticking early is harmless.
+    /// leave grace or a twin's grace, of a count interval with a change waiting, or of a slow
+    /// consumer's time to drain. None when nothing waits on time. The driver sleeps until then
+    /// (or less); ticking early is harmless.
     pub fn poll_timeout(&mut self) -> Option<Millis> {
         // New count changes are appended; read only those not seen yet.
         let interval = self.config.count_interval;
