@@ -262,6 +262,8 @@ impl ServerConfig {
             }
             None => FileConfig::default(),
         };
+        // The core's limits have their defaults in one place.
+        let core = crate::core::Config::DEFAULT;
         let c = ServerConfig {
             listen: cli
                 .listen
@@ -277,10 +279,19 @@ impl ServerConfig {
             max_topics_per_conn: cli
                 .max_topics_per_conn
                 .or(file.max_topics_per_conn)
-                .unwrap_or(100),
-            max_meta_bytes: cli.max_meta_bytes.or(file.max_meta_bytes).unwrap_or(1024),
-            max_topic_bytes: cli.max_topic_bytes.or(file.max_topic_bytes).unwrap_or(255),
-            max_ref_bytes: cli.max_ref_bytes.or(file.max_ref_bytes).unwrap_or(64),
+                .unwrap_or(core.max_topics_per_conn),
+            max_meta_bytes: cli
+                .max_meta_bytes
+                .or(file.max_meta_bytes)
+                .unwrap_or(core.max_meta_bytes),
+            max_topic_bytes: cli
+                .max_topic_bytes
+                .or(file.max_topic_bytes)
+                .unwrap_or(core.max_topic_bytes),
+            max_ref_bytes: cli
+                .max_ref_bytes
+                .or(file.max_ref_bytes)
+                .unwrap_or(core.max_ref_bytes),
             max_frame_bytes: cli
                 .max_frame_bytes
                 .or(file.max_frame_bytes)
@@ -292,23 +303,27 @@ impl ServerConfig {
             count_interval: Duration::from_millis(
                 cli.count_interval_ms
                     .or(file.count_interval_ms)
-                    .unwrap_or(1000),
+                    .unwrap_or(core.count_interval.0),
             ),
             slow_consumer_timeout: Duration::from_millis(
                 cli.slow_consumer_timeout_ms
                     .or(file.slow_consumer_timeout_ms)
-                    .unwrap_or(30_000),
+                    .unwrap_or(core.slow_consumer_timeout.0),
             ),
-            max_watch: cli.max_watch.or(file.max_watch).unwrap_or(1000),
+            max_watch: cli.max_watch.or(file.max_watch).unwrap_or(core.max_watch),
             diff_window: Duration::from_millis(
-                cli.diff_window_ms.or(file.diff_window_ms).unwrap_or(50),
+                cli.diff_window_ms
+                    .or(file.diff_window_ms)
+                    .unwrap_or(core.diff_window.0),
             ),
             large_topic_threshold: cli
                 .large_topic_threshold
                 .or(file.large_topic_threshold)
-                .unwrap_or(1000),
+                .unwrap_or(core.large_topic_threshold),
             leave_grace: Duration::from_millis(
-                cli.leave_grace_ms.or(file.leave_grace_ms).unwrap_or(0),
+                cli.leave_grace_ms
+                    .or(file.leave_grace_ms)
+                    .unwrap_or(core.leave_grace.0),
             ),
             ring_capacity: cli.ring_capacity.or(file.ring_capacity).unwrap_or(1024),
             secret: secret(cli.secret_file.as_deref().or(file.secret_file.as_deref()))?,
@@ -380,6 +395,69 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--help` states each default in words; the values come from `resolve` (and, for the
+    /// core's limits, from `core::Config::DEFAULT`). They must say the same.
+    #[test]
+    fn help_states_the_defaults_resolve_gives() {
+        use clap::CommandFactory;
+        let c = ServerConfig::resolve(Cli::default(), 8).unwrap();
+        let ms = |d: Duration| d.as_millis().to_string();
+        let want: Vec<(&str, String)> = vec![
+            ("listen", c.listen.to_string()),
+            ("backlog", c.backlog.to_string()),
+            ("heartbeat_timeout_ms", ms(c.heartbeat_timeout)),
+            ("max_topics_per_conn", c.max_topics_per_conn.to_string()),
+            ("max_meta_bytes", c.max_meta_bytes.to_string()),
+            ("max_topic_bytes", c.max_topic_bytes.to_string()),
+            ("max_ref_bytes", c.max_ref_bytes.to_string()),
+            ("max_frame_bytes", c.max_frame_bytes.to_string()),
+            ("max_outbound_bytes", c.max_outbound_bytes.to_string()),
+            ("count_interval_ms", ms(c.count_interval)),
+            ("slow_consumer_timeout_ms", ms(c.slow_consumer_timeout)),
+            ("max_watch", c.max_watch.to_string()),
+            ("diff_window_ms", ms(c.diff_window)),
+            ("large_topic_threshold", c.large_topic_threshold.to_string()),
+            ("leave_grace_ms", ms(c.leave_grace)),
+            ("ring_capacity", c.ring_capacity.to_string()),
+            ("max_msgs_per_sec", c.max_msgs_per_sec.to_string()),
+            ("max_connections", c.max_connections.to_string()),
+            ("max_conns_per_ip", c.max_conns_per_ip.to_string()),
+            ("max_handshakes", c.max_handshakes.to_string()),
+            ("max_handshakes_per_ip", c.max_handshakes_per_ip.to_string()),
+            ("handshake_timeout_ms", ms(c.handshake_timeout)),
+            ("max_request_bytes", c.max_request_bytes.to_string()),
+            ("message_timeout_ms", ms(c.message_timeout)),
+            ("admin_listen", c.admin_listen.to_string()),
+            ("admin_max_conns", c.admin_max_conns.to_string()),
+            ("admin_timeout_ms", ms(c.admin_timeout)),
+        ];
+        let cmd = Cli::command();
+        let mut checked = 0;
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let Some(stated) = help.split("[default: ").nth(1) else {
+                continue;
+            };
+            let stated: String = stated
+                .chars()
+                .take_while(|ch| !matches!(ch, ']' | ';' | ','))
+                .collect();
+            match want.iter().find(|(name, _)| *name == id) {
+                Some((_, value)) => {
+                    assert_eq!(&stated, value, "--help of {id}");
+                    checked += 1;
+                }
+                // Defaults in words ("the CPUs this process may use", "none") are not numbers.
+                None => assert!(
+                    !stated.starts_with(|ch: char| ch.is_ascii_digit()),
+                    "{id} states default {stated}: add it to this test"
+                ),
+            }
+        }
+        assert_eq!(checked, want.len(), "every option above states its default");
+    }
 
     #[test]
     fn flags_override_file_over_defaults() {

@@ -37,22 +37,28 @@ pub struct Config {
     pub hash_seed: u64,
 }
 
+impl Config {
+    /// PROTOCOL.md's defaults: the one place they are written (the server's options take theirs
+    /// from here).
+    pub const DEFAULT: Config = Config {
+        shards: 1,
+        max_topics_per_conn: 100,
+        max_meta_bytes: 1024,
+        max_topic_bytes: 255,
+        max_ref_bytes: 64,
+        count_interval: Millis(1000),
+        max_watch: 1000,
+        diff_window: Millis(50),
+        large_topic_threshold: 1000,
+        leave_grace: Millis(0),
+        slow_consumer_timeout: Millis(30_000),
+        ref_seed: 0,
+        hash_seed: 0,
+    };
+}
+
 impl Default for Config {
     fn default() -> Self {
-        Config {
-            shards: 1,
-            max_topics_per_conn: 100,
-            max_meta_bytes: 1024,
-            max_topic_bytes: 255,
-            max_ref_bytes: 64,
-            count_interval: Millis(1000),
-            max_watch: 1000,
-            diff_window: Millis(50),
-            large_topic_threshold: 1000,
-            leave_grace: Millis(0),
-            slow_consumer_timeout: Millis(30_000),
-            ref_seed: 0,
-            hash_seed: 0,
-        }
+        Config::DEFAULT
     }
 }
