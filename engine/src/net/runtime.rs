@@ -262,10 +262,15 @@ impl Runtime {
     /// A text message from a client.
     pub fn client_frame(&self, conn: ConnId, bytes: &[u8]) {
         self.stats.messages_in.set(self.stats.messages_in.get() + 1);
+        // One clock read for both: the heartbeat's activity and the core's clock.
+        let now_us = self.now_us();
         if let Some(slot) = self.conns.borrow_mut().get_mut(conn.0 as usize) {
-            slot.last_seen_ms = self.now_ms() as u32;
+            slot.last_seen_ms = (now_us / 1000) as u32;
         }
-        self.core().frame(conn, bytes);
+        let mut core = self.core.borrow_mut();
+        core.advance(now_us);
+        core.frame(conn, bytes);
+        drop(core);
         self.dispatch();
         self.flush.notify();
     }
