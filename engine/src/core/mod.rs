@@ -9,7 +9,8 @@
 //!
 //! plus, for every topic any local connection subscribes to, the local subscriber set that fan-out
 //! writes to ([`subscribers`]), and a replica of every user a local connection watches
-//! ([`watch`]). The client side is in `shard.rs`, the owner side in `owner.rs`.
+//! ([`watch`]). The client side is in `shard.rs`, the owner sides in `topic_owner.rs` and
+//! `user_owner.rs`, each with its own state.
 //!
 //! Everything crosses between shards as a [`MeshMsg`], even when both ends are this shard, so the
 //! local fast path and the cross-core path are the same code. The driver (glommio in the server, a
@@ -28,12 +29,14 @@ mod message;
 mod names;
 pub mod outbound;
 mod outbox;
-mod owner;
 pub mod rate;
+mod resync;
 mod shard;
 mod subscribers;
 mod topic;
+mod topic_owner;
 mod user;
+mod user_owner;
 mod watch;
 
 pub use config::Config;

@@ -1,7 +1,6 @@
 //! The shard state machine, client side: connections' frames in, replies and requests to owners
 //! out. What a shard does as a topic owner or user owner is in `owner.rs`.
 
-use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -15,8 +14,9 @@ use crate::core::hash::{Map, Seeds};
 use crate::core::names::Names;
 use crate::core::outbox::Outbox;
 pub use crate::core::outbox::Output;
+use crate::core::resync::Resyncing;
 use crate::core::subscribers::LocalSubs;
-use crate::core::topic::Topic;
+use crate::core::topic_owner::{Env, TopicOwner};
 use crate::core::user::Users;
 use crate::core::watch::{is_watch_topic, Watches};
 use crate::core::{
@@ -62,28 +62,21 @@ type StateFrame = (Arc<[u8]>, Option<Box<str>>, Frame);
 /// Longest user key a watch list may name (as the handshake's `user_id`).
 const MAX_KEY_BYTES: usize = 255;
 
+/// One shard: the connection side (its connections, what they joined, the joins awaiting
+/// their owners, the resync record) in this file, composed with the parts that keep their own
+/// state: the topic owner (`topic_owner.rs`), the user owner (`user.rs`, `user_owner.rs`), the
+/// local subscriber sets (`subscribers.rs`), the watch replicas (`watch.rs`) and the outbox.
 pub struct Shard {
-    pub(crate) id: ShardId,
-    pub(crate) router: Router,
-    pub(crate) config: Config,
-    /// Seeds of every hash table below (see `hash.rs`).
-    pub(crate) seeds: Seeds,
+    id: ShardId,
+    router: Router,
+    config: Config,
     conns: Map<ConnId, Connection>,
-    pub(crate) topics: Map<TopicName, Topic>,
-    /// Topics with changes not yet sent as a diff.
-    pub(crate) to_flush: Vec<TopicName>,
-    /// Topics whose counts changed since the last `presence_count` push.
-    pub(crate) to_count: Vec<TopicName>,
-    /// Topics with an open coalescing window.
-    pub(crate) windows: Vec<TopicName>,
-    /// Presences held by the leave grace, in the order their grace ends.
-    pub(crate) held: VecDeque<(Millis, TopicName, UserKey, PhxRef)>,
-    /// Topics with twins (unannounced joins, see `topic::Twin`), in the order their grace ends.
-    pub(crate) twins_due: VecDeque<(Millis, TopicName)>,
-    pub(crate) users: Users,
+    owner: TopicOwner,
+    users: Users,
     subs: LocalSubs,
     watches: Watches,
-    pub(crate) names: Names,
+    /// One copy of each topic name in use on this shard, shared by both sides.
+    names: Names,
     /// `ref` of each phx_join still waiting for its owner, by (connection, join seq), and when
     /// it came (the driver's clock, for the join latency).
     awaiting: Map<(ConnId, u32), Awaiting>,
@@ -92,13 +85,10 @@ pub struct Shard {
     clock_us: u64,
     /// From a phx_join's arrival to its reply, for joins answered so far.
     join_latency: Latency,
-    /// Slow consumers between [`Shard::resync`] and [`Shard::drained`], with when they lost
-    /// their diffs: the driver drops every diff for them, so subscriptions that start meanwhile
-    /// wait for the drain too. The one record of who is resyncing.
-    resyncing: Map<ConnId, Millis>,
-    pub(crate) tx: Outbox,
+    resyncing: Resyncing,
+    tx: Outbox,
     /// Scratch for encoding; its capacity is reused across frames.
-    pub(crate) buf: Vec<u8>,
+    buf: Vec<u8>,
     next_ref: u64,
     join_seq: u32,
     /// The last presence_state frame made from a shared state, for the next joiner with the
@@ -107,13 +97,12 @@ pub struct Shard {
     /// Dropped at the end of each batch.
     last_state: Option<StateFrame>,
     /// The driver's clock as of the last input or tick (never goes back).
-    pub(crate) now: Millis,
-    /// The earliest count push due among `to_count[..count_scanned]` (see `poll_timeout`).
-    pub(crate) count_wake: Option<Millis>,
-    pub(crate) count_scanned: usize,
+    now: Millis,
     /// Error replies and closes so far, by reason.
     errors: Vec<(&'static str, u64)>,
-    pub(crate) stats: ShardStats,
+    /// The connection side's counters (the owner side keeps its own).
+    resyncs: u64,
+    slow_closes: u64,
 }
 
 impl Shard {
@@ -121,24 +110,18 @@ impl Shard {
         assert!(id.0 < config.shards, "shard {} of {}", id.0, config.shards);
         let seeds = Seeds::new(config.hash_seed);
         Shard {
-            seeds,
             id,
             router: Router::new(config.shards),
-            config,
             conns: seeds.map(),
-            topics: seeds.map(),
-            to_flush: Vec::new(),
-            to_count: Vec::new(),
-            windows: Vec::new(),
-            held: VecDeque::new(),
-            twins_due: VecDeque::new(),
+            owner: TopicOwner::new(&config, seeds),
+            config,
             users: Users::new(seeds),
             subs: LocalSubs::new(seeds),
             watches: Watches::new(seeds),
             awaiting: seeds.map(),
             clock_us: 0,
             join_latency: Latency::default(),
-            resyncing: seeds.map(),
+            resyncing: Resyncing::new(seeds),
             names: Names::new(seeds),
             tx: Outbox::new(id),
             buf: Vec::with_capacity(4096),
@@ -146,15 +129,19 @@ impl Shard {
             join_seq: 0,
             last_state: None,
             now: Millis(0),
-            count_wake: None,
-            count_scanned: 0,
             errors: Vec::new(),
-            stats: ShardStats::default(),
+            resyncs: 0,
+            slow_closes: 0,
         }
     }
 
     pub fn id(&self) -> ShardId {
         self.id
+    }
+
+    /// The topic-owner part, for the invariants.
+    pub(crate) fn owner(&self) -> &TopicOwner {
+        &self.owner
     }
 
     /// Outputs produced so far, in the order they must be carried out.
@@ -215,10 +202,14 @@ impl Shard {
     /// for the end of their window) and one per watched user.
     pub fn flush(&mut self) {
         loop {
-            self.flush_topics();
+            self.owner.flush(&mut Env {
+                now: self.now,
+                tx: &mut self.tx,
+                names: &mut self.names,
+            });
             self.watches.flush(&mut self.tx, &mut self.buf);
             self.drain_local();
-            if self.to_flush.is_empty() {
+            if !self.owner.has_changes() {
                 break;
             }
         }
@@ -229,10 +220,11 @@ impl Shard {
     /// Ends with a flush, so what time released goes out now.
     pub fn tick(&mut self, now: Millis) {
         self.now = Millis(self.now.0.max(now.0));
-        self.expire_held();
-        self.announce_twins();
-        self.end_windows();
-        self.push_counts();
+        self.owner.tick(&mut Env {
+            now: self.now,
+            tx: &mut self.tx,
+            names: &mut self.names,
+        });
         self.close_stuck();
         self.drain_local();
         self.flush();
@@ -246,10 +238,9 @@ impl Shard {
         let Some(c) = self.conns.get_mut(&conn) else {
             return false;
         };
-        if self.resyncing.contains_key(&conn) {
+        if !self.resyncing.start(conn, self.now) {
             return false;
         }
-        self.resyncing.insert(conn, self.now);
         for j in c.joins.iter_mut() {
             if j.mode != PresenceMode::Full || j.awaiting_reply || j.stale {
                 continue;
@@ -268,25 +259,16 @@ impl Shard {
     /// Whether `conn` is resyncing: the driver drops its diffs, and tells [`Shard::drained`]
     /// once it has written everything.
     pub fn is_resyncing(&self, conn: ConnId) -> bool {
-        // Asked for every delivered diff and every drained write: almost always nobody is
-        // resyncing, and then no key is hashed.
-        !self.resyncing.is_empty() && self.resyncing.contains_key(&conn)
+        self.resyncing.contains(conn)
     }
 
     /// Slow consumers that did not drain within the timeout are closed (1008).
     fn close_stuck(&mut self) {
-        let timeout = self.config.slow_consumer_timeout;
-        let now = self.now;
-        let mut stuck: Vec<ConnId> = self
+        let stuck = self
             .resyncing
-            .iter()
-            .filter(|(_, since)| now.0.saturating_sub(since.0) >= timeout.0)
-            .map(|(c, _)| *c)
-            .collect();
-        // The table's order is the hasher's: close in a fixed order.
-        stuck.sort_unstable();
+            .stuck(self.now, self.config.slow_consumer_timeout);
         for conn in stuck {
-            self.stats.slow_closes += 1;
+            self.slow_closes += 1;
             self.close_with(conn, CloseCode::POLICY, "slow consumer: not reading");
         }
     }
@@ -295,7 +277,7 @@ impl Shard {
     /// that lost diffs gets a fresh `presence_state` (from the owner, or from the watch
     /// replicas). Nothing to do otherwise.
     pub fn drained(&mut self, conn: ConnId) {
-        if self.resyncing.remove(&conn).is_none() {
+        if !self.resyncing.end(conn) {
             return;
         }
         let Some(c) = self.conns.get_mut(&conn) else {
@@ -305,7 +287,7 @@ impl Shard {
         let mut watch_states = Vec::new();
         for j in c.joins.iter_mut().filter(|j| j.stale) {
             j.stale = false;
-            self.stats.resyncs += 1;
+            self.resyncs += 1;
             if is_watch_topic(j.topic.as_str()) {
                 watch_states.push((j.topic.clone(), j.join_ref().map(Box::<str>::from)));
             } else {
@@ -353,37 +335,11 @@ impl Shard {
     /// consumer's time to drain. None when nothing waits on time. The driver sleeps until then
     /// (or less); ticking early is harmless.
     pub fn poll_timeout(&mut self) -> Option<Millis> {
-        // New count changes are appended; read only those not seen yet.
-        let interval = self.config.count_interval;
-        for name in &self.to_count[self.count_scanned.min(self.to_count.len())..] {
-            let due = self
-                .topics
-                .get(name)
-                .and_then(|t| t.count_due_at(self.now, interval));
-            self.count_wake = match (self.count_wake, due) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-        }
-        self.count_scanned = self.to_count.len();
-        let windows = self
-            .windows
-            .iter()
-            .filter_map(|name| self.topics.get(name)?.window_until);
-        let timeout = self.config.slow_consumer_timeout.0;
+        let owner = self.owner.poll_timeout(self.now);
         let stuck = self
             .resyncing
-            .values()
-            .map(|since| Millis(since.0.saturating_add(timeout)));
-        let queued = [
-            self.held.front().map(|h| h.0),
-            self.twins_due.front().map(|t| t.0),
-            self.count_wake,
-        ];
-        windows
-            .chain(stuck)
-            .chain(queued.into_iter().flatten())
-            .min()
+            .next_deadline(self.config.slow_consumer_timeout);
+        owner.into_iter().chain(stuck).min()
     }
 
     /// How long joins took from their arrival to their reply, so far.
@@ -429,29 +385,31 @@ impl Shard {
     }
 
     pub fn stats(&self) -> ShardStats {
+        let owner = self.owner.stats;
         ShardStats {
             connections: self.conns.len(),
-            topics_owned: self.topics.len(),
-            presences_owned: self.topics.values().map(|t| t.counts().1 as usize).sum(),
+            topics_owned: self.owner.topics(),
+            presences_owned: self.owner.presences(),
             users_owned: self.users.len(),
             subscribed_topics: self.subs.topics(),
             watched_users: self.watches.users(),
-            ..self.stats
+            diffs_sent: owner.diffs_sent,
+            diffs_coalesced: owner.diffs_coalesced,
+            resyncs: self.resyncs,
+            slow_closes: self.slow_closes,
+            takeovers: owner.takeovers,
+            twins: owner.twins,
+            grace_expired: owner.grace_expired,
         }
     }
 
     /// Nothing at all is held: no connection, topic, user, subscription or queued work.
     pub fn is_empty(&self) -> bool {
         self.conns.is_empty()
-            && self.topics.is_empty()
+            && self.owner.is_empty()
             && self.users.is_empty()
             && self.subs.topics() == 0
             && self.watches.is_empty()
-            && self.to_flush.is_empty()
-            && self.to_count.is_empty()
-            && self.windows.is_empty()
-            && self.held.is_empty()
-            && self.twins_due.is_empty()
             && self.awaiting.is_empty()
             && self.resyncing.is_empty()
             && self.names.in_use() == 0
@@ -460,7 +418,7 @@ impl Shard {
 
     /// The presences of a topic this shard owns.
     pub fn topic_view(&self, topic: &str) -> Option<TopicView> {
-        self.topics.get(topic).map(Topic::view)
+        self.owner.view(topic)
     }
 
     /// Where a user this shard owns is present: `(topic, stored meta)`.
@@ -699,7 +657,7 @@ impl Shard {
         }
         let seq = joined.seq;
         let jr: Option<Box<str>> = joined.join_ref().map(Box::from);
-        let resyncing = self.resyncing.contains_key(&conn);
+        let resyncing = self.resyncing.contains(conn);
         if resyncing {
             // Its diffs would be dropped: the state comes once the connection drains.
             joined.stale = true;
@@ -800,7 +758,7 @@ impl Shard {
     }
 
     fn part_all(&mut self, conn: ConnId, c: Connection) {
-        self.resyncing.remove(&conn);
+        self.resyncing.end(conn);
         for joined in c.joins {
             self.part(conn, &c.key, joined, true);
         }
@@ -908,7 +866,19 @@ impl Shard {
             MeshMsg::UserChanged { key, joins, leaves } => {
                 self.watches.user_changed(key, joins, leaves)
             }
-            msg => self.owner_message(msg),
+            msg @ (MeshMsg::UserTracked { .. }
+            | MeshMsg::UserUntracked { .. }
+            | MeshMsg::UserUpdated { .. }
+            | MeshMsg::Watch { .. }
+            | MeshMsg::Unwatch { .. }) => self.users.message(msg, &mut self.tx),
+            msg => self.owner.message(
+                msg,
+                &mut Env {
+                    now: self.now,
+                    tx: &mut self.tx,
+                    names: &mut self.names,
+                },
+            ),
         }
     }
 
@@ -946,7 +916,7 @@ impl Shard {
         let mode = joined.mode;
         // A slow consumer's diffs are being dropped: a full subscription that starts now gets
         // its state once the connection drains, not a state followed by lost diffs.
-        let deferred = mode == PresenceMode::Full && self.resyncing.contains_key(&conn);
+        let deferred = mode == PresenceMode::Full && self.resyncing.contains(conn);
         if deferred {
             joined.stale = true;
         } else {

@@ -156,7 +156,13 @@ mod tests {
     /// encoder that is not its own.
     fn client_frame(fin: bool, opcode: u8, len: usize) -> Vec<u8> {
         use tungstenite::protocol::frame::{coding::OpCode, Frame};
-        let mut frame = Frame::message(vec![b'x'; len], OpCode::from(opcode), fin);
+        let payload = vec![b'x'; len];
+        // Control frames have constructors of their own (`message` asserts a data opcode).
+        let mut frame = match opcode {
+            9 => Frame::ping(payload),
+            10 => Frame::pong(payload),
+            _ => Frame::message(payload, OpCode::from(opcode), fin),
+        };
         frame.header_mut().mask = Some([1, 2, 3, 4]);
         let mut out = Vec::new();
         frame.format(&mut out).expect("a frame");

@@ -1,38 +1,69 @@
-//! The shard as topic owner (authoritative presence lists, diffs, coalescing windows, leave
-//! grace, counts) and as user owner (where each user is, who watches them).
+//! The shard as topic owner: the authoritative presence list of each topic hashed here, its
+//! diffs, coalescing windows, leave grace, twins and throttled counts. Its own state, apart from
+//! the connection side; what it says to other shards (and to the user owners) goes through the
+//! shard's outbox, and the time comes in with each call.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use roster_proto::meta::restamp_prev;
 use roster_proto::{PhxRef, PresenceMode};
 
+use crate::core::hash::{Map, Seeds};
+use crate::core::names::Names;
 use crate::core::outbox::Outbox;
-use crate::core::topic::{Topic, Twin, Waiter};
-use crate::core::Shard;
+use crate::core::topic::{Topic, TopicView, Twin, Waiter};
 use crate::core::{
-    ConnAddr, JoinMsg, JoinedReply, MeshMsg, Meta, Millis, TopicName, Track, UserKey,
+    Config, ConnAddr, JoinMsg, JoinedReply, MeshMsg, Meta, Millis, TopicName, Track, UserKey,
 };
 use crate::mesh::{Router, ShardId};
 
-/// Where a topic's changes go: to the user owner, and onto the flush and count lists. Borrowed
-/// beside the topic itself, so that a change costs one table lookup.
+/// What a call to the owner side writes to and when it happens: the shard's outbox, its table of
+/// interned names, and its clock.
+pub(crate) struct Env<'a> {
+    pub(crate) now: Millis,
+    pub(crate) tx: &'a mut Outbox,
+    pub(crate) names: &'a mut Names,
+}
+
+/// Counters of what the owner side did, for [`ShardStats`](crate::core::ShardStats).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct OwnerStats {
+    pub(crate) diffs_sent: u64,
+    pub(crate) diffs_coalesced: u64,
+    pub(crate) takeovers: u64,
+    pub(crate) twins: u64,
+    pub(crate) grace_expired: u64,
+}
+
+/// Topics with changes not yet sent as a diff, and topics whose counts changed since the last
+/// `presence_count` push: the lists that `flush` and `tick` walk, each topic once (its flags say
+/// whether it is listed).
+#[derive(Default)]
+struct Changed {
+    to_flush: Vec<TopicName>,
+    to_count: Vec<TopicName>,
+}
+
+impl Changed {
+    fn note(&mut self, name: &TopicName, t: &mut Topic) {
+        if t.has_pending() && !t.listed_for_flush {
+            t.listed_for_flush = true;
+            self.to_flush.push(name.clone());
+        }
+        if t.count_dirty() && !t.listed_for_count {
+            t.listed_for_count = true;
+            self.to_count.push(name.clone());
+        }
+    }
+}
+
+/// Where a topic's changes go: to the user owner, and onto the change lists. Borrowed beside
+/// the topic itself, so that a change costs one table lookup.
 struct Sink<'a> {
     router: &'a Router,
     tx: &'a mut Outbox,
-    to_flush: &'a mut Vec<TopicName>,
-    to_count: &'a mut Vec<TopicName>,
-}
-
-/// A [`Sink`] of `$shard`'s fields, usable while one of its topics is borrowed.
-macro_rules! sink {
-    ($shard:expr) => {
-        Sink {
-            router: &$shard.router,
-            tx: &mut $shard.tx,
-            to_flush: &mut $shard.to_flush,
-            to_count: &mut $shard.to_count,
-        }
-    };
+    changed: &'a mut Changed,
 }
 
 impl Sink<'_> {
@@ -45,7 +76,7 @@ impl Sink<'_> {
             track,
         };
         self.tx.mesh(user_owner, msg);
-        note_change(self.to_flush, self.to_count, name, t);
+        self.changed.note(name, t);
     }
 
     /// Removes a presence and tells everyone (nothing if it is not here).
@@ -58,118 +89,189 @@ impl Sink<'_> {
                 phx_ref,
             };
             self.tx.mesh(user_owner, msg);
-            note_change(self.to_flush, self.to_count, name, t);
+            self.changed.note(name, t);
         }
     }
 }
 
-impl Shard {
-    pub(crate) fn owner_message(&mut self, msg: MeshMsg) {
+/// The topics this shard owns, and every deadline about them.
+pub(crate) struct TopicOwner {
+    config: Config,
+    router: Router,
+    seeds: Seeds,
+    topics: Map<TopicName, Topic>,
+    changed: Changed,
+    /// Topics with an open coalescing window.
+    windows: Vec<TopicName>,
+    /// Presences held by the leave grace, in the order their grace ends.
+    held: VecDeque<(Millis, TopicName, UserKey, PhxRef)>,
+    /// Topics with twins (unannounced joins, see `topic::Twin`), in the order their grace ends.
+    twins_due: VecDeque<(Millis, TopicName)>,
+    /// The earliest count push due among `to_count[..count_scanned]` (see `poll_timeout`).
+    count_wake: Option<Millis>,
+    count_scanned: usize,
+    /// Scratch for encoding states and diffs; its capacity is reused.
+    buf: Vec<u8>,
+    pub(crate) stats: OwnerStats,
+}
+
+impl TopicOwner {
+    pub(crate) fn new(config: &Config, seeds: Seeds) -> Self {
+        TopicOwner {
+            config: config.clone(),
+            router: Router::new(config.shards),
+            seeds,
+            topics: seeds.map(),
+            changed: Changed::default(),
+            windows: Vec::new(),
+            held: VecDeque::new(),
+            twins_due: VecDeque::new(),
+            count_wake: None,
+            count_scanned: 0,
+            buf: Vec::new(),
+            stats: OwnerStats::default(),
+        }
+    }
+
+    /// A message for the topic owner (joins, updates, leaves, adoptions).
+    pub(crate) fn message(&mut self, msg: MeshMsg, env: &mut Env<'_>) {
         match msg {
-            MeshMsg::Join(j) => self.owner_join(*j),
+            MeshMsg::Join(j) => self.join(*j, env),
             MeshMsg::Update {
                 topic, old, new, ..
-            } => self.owner_update(topic, old, new),
+            } => self.update(topic, old, new, env),
             MeshMsg::Leave {
                 topic,
                 from,
                 mode,
                 tracked,
                 closed,
-            } => self.owner_leave(topic, from.shard, mode, tracked, closed),
+            } => self.leave(topic, from.shard, mode, tracked, closed, env),
             MeshMsg::Adopted { topic, alias } => {
                 if let Some(t) = self.topics.get_mut(&topic) {
                     t.resolve(alias);
                 }
                 self.forget_if_idle(&topic);
             }
-            MeshMsg::UserTracked { topic, track } => {
-                if self.users.watchers(track.key.as_str()).is_empty() {
-                    self.users.tracked(track.key, topic, track.meta);
-                } else {
-                    self.users
-                        .tracked(track.key.clone(), topic.clone(), track.meta.clone());
-                    self.tell_watchers(&track.key, vec![(topic, track.meta)], Vec::new());
-                }
-            }
-            MeshMsg::UserUntracked {
-                topic,
-                key,
-                phx_ref,
-            } => {
-                if let Some(meta) = self.users.untracked(&key, &topic, phx_ref) {
-                    self.tell_watchers(&key, Vec::new(), vec![(topic, meta)]);
-                }
-            }
-            MeshMsg::UserUpdated { topic, old, track } => {
-                let left = self.users.untracked(&track.key, &topic, old);
-                self.users
-                    .tracked(track.key.clone(), topic.clone(), track.meta.clone());
-                let leaves = left.map(|m| vec![(topic.clone(), m)]).unwrap_or_default();
-                self.tell_watchers(&track.key, vec![(topic, track.meta)], leaves);
-            }
-            MeshMsg::Watch { key, from, seq } => {
-                let presences = self.users.presences(key.as_str());
-                self.users.watch(key.clone(), from);
-                let msg = MeshMsg::UserState {
-                    key,
-                    seq,
-                    presences,
-                };
-                self.tx.mesh(from, msg);
-            }
-            MeshMsg::Unwatch { key, from } => self.users.unwatch(&key, from),
-            // Connection-side messages are handled before they get here.
-            MeshMsg::Joined { .. }
-            | MeshMsg::Adopt { .. }
-            | MeshMsg::Diff { .. }
-            | MeshMsg::Count { .. }
-            | MeshMsg::UserState { .. }
-            | MeshMsg::UserChanged { .. } => {}
+            _ => debug_assert!(false, "not a topic owner's message: {msg:?}"),
         }
     }
 
-    fn tell_watchers(
-        &mut self,
-        key: &UserKey,
-        joins: Vec<(TopicName, Meta)>,
-        leaves: Vec<(TopicName, Meta)>,
-    ) {
-        let shards = self.users.watchers(key.as_str());
-        let Some((&last, rest)) = shards.split_last() else {
-            return;
-        };
-        for &shard in rest {
-            let msg = MeshMsg::UserChanged {
-                key: key.clone(),
-                joins: joins.clone(),
-                leaves: leaves.clone(),
+    /// Time passed: held presences and twins whose grace ended, windows that ended, counts due.
+    pub(crate) fn tick(&mut self, env: &mut Env<'_>) {
+        self.expire_held(env);
+        self.announce_twins(env);
+        self.end_windows(env);
+        self.push_counts(env);
+    }
+
+    /// Whether changes wait for [`TopicOwner::flush`].
+    pub(crate) fn has_changes(&self) -> bool {
+        !self.changed.to_flush.is_empty()
+    }
+
+    /// The earliest end of a coalescing window, of a leave grace or a twin's grace, or of a
+    /// count interval with a change waiting.
+    pub(crate) fn poll_timeout(&mut self, now: Millis) -> Option<Millis> {
+        // New count changes are appended; read only those not seen yet.
+        let interval = self.config.count_interval;
+        let to_count = &self.changed.to_count;
+        for name in &to_count[self.count_scanned.min(to_count.len())..] {
+            let due = self
+                .topics
+                .get(name)
+                .and_then(|t| t.count_due_at(now, interval));
+            self.count_wake = match (self.count_wake, due) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             };
-            self.tx.mesh(shard, msg);
         }
-        let msg = MeshMsg::UserChanged {
-            key: key.clone(),
-            joins,
-            leaves,
-        };
-        self.tx.mesh(last, msg);
+        self.count_scanned = to_count.len();
+        let windows = self
+            .windows
+            .iter()
+            .filter_map(|name| self.topics.get(name)?.window_until);
+        let queued = [
+            self.held.front().map(|h| h.0),
+            self.twins_due.front().map(|t| t.0),
+            self.count_wake,
+        ];
+        windows.chain(queued.into_iter().flatten()).min()
     }
 
-    /// The owner's own copy of a topic name, creating the topic if needed: names arriving in
-    /// messages are dropped instead of kept once per presence.
-    fn owned_name(&mut self, topic: &TopicName) -> TopicName {
+    pub(crate) fn topics(&self) -> usize {
+        self.topics.len()
+    }
+
+    pub(crate) fn presences(&self) -> usize {
+        self.topics.values().map(|t| t.counts().1 as usize).sum()
+    }
+
+    pub(crate) fn view(&self, topic: &str) -> Option<TopicView> {
+        self.topics.get(topic).map(Topic::view)
+    }
+
+    /// Nothing owned and nothing waiting.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.topics.is_empty()
+            && self.changed.to_flush.is_empty()
+            && self.changed.to_count.is_empty()
+            && self.windows.is_empty()
+            && self.held.is_empty()
+            && self.twins_due.is_empty()
+    }
+
+    /// The invariants of the owner's tables (see `invariants.rs`), or the first one broken.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        let sorted = |what: &str, times: Vec<u64>| {
+            if times.windows(2).all(|w| w[0] <= w[1]) {
+                Ok(())
+            } else {
+                Err(format!("{what} out of order: {times:?}"))
+            }
+        };
+        sorted("held presences", self.held.iter().map(|h| h.0 .0).collect())?;
+        sorted("twins", self.twins_due.iter().map(|t| t.0 .0).collect())?;
+        let Changed { to_flush, to_count } = &self.changed;
+        for (name, t) in &self.topics {
+            t.check()
+                .map_err(|e| format!("topic {}: {e}", name.as_str()))?;
+            let listed = |list: &[TopicName]| list.iter().any(|n| n == name);
+            for (what, flag, list) in [
+                ("flush flag", t.listed_for_flush, to_flush),
+                ("count flag", t.listed_for_count, to_count),
+                ("window", t.window_until.is_some(), &self.windows),
+            ] {
+                if flag != listed(list) {
+                    return Err(format!("topic {}: {what} and list disagree", name.as_str()));
+                }
+            }
+        }
+        for list in [to_flush, to_count, &self.windows] {
+            let mut names: Vec<&str> = list.iter().map(|n| n.as_str()).collect();
+            let len = names.len();
+            names.sort_unstable();
+            names.dedup();
+            if names.len() != len {
+                return Err(format!("a topic listed twice: {list:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn owned_name(&mut self, topic: &TopicName, names: &mut Names) -> TopicName {
         match self.topics.get_key_value(topic) {
             Some((name, _)) => name.clone(),
             None => {
-                let name = self.names.intern(topic.as_str());
+                let name = names.intern(topic.as_str());
                 self.topics.insert(name.clone(), Topic::new(self.seeds));
                 name
             }
         }
     }
 
-    fn owner_join(&mut self, j: JoinMsg) {
-        let name = self.owned_name(&j.topic);
+    fn join(&mut self, j: JoinMsg, env: &mut Env<'_>) {
+        let name = self.owned_name(&j.topic, env.names);
         let t = self.topics.get_mut(&name).expect("created above");
         if !j.resync {
             t.subscribe(j.from.shard, j.mode);
@@ -177,7 +279,9 @@ impl Shard {
         let in_window = t.window_until.is_some();
         if j.mode == PresenceMode::Full && in_window {
             // Answered with everyone else of this window, from one state, when it ends.
-            let adopted = j.track.and_then(|track| self.track(&name, track, j.from));
+            let adopted = j
+                .track
+                .and_then(|track| self.track(&name, track, j.from, env));
             let t = self.topics.get_mut(&name).expect("created above");
             t.wait(Waiter {
                 shard: j.from.shard,
@@ -191,14 +295,16 @@ impl Shard {
         if j.mode == PresenceMode::Full {
             if t.has_pending() {
                 // The joiner's state must be exactly "everything before the diffs it will get".
-                self.flush_now(&name);
+                self.flush_now(&name, env);
             }
             state = Some(self.encode_state(&name));
         }
         // The state was taken before the joiner's own presence goes in: that presence reaches it
         // in the next diff like everyone else's, so a join and leave that cancel out within one
         // batch were never seen by anyone.
-        let adopted = j.track.and_then(|track| self.track(&name, track, j.from));
+        let adopted = j
+            .track
+            .and_then(|track| self.track(&name, track, j.from, env));
         let reply = match (state, j.mode) {
             (Some(state), _) => JoinedReply::State(state),
             (None, PresenceMode::Count) => {
@@ -215,7 +321,7 @@ impl Shard {
             reply,
             adopted,
         };
-        self.tx.mesh(j.from.shard, msg);
+        env.tx.mesh(j.from.shard, msg);
     }
 
     fn encode_state(&mut self, name: &TopicName) -> Arc<[u8]> {
@@ -235,6 +341,7 @@ impl Shard {
         name: &TopicName,
         track: Track,
         from: ConnAddr,
+        env: &mut Env<'_>,
     ) -> Option<Box<(PhxRef, PhxRef)>> {
         let grace = self.config.leave_grace;
         let t = self.topics.get_mut(name).expect("caller made it");
@@ -253,11 +360,11 @@ impl Shard {
                     meta: Meta::new(&self.buf),
                     ..track
                 };
-                self.replace(name, held, track);
+                self.replace(name, held, track, env);
                 None
             }
             None if grace.0 > 0 && t.has_same(&track.key, &track.meta) => {
-                let until = Millis(self.now.0.saturating_add(grace.0));
+                let until = Millis(env.now.0.saturating_add(grace.0));
                 t.add_twin(Twin { track, from, until });
                 self.stats.twins += 1;
                 // Expiry pops from the front: the queue stays in deadline order because the
@@ -267,53 +374,74 @@ impl Shard {
                 None
             }
             None => {
-                sink!(self).announce(t, name, track);
+                let mut sink = Sink {
+                    router: &self.router,
+                    tx: env.tx,
+                    changed: &mut self.changed,
+                };
+                sink.announce(t, name, track);
                 None
             }
         }
     }
 
     /// Tracks a presence and tells everyone.
-    fn announce(&mut self, name: &TopicName, track: Track) {
+    fn announce(&mut self, name: &TopicName, track: Track, tx: &mut Outbox) {
         if let Some(t) = self.topics.get_mut(name) {
-            sink!(self).announce(t, name, track);
+            let mut sink = Sink {
+                router: &self.router,
+                tx,
+                changed: &mut self.changed,
+            };
+            sink.announce(t, name, track);
+        }
+    }
+
+    /// Removes a presence and tells everyone (nothing if it is not here).
+    fn untrack(&mut self, name: &TopicName, key: UserKey, phx_ref: PhxRef, tx: &mut Outbox) {
+        if let Some(t) = self.topics.get_mut(name) {
+            let mut sink = Sink {
+                router: &self.router,
+                tx,
+                changed: &mut self.changed,
+            };
+            sink.untrack(t, name, key, phx_ref);
         }
     }
 
     /// Twins whose grace ended without their twin closing are announced.
-    pub(crate) fn announce_twins(&mut self) {
+    fn announce_twins(&mut self, env: &mut Env<'_>) {
         while let Some((until, _)) = self.twins_due.front() {
-            if until.0 > self.now.0 {
+            if until.0 > env.now.0 {
                 break;
             }
             let (_, name) = self.twins_due.pop_front().expect("front exists");
-            let now = self.now;
             let Some(t) = self.topics.get_mut(&name) else {
                 continue;
             };
-            for twin in t.due_twins(now) {
-                self.announce(&name, twin.track);
+            for twin in t.due_twins(env.now) {
+                self.announce(&name, twin.track, env.tx);
             }
             self.forget_if_idle(&name);
         }
     }
 
-    fn owner_update(&mut self, topic: TopicName, old: PhxRef, new: Track) {
+    fn update(&mut self, topic: TopicName, old: PhxRef, new: Track, env: &mut Env<'_>) {
         let Some(name) = self.topics.get_key_value(&topic).map(|(k, _)| k.clone()) else {
             return;
         };
         let t = self.topics.get_mut(&name).expect("looked up above");
         if t.remove_twin(old).is_some() {
             // Never announced: the new meta is simply a join.
-            return self.announce(&name, new);
+            return self.announce(&name, new, env.tx);
         }
         let old = t.resolve(old);
-        self.replace(&name, old, new);
+        self.replace(&name, old, new, env);
     }
 
     /// Presence `old` of `track.key` is replaced by `track`: one diff leaves the old and joins
     /// the new, and the user owner (so watchers) hears of both at once.
-    fn replace(&mut self, name: &TopicName, old: PhxRef, track: Track) {
+    fn replace(&mut self, name: &TopicName, old: PhxRef, track: Track, env: &mut Env<'_>) {
         let Some(t) = self.topics.get_mut(name) else {
             return;
         };
@@ -326,17 +454,18 @@ impl Shard {
         } else {
             MeshMsg::UserTracked { topic, track }
         };
-        self.tx.mesh(user_owner, msg);
-        note_change(&mut self.to_flush, &mut self.to_count, name, t);
+        env.tx.mesh(user_owner, msg);
+        self.changed.note(name, t);
     }
 
-    fn owner_leave(
+    fn leave(
         &mut self,
         topic: TopicName,
         from: ShardId,
         mode: PresenceMode,
         tracked: Option<(UserKey, PhxRef)>,
         closed: bool,
+        env: &mut Env<'_>,
     ) {
         let graced = closed && self.config.leave_grace.0 > 0;
         let Some(t) = self.topics.get_mut(&topic) else {
@@ -345,10 +474,17 @@ impl Shard {
         t.unsubscribe(from, mode);
         match tracked {
             Some((key, phx_ref)) if graced || t.in_grace() => {
-                self.leave_presence(&topic, key, phx_ref, graced)
+                self.leave_presence(&topic, key, phx_ref, graced, env)
             }
             // The common case: no grace bookkeeping on this topic.
-            Some((key, phx_ref)) => sink!(self).untrack(t, &topic, key, phx_ref),
+            Some((key, phx_ref)) => {
+                let mut sink = Sink {
+                    router: &self.router,
+                    tx: env.tx,
+                    changed: &mut self.changed,
+                };
+                sink.untrack(t, &topic, key, phx_ref);
+            }
             None => {}
         }
         self.forget_if_idle(&topic);
@@ -356,7 +492,14 @@ impl Shard {
 
     /// A connection's presence ends. `graced`: its connection closed and a leave grace is set,
     /// so a twin takes its place unseen, or it is held for a reconnect.
-    fn leave_presence(&mut self, topic: &TopicName, key: UserKey, phx_ref: PhxRef, graced: bool) {
+    fn leave_presence(
+        &mut self,
+        topic: &TopicName,
+        key: UserKey,
+        phx_ref: PhxRef,
+        graced: bool,
+        env: &mut Env<'_>,
+    ) {
         let grace = self.config.leave_grace;
         let Some(name) = self.topics.get_key_value(topic).map(|(k, _)| k.clone()) else {
             return;
@@ -381,34 +524,28 @@ impl Shard {
                     alias: twin.track.phx_ref,
                     adopted: phx_ref,
                 };
-                self.tx.mesh(twin.from.shard, msg);
+                env.tx.mesh(twin.from.shard, msg);
             }
             _ if graced => {
-                let until = Millis(self.now.0.saturating_add(grace.0));
+                let until = Millis(env.now.0.saturating_add(grace.0));
                 t.hold(&key, phx_ref, until);
                 debug_assert!(self.held.back().is_none_or(|b| b.0 <= until));
                 self.held.push_back((until, name, key, phx_ref));
             }
             twin => {
-                self.untrack(&name, key, phx_ref);
+                self.untrack(&name, key, phx_ref, env.tx);
                 // The twin stands alone now: announce it rather than let the key look gone.
                 if let Some(twin) = twin {
-                    self.announce(&name, twin.track);
+                    self.announce(&name, twin.track, env.tx);
                 }
             }
         }
     }
 
-    fn untrack(&mut self, topic: &TopicName, key: UserKey, phx_ref: PhxRef) {
-        if let Some(t) = self.topics.get_mut(topic) {
-            sink!(self).untrack(t, topic, key, phx_ref);
-        }
-    }
-
     /// The leave grace of held presences ended: they leave now.
-    pub(crate) fn expire_held(&mut self) {
+    fn expire_held(&mut self, env: &mut Env<'_>) {
         while let Some((until, ..)) = self.held.front() {
-            if until.0 > self.now.0 {
+            if until.0 > env.now.0 {
                 break;
             }
             let (until, topic, key, phx_ref) = self.held.pop_front().expect("front exists");
@@ -418,7 +555,7 @@ impl Shard {
             // Taken over since (and maybe held again, until later): nothing to do.
             if t.release_held(&key, phx_ref, until) {
                 self.stats.grace_expired += 1;
-                self.untrack(&topic, key, phx_ref);
+                self.untrack(&topic, key, phx_ref, env.tx);
             }
             self.forget_if_idle(&topic);
         }
@@ -426,8 +563,8 @@ impl Shard {
 
     /// Topics changed in this batch send their diffs; a large topic opens a coalescing window
     /// instead of sending again before the window ends.
-    pub(crate) fn flush_topics(&mut self) {
-        for name in std::mem::take(&mut self.to_flush) {
+    pub(crate) fn flush(&mut self, env: &mut Env<'_>) {
+        for name in std::mem::take(&mut self.changed.to_flush) {
             let Some(t) = self.topics.get_mut(&name) else {
                 continue;
             };
@@ -436,21 +573,21 @@ impl Shard {
                 self.stats.diffs_coalesced += u64::from(t.has_pending());
                 continue;
             }
-            self.flush_now(&name);
+            self.flush_now(&name, env);
             self.forget_if_idle(&name);
         }
     }
 
     /// Sends the topic's changes now; a large topic then opens a window, so that the next
     /// changes wait for its end.
-    fn flush_now(&mut self, name: &TopicName) {
-        if self.flush_topic(name) && self.start_window(name) {
+    fn flush_now(&mut self, name: &TopicName, env: &mut Env<'_>) {
+        if self.flush_topic(name, env.tx) && self.start_window(name, env.now) {
             self.windows.push(name.clone());
         }
     }
 
     /// Opens a coalescing window on a large topic; the caller lists it.
-    fn start_window(&mut self, name: &TopicName) -> bool {
+    fn start_window(&mut self, name: &TopicName, now: Millis) -> bool {
         let window = self.config.diff_window;
         let threshold = self.config.large_topic_threshold;
         let Some(t) = self.topics.get_mut(name) else {
@@ -458,26 +595,26 @@ impl Shard {
         };
         let start = window.0 > 0 && t.window_until.is_none() && t.members() >= threshold;
         if start {
-            t.window_until = Some(Millis(self.now.0.saturating_add(window.0)));
+            t.window_until = Some(Millis(now.0.saturating_add(window.0)));
         }
         start
     }
 
     /// Windows that ended: their changes go out as one diff, then their joiners get one shared
     /// state. A window that had something to send opens again (the topic is still busy).
-    pub(crate) fn end_windows(&mut self) {
+    fn end_windows(&mut self, env: &mut Env<'_>) {
         let mut open = Vec::new();
         for name in std::mem::take(&mut self.windows) {
             let Some(t) = self.topics.get_mut(&name) else {
                 continue;
             };
-            if t.window_until.is_some_and(|until| until.0 > self.now.0) {
+            if t.window_until.is_some_and(|until| until.0 > env.now.0) {
                 open.push(name);
                 continue;
             }
             t.window_until = None;
             let waiters = t.take_waiters();
-            let sent = self.flush_topic(&name);
+            let sent = self.flush_topic(&name, env.tx);
             let answered = !waiters.is_empty();
             if answered {
                 let state = self.encode_state(&name);
@@ -489,12 +626,12 @@ impl Shard {
                         reply: JoinedReply::State(state.clone()),
                         adopted: w.adopted,
                     };
-                    self.tx.mesh(w.shard, msg);
+                    env.tx.mesh(w.shard, msg);
                 }
             }
             // A window that sent something opens again; after a quiet one the next change goes
             // out at once.
-            if (sent || answered) && self.start_window(&name) {
+            if (sent || answered) && self.start_window(&name, env.now) {
                 open.push(name);
             } else {
                 self.forget_if_idle(&name);
@@ -505,20 +642,19 @@ impl Shard {
     }
 
     /// Throttled `presence_count` pushes that are due.
-    pub(crate) fn push_counts(&mut self) {
+    fn push_counts(&mut self, env: &mut Env<'_>) {
         let interval = self.config.count_interval;
-        let now = self.now;
         let mut keep = Vec::new();
-        for name in std::mem::take(&mut self.to_count) {
+        for name in std::mem::take(&mut self.changed.to_count) {
             let Some(t) = self.topics.get_mut(&name) else {
                 continue;
             };
             if t.count_shards().next().is_none() {
                 t.forget_count_change();
-            } else if t.take_count_due(now, interval) {
+            } else if t.take_count_due(env.now, interval) {
                 let (keys, metas) = t.counts();
                 for shard in t.count_shards() {
-                    self.tx.mesh(
+                    env.tx.mesh(
                         shard,
                         MeshMsg::Count {
                             topic: name.clone(),
@@ -536,14 +672,14 @@ impl Shard {
             }
             self.forget_if_idle(&name);
         }
-        self.to_count = keep;
+        self.changed.to_count = keep;
         // The kept ones' due times are read again by the next poll_timeout.
         self.count_wake = None;
         self.count_scanned = 0;
     }
 
     /// Sends the topic's pending changes as one diff; false if there was nothing to send.
-    pub(crate) fn flush_topic(&mut self, name: &TopicName) -> bool {
+    fn flush_topic(&mut self, name: &TopicName, tx: &mut Outbox) -> bool {
         let Some(t) = self.topics.get_mut(name) else {
             return false;
         };
@@ -558,7 +694,7 @@ impl Shard {
         }
         self.stats.diffs_sent += 1;
         for shard in t.full_shards() {
-            self.tx.mesh(
+            tx.mesh(
                 shard,
                 MeshMsg::Diff {
                     topic: name.clone(),
@@ -569,26 +705,31 @@ impl Shard {
         true
     }
 
-    pub(crate) fn forget_if_idle(&mut self, name: &TopicName) {
+    fn forget_if_idle(&mut self, name: &TopicName) {
         if self.topics.get(name).is_some_and(Topic::is_idle) {
             self.topics.remove(name);
         }
     }
 }
 
-/// Puts a changed topic on the lists that `flush` and `tick` walk, once each.
-pub(crate) fn note_change(
-    to_flush: &mut Vec<TopicName>,
-    to_count: &mut Vec<TopicName>,
-    name: &TopicName,
-    t: &mut Topic,
-) {
-    if t.has_pending() && !t.listed_for_flush {
-        t.listed_for_flush = true;
-        to_flush.push(name.clone());
-    }
-    if t.count_dirty() && !t.listed_for_count {
-        t.listed_for_count = true;
-        to_count.push(name.clone());
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broken_invariants_are_named() {
+        let config = Config::default();
+        let mut o = TopicOwner::new(&config, Seeds::new(0));
+        assert_eq!(o.check(), Ok(()));
+        let (t, k) = (TopicName::new("t"), UserKey::new("k"));
+        o.held
+            .push_back((Millis(10), t.clone(), k.clone(), PhxRef(1)));
+        o.held.push_back((Millis(5), t.clone(), k, PhxRef(2)));
+        let e = o.check().unwrap_err();
+        assert!(e.contains("held presences out of order"), "{e}");
+        o.held.clear();
+        o.windows.push(t.clone());
+        o.windows.push(t);
+        assert!(o.check().unwrap_err().contains("listed twice"));
     }
 }
