@@ -274,7 +274,7 @@ impl ServerConfig {
             heartbeat_timeout: Duration::from_millis(
                 cli.heartbeat_timeout_ms
                     .or(file.heartbeat_timeout_ms)
-                    .unwrap_or(60_000),
+                    .unwrap_or(core.heartbeat_timeout.0),
             ),
             max_topics_per_conn: cli
                 .max_topics_per_conn
@@ -365,7 +365,7 @@ impl ServerConfig {
             message_timeout: Duration::from_millis(
                 cli.message_timeout_ms
                     .or(file.message_timeout_ms)
-                    .unwrap_or(10_000),
+                    .unwrap_or(core.message_timeout.0),
             ),
             api_key: cli
                 .api_key

@@ -5,8 +5,11 @@
 //! (every window ended, every grace over) every view must equal a reference model, and so must
 //! the owners' topic and user tables. After everyone leaves, every table is empty.
 //!
-//! Seeds vary the shard count (1, 2, 3, 4, 7), coalescing windows (off, or on from 2 members) and
-//! the leave grace (off or on), so takeovers, shared window states and resyncs all happen.
+//! Seeds vary the shard count (1, 2, 3, 4, 7), coalescing windows (off, or on from 2 members),
+//! the leave grace (off or on), the slow-consumer timeout and the heartbeat timeout (long, or
+//! short enough to fire), so takeovers, shared window states, resyncs and every close the core
+//! decides all happen. Clients heartbeat as phoenix.js does while time passes, except those that
+//! go silent or stop inside a message: the core must close those, and only those, on time.
 //!
 //! `ROSTER_SIM_SEEDS=N` runs N seeds (default 1000); `ROSTER_SIM_SEED=S` replays one seed;
 //! `ROSTER_SIM_STEPS=K` sets steps per seed (default 300). A failure prints its seed.
@@ -34,6 +37,9 @@ const MAX_META: usize = 64;
 const COUNT_INTERVAL: u64 = 1000;
 /// A stalled client's queue bound, small so that stalls overflow within a few frames.
 const MAX_OUTBOUND: usize = 1000;
+const MESSAGE_TIMEOUT: u64 = 3_000;
+/// How late the core may close a silent connection: one slot of its timer wheel.
+const HEARTBEAT_SLACK: u64 = 250;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Mode {
@@ -79,6 +85,12 @@ struct Client {
     /// Not reading: frames wait here, as in a socket buffer. The flag marks frames about a
     /// topic the client has since joined again or left (phoenix.js routes them by join_ref).
     stalled: Option<Vec<(Vec<u8>, bool)>>,
+    /// When it last sent a text message.
+    last_sent: u64,
+    /// Sends nothing more (a dead tab, a network gone quiet).
+    silent: bool,
+    /// Began a message at this time and never finished it (silent too).
+    dribbling: Option<u64>,
 }
 
 impl Client {
@@ -107,6 +119,7 @@ struct Sim {
     /// Closed connection ids per shard: drivers reuse them (the server's slab does).
     free_ids: Vec<Vec<u32>>,
     now: u64,
+    heartbeat_timeout: u64,
     /// The longest of the count interval, diff window and leave grace: after that much time
     /// every throttled, coalesced or held thing has gone out.
     settle: u64,
@@ -128,6 +141,8 @@ struct Exercised {
     grace_expired: u64,
     watch_diffs: u64,
     slow_closes: u64,
+    heartbeat_closes: u64,
+    message_timeouts: u64,
 }
 
 fn fail(msg: String) -> ! {
@@ -148,6 +163,8 @@ impl Sim {
             large_topic_threshold: 2,
             leave_grace: Millis([0, 700][(variant / 2 % 2) as usize]),
             slow_consumer_timeout: Millis([30_000, 300][(variant / 4 % 2) as usize]),
+            heartbeat_timeout: Millis([60_000, 4_000][(variant / 8 % 2) as usize]),
+            message_timeout: Millis(MESSAGE_TIMEOUT),
             ref_seed: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15),
             ..Config::default()
         };
@@ -164,6 +181,7 @@ impl Sim {
             next_conn: 0,
             free_ids: (0..n).map(|_| Vec::new()).collect(),
             now: 0,
+            heartbeat_timeout: config.heartbeat_timeout.0,
             settle: COUNT_INTERVAL
                 .max(config.diff_window.0)
                 .max(config.leave_grace.0),
@@ -175,6 +193,48 @@ impl Sim {
 
     fn n(&self) -> usize {
         self.shards.len()
+    }
+
+    /// Time passes; every driver's clock moves with it (each input carries the time).
+    fn pass_time(&mut self, ms: u64) {
+        self.now += ms;
+        for shard in &mut self.shards {
+            shard.advance(self.now * 1000);
+        }
+    }
+
+    /// Every client still talking sends its heartbeat, as phoenix.js does every 30 s.
+    fn heartbeats(&mut self) {
+        let talking: Vec<(u16, u32)> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| !c.silent && !c.closed_by_server)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in talking {
+            let c = self.clients.get_mut(&id).expect("listed");
+            let r = c.new_ref();
+            c.expected.insert(r.clone(), Expect::Ok);
+            self.send(id, json!([null, r, "phoenix", "heartbeat", {}]).to_string());
+        }
+    }
+
+    /// Right after every shard ticked: no client silent past its heartbeat timeout (and one
+    /// wheel slot) or stuck in a message past the message timeout is still open.
+    fn check_liveness(&self) {
+        for (id, c) in &self.clients {
+            let silent_for = self.now - c.last_sent;
+            if silent_for >= self.heartbeat_timeout + HEARTBEAT_SLACK {
+                fail(format!("{id:?} silent for {silent_for} ms and still open"));
+            }
+            if c.dribbling
+                .is_some_and(|at| self.now - at >= MESSAGE_TIMEOUT)
+            {
+                fail(format!(
+                    "{id:?} inside a message past its timeout, still open"
+                ));
+            }
+        }
     }
 
     /// Carries out everything shard `s` produced.
@@ -199,15 +259,32 @@ impl Sim {
                             "slow-consumer close for a client reading: {conn:?}"
                         ));
                     }
-                    if !slow && (code.0 != 1007 || reason.is_empty()) {
+                    let silent_for = self.now - c.last_sent;
+                    let heartbeat = code.0 == 1000 && reason == "heartbeat timeout";
+                    if heartbeat && silent_for < self.heartbeat_timeout {
+                        fail(format!(
+                            "heartbeat close of {conn:?} silent for only {silent_for} ms"
+                        ));
+                    }
+                    let unfinished = code.0 == 1008 && reason == "message not completed in time";
+                    let began = c.dribbling.map(|at| self.now - at);
+                    if unfinished && began.is_none_or(|b| b < MESSAGE_TIMEOUT) {
+                        fail(format!(
+                            "message timeout of {conn:?} that began one {began:?} ms ago"
+                        ));
+                    }
+                    let decided = slow || heartbeat || unfinished;
+                    if !decided && (code.0 != 1007 || reason.is_empty()) {
                         fail(format!("unexpected close {code:?} {reason}"));
                     }
-                    if slow {
+                    self.exercised.heartbeat_closes += u64::from(heartbeat);
+                    self.exercised.message_timeouts += u64::from(unfinished);
+                    if decided {
                         // What was queued before the close still goes out before it (the
                         // runtime writes a connection's queue, then its close frame): the
                         // client reads it, then the close.
-                        self.log.push(format!("slow close {:?}", (s, conn)));
-                        self.exercised.slow_closes += 1;
+                        self.log.push(format!("{reason}: close {:?}", (s, conn)));
+                        self.exercised.slow_closes += u64::from(slow);
                         self.drain((s as u16, conn.0));
                         // Then it sees the close, and its socket is gone.
                         self.close((s as u16, conn.0));
@@ -394,6 +471,9 @@ impl Sim {
 
     fn send(&mut self, id: (u16, u32), frame: String) {
         self.log.push(format!("{id:?} <- {frame}"));
+        if let Some(c) = self.clients.get_mut(&id) {
+            c.last_sent = self.now;
+        }
         self.shards[id.0 as usize].frame(ConnId(id.1), frame.as_bytes());
         self.collect(id.0 as usize);
     }
@@ -411,7 +491,8 @@ impl Sim {
                 self.collect(s);
             }
             53..=54 => {
-                self.now += self.rng.gen_range(0..COUNT_INTERVAL);
+                let dt = self.rng.gen_range(0..COUNT_INTERVAL);
+                self.pass_time(dt);
                 let s = self.rng.gen_range(0..self.n());
                 self.log.push(format!("tick {s} at {}", self.now));
                 self.shards[s].tick(Millis(self.now));
@@ -445,7 +526,7 @@ impl Sim {
         let live: Vec<(u16, u32)> = self
             .clients
             .iter()
-            .filter(|(_, c)| !c.closed_by_server)
+            .filter(|(_, c)| !c.closed_by_server && !c.silent)
             .map(|(k, _)| *k)
             .collect();
         (!live.is_empty()).then(|| live[self.rng.gen_range(0..live.len())])
@@ -485,7 +566,19 @@ impl Sim {
                 }
                 self.close(id);
             }
-            79..=81 => {
+            79 => {
+                self.log.push(format!("silent {id:?}"));
+                self.clients.get_mut(&id).expect("live").silent = true;
+            }
+            80 => {
+                // The first bytes of a message, and nothing more.
+                self.log.push(format!("dribble {id:?}"));
+                let c = self.clients.get_mut(&id).expect("live");
+                c.silent = true;
+                c.dribbling = Some(self.now);
+                self.shards[id.0 as usize].message_started(ConnId(id.1));
+            }
+            81 => {
                 let c = self.clients.get_mut(&id).expect("live");
                 let r = c.new_ref();
                 let topic = TOPICS[(c.next_ref as usize) % TOPICS.len()].to_owned();
@@ -673,6 +766,9 @@ impl Sim {
                 expected_closes: Vec::new(),
                 closed_by_server: false,
                 stalled: None,
+                last_sent: self.now,
+                silent: false,
+                dribbling: None,
             },
         );
         self.collect(s as usize);
@@ -799,7 +895,10 @@ impl Sim {
         for id in stalled {
             self.drain(id);
         }
-        for round in 0..5 {
+        // Four quiet rounds of time passing; a round in which the core closed someone (a
+        // silent client's heartbeat timeout) starts the count again, for its leaves to settle.
+        let mut quiet = 0;
+        loop {
             loop {
                 while self.deliver_one() {}
                 for s in 0..self.n() {
@@ -810,13 +909,22 @@ impl Sim {
                     break;
                 }
             }
-            if round < 4 {
-                self.now += self.settle + 1;
-                for s in 0..self.n() {
-                    self.shards[s].tick(Millis(self.now));
-                    self.collect(s);
-                }
+            if quiet == 4 {
+                break;
             }
+            let clients = self.clients.len();
+            self.heartbeats();
+            self.pass_time(self.settle + 1);
+            for s in 0..self.n() {
+                self.shards[s].tick(Millis(self.now));
+                self.collect(s);
+            }
+            self.check_liveness();
+            quiet = if self.clients.len() < clients {
+                0
+            } else {
+                quiet + 1
+            };
         }
     }
 
@@ -1132,6 +1240,8 @@ fn shards_agree_with_the_reference_model() {
         total.grace_expired += e.grace_expired;
         total.watch_diffs += e.watch_diffs;
         total.slow_closes += e.slow_closes;
+        total.heartbeat_closes += e.heartbeat_closes;
+        total.message_timeouts += e.message_timeouts;
     }
     eprintln!("{seeds} seeds x {steps} steps exercised {total:?}");
     if seeds >= 100 {
@@ -1142,7 +1252,9 @@ fn shards_agree_with_the_reference_model() {
                 && total.twins > 0
                 && total.grace_expired > 0
                 && total.watch_diffs > 0
-                && total.slow_closes > 0,
+                && total.slow_closes > 0
+                && total.heartbeat_closes > 0
+                && total.message_timeouts > 0,
             "the simulation no longer exercises every feature: {total:?}"
         );
     }

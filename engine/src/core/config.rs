@@ -25,6 +25,11 @@ pub struct Config {
     pub large_topic_threshold: u32,
     /// How long a closed connection's presences stay, for the same key to take them over.
     pub leave_grace: Millis,
+    /// A connection that sends no text message for this long is closed (1000 "heartbeat
+    /// timeout"); phoenix.js sends a heartbeat every 30 s.
+    pub heartbeat_timeout: Millis,
+    /// A message whose first bytes came must be complete within this (else 1008).
+    pub message_timeout: Millis,
     /// A connection resyncing as a slow consumer that has not drained this long after it lost
     /// its diffs is closed (1008).
     pub slow_consumer_timeout: Millis,
@@ -51,6 +56,8 @@ impl Config {
         diff_window: Millis(50),
         large_topic_threshold: 1000,
         leave_grace: Millis(0),
+        heartbeat_timeout: Millis(60_000),
+        message_timeout: Millis(10_000),
         slow_consumer_timeout: Millis(30_000),
         ref_seed: 0,
         hash_seed: 0,

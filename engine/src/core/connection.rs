@@ -3,7 +3,7 @@
 use roster_proto::{PhxRef, PresenceMode};
 
 use crate::core::ids::JoinRef;
-use crate::core::{Grants, TopicName, UserKey};
+use crate::core::{Grants, Millis, TopicName, UserKey};
 
 #[derive(Debug)]
 pub(crate) struct Connection {
@@ -14,6 +14,10 @@ pub(crate) struct Connection {
     /// What its token allows (none in development mode); boxed, as most have none or share a
     /// handful of shapes.
     pub(crate) grants: Option<Box<Grants>>,
+    /// Which record of this id it is (ids are reused), for the heartbeat wheel's entries.
+    pub(crate) generation: u32,
+    /// When it last sent a text message (ms, wrapping: only differences are read).
+    pub(crate) last_seen_ms: u32,
 }
 
 /// One joined topic of one connection. There is one per subscription, so it is kept small
@@ -71,11 +75,18 @@ impl Joined {
 }
 
 impl Connection {
-    pub(crate) fn new(key: UserKey, grants: Option<Box<Grants>>) -> Self {
+    pub(crate) fn new(
+        key: UserKey,
+        grants: Option<Box<Grants>>,
+        generation: u32,
+        now: Millis,
+    ) -> Self {
         Connection {
             key,
             joins: Vec::new(),
             grants,
+            generation,
+            last_seen_ms: now.0 as u32,
         }
     }
 

@@ -30,6 +30,8 @@ pub struct Millis(pub u64);
 pub struct CloseCode(pub u16);
 
 impl CloseCode {
+    /// RFC 6455 1000: a normal close (here: the heartbeat timeout, as Phoenix closes).
+    pub const NORMAL: CloseCode = CloseCode(1000);
     /// RFC 6455 1007: the frame's data is not consistent with the message type (not V2).
     pub const INVALID_PAYLOAD: CloseCode = CloseCode(1007);
     /// RFC 6455 1008: the connection broke a policy (here: a slow consumer that did not drain).

@@ -1,27 +1,161 @@
-//! The heartbeat timeout. Only text messages are activity: phoenix.js sends a `heartbeat`
-//! message every 30 s, and a client that only pings, or dribbles one message forever, is not
-//! alive as far as presence goes. Pure: the driver keeps when each connection last sent a text
-//! message and asks here when its deadline comes up.
+//! Whether each connection is alive: the heartbeat timeout and the message timeout. Only text
+//! messages are activity: phoenix.js sends a `heartbeat` message every 30 s, and a client that
+//! only pings, or dribbles one message forever, is not alive as far as presence goes. A message
+//! begun (the driver saw its first bytes) must be complete within the message timeout.
+//!
+//! The deadlines live in one hashed timer wheel per shard instead of one reactor timer per
+//! connection (a million heartbeat deadlines would be a million BTreeMap entries); when each
+//! connection last sent a text message is kept in its record, so the wheel only says when to
+//! look.
 
-/// What the driver does with a connection whose heartbeat deadline came up.
+use crate::core::hash::{Map, Seeds, Set};
+use crate::core::wheel::Wheel;
+use crate::core::{ConnId, Millis};
+
+/// A wheel slot: heartbeat deadlines are this coarse (a connection is closed up to this late).
+pub(crate) const WHEEL_GRANULARITY_MS: u64 = 250;
+
+/// What to do with a connection whose heartbeat deadline came up.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Heartbeat {
+pub(crate) enum Heartbeat {
     /// Silent for the whole timeout: close it (1000 "heartbeat timeout").
     Expired,
     /// Look again at this time (ms).
     CheckAt(u64),
 }
 
-/// `last_seen_ms` is when the client last sent a text message, on the driver's clock in ms
-/// wrapped to 32 bits (only the difference to `now_ms` is read). `paused`: the driver stopped
-/// reading the connection (its own backpressure), so a heartbeat may be waiting unread: it is
-/// not held against the client.
-pub fn heartbeat(last_seen_ms: u32, now_ms: u64, timeout_ms: u64, paused: bool) -> Heartbeat {
+/// `last_seen_ms` is when the client last sent a text message, in ms wrapped to 32 bits (only
+/// the difference to `now_ms` is read). `paused`: the driver stopped reading the connection
+/// (its own backpressure), so a heartbeat may be waiting unread: it is not held against the
+/// client.
+pub(crate) fn heartbeat(
+    last_seen_ms: u32,
+    now_ms: u64,
+    timeout_ms: u64,
+    paused: bool,
+) -> Heartbeat {
     let silent = (now_ms as u32).wrapping_sub(last_seen_ms) as u64;
     if silent >= timeout_ms && !paused {
         Heartbeat::Expired
     } else {
         Heartbeat::CheckAt(now_ms + timeout_ms.saturating_sub(silent))
+    }
+}
+
+/// Why [`Liveness::due`] gives a connection up.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Dead {
+    Heartbeat,
+    MessageTimeout,
+}
+
+pub(crate) struct Liveness {
+    heartbeat_timeout: Millis,
+    message_timeout: Millis,
+    /// Heartbeat deadlines, by connection and the generation of its record (ids are reused: an
+    /// entry left by a closed connection must not be taken for the next one's).
+    wheel: Wheel<(ConnId, u32)>,
+    /// Connections the driver stopped reading (its rings are backed up).
+    paused: Set<ConnId>,
+    /// Connections with a message partly received, since when.
+    partial: Map<ConnId, Millis>,
+}
+
+impl Liveness {
+    pub(crate) fn new(heartbeat_timeout: Millis, message_timeout: Millis, seeds: Seeds) -> Self {
+        let slots = heartbeat_timeout.0 / WHEEL_GRANULARITY_MS + 2;
+        Liveness {
+            heartbeat_timeout,
+            message_timeout,
+            wheel: Wheel::new(slots.min(4096) as usize, WHEEL_GRANULARITY_MS, 0),
+            paused: seeds.set(),
+            partial: seeds.map(),
+        }
+    }
+
+    /// A connection opened (or sent its last text message) at `now`: its deadline.
+    pub(crate) fn opened(&mut self, conn: ConnId, generation: u32, now: Millis) {
+        let deadline = now.0.saturating_add(self.heartbeat_timeout.0);
+        self.wheel.insert((conn, generation), deadline);
+    }
+
+    pub(crate) fn closed(&mut self, conn: ConnId) {
+        if !self.paused.is_empty() {
+            self.paused.remove(&conn);
+        }
+        if !self.partial.is_empty() {
+            self.partial.remove(&conn);
+        }
+    }
+
+    pub(crate) fn set_paused(&mut self, conn: ConnId, paused: bool) {
+        if paused {
+            self.paused.insert(conn);
+        } else {
+            self.paused.remove(&conn);
+        }
+    }
+
+    pub(crate) fn message_started(&mut self, conn: ConnId, now: Millis) {
+        self.partial.entry(conn).or_insert(now);
+    }
+
+    pub(crate) fn message_done(&mut self, conn: ConnId) {
+        if !self.partial.is_empty() {
+            self.partial.remove(&conn);
+        }
+    }
+
+    /// The connections given up at `now`, in a fixed order. `seen` says, for a connection the
+    /// wheel brings up, its generation and when it last sent a text message (None: closed
+    /// since).
+    pub(crate) fn due(
+        &mut self,
+        now: Millis,
+        seen: impl Fn(ConnId) -> Option<(u32, u32)>,
+    ) -> Vec<(ConnId, Dead)> {
+        let mut dead = Vec::new();
+        let mut up = Vec::new();
+        self.wheel.advance(now.0, &mut up);
+        for (conn, generation) in up {
+            let Some((g, last_seen)) = seen(conn).filter(|(g, _)| *g == generation) else {
+                continue;
+            };
+            let paused = self.paused.contains(&conn);
+            match heartbeat(last_seen, now.0, self.heartbeat_timeout.0, paused) {
+                Heartbeat::Expired => dead.push((conn, Dead::Heartbeat)),
+                Heartbeat::CheckAt(at) => {
+                    let at = at.max(now.0 + WHEEL_GRANULARITY_MS);
+                    self.wheel.insert((conn, g), at);
+                }
+            }
+        }
+        let timeout = self.message_timeout.0;
+        let mut unfinished: Vec<ConnId> = self
+            .partial
+            .iter()
+            .filter(|(_, since)| now.0.saturating_sub(since.0) >= timeout)
+            .map(|(c, _)| *c)
+            .collect();
+        unfinished.sort_unstable();
+        for conn in unfinished {
+            self.partial.remove(&conn);
+            if !dead.iter().any(|(c, _)| *c == conn) {
+                dead.push((conn, Dead::MessageTimeout));
+            }
+        }
+        dead
+    }
+
+    /// When [`Liveness::due`] next has something to look at.
+    pub(crate) fn next_deadline(&self) -> Option<Millis> {
+        let timeout = self.message_timeout.0;
+        let partial = self.partial.values().map(|s| s.0.saturating_add(timeout));
+        partial.chain(self.wheel.next_due()).min().map(Millis)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.paused.is_empty() && self.partial.is_empty()
     }
 }
 
@@ -46,5 +180,32 @@ mod tests {
             heartbeat(u32::MAX - 5, now, 60_000, false),
             Heartbeat::CheckAt(now + 60_000 - 15)
         );
+    }
+
+    #[test]
+    fn a_silent_connection_is_given_up_within_a_slot_of_its_deadline() {
+        let mut l = Liveness::new(Millis(1_000), Millis(500), Seeds::new(0));
+        let (a, b) = (ConnId(1), ConnId(2));
+        l.opened(a, 7, Millis(0));
+        l.opened(b, 8, Millis(0));
+        // b sent a message at 600; a never did.
+        let seen = |c: ConnId| Some(if c == a { (7, 0) } else { (8, 600) });
+        assert_eq!(l.next_deadline(), Some(Millis(1_000)));
+        assert!(l.due(Millis(999), seen).is_empty());
+        assert_eq!(l.due(Millis(1_000), seen), [(a, Dead::Heartbeat)]);
+        assert!(
+            l.due(Millis(1_500), seen).is_empty(),
+            "b is seen until 1600"
+        );
+        assert_eq!(l.due(Millis(1_850), seen), [(b, Dead::Heartbeat)]);
+        // An entry of an earlier generation (the id was reused) is dropped, not obeyed.
+        l.opened(a, 9, Millis(2_000));
+        assert!(l.due(Millis(3_500), |_| Some((10, 0))).is_empty());
+        // A message begun must end within its timeout.
+        l.message_started(b, Millis(4_000));
+        l.message_started(b, Millis(4_200));
+        assert_eq!(l.next_deadline(), Some(Millis(4_500)));
+        assert_eq!(l.due(Millis(4_500), |_| None), [(b, Dead::MessageTimeout)]);
+        assert!(l.is_empty());
     }
 }

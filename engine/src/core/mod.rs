@@ -24,7 +24,7 @@ mod hash;
 mod ids;
 mod invariants;
 pub mod latency;
-pub mod liveness;
+mod liveness;
 mod message;
 mod names;
 pub mod outbound;
@@ -38,6 +38,7 @@ mod topic_owner;
 mod user;
 mod user_owner;
 mod watch;
+mod wheel;
 
 pub use config::Config;
 pub use grants::{Grants, TopicPattern};

@@ -11,6 +11,7 @@ use roster_proto::{
 
 use crate::core::connection::{Connection, Joined};
 use crate::core::hash::{Map, Seeds};
+use crate::core::liveness::{Dead, Liveness};
 use crate::core::names::Names;
 use crate::core::outbox::Outbox;
 pub use crate::core::outbox::Output;
@@ -42,6 +43,8 @@ pub struct ShardStats {
     pub resyncs: u64,
     /// Slow consumers closed for not draining within the timeout.
     pub slow_closes: u64,
+    /// Connections closed for sending no text message within the heartbeat timeout.
+    pub heartbeat_closes: u64,
     /// Joins that took over a presence held by the leave grace (or their twin's, see
     /// `topic::Twin`).
     pub takeovers: u64,
@@ -86,6 +89,9 @@ pub struct Shard {
     /// From a phx_join's arrival to its reply, for joins answered so far.
     join_latency: Latency,
     resyncing: Resyncing,
+    liveness: Liveness,
+    /// Generation of the last connection record made (see `Connection::generation`).
+    generation: u32,
     tx: Outbox,
     /// Scratch for encoding; its capacity is reused across frames.
     buf: Vec<u8>,
@@ -103,12 +109,14 @@ pub struct Shard {
     /// The connection side's counters (the owner side keeps its own).
     resyncs: u64,
     slow_closes: u64,
+    heartbeat_closes: u64,
 }
 
 impl Shard {
     pub fn new(id: ShardId, config: Config) -> Self {
         assert!(id.0 < config.shards, "shard {} of {}", id.0, config.shards);
         let seeds = Seeds::new(config.hash_seed);
+        let liveness = Liveness::new(config.heartbeat_timeout, config.message_timeout, seeds);
         Shard {
             id,
             router: Router::new(config.shards),
@@ -122,6 +130,8 @@ impl Shard {
             clock_us: 0,
             join_latency: Latency::default(),
             resyncing: Resyncing::new(seeds),
+            liveness,
+            generation: 0,
             names: Names::new(seeds),
             tx: Outbox::new(id),
             buf: Vec::with_capacity(4096),
@@ -132,6 +142,7 @@ impl Shard {
             errors: Vec::new(),
             resyncs: 0,
             slow_closes: 0,
+            heartbeat_closes: 0,
         }
     }
 
@@ -162,12 +173,15 @@ impl Shard {
         self.open_with(conn, key, None);
     }
 
-    /// A connection whose token gave it `grants`.
+    /// A connection whose token gave it `grants`. Its heartbeat timeout starts now.
     pub fn open_with(&mut self, conn: ConnId, key: UserKey, grants: Option<Box<Grants>>) {
-        if let Some(old) = self.conns.insert(conn, Connection::new(key, grants)) {
+        self.generation = self.generation.wrapping_add(1);
+        let c = Connection::new(key, grants, self.generation, self.now);
+        if let Some(old) = self.conns.insert(conn, c) {
             // The driver reused an id without closing; leave the old connection's topics.
             self.part_all(conn, old);
         }
+        self.liveness.opened(conn, self.generation, self.now);
         self.drain_local();
     }
 
@@ -180,11 +194,12 @@ impl Shard {
         self.drain_local();
     }
 
-    /// A text frame from a local connection.
+    /// A text message from a local connection: it is alive (see `liveness.rs`).
     pub fn frame(&mut self, conn: ConnId, bytes: &[u8]) {
-        if !self.conns.contains_key(&conn) {
+        let Some(c) = self.conns.get_mut(&conn) else {
             return;
-        }
+        };
+        c.last_seen_ms = self.now.0 as u32;
         match decode(bytes) {
             Ok(msg) => self.client_message(conn, msg),
             Err(e) => self.close_with(conn, CloseCode::INVALID_PAYLOAD, e.reason()),
@@ -226,8 +241,49 @@ impl Shard {
             names: &mut self.names,
         });
         self.close_stuck();
+        self.close_dead();
         self.drain_local();
         self.flush();
+    }
+
+    /// The driver stopped reading `conn` (`paused`: its own backpressure) or resumed: a
+    /// heartbeat may wait unread meanwhile, so the heartbeat timeout does not close it.
+    pub fn set_paused(&mut self, conn: ConnId, paused: bool) {
+        self.liveness.set_paused(conn, paused);
+    }
+
+    /// The first bytes of a message from `conn` came, not all of it: it must be complete
+    /// within the message timeout.
+    pub fn message_started(&mut self, conn: ConnId) {
+        if self.conns.contains_key(&conn) {
+            self.liveness.message_started(conn, self.now);
+        }
+    }
+
+    /// The message `conn` had begun is complete (or the connection holds none).
+    pub fn message_done(&mut self, conn: ConnId) {
+        self.liveness.message_done(conn);
+    }
+
+    /// Connections silent for the heartbeat timeout, or stuck inside a message, are closed.
+    fn close_dead(&mut self) {
+        let conns = &self.conns;
+        let dead = self.liveness.due(self.now, |conn| {
+            conns.get(&conn).map(|c| (c.generation, c.last_seen_ms))
+        });
+        for (conn, why) in dead {
+            match why {
+                Dead::Heartbeat => {
+                    self.heartbeat_closes += 1;
+                    self.close_uncounted(conn, CloseCode::NORMAL, "heartbeat timeout");
+                }
+                Dead::MessageTimeout => {
+                    count_error(&mut self.errors, "message timeout");
+                    let reason = "message not completed in time";
+                    self.close_uncounted(conn, CloseCode::POLICY, reason);
+                }
+            }
+        }
     }
 
     /// The driver dropped the diffs queued for `conn` (its queue overflowed, see
@@ -331,15 +387,17 @@ impl Shard {
     }
 
     /// When the shard next needs [`Shard::tick`]: the earliest end of a coalescing window, of a
-    /// leave grace or a twin's grace, of a count interval with a change waiting, or of a slow
-    /// consumer's time to drain. None when nothing waits on time. The driver sleeps until then
+    /// leave grace or a twin's grace, of a count interval with a change waiting, of a slow
+    /// consumer's time to drain, of a heartbeat timeout (to a wheel slot) or of a message
+    /// begun. None when nothing waits on time. The driver sleeps until then
     /// (or less); ticking early is harmless.
     pub fn poll_timeout(&mut self) -> Option<Millis> {
         let owner = self.owner.poll_timeout(self.now);
         let stuck = self
             .resyncing
             .next_deadline(self.config.slow_consumer_timeout);
-        owner.into_iter().chain(stuck).min()
+        let dead = self.liveness.next_deadline();
+        owner.into_iter().chain(stuck).chain(dead).min()
     }
 
     /// How long joins took from their arrival to their reply, so far.
@@ -397,6 +455,7 @@ impl Shard {
             diffs_coalesced: owner.diffs_coalesced,
             resyncs: self.resyncs,
             slow_closes: self.slow_closes,
+            heartbeat_closes: self.heartbeat_closes,
             takeovers: owner.takeovers,
             twins: owner.twins,
             grace_expired: owner.grace_expired,
@@ -411,6 +470,7 @@ impl Shard {
             && self.subs.topics() == 0
             && self.watches.is_empty()
             && self.awaiting.is_empty()
+            && self.liveness.is_empty()
             && self.resyncing.is_empty()
             && self.names.in_use() == 0
             && self.tx.local.is_empty()
@@ -759,6 +819,7 @@ impl Shard {
 
     fn part_all(&mut self, conn: ConnId, c: Connection) {
         self.resyncing.end(conn);
+        self.liveness.closed(conn);
         for joined in c.joins {
             self.part(conn, &c.key, joined, true);
         }
@@ -766,6 +827,11 @@ impl Shard {
 
     fn close_with(&mut self, conn: ConnId, code: CloseCode, reason: &'static str) {
         count_error(&mut self.errors, reason);
+        self.close_uncounted(conn, code, reason);
+    }
+
+    /// A close whose count is kept elsewhere (or under another name).
+    fn close_uncounted(&mut self, conn: ConnId, code: CloseCode, reason: &'static str) {
         self.tx.out.push(Output::Close { conn, code, reason });
         if let Some(c) = self.conns.remove(&conn) {
             self.part_all(conn, c);
@@ -1346,7 +1412,12 @@ mod tests {
             // Quiet until the window u2's join opened has ended.
             s.tick(Millis(1100));
             s.outputs().for_each(drop);
-            assert_eq!(s.poll_timeout(), None, "nothing waits on time");
+            // (The wheel looks at deadlines beyond its horizon early, to check them.)
+            let due = s.poll_timeout();
+            assert!(
+                due.is_some_and(|d| d.0 > 60_000),
+                "nothing but the heartbeat timeouts waits on time: {due:?}"
+            );
             // A join between two ticks (the driver ticks at phase + k*50): its diff goes at once
             // and opens a window from this moment.
             let t0 = 1100 + phase + 3;

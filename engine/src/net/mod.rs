@@ -9,7 +9,6 @@ pub mod handshake;
 mod listener;
 mod runtime;
 mod signal;
-pub mod wheel;
 pub mod ws;
 
 use std::os::fd::RawFd;

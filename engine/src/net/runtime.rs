@@ -1,10 +1,10 @@
 //! One shard's runtime on its executor: the core state machine, the connections' outbound
-//! queues, the outgoing ring batches and the heartbeat wheel. Everything here runs on one thread;
+//! queues and the outgoing ring batches. Everything here runs on one thread;
 //! `RefCell` borrows are never held across an await.
 
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
@@ -15,7 +15,6 @@ use slab::Slab;
 use smallvec::SmallVec;
 
 use crate::config::ServerConfig;
-use crate::core::liveness::{heartbeat, Heartbeat};
 use crate::core::{outbound, Config, ConnId, Frame, Latency, MeshMsg, Millis, Output, Shard};
 use crate::identity::{self, Identity, Verifier};
 use crate::mesh::ShardId;
@@ -23,16 +22,14 @@ use crate::net::admin::{Board, Figure, LatencyOf, Query, ERRORS, REFUSALS};
 use crate::net::admission::Admission;
 use crate::net::handshake::{Reject, Upgrade};
 use crate::net::signal::Signal;
-use crate::net::wheel::Wheel;
 use crate::net::ws::{write_text_frame, write_text_frame_header};
 
 /// Why the server closes a connection: WebSocket close code and reason.
 pub type CloseReason = (u16, Cow<'static, str>);
 
 /// What the runtime keeps per connection, next to the core's record. One per connection in a
-/// slab that grows by doubling, so it is kept small (64 bytes): the close reason, rare, is boxed.
+/// slab that grows by doubling, so it is kept small (56 bytes): the close reason, rare, is boxed.
 pub struct Slot {
-    generation: u32,
     /// Bytes queued in `out`, presence_state frames excepted (see `dispatch`).
     out_bytes: u32,
     /// Frames not yet taken by the connection's task. One fits inline: a connection that gets
@@ -40,8 +37,6 @@ pub struct Slot {
     out: SmallVec<[Frame; 1]>,
     close: Option<Box<CloseReason>>,
     waker: Option<Waker>,
-    /// When the client last sent a text message (ms, wrapping: only differences are read).
-    last_seen_ms: u32,
     /// When the oldest frame in `out` was queued (µs, wrapping), for the delivery latency.
     queued_us: u32,
 }
@@ -66,7 +61,6 @@ pub struct Stats {
     pub accepted: Cell<u64>,
     pub handshake_failures: Cell<u64>,
     pub accept_errors: Cell<u64>,
-    pub heartbeat_closes: Cell<u64>,
     /// Slow consumers whose queued diffs were dropped (each gets fresh states once drained).
     pub slow_resyncs: Cell<u64>,
     pub messages_in: Cell<u64>,
@@ -92,17 +86,12 @@ pub struct Runtime {
     pub config: ServerConfig,
     core: RefCell<Shard>,
     pub conns: RefCell<Slab<Slot>>,
-    next_generation: Cell<u32>,
     /// Per peer shard: messages waiting for the ring, and the task that sends them.
     pub peer_queues: Vec<RefCell<Vec<MeshMsg>>>,
     pub peer_signals: Vec<Signal>,
     /// Connections that stopped reading because the rings are backed up.
     paused: RefCell<HashSet<ConnId>>,
-    /// Connections with a message partly received, with since when (ms): it must be complete
-    /// within the message timeout.
-    partial: RefCell<HashMap<ConnId, u64>>,
     pub flush: Signal,
-    wheel: RefCell<Wheel<(ConnId, u32)>>,
     epoch: Instant,
     pub shutting_down: Cell<bool>,
     pub stop_accepting: Signal,
@@ -144,7 +133,6 @@ pub struct CoreSeeds {
     pub hashing: u64,
 }
 
-const WHEEL_GRANULARITY_MS: u64 = 250;
 /// How often a shard's figures go on the admin board.
 const PUBLISH_EVERY_MS: u64 = 1000;
 /// Messages waiting for full rings, across all peers, past which connections stop reading (and
@@ -167,24 +155,21 @@ impl Runtime {
                 large_topic_threshold: config.large_topic_threshold,
                 leave_grace: Millis(config.leave_grace.as_millis() as u64),
                 slow_consumer_timeout: Millis(config.slow_consumer_timeout.as_millis() as u64),
+                heartbeat_timeout: Millis(config.heartbeat_timeout.as_millis() as u64),
+                message_timeout: Millis(config.message_timeout.as_millis() as u64),
                 ref_seed: shared.seeds.refs,
                 hash_seed: shared.seeds.hashing,
             },
         );
         let n = config.shards as usize;
-        let slots =
-            (config.heartbeat_timeout.as_millis() as u64 / WHEEL_GRANULARITY_MS + 2) as usize;
         Rc::new(Runtime {
             id,
             core: RefCell::new(core),
             conns: RefCell::new(Slab::new()),
-            next_generation: Cell::new(0),
             peer_queues: (0..n).map(|_| RefCell::new(Vec::new())).collect(),
             peer_signals: (0..n).map(|_| Signal::default()).collect(),
             paused: RefCell::new(HashSet::new()),
-            partial: RefCell::new(HashMap::new()),
             flush: Signal::default(),
-            wheel: RefCell::new(Wheel::new(slots.min(4096), WHEEL_GRANULARITY_MS, 0)),
             epoch: Instant::now(),
             shutting_down: Cell::new(false),
             stop_accepting: Signal::default(),
@@ -219,28 +204,17 @@ impl Runtime {
         core
     }
 
-    /// A handshake completed: the connection gets an id and a heartbeat deadline.
+    /// A handshake completed: the connection gets an id (and in the core, a heartbeat deadline).
     pub fn open(&self, identity: Identity) -> ConnId {
-        let now = self.now_ms();
-        let generation = self.next_generation.get().wrapping_add(1);
-        self.next_generation.set(generation);
         let slot = Slot {
-            generation,
             out: SmallVec::new(),
             out_bytes: 0,
             close: None,
             waker: None,
-            last_seen_ms: now as u32,
             queued_us: 0,
         };
         let conn = ConnId(self.conns.borrow_mut().insert(slot) as u32);
-        let timeout = self.config.heartbeat_timeout.as_millis() as u64;
-        self.wheel
-            .borrow_mut()
-            .insert((conn, generation), now + timeout);
-        self.core
-            .borrow_mut()
-            .open_with(conn, identity.key, identity.grants);
+        self.core().open_with(conn, identity.key, identity.grants);
         self.dispatch();
         conn
     }
@@ -262,15 +236,7 @@ impl Runtime {
     /// A text message from a client.
     pub fn client_frame(&self, conn: ConnId, bytes: &[u8]) {
         self.stats.messages_in.set(self.stats.messages_in.get() + 1);
-        // One clock read for both: the heartbeat's activity and the core's clock.
-        let now_us = self.now_us();
-        if let Some(slot) = self.conns.borrow_mut().get_mut(conn.0 as usize) {
-            slot.last_seen_ms = (now_us / 1000) as u32;
-        }
-        let mut core = self.core.borrow_mut();
-        core.advance(now_us);
-        core.frame(conn, bytes);
-        drop(core);
+        self.core().frame(conn, bytes);
         self.dispatch();
         self.flush.notify();
     }
@@ -278,7 +244,7 @@ impl Runtime {
     /// The connection's task is ending: its presences leave.
     pub fn closed(&self, conn: ConnId) {
         self.conns.borrow_mut().try_remove(conn.0 as usize);
-        self.partial.borrow_mut().remove(&conn);
+        self.paused.borrow_mut().remove(&conn);
         self.core().close(conn);
         self.dispatch();
         self.flush.notify();
@@ -289,12 +255,12 @@ impl Runtime {
 
     /// The first bytes of a message from `conn` have come, not all of it.
     pub fn message_started(&self, conn: ConnId) {
-        self.partial.borrow_mut().insert(conn, self.now_ms());
+        self.core().message_started(conn);
     }
 
     /// The message `conn` had begun is complete (or the connection holds none).
     pub fn message_done(&self, conn: ConnId) {
-        self.partial.borrow_mut().remove(&conn);
+        self.core.borrow_mut().message_done(conn);
     }
 
     /// Whether a join of `conn` still waits for its owner's reply.
@@ -349,8 +315,7 @@ impl Runtime {
     }
 
     /// When the tick task should next run (ms): the core's next deadline, and at least every
-    /// `max_sleep_ms` for what the driver checks itself (heartbeats, slow consumers, the admin
-    /// board). Recorded, so that a batch making an earlier deadline can wake the task.
+    /// `max_sleep_ms` for what the driver does itself (the admin board's figures and queries). Recorded, so that a batch making an earlier deadline can wake the task.
     pub fn next_wake(&self, now: u64, max_sleep_ms: u64) -> u64 {
         let core_due = self.core().poll_timeout().map_or(u64::MAX, |m| m.0);
         let at = core_due.min(now + max_sleep_ms);
@@ -358,7 +323,8 @@ impl Runtime {
         at
     }
 
-    /// Periodic work: count pushes and heartbeat deadlines.
+    /// Periodic work: the core's deadlines (windows, graces, counts, heartbeats, slow
+    /// consumers) and the admin board.
     pub fn tick(&self) {
         let now = self.now_ms();
         self.core().tick(Millis(now));
@@ -367,44 +333,6 @@ impl Runtime {
             // Once a second: the core's figures walk its topic table.
             self.published_ms.set(now);
             self.publish();
-        }
-        let mut due = Vec::new();
-        self.wheel.borrow_mut().advance(now, &mut due);
-        let timeout = self.config.heartbeat_timeout.as_millis() as u64;
-        let mut expired = Vec::new();
-        {
-            let conns = self.conns.borrow();
-            let paused = self.paused.borrow();
-            let mut wheel = self.wheel.borrow_mut();
-            for (conn, generation) in due {
-                let Some(slot) = conns
-                    .get(conn.0 as usize)
-                    .filter(|s| s.generation == generation)
-                else {
-                    continue; // closed since
-                };
-                // A connection we stopped reading (rings backed up) may well have sent its
-                // heartbeat: our own backpressure is not held against it.
-                match heartbeat(slot.last_seen_ms, now, timeout, paused.contains(&conn)) {
-                    Heartbeat::Expired => expired.push(conn),
-                    Heartbeat::CheckAt(at) => {
-                        wheel.insert((conn, generation), at.max(now + WHEEL_GRANULARITY_MS))
-                    }
-                }
-            }
-        }
-        for conn in expired {
-            self.stats
-                .heartbeat_closes
-                .set(self.stats.heartbeat_closes.get() + 1);
-            self.close(conn, 1000, "heartbeat timeout");
-        }
-        let message_timeout = self.config.message_timeout.as_millis() as u64;
-        let unfinished = overdue(&self.partial, now, message_timeout);
-        for conn in unfinished {
-            self.partial.borrow_mut().remove(&conn);
-            Stats::count(&self.stats.closes, "message timeout");
-            self.close(conn, 1008, "message not completed in time");
         }
         self.dispatch();
     }
@@ -445,7 +373,7 @@ impl Runtime {
             (Figure::FramesOut, s.frames_out.get()),
             (Figure::Resyncs, s.slow_resyncs.get()),
             (Figure::SlowCloses, stats.slow_closes),
-            (Figure::HeartbeatCloses, s.heartbeat_closes.get()),
+            (Figure::HeartbeatCloses, stats.heartbeat_closes),
         ] {
             board.set(f, v);
         }
@@ -556,7 +484,9 @@ impl Runtime {
         if backlog < MESH_BACKLOG_LIMIT {
             return false;
         }
-        self.paused.borrow_mut().insert(conn);
+        if self.paused.borrow_mut().insert(conn) {
+            self.core.borrow_mut().set_paused(conn, true);
+        }
         true
     }
 
@@ -565,7 +495,9 @@ impl Runtime {
         let backlog: usize = self.peer_queues.iter().map(|q| q.borrow().len()).sum();
         if backlog < MESH_BACKLOG_LIMIT / 2 {
             let mut conns = self.conns.borrow_mut();
+            let mut core = self.core.borrow_mut();
             for conn in self.paused.borrow_mut().drain() {
+                core.set_paused(conn, false);
                 if let Some(slot) = conns.get_mut(conn.0 as usize) {
                     slot.wake();
                 }
@@ -648,16 +580,6 @@ impl Runtime {
     }
 }
 
-/// The connections in `since` (connection -> since when, ms) for `after` ms or more at `now`.
-fn overdue(since: &RefCell<HashMap<ConnId, u64>>, now: u64, after: u64) -> Vec<ConnId> {
-    since
-        .borrow()
-        .iter()
-        .filter(|(_, t)| now.saturating_sub(**t) >= after)
-        .map(|(c, _)| *c)
-        .collect()
-}
-
 /// Bytes of queued `frames` that count toward max_outbound_bytes. Only on overflow, so the
 /// frames' kinds are read back from their bytes rather than kept beside each of them.
 fn counted_bytes(frames: &[Frame]) -> u32 {
@@ -672,7 +594,7 @@ fn counted_bytes(frames: &[Frame]) -> u32 {
 mod tests {
     /// One per connection in a slab that doubles: the comment on `Slot` promises this size.
     #[test]
-    fn a_slot_is_64_bytes() {
-        assert_eq!(std::mem::size_of::<super::Slot>(), 64);
+    fn a_slot_is_56_bytes() {
+        assert_eq!(std::mem::size_of::<super::Slot>(), 56);
     }
 }
