@@ -19,7 +19,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use roster_engine::core::{outbound, Config, ConnId, MeshMsg, Millis, Output, Shard, UserKey};
+use roster_engine::core::outbound::{OutQueue, Pushed, Queued};
+use roster_engine::core::{Config, ConnId, MeshMsg, Millis, Output, Shard, UserKey};
 use roster_engine::mesh::{Router, ShardId};
 use roster_proto::encode::{frame_kind, FrameKind};
 use serde_json::{json, Value};
@@ -73,7 +74,26 @@ enum Expect {
     JoinError(&'static str),
 }
 
-#[derive(Debug)]
+/// A frame queued for a stalled client. `stale` marks a frame about a topic the client has
+/// since joined again or left (phoenix.js routes them by join_ref).
+#[derive(Clone)]
+struct SimFrame {
+    bytes: Vec<u8>,
+    stale: bool,
+}
+
+impl Queued for SimFrame {
+    fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl std::fmt::Debug for SimFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", String::from_utf8_lossy(&self.bytes))
+    }
+}
+
 struct Client {
     key: String,
     topics: BTreeMap<String, ClientTopic>,
@@ -82,9 +102,9 @@ struct Client {
     /// phx_close frames this client must still receive (join_refs of replaced joins).
     expected_closes: Vec<String>,
     closed_by_server: bool,
-    /// Not reading: frames wait here, as in a socket buffer. The flag marks frames about a
-    /// topic the client has since joined again or left (phoenix.js routes them by join_ref).
-    stalled: Option<Vec<(Vec<u8>, bool)>>,
+    /// Not reading: frames wait here, in the queue the server's runtime keeps (as if the
+    /// socket's buffers were full).
+    stalled: Option<OutQueue<SimFrame>>,
     /// When it last sent a text message.
     last_sent: u64,
     /// Sends nothing more (a dead tab, a network gone quiet).
@@ -240,15 +260,15 @@ impl Sim {
     /// Carries out everything shard `s` produced.
     fn collect(&mut self, s: usize) {
         use std::hash::Hash;
-        let outputs: Vec<Output> = self.shards[s].outputs().collect();
+        let mut outputs: VecDeque<Output> = self.shards[s].outputs().collect();
         let n = self.n();
-        for o in outputs {
+        while let Some(o) = outputs.pop_front() {
             // Debug of an output is its content (frames as bytes, messages as fields).
             (s, format!("{o:?}")).hash(&mut self.trace);
             match o {
                 Output::Mesh { to, msg } => self.rings[s * n + to.index()].push_back(msg),
                 Output::Send { conn, frame, kind } => {
-                    self.deliver_frame((s as u16, conn.0), &frame, kind)
+                    self.deliver_frame((s as u16, conn.0), &frame, kind, &outputs)
                 }
                 Output::Close { conn, code, reason } => {
                     let c = self.clients.get_mut(&(s as u16, conn.0));
@@ -296,13 +316,19 @@ impl Sim {
                 }
             }
         }
-        self.check_overflows(s);
     }
 
     /// A frame for a client: read now, or queued while it stalls, or dropped if it is a diff
-    /// for a slow consumer being resynced. What a queue holds, when it overflows and what that
-    /// drops are the core's `outbound` policy, as in the server's runtime.
-    fn deliver_frame(&mut self, id: (u16, u32), frame: &[u8], kind: FrameKind) {
+    /// for a slow consumer being resynced. The queue is the core's `OutQueue`, as in the
+    /// server's runtime: what it holds, when it overflows and what that drops are its own.
+    /// `rest` is what the shard's batch holds after this frame.
+    fn deliver_frame(
+        &mut self,
+        id: (u16, u32),
+        frame: &[u8],
+        kind: FrameKind,
+        rest: &VecDeque<Output>,
+    ) {
         // The driver trusts the core's label; it must be what the bytes say.
         if kind != frame_kind(frame) {
             fail(format!(
@@ -328,29 +354,23 @@ impl Sim {
         };
         self.log
             .push(format!("  -| {id:?} {}", String::from_utf8_lossy(frame)));
-        queue.push((frame.to_vec(), false));
-    }
-
-    /// After a batch of shard `s`'s outputs: a stalled client of it whose queue passed the
-    /// bound overflows. (The runtime checks at every frame; over a whole batch that drops the
-    /// same frames, and here every state of the batch is in the queue when the states the client
-    /// is owed are counted.)
-    fn check_overflows(&mut self, s: usize) {
-        let over: Vec<(u16, u32)> = self
-            .clients
-            .iter()
-            .filter(|(id, c)| id.0 as usize == s && !c.closed_by_server)
-            .filter_map(|(id, c)| {
-                let queue = c.stalled.as_ref()?;
-                let queued: usize = queue
-                    .iter()
-                    .map(|(f, _)| outbound::counted(frame_kind(f), f.len()))
-                    .sum();
-                outbound::overflows(queued, 0, MAX_OUTBOUND, queue.is_empty()).then_some(*id)
-            })
-            .collect();
-        for id in over {
-            self.overflow(id);
+        let queued = SimFrame {
+            bytes: frame.to_vec(),
+            stale: false,
+        };
+        if let Pushed::Overflowed { .. } = queue.push(queued, kind, MAX_OUTBOUND) {
+            // States the shard made in this batch, before it hears of the overflow: their
+            // subscriptions are live there and lose diffs too.
+            let coming = rest.iter().filter_map(|o| match o {
+                Output::Send { conn, frame, kind }
+                    if conn.0 == id.1 && *kind == FrameKind::State =>
+                {
+                    Some(join_ref_and_topic(frame))
+                }
+                _ => None,
+            });
+            let coming: Vec<(Value, Value)> = coming.collect();
+            self.overflow(id, coming);
         }
     }
 
@@ -602,7 +622,7 @@ impl Sim {
             91..=96 => {
                 self.log.push(format!("stall {id:?}"));
                 let c = self.clients.get_mut(&id).expect("live");
-                c.stalled.get_or_insert_with(Vec::new);
+                c.stalled.get_or_insert_with(OutQueue::default);
             }
             _ => self.drain(id),
         }
@@ -655,42 +675,41 @@ impl Sim {
         );
     }
 
-    /// A stalled client's queue passed its bound: its queued diffs are dropped and the shard
-    /// resyncs it, as the server's runtime does.
-    fn overflow(&mut self, id: (u16, u32)) {
+    /// A stalled client's queue overflowed (it dropped its diffs itself): the shard resyncs
+    /// the connection, as the server's runtime does, in the middle of the batch. `coming`: the
+    /// (join_ref, topic) of the states still to come in this batch for the client.
+    fn overflow(&mut self, id: (u16, u32), coming: Vec<(Value, Value)>) {
         let conn = ConnId(id.1);
         let shard = id.0 as usize;
-        let c = self.clients.get_mut(&id).expect("live");
-        let Some(queue) = c.stalled.as_mut() else {
-            return;
-        };
-        queue.retain(|(f, _)| !outbound::dropped_on_overflow(frame_kind(f)));
         if self.shards[shard].is_resyncing(conn) {
             return; // Its diffs are dropped already; its timeout runs from the first overflow.
         }
         self.log.push(format!("overflow {id:?}"));
-        // Subscriptions the shard has given their state (read, or still queued) are live there,
-        // and lose diffs now: one more state is owed to each.
-        let queued_states: Vec<(Value, Value)> = queue
+        let c = self.clients.get_mut(&id).expect("live");
+        let queue = c
+            .stalled
+            .as_ref()
+            .expect("only a stalled client's queue overflows");
+        // Subscriptions the shard has given their state (read, still queued, or coming in this
+        // batch) are live there, and lose diffs now: one more state is owed to each.
+        let mut states: Vec<(Value, Value)> = queue
+            .frames()
             .iter()
-            .filter(|(f, _)| frame_kind(f) == FrameKind::State)
-            .map(|(f, _)| {
-                let v: Value = serde_json::from_slice(f).expect("JSON");
-                (v[0].clone(), v[2].clone())
-            })
+            .filter(|f| frame_kind(&f.bytes) == FrameKind::State)
+            .map(|f| join_ref_and_topic(&f.bytes))
             .collect();
+        states.extend(coming);
         for (topic, t) in c.topics.iter_mut().filter(|(_, t)| t.mode == Mode::Full) {
-            let queued = queued_states
+            let queued = states
                 .iter()
                 .any(|(jr, tp)| jr == t.join_ref.as_str() && tp == topic.as_str());
             if t.got_state || queued {
                 t.owed_states = u32::from(queued) + 1;
             }
         }
-        // A connection the shard has closed already has nothing to resync.
-        if self.shards[shard].resync(conn) {
-            self.collect(shard);
-        }
+        // A connection the shard has closed already has nothing to resync. What the resync
+        // makes goes out with the shard's next batch, as in the runtime.
+        self.shards[shard].resync(conn);
     }
 
     /// The client joined again or left `topic` while frames about it were queued: phoenix.js
@@ -699,10 +718,9 @@ impl Sim {
         let Some(queue) = self.clients.get_mut(&id).and_then(|c| c.stalled.as_mut()) else {
             return;
         };
-        for (f, stale) in queue.iter_mut() {
-            let v: Value = serde_json::from_slice(f).expect("JSON");
-            if v[2] == topic {
-                *stale = true;
+        for f in queue.frames_mut() {
+            if join_ref_and_topic(&f.bytes).1 == topic {
+                f.stale = true;
             }
         }
     }
@@ -730,11 +748,11 @@ impl Sim {
             return;
         };
         self.log.push(format!("drain {id:?}"));
-        for (f, stale) in queue {
-            if stale {
-                self.receive_stale(id, &f);
+        for f in queue.frames() {
+            if f.stale {
+                self.receive_stale(id, &f.bytes);
             } else {
-                self.receive(id, &f);
+                self.receive(id, &f.bytes);
             }
         }
         // Everything written: a resyncing connection gets its fresh states (the shard knows
@@ -1130,6 +1148,12 @@ impl Sim {
             }
         }
     }
+}
+
+/// The join_ref and topic of a server frame.
+fn join_ref_and_topic(frame: &[u8]) -> (Value, Value) {
+    let v: Value = serde_json::from_slice(frame).expect("JSON");
+    (v[0].clone(), v[2].clone())
 }
 
 /// A join left or replaced before its reply came still gets a plain ok (as Phoenix, which answers

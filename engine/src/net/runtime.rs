@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
 
-use roster_proto::encode::{frame_kind, FrameKind};
+use roster_proto::encode::FrameKind;
 use slab::Slab;
-use smallvec::SmallVec;
 
 use crate::config::ServerConfig;
-use crate::core::{outbound, Config, ConnId, Frame, Latency, MeshMsg, Millis, Output, Shard};
+use crate::core::outbound::{OutQueue, Pushed};
+use crate::core::{Config, ConnId, Frame, Latency, MeshMsg, Millis, Output, Shard};
 use crate::identity::{self, Identity, Verifier};
 use crate::mesh::ShardId;
 use crate::net::admin::{Board, Figure, LatencyOf, Query, ERRORS, REFUSALS};
@@ -28,13 +28,10 @@ use crate::net::ws::{write_text_frame, write_text_frame_header};
 pub type CloseReason = (u16, Cow<'static, str>);
 
 /// What the runtime keeps per connection, next to the core's record. One per connection in a
-/// slab that grows by doubling, so it is kept small (56 bytes): the close reason, rare, is boxed.
+/// slab that grows by doubling, so it is kept small (64 bytes): the close reason, rare, is boxed.
 pub struct Slot {
-    /// Bytes queued in `out`, presence_state frames excepted (see `dispatch`).
-    out_bytes: u32,
-    /// Frames not yet taken by the connection's task. One fits inline: a connection that gets
-    /// one frame per burst (the common fan-out case) never allocates here.
-    out: SmallVec<[Frame; 1]>,
+    /// Frames not yet taken by the connection's task.
+    out: OutQueue<Frame>,
     close: Option<Box<CloseReason>>,
     waker: Option<Waker>,
     /// When the oldest frame in `out` was queued (µs, wrapping), for the delivery latency.
@@ -207,8 +204,7 @@ impl Runtime {
     /// A handshake completed: the connection gets an id (and in the core, a heartbeat deadline).
     pub fn open(&self, identity: Identity) -> ConnId {
         let slot = Slot {
-            out: SmallVec::new(),
-            out_bytes: 0,
+            out: OutQueue::default(),
             close: None,
             waker: None,
             queued_us: 0,
@@ -421,28 +417,23 @@ impl Runtime {
                         if kind == FrameKind::Diff && core.is_resyncing(conn) {
                             continue; // It gets a fresh state when it drains.
                         }
-                        let counted = outbound::counted(kind, frame.len());
-                        let max = self.config.max_outbound_bytes;
-                        let queued = slot.out_bytes as usize;
-                        if outbound::overflows(queued, counted, max, slot.out.is_empty()) {
-                            slot.out
-                                .retain(|f| !outbound::dropped_on_overflow(frame_kind(f)));
-                            slot.out_bytes = counted_bytes(&slot.out);
-                            if core.resync(conn) {
-                                self.stats
-                                    .slow_resyncs
-                                    .set(self.stats.slow_resyncs.get() + 1);
+                        let pushed = slot.out.push(frame, kind, self.config.max_outbound_bytes);
+                        let queued = match pushed {
+                            Pushed::Queued => true,
+                            Pushed::Overflowed { queued } => {
+                                if core.resync(conn) {
+                                    let n = self.stats.slow_resyncs.get();
+                                    self.stats.slow_resyncs.set(n + 1);
+                                }
+                                queued
                             }
-                            if outbound::dropped_on_overflow(kind) {
-                                continue;
-                            }
+                        };
+                        if !queued {
+                            continue;
                         }
-                        slot.out_bytes =
-                            (slot.out_bytes as usize + counted).min(u32::MAX as usize) as u32;
-                        if slot.out.is_empty() {
+                        if slot.out.frames().len() == 1 {
                             slot.queued_us = *now_us.get_or_insert_with(|| self.now_us()) as u32;
                         }
-                        slot.out.push(frame);
                         self.stats.frames_out.set(self.stats.frames_out.get() + 1);
                         slot.wake();
                     }
@@ -553,7 +544,7 @@ impl Runtime {
         }
         let mut taken = 0;
         let mut large = None;
-        for frame in slot.out.iter() {
+        for frame in slot.out.frames() {
             taken += 1;
             if frame.len() >= big {
                 write_text_frame_header(wbuf, frame.len());
@@ -562,16 +553,7 @@ impl Runtime {
             }
             write_text_frame(wbuf, frame);
         }
-        slot.out.drain(..taken);
-        if slot.out.is_empty() {
-            slot.out_bytes = 0;
-            if slot.out.spilled() {
-                // A burst is over; an idle connection holds no queue.
-                slot.out = SmallVec::new();
-            }
-        } else {
-            slot.out_bytes = counted_bytes(&slot.out);
-        }
+        slot.out.consume(taken);
         if large.is_some() {
             // The rest waits until the large frame is out; the task comes back for it.
             return (None, large);
@@ -580,21 +562,11 @@ impl Runtime {
     }
 }
 
-/// Bytes of queued `frames` that count toward max_outbound_bytes. Only on overflow, so the
-/// frames' kinds are read back from their bytes rather than kept beside each of them.
-fn counted_bytes(frames: &[Frame]) -> u32 {
-    let n: usize = frames
-        .iter()
-        .map(|f| outbound::counted(frame_kind(f), f.len()))
-        .sum();
-    n.min(u32::MAX as usize) as u32
-}
-
 #[cfg(test)]
 mod tests {
     /// One per connection in a slab that doubles: the comment on `Slot` promises this size.
     #[test]
-    fn a_slot_is_56_bytes() {
-        assert_eq!(std::mem::size_of::<super::Slot>(), 56);
+    fn a_slot_is_64_bytes() {
+        assert_eq!(std::mem::size_of::<super::Slot>(), 64);
     }
 }
