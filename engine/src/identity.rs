@@ -67,7 +67,7 @@ impl Verifier {
 
     /// The identity a token proves at `now` (seconds since the Unix epoch), or why it proves
     /// none (HTTP 401).
-    pub fn verify(&self, token: &str, now: u64) -> Result<Identity, Reject> {
+    fn verify(&self, token: &str, now: u64) -> Result<Identity, Reject> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
             |e| match e.kind() {
                 ErrorKind::InvalidSignature => refuse(401, "token signature does not verify"),

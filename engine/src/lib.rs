@@ -17,6 +17,6 @@
 
 pub mod config;
 pub mod core;
-pub mod identity;
+pub(crate) mod identity;
 pub mod mesh;
 pub mod net;

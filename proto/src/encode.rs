@@ -15,7 +15,7 @@ fn write_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
 
 /// Writes `[join_ref, ref, topic, event, ` ; the caller writes the payload and then
 /// [`frame_tail`].
-pub fn frame_head(
+fn frame_head(
     out: &mut Vec<u8>,
     join_ref: Option<&str>,
     msg_ref: Option<&str>,
@@ -33,7 +33,7 @@ pub fn frame_head(
     out.push(b',');
 }
 
-pub fn frame_tail(out: &mut Vec<u8>) {
+fn frame_tail(out: &mut Vec<u8>) {
     out.push(b']');
 }
 
@@ -106,11 +106,6 @@ pub fn presence_count(
 /// `[jr, jr, topic, "phx_close", {}]`: the server ended this channel.
 pub fn phx_close(out: &mut Vec<u8>, join_ref: Option<&str>, topic: &str) {
     frame(out, join_ref, join_ref, topic, "phx_close", b"{}");
-}
-
-/// `[jr, jr, topic, "phx_error", {}]`: the channel crashed; phoenix.js rejoins.
-pub fn phx_error(out: &mut Vec<u8>, join_ref: Option<&str>, topic: &str) {
-    frame(out, join_ref, join_ref, topic, "phx_error", b"{}");
 }
 
 fn write_u64(out: &mut Vec<u8>, v: u64) {
@@ -288,9 +283,6 @@ mod tests {
         out.clear();
         phx_close(&mut out, Some("3"), "t");
         assert_eq!(parse(&out), json!(["3", "3", "t", "phx_close", {}]));
-        out.clear();
-        phx_error(&mut out, Some("3"), "t");
-        assert_eq!(parse(&out), json!(["3", "3", "t", "phx_error", {}]));
     }
 
     #[test]

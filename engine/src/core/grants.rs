@@ -12,7 +12,7 @@ impl TopicPattern {
         TopicPattern(pattern.into())
     }
 
-    pub fn matches(&self, topic: &str) -> bool {
+    fn matches(&self, topic: &str) -> bool {
         match self.0.strip_suffix('*') {
             Some(prefix) => topic.starts_with(prefix),
             None => *self.0 == *topic,

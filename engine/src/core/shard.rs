@@ -33,7 +33,6 @@ pub struct ShardStats {
     pub topics_owned: usize,
     pub presences_owned: usize,
     pub users_owned: usize,
-    pub subscribed_topics: usize,
     pub watched_users: usize,
     /// Presence diffs that went out for a topic (one per flush or window, not per subscriber).
     pub diffs_sent: u64,
@@ -146,10 +145,6 @@ impl Shard {
         }
     }
 
-    pub fn id(&self) -> ShardId {
-        self.id
-    }
-
     /// The topic-owner part, for the invariants.
     pub(crate) fn owner(&self) -> &TopicOwner {
         &self.owner
@@ -162,7 +157,7 @@ impl Shard {
 
     /// The same, moved into `into` (which must be empty) without allocating: the driver can
     /// then carry them out while it asks the shard about connections, or tells it of overflows.
-    pub fn take_outputs(&mut self, into: &mut Vec<Output>) {
+    pub(crate) fn take_outputs(&mut self, into: &mut Vec<Output>) {
         debug_assert!(into.is_empty());
         std::mem::swap(&mut self.tx.out, into);
     }
@@ -174,7 +169,7 @@ impl Shard {
     }
 
     /// A connection whose token gave it `grants`. Its heartbeat timeout starts now.
-    pub fn open_with(&mut self, conn: ConnId, key: UserKey, grants: Option<Box<Grants>>) {
+    pub(crate) fn open_with(&mut self, conn: ConnId, key: UserKey, grants: Option<Box<Grants>>) {
         self.generation = self.generation.wrapping_add(1);
         let c = Connection::new(key, grants, self.generation, self.now);
         if let Some(old) = self.conns.insert(conn, c) {
@@ -391,7 +386,7 @@ impl Shard {
     /// consumer's time to drain, of a heartbeat timeout (to a wheel slot) or of a message
     /// begun. None when nothing waits on time. The driver sleeps until then
     /// (or less); ticking early is harmless.
-    pub fn poll_timeout(&mut self) -> Option<Millis> {
+    pub(crate) fn poll_timeout(&mut self) -> Option<Millis> {
         let owner = self.owner.poll_timeout(self.now);
         let stuck = self
             .resyncing
@@ -401,7 +396,7 @@ impl Shard {
     }
 
     /// How long joins took from their arrival to their reply, so far.
-    pub fn join_latency(&self) -> &Latency {
+    pub(crate) fn join_latency(&self) -> &Latency {
         &self.join_latency
     }
 
@@ -431,14 +426,14 @@ impl Shard {
     }
 
     /// Whether a join (or resync) of `conn` still waits for its owner's answer.
-    pub fn awaiting_reply(&self, conn: ConnId) -> bool {
+    pub(crate) fn awaiting_reply(&self, conn: ConnId) -> bool {
         self.conns
             .get(&conn)
             .is_some_and(|c| c.joins.iter().any(|j| j.awaiting_reply))
     }
 
     /// Error replies and closes this shard sent, by reason, since it started.
-    pub fn errors(&self) -> &[(&'static str, u64)] {
+    pub(crate) fn errors(&self) -> &[(&'static str, u64)] {
         &self.errors
     }
 
@@ -449,7 +444,6 @@ impl Shard {
             topics_owned: self.owner.topics(),
             presences_owned: self.owner.presences(),
             users_owned: self.users.len(),
-            subscribed_topics: self.subs.topics(),
             watched_users: self.watches.users(),
             diffs_sent: owner.diffs_sent,
             diffs_coalesced: owner.diffs_coalesced,

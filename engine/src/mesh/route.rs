@@ -36,14 +36,6 @@ impl Router {
         }
     }
 
-    pub fn shards(&self) -> u16 {
-        self.shards
-    }
-
-    pub fn all(&self) -> impl Iterator<Item = ShardId> {
-        (0..self.shards).map(ShardId)
-    }
-
     /// The shard that holds the authoritative presence list of `topic`.
     pub fn topic_owner(&self, topic: &str) -> ShardId {
         self.owner(b't', topic)

@@ -6,7 +6,7 @@
 use tungstenite::handshake::derive_accept_key;
 
 /// Path phoenix.js connects to for `new Socket("ws://HOST:PORT/socket")`.
-pub const PATH: &str = "/socket/websocket";
+const PATH: &str = "/socket/websocket";
 const BEARER_PREFIX: &str = "base64url.bearer.phx.";
 /// A presence key is kept in every table entry of its presences.
 const MAX_USER_ID_BYTES: usize = 255;

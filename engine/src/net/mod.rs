@@ -2,13 +2,15 @@
 //! listener, connection tasks, ring tasks and timers. It only moves bytes and time in and out
 //! of the core.
 
-pub mod admin;
+pub(crate) mod admin;
 mod admission;
 mod conn;
-pub mod handshake;
+pub(crate) mod handshake;
 mod listener;
+mod report;
 mod runtime;
 mod signal;
+mod slot;
 pub mod ws;
 
 use std::os::fd::RawFd;

@@ -1,95 +1,42 @@
-//! One shard's runtime on its executor: the core state machine, the connections' outbound
-//! queues and the outgoing ring batches. Everything here runs on one thread;
-//! `RefCell` borrows are never held across an await.
+//! One shard's runtime on its executor: feeds the core its inputs with the time, and carries
+//! its outputs out to the connections' queues (`slot.rs`) and the outgoing ring batches. What it
+//! reports is in `report.rs`. Everything here runs on one thread; `RefCell` borrows are never
+//! held across an await.
 
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::Waker;
 use std::time::Instant;
 
 use roster_proto::encode::FrameKind;
 use slab::Slab;
 
 use crate::config::ServerConfig;
-use crate::core::outbound::{OutQueue, Pushed};
-use crate::core::{Config, ConnId, Frame, Latency, MeshMsg, Millis, Output, Shard};
+use crate::core::outbound::Pushed;
+use crate::core::{Config, ConnId, Latency, MeshMsg, Millis, Output, Shard};
 use crate::identity::{self, Identity, Verifier};
 use crate::mesh::ShardId;
-use crate::net::admin::{Board, Figure, LatencyOf, Query, ERRORS, REFUSALS};
+use crate::net::admin::Board;
 use crate::net::admission::Admission;
 use crate::net::handshake::{Reject, Upgrade};
+pub use crate::net::report::Stats;
 use crate::net::signal::Signal;
-use crate::net::ws::{write_text_frame, write_text_frame_header};
-
-/// Why the server closes a connection: WebSocket close code and reason.
-pub type CloseReason = (u16, Cow<'static, str>);
-
-/// What the runtime keeps per connection, next to the core's record. One per connection in a
-/// slab that grows by doubling, so it is kept small (64 bytes): the close reason, rare, is boxed.
-pub struct Slot {
-    /// Frames not yet taken by the connection's task.
-    out: OutQueue<Frame>,
-    close: Option<Box<CloseReason>>,
-    waker: Option<Waker>,
-    /// When the oldest frame in `out` was queued (µs, wrapping), for the delivery latency.
-    queued_us: u32,
-}
-
-impl Slot {
-    pub fn set_waker(&mut self, w: &Waker) {
-        if !self.waker.as_ref().is_some_and(|old| old.will_wake(w)) {
-            self.waker = Some(w.clone());
-        }
-    }
-
-    fn wake(&mut self) {
-        if let Some(w) = &self.waker {
-            w.wake_by_ref();
-        }
-    }
-}
-
-/// Counters for logs now and metrics later.
-#[derive(Default)]
-pub struct Stats {
-    pub accepted: Cell<u64>,
-    pub handshake_failures: Cell<u64>,
-    pub accept_errors: Cell<u64>,
-    /// Slow consumers whose queued diffs were dropped (each gets fresh states once drained).
-    pub slow_resyncs: Cell<u64>,
-    pub messages_in: Cell<u64>,
-    pub frames_out: Cell<u64>,
-    /// Closes the connection layer decided (bad frames, rate limit), by reason.
-    pub closes: RefCell<Vec<(&'static str, u64)>>,
-    /// Upgrade requests refused, by reason.
-    pub refusals: RefCell<Vec<(&'static str, u64)>>,
-}
-
-impl Stats {
-    pub fn count(list: &RefCell<Vec<(&'static str, u64)>>, reason: &'static str) {
-        let mut list = list.borrow_mut();
-        match list.iter_mut().find(|(r, _)| *r == reason) {
-            Some((_, n)) => *n += 1,
-            None => list.push((reason, 1)),
-        }
-    }
-}
+pub use crate::net::slot::{CloseReason, Slot};
 
 pub struct Runtime {
     pub id: ShardId,
     pub config: ServerConfig,
-    core: RefCell<Shard>,
+    pub(super) core: RefCell<Shard>,
     pub conns: RefCell<Slab<Slot>>,
     /// Per peer shard: messages waiting for the ring, and the task that sends them.
     pub peer_queues: Vec<RefCell<Vec<MeshMsg>>>,
     pub peer_signals: Vec<Signal>,
     /// Connections that stopped reading because the rings are backed up.
-    paused: RefCell<HashSet<ConnId>>,
+    pub(super) paused: RefCell<HashSet<ConnId>>,
     pub flush: Signal,
-    epoch: Instant,
+    pub(super) epoch: Instant,
     pub shutting_down: Cell<bool>,
     pub stop_accepting: Signal,
     pub drained: Signal,
@@ -100,19 +47,19 @@ pub struct Runtime {
     pub write_scratch: RefCell<Vec<u8>>,
     pub stats: Stats,
     /// None in development mode.
-    verifier: Option<Verifier>,
+    pub(super) verifier: Option<Verifier>,
     /// Origins and connection counts, shared by every shard.
     pub admission: Arc<Admission>,
     /// Where this shard publishes its figures and takes API queries.
-    board: Arc<Board>,
+    pub(super) board: Arc<Board>,
     /// When the figures last went on the board (ms).
-    published_ms: Cell<u64>,
+    pub(super) published_ms: Cell<u64>,
     /// How long frames waited in connections' queues before their task wrote them.
-    delivery: RefCell<Latency>,
+    pub(super) delivery: RefCell<Latency>,
     /// The core's outputs while they are carried out (kept for its capacity).
-    outputs: RefCell<Vec<Output>>,
+    pub(super) outputs: RefCell<Vec<Output>>,
     /// When the tick task will next run (ms), and the signal that makes it look again.
-    wake_at: Cell<u64>,
+    pub(super) wake_at: Cell<u64>,
     pub rewake: Signal,
 }
 
@@ -190,7 +137,7 @@ impl Runtime {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn now_us(&self) -> u64 {
+    pub(super) fn now_us(&self) -> u64 {
         self.epoch.elapsed().as_micros() as u64
     }
 
@@ -203,13 +150,7 @@ impl Runtime {
 
     /// A handshake completed: the connection gets an id (and in the core, a heartbeat deadline).
     pub fn open(&self, identity: Identity) -> ConnId {
-        let slot = Slot {
-            out: OutQueue::default(),
-            close: None,
-            waker: None,
-            queued_us: 0,
-        };
-        let conn = ConnId(self.conns.borrow_mut().insert(slot) as u32);
+        let conn = ConnId(self.conns.borrow_mut().insert(Slot::new()) as u32);
         self.core().open_with(conn, identity.key, identity.grants);
         self.dispatch();
         conn
@@ -333,52 +274,6 @@ impl Runtime {
         self.dispatch();
     }
 
-    /// Answers the admin API's queries waiting on the board.
-    fn answer_queries(&self) {
-        let board = &self.board.shards[self.id.index()];
-        let queries = board.take_queries();
-        if queries.is_empty() {
-            return;
-        }
-        let core = self.core.borrow();
-        for q in queries {
-            // A closed API connection dropped its receiver: nothing to do about it.
-            let _ = match q {
-                Query::Topic(name, reply) => reply.send(core.topic_view(name.as_str())).is_ok(),
-                Query::User(key, reply) => reply.send(core.user_view(&key)).is_ok(),
-            };
-        }
-    }
-
-    /// Puts this shard's figures on the board.
-    fn publish(&self) {
-        let board = &self.board.shards[self.id.index()];
-        let core = self.core.borrow();
-        let stats = core.stats();
-        board.publish_core(&stats);
-        board.set_latency(LatencyOf::Join, core.join_latency());
-        board.set_latency(LatencyOf::Delivery, &self.delivery.borrow());
-        let backlog: usize = self.peer_queues.iter().map(|q| q.borrow().len()).sum();
-        let s = &self.stats;
-        for (f, v) in [
-            (Figure::RingBacklog, backlog as u64),
-            (Figure::Accepted, s.accepted.get()),
-            (Figure::HandshakeFailures, s.handshake_failures.get()),
-            (Figure::AcceptErrors, s.accept_errors.get()),
-            (Figure::MessagesIn, s.messages_in.get()),
-            (Figure::FramesOut, s.frames_out.get()),
-            (Figure::Resyncs, s.slow_resyncs.get()),
-            (Figure::SlowCloses, stats.slow_closes),
-            (Figure::HeartbeatCloses, stats.heartbeat_closes),
-        ] {
-            board.set(f, v);
-        }
-        let (closes, refusals) = (s.closes.borrow(), s.refusals.borrow());
-        let errors = core.errors().iter().chain(closes.iter());
-        let errors = errors.map(|&(r, n)| (ERRORS, r, n));
-        board.publish_reasons(errors.chain(refusals.iter().map(|&(r, n)| (REFUSALS, r, n))));
-    }
-
     /// Stop accepting and ask every connection to close with 1001.
     pub fn shut_down(&self) {
         if self.shutting_down.replace(true) {
@@ -494,79 +389,5 @@ impl Runtime {
                 }
             }
         }
-    }
-
-    /// Whether the connection must close (without taking its frames); registers the waker.
-    /// If it must, the frames queued before the close are appended to `wbuf` first (an error
-    /// reply queued just before a close still goes out).
-    pub fn take_close(
-        &self,
-        conn: ConnId,
-        waker: &Waker,
-        wbuf: &mut Vec<u8>,
-    ) -> Option<CloseReason> {
-        let closing = {
-            let mut conns = self.conns.borrow_mut();
-            let slot = conns.get_mut(conn.0 as usize)?;
-            slot.set_waker(waker);
-            slot.close.is_some()
-        };
-        if closing {
-            self.take_outbound(conn, waker, wbuf, usize::MAX).0
-        } else {
-            None
-        }
-    }
-
-    /// Appends the frames queued for `conn` to `wbuf` as WebSocket frames and says whether the
-    /// connection must close; registers the task's waker. A frame of `big` bytes or more stops
-    /// the walk: only its header goes into `wbuf`, and the frame itself is returned for the
-    /// caller to write from (the frames after it stay queued).
-    pub fn take_outbound(
-        &self,
-        conn: ConnId,
-        waker: &Waker,
-        wbuf: &mut Vec<u8>,
-        big: usize,
-    ) -> (Option<CloseReason>, Option<Frame>) {
-        let mut conns = self.conns.borrow_mut();
-        let Some(slot) = conns.get_mut(conn.0 as usize) else {
-            return (None, None);
-        };
-        slot.set_waker(waker);
-        if !slot.out.is_empty() {
-            let now = self.now_us() as u32;
-            self.delivery
-                .borrow_mut()
-                .record(now.wrapping_sub(slot.queued_us) as u64);
-            // What stays queued (behind a large frame) is timed from now.
-            slot.queued_us = now;
-        }
-        let mut taken = 0;
-        let mut large = None;
-        for frame in slot.out.frames() {
-            taken += 1;
-            if frame.len() >= big {
-                write_text_frame_header(wbuf, frame.len());
-                large = Some(frame.clone());
-                break;
-            }
-            write_text_frame(wbuf, frame);
-        }
-        slot.out.consume(taken);
-        if large.is_some() {
-            // The rest waits until the large frame is out; the task comes back for it.
-            return (None, large);
-        }
-        (slot.close.take().map(|b| *b), None)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    /// One per connection in a slab that doubles: the comment on `Slot` promises this size.
-    #[test]
-    fn a_slot_is_64_bytes() {
-        assert_eq!(std::mem::size_of::<super::Slot>(), 64);
     }
 }

@@ -15,7 +15,7 @@ use crate::net::admin::{metrics, Admin};
 use crate::net::handshake::reason_phrase;
 
 /// How long a shard gets to answer an API query before the client gets 503.
-pub const SHARD_WAIT: Duration = Duration::from_secs(2);
+const SHARD_WAIT: Duration = Duration::from_secs(2);
 
 pub struct Response {
     pub status: u16,

@@ -185,7 +185,7 @@ fn process(registry: &mut Registry) {
 
 /// Bytes the allocator has handed out and not had back, over all arenas. Unlike the resident
 /// size, it drops as soon as memory is freed, whether or not malloc gave it back to the system.
-pub fn heap_bytes() -> usize {
+fn heap_bytes() -> usize {
     // SAFETY: mallinfo2 has no preconditions; it only reads the allocator's statistics.
     let info = unsafe { libc::mallinfo2() };
     info.uordblks + info.hblkhd

@@ -12,8 +12,8 @@ mod server;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-pub use board::{Board, Figure, LatencyOf, Query, ShardBoard, ERRORS, REFUSALS};
-pub use server::{Limits, MAX_REQUEST_BYTES};
+pub use board::{Board, Figure, LatencyOf, Query, ERRORS, REFUSALS};
+pub use server::Limits;
 
 use crate::mesh::Router;
 

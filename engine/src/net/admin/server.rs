@@ -19,7 +19,7 @@ use crate::net::admin::api::{self, Answer, Pending, Response};
 use crate::net::admin::Admin;
 
 /// Largest admin request (line and headers).
-pub const MAX_REQUEST_BYTES: usize = 16 << 10;
+const MAX_REQUEST_BYTES: usize = 16 << 10;
 const LISTENER: Token = Token(usize::MAX);
 /// Out of descriptors: how long accept waits before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
