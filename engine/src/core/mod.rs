@@ -9,8 +9,9 @@
 //!
 //! plus, for every topic any local connection subscribes to, the local subscriber set that fan-out
 //! writes to ([`subscribers`]), and a replica of every user a local connection watches
-//! ([`watch`]). The client side is in `shard.rs`, the owner sides in `topic_owner.rs` and
-//! `user_owner.rs`, each with its own state.
+//! ([`watch`]). The client side is in `shard/`, the owner sides in `topic_owner.rs` and
+//! `user_owner.rs`, each with its own state; liveness (heartbeat and message timeouts), the
+//! outbound queue and the resync record are parts the shard decides with too.
 //!
 //! Everything crosses between shards as a [`MeshMsg`], even when both ends are this shard, so the
 //! local fast path and the cross-core path are the same code. The driver (glommio in the server, a

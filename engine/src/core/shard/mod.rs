@@ -1,0 +1,499 @@
+//! The shard state machine: its inputs and what it holds. The connection side's commands are
+//! in the files below, one concept each; the owner sides are parts of their own
+//! (`topic_owner.rs`, `user_owner.rs`).
+
+mod answers;
+mod client;
+mod join;
+mod leave;
+#[cfg(test)]
+mod tests;
+mod watching;
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use roster_proto::encode::{self, FrameKind};
+use roster_proto::{
+    decode, ClientEvent, ClientMessage, ClientMeta, JoinRequest, PhxRef, PresenceMode,
+};
+
+use crate::core::connection::{Connection, Joined};
+use crate::core::hash::{Map, Seeds};
+use crate::core::liveness::{Dead, Liveness};
+use crate::core::names::Names;
+use crate::core::outbox::Outbox;
+pub use crate::core::outbox::Output;
+use crate::core::resync::Resyncing;
+use crate::core::subscribers::LocalSubs;
+use crate::core::topic_owner::{Env, TopicOwner};
+use crate::core::user::Users;
+use crate::core::watch::{is_watch_topic, Watches};
+use crate::core::{
+    CloseCode, Config, ConnAddr, ConnId, Frame, Grants, JoinMsg, JoinedReply, Latency, MeshMsg,
+    Meta, Millis, TopicName, TopicView, Track, UserKey,
+};
+use crate::mesh::{Router, ShardId};
+
+/// Sizes of a shard's tables, for metrics and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ShardStats {
+    pub connections: usize,
+    pub topics_owned: usize,
+    pub presences_owned: usize,
+    pub users_owned: usize,
+    pub watched_users: usize,
+    /// Presence diffs that went out for a topic (one per flush or window, not per subscriber).
+    pub diffs_sent: u64,
+    /// Flushes of a large topic held back by its coalescing window.
+    pub diffs_coalesced: u64,
+    /// Subscriptions given a fresh state after losing diffs (slow consumers).
+    pub resyncs: u64,
+    /// Slow consumers closed for not draining within the timeout.
+    pub slow_closes: u64,
+    /// Connections closed for sending no text message within the heartbeat timeout.
+    pub heartbeat_closes: u64,
+    /// Joins that took over a presence held by the leave grace (or their twin's, see
+    /// `topic::Twin`).
+    pub takeovers: u64,
+    /// Joins held back as twins of a presence their key already had.
+    pub twins: u64,
+    /// Held presences whose grace ended without a takeover.
+    pub grace_expired: u64,
+}
+
+/// A join's `ref` and when it arrived (µs).
+type Awaiting = (Option<Box<str>>, u64);
+
+pub(crate) const REPLY_EMPTY: &[u8] = b"{}";
+
+/// A presence_state frame and what it was made from: the shared state and the join_ref.
+type StateFrame = (Arc<[u8]>, Option<Box<str>>, Frame);
+
+/// Longest user key a watch list may name (as the handshake's `user_id`).
+const MAX_KEY_BYTES: usize = 255;
+
+/// One shard: the connection side (its connections, what they joined, the joins awaiting
+/// their owners, the resync record) in this file, composed with the parts that keep their own
+/// state: the topic owner (`topic_owner.rs`), the user owner (`user.rs`, `user_owner.rs`), the
+/// local subscriber sets (`subscribers.rs`), the watch replicas (`watch.rs`) and the outbox.
+pub struct Shard {
+    id: ShardId,
+    router: Router,
+    config: Config,
+    conns: Map<ConnId, Connection>,
+    owner: TopicOwner,
+    users: Users,
+    subs: LocalSubs,
+    watches: Watches,
+    /// One copy of each topic name in use on this shard, shared by both sides.
+    names: Names,
+    /// `ref` of each phx_join still waiting for its owner, by (connection, join seq), and when
+    /// it came (the driver's clock, for the join latency).
+    awaiting: Map<(ConnId, u32), Awaiting>,
+    /// The driver's clock in microseconds, as of the last input; only times requests (nothing
+    /// the shard decides depends on it).
+    clock_us: u64,
+    /// From a phx_join's arrival to its reply, for joins answered so far.
+    join_latency: Latency,
+    resyncing: Resyncing,
+    liveness: Liveness,
+    /// Generation of the last connection record made (see `Connection::generation`).
+    generation: u32,
+    tx: Outbox,
+    /// Scratch for encoding; its capacity is reused across frames.
+    buf: Vec<u8>,
+    next_ref: u64,
+    join_seq: u32,
+    /// The last presence_state frame made from a shared state, for the next joiner with the
+    /// same join_ref: a window's joiners share one state, and clients of one app mostly share
+    /// join_refs, so a big room's state is one frame per shard and window, not one per joiner.
+    /// Dropped at the end of each batch.
+    last_state: Option<StateFrame>,
+    /// The driver's clock as of the last input or tick (never goes back).
+    now: Millis,
+    /// Error replies and closes so far, by reason.
+    errors: Vec<(&'static str, u64)>,
+    /// The connection side's counters (the owner side keeps its own).
+    resyncs: u64,
+    slow_closes: u64,
+    heartbeat_closes: u64,
+}
+
+impl Shard {
+    pub fn new(id: ShardId, config: Config) -> Self {
+        assert!(id.0 < config.shards, "shard {} of {}", id.0, config.shards);
+        let seeds = Seeds::new(config.hash_seed);
+        let liveness = Liveness::new(config.heartbeat_timeout, config.message_timeout, seeds);
+        Shard {
+            id,
+            router: Router::new(config.shards),
+            conns: seeds.map(),
+            owner: TopicOwner::new(&config, seeds),
+            config,
+            users: Users::new(seeds),
+            subs: LocalSubs::new(seeds),
+            watches: Watches::new(seeds),
+            awaiting: seeds.map(),
+            clock_us: 0,
+            join_latency: Latency::default(),
+            resyncing: Resyncing::new(seeds),
+            liveness,
+            generation: 0,
+            names: Names::new(seeds),
+            tx: Outbox::new(id),
+            buf: Vec::with_capacity(4096),
+            next_ref: 0,
+            join_seq: 0,
+            last_state: None,
+            now: Millis(0),
+            errors: Vec::new(),
+            resyncs: 0,
+            slow_closes: 0,
+            heartbeat_closes: 0,
+        }
+    }
+
+    /// The topic-owner part, for the invariants.
+    pub(crate) fn owner(&self) -> &TopicOwner {
+        &self.owner
+    }
+
+    /// Outputs produced so far, in the order they must be carried out.
+    pub fn outputs(&mut self) -> std::vec::Drain<'_, Output> {
+        self.tx.out.drain(..)
+    }
+
+    /// The same, moved into `into` (which must be empty) without allocating: the driver can
+    /// then carry them out while it asks the shard about connections, or tells it of overflows.
+    pub(crate) fn take_outputs(&mut self, into: &mut Vec<Output>) {
+        debug_assert!(into.is_empty());
+        std::mem::swap(&mut self.tx.out, into);
+    }
+
+    /// A connection accepted on this shard, identified as `key`, with no token (development
+    /// mode).
+    pub fn open(&mut self, conn: ConnId, key: UserKey) {
+        self.open_with(conn, key, None);
+    }
+
+    /// A connection whose token gave it `grants`. Its heartbeat timeout starts now.
+    pub(crate) fn open_with(&mut self, conn: ConnId, key: UserKey, grants: Option<Box<Grants>>) {
+        self.generation = self.generation.wrapping_add(1);
+        let c = Connection::new(key, grants, self.generation, self.now);
+        if let Some(old) = self.conns.insert(conn, c) {
+            // The driver reused an id without closing; leave the old connection's topics.
+            self.part_all(conn, old);
+        }
+        self.liveness.opened(conn, self.generation, self.now);
+        self.drain_local();
+    }
+
+    /// The connection is gone (socket closed, timed out, or the driver closed it). Its presences
+    /// are held for the leave grace.
+    pub fn close(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.remove(&conn) {
+            self.part_all(conn, c);
+        }
+        self.drain_local();
+    }
+
+    /// A text message from a local connection: it is alive (see `liveness.rs`).
+    pub fn frame(&mut self, conn: ConnId, bytes: &[u8]) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.last_seen_ms = self.now.0 as u32;
+        match decode(bytes) {
+            Ok(msg) => self.client_message(conn, msg),
+            Err(e) => self.close_with(conn, CloseCode::INVALID_PAYLOAD, e.reason()),
+        }
+        self.drain_local();
+    }
+
+    /// A message from another shard's ring.
+    pub fn mesh(&mut self, msg: MeshMsg) {
+        self.handle_mesh(msg);
+        self.drain_local();
+    }
+
+    /// End of a batch of inputs: pending changes go out, one diff per topic (large topics wait
+    /// for the end of their window) and one per watched user.
+    pub fn flush(&mut self) {
+        loop {
+            self.owner.flush(&mut Env {
+                now: self.now,
+                tx: &mut self.tx,
+                names: &mut self.names,
+            });
+            self.watches.flush(&mut self.tx, &mut self.buf);
+            self.drain_local();
+            if !self.owner.has_changes() {
+                break;
+            }
+        }
+        self.last_state = None;
+    }
+
+    /// Time passes: coalescing windows end, held presences leave, throttled counts fall due.
+    /// Ends with a flush, so what time released goes out now.
+    pub fn tick(&mut self, now: Millis) {
+        self.now = Millis(self.now.0.max(now.0));
+        self.owner.tick(&mut Env {
+            now: self.now,
+            tx: &mut self.tx,
+            names: &mut self.names,
+        });
+        self.close_stuck();
+        self.close_dead();
+        self.drain_local();
+        self.flush();
+    }
+
+    /// The driver stopped reading `conn` (`paused`: its own backpressure) or resumed: a
+    /// heartbeat may wait unread meanwhile, so the heartbeat timeout does not close it.
+    pub fn set_paused(&mut self, conn: ConnId, paused: bool) {
+        self.liveness.set_paused(conn, paused);
+    }
+
+    /// The first bytes of a message from `conn` came, not all of it: it must be complete
+    /// within the message timeout.
+    pub fn message_started(&mut self, conn: ConnId) {
+        if self.conns.contains_key(&conn) {
+            self.liveness.message_started(conn, self.now);
+        }
+    }
+
+    /// The message `conn` had begun is complete (or the connection holds none).
+    pub fn message_done(&mut self, conn: ConnId) {
+        self.liveness.message_done(conn);
+    }
+
+    /// Connections silent for the heartbeat timeout, or stuck inside a message, are closed.
+    fn close_dead(&mut self) {
+        let conns = &self.conns;
+        let dead = self.liveness.due(self.now, |conn| {
+            conns.get(&conn).map(|c| (c.generation, c.last_seen_ms))
+        });
+        for (conn, why) in dead {
+            match why {
+                Dead::Heartbeat => {
+                    self.heartbeat_closes += 1;
+                    self.close_uncounted(conn, CloseCode::NORMAL, "heartbeat timeout");
+                }
+                Dead::MessageTimeout => {
+                    count_error(&mut self.errors, "message timeout");
+                    let reason = "message not completed in time";
+                    self.close_uncounted(conn, CloseCode::POLICY, reason);
+                }
+            }
+        }
+    }
+
+    /// The driver dropped the diffs queued for `conn` (its queue overflowed, see
+    /// [`outbound`](crate::core::outbound)): no more diffs go to it until [`Shard::drained`],
+    /// which gives it fresh states. False if it was resyncing already (its timeout keeps running
+    /// from the first overflow) or is not here.
+    pub fn resync(&mut self, conn: ConnId) -> bool {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return false;
+        };
+        if !self.resyncing.start(conn, self.now) {
+            return false;
+        }
+        for j in c.joins.iter_mut() {
+            if j.mode != PresenceMode::Full || j.awaiting_reply || j.stale {
+                continue;
+            }
+            let topic = j.topic.as_str();
+            if is_watch_topic(topic) {
+                j.stale = self.watches.suspend(conn, topic);
+            } else {
+                self.subs.remove(topic, conn, PresenceMode::Full);
+                j.stale = true;
+            }
+        }
+        true
+    }
+
+    /// Whether `conn` is resyncing: the driver drops its diffs, and tells [`Shard::drained`]
+    /// once it has written everything.
+    pub fn is_resyncing(&self, conn: ConnId) -> bool {
+        self.resyncing.contains(conn)
+    }
+
+    /// Slow consumers that did not drain within the timeout are closed (1008).
+    fn close_stuck(&mut self) {
+        let stuck = self
+            .resyncing
+            .stuck(self.now, self.config.slow_consumer_timeout);
+        for conn in stuck {
+            self.slow_closes += 1;
+            self.close_with(conn, CloseCode::POLICY, "slow consumer: not reading");
+        }
+    }
+
+    /// Everything queued for `conn` has been written: if it was resyncing, each subscription
+    /// that lost diffs gets a fresh `presence_state` (from the owner, or from the watch
+    /// replicas). Nothing to do otherwise.
+    pub fn drained(&mut self, conn: ConnId) {
+        if !self.resyncing.end(conn) {
+            return;
+        }
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let mut asks = Vec::new();
+        let mut watch_states = Vec::new();
+        for j in c.joins.iter_mut().filter(|j| j.stale) {
+            j.stale = false;
+            self.resyncs += 1;
+            if is_watch_topic(j.topic.as_str()) {
+                watch_states.push((j.topic.clone(), j.join_ref().map(Box::<str>::from)));
+            } else {
+                // Answered like a join: the state arrives through `joined_reply`.
+                self.join_seq = self.join_seq.wrapping_add(1);
+                j.seq = self.join_seq;
+                j.awaiting_reply = true;
+                asks.push((j.topic.clone(), j.seq));
+            }
+        }
+        for (topic, seq) in asks {
+            let owner = self.router.topic_owner(topic.as_str());
+            let msg = MeshMsg::Join(Box::new(JoinMsg {
+                topic,
+                from: ConnAddr {
+                    shard: self.id,
+                    conn,
+                },
+                seq,
+                mode: PresenceMode::Full,
+                track: None,
+                resync: true,
+            }));
+            self.tx.mesh(owner, msg);
+        }
+        for (topic, jr) in watch_states {
+            if self.watches.is_suspended(conn, topic.as_str()) {
+                self.send_watch_state(conn, topic.as_str(), jr.as_deref());
+            }
+        }
+        self.drain_local();
+    }
+
+    /// The driver's clock (µs, monotonic) before each input: deadlines made by the input
+    /// (a window opened, a presence held for its grace) count from this moment rather than from
+    /// the last tick, and joins are timed with it ([`Shard::join_latency`]). Time never goes
+    /// back: an earlier value is ignored.
+    pub fn advance(&mut self, now_us: u64) {
+        self.clock_us = self.clock_us.max(now_us);
+        self.now = Millis(self.now.0.max(now_us / 1000));
+    }
+
+    /// When the shard next needs [`Shard::tick`]: the earliest end of a coalescing window, of a
+    /// leave grace or a twin's grace, of a count interval with a change waiting, of a slow
+    /// consumer's time to drain, of a heartbeat timeout (to a wheel slot) or of a message
+    /// begun. None when nothing waits on time. The driver sleeps until then
+    /// (or less); ticking early is harmless.
+    pub(crate) fn poll_timeout(&mut self) -> Option<Millis> {
+        let owner = self.owner.poll_timeout(self.now);
+        let stuck = self
+            .resyncing
+            .next_deadline(self.config.slow_consumer_timeout);
+        let dead = self.liveness.next_deadline();
+        owner.into_iter().chain(stuck).chain(dead).min()
+    }
+
+    /// How long joins took from their arrival to their reply, so far.
+    pub(crate) fn join_latency(&self) -> &Latency {
+        &self.join_latency
+    }
+
+    /// The `ref` of join `seq` of `conn`, which is being answered now; its latency is recorded.
+    fn answered(&mut self, conn: ConnId, seq: u32) -> Option<Option<Box<str>>> {
+        let (msg_ref, since) = self.awaiting.remove(&(conn, seq))?;
+        self.join_latency
+            .record(self.clock_us.saturating_sub(since));
+        Some(msg_ref)
+    }
+
+    /// Every reply awaited belongs to a join that still waits for its owner. (Not the other way
+    /// round: a resync waits for a fresh state without a request to answer.)
+    pub(crate) fn check_connections(&self) -> Result<(), String> {
+        for (conn, seq) in self.awaiting.keys() {
+            let waiting = self
+                .conns
+                .get(conn)
+                .is_some_and(|c| c.joins.iter().any(|j| j.seq == *seq && j.awaiting_reply));
+            if !waiting {
+                return Err(format!(
+                    "a reply awaited for {conn:?} join {seq} that waits for none"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a join (or resync) of `conn` still waits for its owner's answer.
+    pub(crate) fn awaiting_reply(&self, conn: ConnId) -> bool {
+        self.conns
+            .get(&conn)
+            .is_some_and(|c| c.joins.iter().any(|j| j.awaiting_reply))
+    }
+
+    /// Error replies and closes this shard sent, by reason, since it started.
+    pub(crate) fn errors(&self) -> &[(&'static str, u64)] {
+        &self.errors
+    }
+
+    pub fn stats(&self) -> ShardStats {
+        let owner = self.owner.stats;
+        ShardStats {
+            connections: self.conns.len(),
+            topics_owned: self.owner.topics(),
+            presences_owned: self.owner.presences(),
+            users_owned: self.users.len(),
+            watched_users: self.watches.users(),
+            diffs_sent: owner.diffs_sent,
+            diffs_coalesced: owner.diffs_coalesced,
+            resyncs: self.resyncs,
+            slow_closes: self.slow_closes,
+            heartbeat_closes: self.heartbeat_closes,
+            takeovers: owner.takeovers,
+            twins: owner.twins,
+            grace_expired: owner.grace_expired,
+        }
+    }
+
+    /// Nothing at all is held: no connection, topic, user, subscription or queued work.
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+            && self.owner.is_empty()
+            && self.users.is_empty()
+            && self.subs.topics() == 0
+            && self.watches.is_empty()
+            && self.awaiting.is_empty()
+            && self.liveness.is_empty()
+            && self.resyncing.is_empty()
+            && self.names.in_use() == 0
+            && self.tx.local.is_empty()
+    }
+
+    /// The presences of a topic this shard owns.
+    pub fn topic_view(&self, topic: &str) -> Option<TopicView> {
+        self.owner.view(topic)
+    }
+
+    /// Where a user this shard owns is present: `(topic, stored meta)`.
+    pub fn user_view(&self, key: &str) -> Vec<(TopicName, Meta)> {
+        self.users.presences(key)
+    }
+}
+
+/// One more of `reason`. The reasons are PROTOCOL.md's handful, so a list beats a map.
+fn count_error(errors: &mut Vec<(&'static str, u64)>, reason: &'static str) {
+    match errors.iter_mut().find(|(r, _)| *r == reason) {
+        Some((_, n)) => *n += 1,
+        None => errors.push((reason, 1)),
+    }
+}

@@ -1,0 +1,465 @@
+use super::*;
+
+/// One shard, one connection: every request must get exactly the reply PROTOCOL.md gives.
+fn shard() -> Shard {
+    let config = Config {
+        max_topics_per_conn: 2,
+        max_meta_bytes: 16,
+        ..Config::default()
+    };
+    let mut s = Shard::new(ShardId(0), config);
+    s.open(ConnId(1), UserKey::new("u1"));
+    s
+}
+
+fn texts(s: &mut Shard) -> Vec<String> {
+    s.flush();
+    s.outputs()
+        .map(|o| match o {
+            Output::Send { frame, .. } => String::from_utf8_lossy(&frame).into_owned(),
+            Output::Close { code, reason, .. } => format!("close {} {reason}", code.0),
+            Output::Mesh { to, msg } => panic!("one shard sends nothing to {to:?}: {msg:?}"),
+        })
+        .collect()
+}
+
+fn send(s: &mut Shard, frame: &str) -> Vec<String> {
+    s.frame(ConnId(1), frame.as_bytes());
+    texts(s)
+}
+
+#[test]
+fn join_replies_then_state_then_own_join_diff() {
+    let mut s = shard();
+    let out = send(&mut s, r#"["1","1","room","phx_join",{"meta":{"a":1}}]"#);
+    assert_eq!(
+        out[0],
+        r#"["1","1","room","phx_reply",{"status":"ok","response":{}}]"#
+    );
+    assert_eq!(out[1], r#"["1",null,"room","presence_state",{}]"#);
+    assert!(
+        out[2].starts_with(
+            r#"[null,null,"room","presence_diff",{"joins":{"u1":{"metas":[{"a":1,"phx_ref":"#
+        ),
+        "{}",
+        out[2]
+    );
+    assert_eq!(out.len(), 3);
+}
+
+#[test]
+fn every_error_of_the_contract() {
+    let mut s = shard();
+    let err = |jr: &str, r: &str, t: &str, reason: &str| {
+        format!(
+            r#"[{jr},"{r}","{t}","phx_reply",{{"status":"error","response":{{"reason":"{reason}"}}}}]"#
+        )
+    };
+    assert_eq!(
+        send(&mut s, r#"[null,"1","room","shout",{}]"#),
+        [err("null", "1", "room", "unmatched topic")]
+    );
+    assert_eq!(
+        send(
+            &mut s,
+            r#"["2","2","room","phx_join",{"meta":{"x":"0123456789"}}]"#
+        ),
+        [err(r#""2""#, "2", "room", "meta too large")]
+    );
+    send(&mut s, r#"["3","3","a","phx_join",{"track":false}]"#);
+    assert_eq!(
+        send(&mut s, r#"["3","4","a","shout",{}]"#),
+        [err(r#""3""#, "4", "a", "unknown event")]
+    );
+    assert_eq!(
+        send(&mut s, r#"["3","5","a","presence_update",{"meta":{}}]"#),
+        [err(r#""3""#, "5", "a", "not tracked")]
+    );
+    assert_eq!(
+        send(&mut s, r#"["9","6","a","shout",{}]"#),
+        [err(r#""9""#, "6", "a", "unmatched topic")],
+        "stale join_ref"
+    );
+    assert_eq!(
+        send(&mut s, r#"["3","7","a","phx_join",{"track":"yes"}]"#),
+        [err(r#""3""#, "7", "a", "track must be a boolean")]
+    );
+    send(&mut s, r#"["8","8","b","phx_join",{}]"#);
+    assert_eq!(
+        send(&mut s, r#"["9","9","c","phx_join",{}]"#),
+        [err(r#""9""#, "9", "c", "too many channels joined")]
+    );
+    assert_eq!(
+        send(&mut s, r#"[null,"10","phoenix","heartbeat",{}]"#),
+        [r#"[null,"10","phoenix","phx_reply",{"status":"ok","response":{}}]"#]
+    );
+    let long_topic = "t".repeat(256);
+    assert_eq!(
+        send(
+            &mut s,
+            &format!(r#"["5","5","{long_topic}","phx_join",{{}}]"#)
+        ),
+        [err(r#""5""#, "5", &long_topic, "topic too long")]
+    );
+    assert_eq!(
+        send(&mut s, r#"["6","6","never-joined","phx_join",{"track":1}]"#),
+        [err(
+            r#""6""#,
+            "6",
+            "never-joined",
+            "track must be a boolean"
+        )]
+    );
+    // Not a V2 message: closed with 1007, and its presences leave.
+    assert_eq!(
+        send(&mut s, "[1]"),
+        ["close 1007 invalid frame: expected [join_ref, ref, topic, event, payload]"]
+    );
+    s.tick(Millis(0));
+    assert_eq!(s.topic_view("b"), None);
+    assert!(
+        send(&mut s, r#"[null,"11","phoenix","heartbeat",{}]"#).is_empty(),
+        "closed connection is forgotten"
+    );
+    assert!(s.is_empty(), "{:?}", s.stats());
+}
+
+#[test]
+fn an_overlong_ref_closes_the_connection() {
+    let mut s = shard();
+    send(&mut s, r#"["1","1","room","phx_join",{}]"#);
+    let frame = format!(r#"["1","{}","room","shout",{{}}]"#, "r".repeat(65));
+    assert_eq!(
+        send(&mut s, &frame),
+        ["close 1007 invalid frame: join_ref or ref too long"]
+    );
+    s.tick(Millis(0));
+    assert!(s.is_empty(), "{:?}", s.stats());
+}
+
+#[test]
+fn update_is_leave_plus_join_with_prev() {
+    let mut s = shard();
+    send(&mut s, r#"["1","1","room","phx_join",{"meta":{"p":1}}]"#);
+    let out = send(
+        &mut s,
+        r#"["1","2","room","presence_update",{"meta":{"p":2}}]"#,
+    );
+    assert_eq!(
+        out[0],
+        r#"["1","2","room","phx_reply",{"status":"ok","response":{}}]"#
+    );
+    let diff: serde_json::Value = serde_json::from_str(&out[1]).expect("JSON");
+    let joined = &diff[4]["joins"]["u1"]["metas"][0];
+    let left = &diff[4]["leaves"]["u1"]["metas"][0];
+    assert_eq!(
+        (&joined["p"], &left["p"]),
+        (&2.into(), &1.into()),
+        "{}",
+        out[1]
+    );
+    assert_eq!(joined["phx_ref_prev"], left["phx_ref"], "{}", out[1]);
+    assert_ne!(joined["phx_ref"], left["phx_ref"], "{}", out[1]);
+}
+
+/// One shard with a leave grace of 1 s.
+fn graced() -> Shard {
+    let config = Config {
+        leave_grace: Millis(1000),
+        ..Config::default()
+    };
+    Shard::new(ShardId(0), config)
+}
+
+fn diff_of(text: &str) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(text).expect("JSON");
+    assert_eq!(v[3], "presence_diff", "{text}");
+    v[4].clone()
+}
+
+#[test]
+fn a_reconnect_within_the_grace_takes_the_presence_over() {
+    let mut s = graced();
+    let (old, observer, new, newer) = (ConnId(1), ConnId(2), ConnId(3), ConnId(4));
+    s.open(old, UserKey::new("u1"));
+    s.open(observer, UserKey::new("obs"));
+    s.frame(old, br#"["1","1","room","phx_join",{"meta":{"a":1}}]"#);
+    s.frame(observer, br#"["1","1","room","phx_join",{"track":false}]"#);
+    let out = texts(&mut s);
+    let state: serde_json::Value =
+        serde_json::from_str(out.last().expect("observer state")).expect("JSON");
+    let held_ref = state[4]["u1"]["metas"][0]["phx_ref"].clone();
+    // The socket drops; the same key is back within the grace with the same meta.
+    s.close(old);
+    s.tick(Millis(500));
+    s.open(new, UserKey::new("u1"));
+    s.frame(new, br#"["1","1","room","phx_join",{"meta":{"a":1}}]"#);
+    let out = texts(&mut s);
+    assert_eq!(
+        out.len(),
+        2,
+        "reply and state to the new connection only: {out:?}"
+    );
+    let state: serde_json::Value = serde_json::from_str(&out[1]).expect("JSON");
+    assert_eq!(
+        state[4]["u1"]["metas"][0]["phx_ref"], held_ref,
+        "{}",
+        out[1]
+    );
+    s.tick(Millis(5000));
+    assert!(texts(&mut s).is_empty(), "no leave when the grace ends");
+    // Its update names the adopted presence.
+    s.frame(
+        new,
+        br#"["1","2","room","presence_update",{"meta":{"a":3}}]"#,
+    );
+    let out = texts(&mut s);
+    assert_eq!(
+        diff_of(&out[1])["leaves"]["u1"]["metas"][0]["phx_ref"],
+        held_ref
+    );
+    let updated = diff_of(&out[1])["joins"]["u1"]["metas"][0]["phx_ref"].clone();
+    // Another drop, and a return with a different meta: one update diff.
+    s.close(new);
+    s.tick(Millis(5500));
+    s.open(newer, UserKey::new("u1"));
+    s.frame(newer, br#"["1","1","room","phx_join",{"meta":{"a":2}}]"#);
+    let out = texts(&mut s);
+    let diffs: Vec<&String> = out.iter().filter(|f| f.contains("presence_diff")).collect();
+    assert_eq!(
+        diffs.len(),
+        2,
+        "one diff each to observer and joiner: {out:?}"
+    );
+    let d = diff_of(diffs[0]);
+    assert_eq!(d["leaves"]["u1"]["metas"][0]["phx_ref"], updated, "{d}");
+    assert_eq!(d["joins"]["u1"]["metas"][0]["phx_ref_prev"], updated, "{d}");
+    assert_eq!(d["joins"]["u1"]["metas"][0]["a"], 2, "{d}");
+    // A drop with nobody coming back: the leave goes out when the grace ends.
+    s.close(newer);
+    assert!(texts(&mut s).is_empty(), "held, not left");
+    s.tick(Millis(6600));
+    let out = texts(&mut s);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(diff_of(&out[0])["leaves"]["u1"].is_object(), "{}", out[0]);
+    s.close(observer);
+    s.tick(Millis(7000));
+    assert!(s.is_empty(), "{:?}", s.stats());
+}
+
+#[test]
+fn a_large_topic_sends_one_diff_per_window_and_one_state_to_its_joiners() {
+    let config = Config {
+        diff_window: Millis(50),
+        large_topic_threshold: 3,
+        ..Config::default()
+    };
+    let mut s = Shard::new(ShardId(0), config);
+    for i in 1..=3 {
+        s.open(ConnId(i), UserKey::new(&format!("u{i}")));
+        s.frame(ConnId(i), br#"["1","1","big","phx_join",{}]"#);
+        s.flush();
+    }
+    // u3 made it large: its diff opened a window, which ends quietly.
+    s.tick(Millis(60));
+    s.outputs().for_each(drop);
+    // Three joins: the first goes out at once and opens a window, the other two wait, and
+    // so do their joiners.
+    for i in 4..=6 {
+        s.open(ConnId(i), UserKey::new(&format!("u{i}")));
+        s.frame(ConnId(i), br#"["1","1","big","phx_join",{}]"#);
+        s.flush();
+    }
+    let out = texts(&mut s);
+    let diffs = out.iter().filter(|f| f.contains("presence_diff")).count();
+    let states = out.iter().filter(|f| f.contains("presence_state")).count();
+    assert_eq!((diffs, states), (4, 1), "{out:?}");
+    s.tick(Millis(120));
+    let out = texts(&mut s);
+    let diffs: Vec<&String> = out.iter().filter(|f| f.contains("presence_diff")).collect();
+    let states: Vec<&String> = out
+        .iter()
+        .filter(|f| f.contains("presence_state"))
+        .collect();
+    assert_eq!(
+        diffs.len(),
+        4,
+        "one diff to each of the 4 earlier members: {out:?}"
+    );
+    assert_eq!(
+        diff_of(diffs[0])["joins"].as_object().map(|o| o.len()),
+        Some(2),
+        "u5 and u6 in one diff: {}",
+        diffs[0]
+    );
+    assert_eq!(
+        states.len(),
+        2,
+        "u5 and u6 get their state at the window's end"
+    );
+    let payload = |f: &str| serde_json::from_str::<serde_json::Value>(f).expect("JSON")[4].clone();
+    assert_eq!(payload(states[0]), payload(states[1]));
+    assert_eq!(
+        payload(states[0]).as_object().map(|o| o.len()),
+        Some(6),
+        "{}",
+        states[0]
+    );
+    assert_eq!(s.stats().diffs_coalesced, 2);
+}
+
+/// The driver's clock is an input: a window opened between two ticks lasts its whole length
+/// from the moment of the diff that opened it, whatever the phase of the driver's ticks, and
+/// `poll_timeout` names its end.
+#[test]
+fn a_window_lasts_its_full_length_whatever_the_phase_of_the_ticks() {
+    for phase in [0u64, 1, 17, 49] {
+        let config = Config {
+            diff_window: Millis(50),
+            large_topic_threshold: 2,
+            ..Config::default()
+        };
+        let mut s = Shard::new(ShardId(0), config);
+        let ms = |t: u64| t * 1000;
+        for i in 1..=2 {
+            s.advance(ms(1000));
+            s.open(ConnId(i), UserKey::new(&format!("u{i}")));
+            s.frame(ConnId(i), br#"["1","1","big","phx_join",{}]"#);
+            s.flush();
+        }
+        // Quiet until the window u2's join opened has ended.
+        s.tick(Millis(1100));
+        s.outputs().for_each(drop);
+        // (The wheel looks at deadlines beyond its horizon early, to check them.)
+        let due = s.poll_timeout();
+        assert!(
+            due.is_some_and(|d| d.0 > 60_000),
+            "nothing but the heartbeat timeouts waits on time: {due:?}"
+        );
+        // A join between two ticks (the driver ticks at phase + k*50): its diff goes at once
+        // and opens a window from this moment.
+        let t0 = 1100 + phase + 3;
+        s.advance(ms(t0));
+        s.open(ConnId(3), UserKey::new("u3"));
+        s.frame(ConnId(3), br#"["1","1","big","phx_join",{}]"#);
+        s.flush();
+        let diffs = |s: &mut Shard| {
+            texts(s)
+                .iter()
+                .filter(|f| f.contains("presence_diff"))
+                .count()
+        };
+        assert_eq!(diffs(&mut s), 3, "u3's join to u1, u2 and u3 at once");
+        assert_eq!(s.poll_timeout(), Some(Millis(t0 + 50)));
+        // One more change right after: it waits for the window's end, not the next tick.
+        s.advance(ms(t0 + 1));
+        s.open(ConnId(4), UserKey::new("u4"));
+        s.frame(ConnId(4), br#"["1","1","big","phx_join",{"track":false}]"#);
+        s.frame(
+            ConnId(1),
+            br#"["1","2","big","presence_update",{"meta":{"n":1}}]"#,
+        );
+        s.flush();
+        assert_eq!(diffs(&mut s), 0, "held by the window");
+        // A driver tick that happens to fall 1 ms before the end sends nothing...
+        s.tick(Millis(t0 + 49));
+        assert_eq!(
+            diffs(&mut s),
+            0,
+            "phase {phase}: the window is not cut short"
+        );
+        // ...and the one poll_timeout asked for sends the window's diff, and u4, which joined
+        // inside the window, its state.
+        s.tick(Millis(t0 + 50));
+        let out = texts(&mut s);
+        let count = |what: &str| out.iter().filter(|f| f.contains(what)).count();
+        assert_eq!(
+            (count("presence_diff"), count("presence_state")),
+            (3, 1),
+            "phase {phase}: {out:?}"
+        );
+    }
+}
+
+#[test]
+fn a_reconnect_before_the_old_connection_closes_is_a_twin() {
+    let mut s = graced();
+    let (old, observer, new, tab) = (ConnId(1), ConnId(2), ConnId(3), ConnId(4));
+    s.open(observer, UserKey::new("obs"));
+    s.frame(observer, br#"["1","1","room","phx_join",{"track":false}]"#);
+    s.open(old, UserKey::new("u1"));
+    s.frame(old, br#"["1","1","room","phx_join",{"meta":{"a":1}}]"#);
+    let out = texts(&mut s);
+    let first =
+        diff_of(out.last().expect("the join"))["joins"]["u1"]["metas"][0]["phx_ref"].clone();
+    // The reconnect arrives before the old socket is seen closing: nobody hears of it...
+    s.open(new, UserKey::new("u1"));
+    s.frame(new, br#"["1","1","room","phx_join",{"meta":{"a":1}}]"#);
+    let out = texts(&mut s);
+    assert!(out.iter().all(|f| !f.contains("presence_diff")), "{out:?}");
+    assert_eq!(s.stats().twins, 1);
+    // ...nor of the old one closing: the new connection has its presence now.
+    s.close(old);
+    s.tick(Millis(5000));
+    assert!(texts(&mut s).is_empty());
+    s.frame(
+        new,
+        br#"["1","2","room","presence_update",{"meta":{"a":2}}]"#,
+    );
+    let out = texts(&mut s);
+    let d = diff_of(&out[1]);
+    assert_eq!(d["leaves"]["u1"]["metas"][0]["phx_ref"], first, "{d}");
+    assert_eq!(
+        s.topic_view("room").map(|v| v.presences[0].1.len()),
+        Some(1)
+    );
+    // A second tab with the same meta whose twin stays open: announced when its grace ends.
+    s.open(tab, UserKey::new("u1"));
+    s.frame(tab, br#"["1","1","room","phx_join",{"meta":{"a":2}}]"#);
+    assert!(texts(&mut s).iter().all(|f| !f.contains("presence_diff")));
+    s.tick(Millis(6100));
+    let out = texts(&mut s);
+    let joins: Vec<&String> = out.iter().filter(|f| f.contains("presence_diff")).collect();
+    assert_eq!(
+        joins.len(),
+        3,
+        "observer, new and tab each see the tab: {out:?}"
+    );
+    assert_eq!(
+        s.topic_view("room").map(|v| v.presences[0].1.len()),
+        Some(2)
+    );
+}
+
+#[test]
+fn a_presence_held_taken_over_and_held_again_keeps_its_second_grace() {
+    let mut s = graced();
+    s.open(ConnId(9), UserKey::new("obs"));
+    s.frame(ConnId(9), br#"["1","1","room","phx_join",{"track":false}]"#);
+    s.open(ConnId(1), UserKey::new("u1"));
+    s.frame(
+        ConnId(1),
+        br#"["1","1","room","phx_join",{"meta":{"a":1}}]"#,
+    );
+    texts(&mut s);
+    s.close(ConnId(1)); // held until 1000
+    s.tick(Millis(100));
+    s.open(ConnId(2), UserKey::new("u1"));
+    s.frame(
+        ConnId(2),
+        br#"["1","1","room","phx_join",{"meta":{"a":1}}]"#,
+    );
+    s.tick(Millis(200));
+    s.close(ConnId(2)); // held again, until 1200
+    assert!(texts(&mut s).iter().all(|f| !f.contains("presence_diff")));
+    s.tick(Millis(1000));
+    assert!(
+        texts(&mut s).is_empty(),
+        "the first hold's end must not release the second"
+    );
+    s.tick(Millis(1300));
+    let out = texts(&mut s);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(diff_of(&out[0])["leaves"]["u1"].is_object());
+    assert_eq!(s.stats().grace_expired, 1);
+}
