@@ -330,7 +330,7 @@ impl ServerConfig {
             max_msgs_per_sec: cli
                 .max_msgs_per_sec
                 .or(file.max_msgs_per_sec)
-                .unwrap_or(200),
+                .unwrap_or(core.max_msgs_per_sec),
             max_connections: cli.max_connections.or(file.max_connections).unwrap_or(0),
             max_conns_per_ip: cli.max_conns_per_ip.or(file.max_conns_per_ip).unwrap_or(0),
             allowed_origins: if cli.allowed_origins.is_empty() {

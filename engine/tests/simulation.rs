@@ -6,8 +6,8 @@
 //! the owners' topic and user tables. After everyone leaves, every table is empty.
 //!
 //! Seeds vary the shard count (1, 2, 3, 4, 7), coalescing windows (off, or on from 2 members),
-//! the leave grace (off or on), the slow-consumer timeout and the heartbeat timeout (long, or
-//! short enough to fire), so takeovers, shared window states, resyncs and every close the core
+//! the leave grace (off or on), the slow-consumer timeout, the heartbeat timeout (long, or
+//! short enough to fire) and the message rate, so takeovers, shared window states, resyncs and every close the core
 //! decides all happen. Clients heartbeat as phoenix.js does while time passes, except those that
 //! go silent or stop inside a message: the core must close those, and only those, on time.
 //!
@@ -111,6 +111,8 @@ struct Client {
     silent: bool,
     /// Began a message at this time and never finished it (silent too).
     dribbling: Option<u64>,
+    /// When it sent each message (text, ping) of the last second.
+    recent: VecDeque<u64>,
 }
 
 impl Client {
@@ -140,6 +142,7 @@ struct Sim {
     free_ids: Vec<Vec<u32>>,
     now: u64,
     heartbeat_timeout: u64,
+    max_msgs_per_sec: u32,
     /// The longest of the count interval, diff window and leave grace: after that much time
     /// every throttled, coalesced or held thing has gone out.
     settle: u64,
@@ -163,6 +166,7 @@ struct Exercised {
     slow_closes: u64,
     heartbeat_closes: u64,
     message_timeouts: u64,
+    rate_closes: u64,
 }
 
 fn fail(msg: String) -> ! {
@@ -185,6 +189,7 @@ impl Sim {
             slow_consumer_timeout: Millis([30_000, 300][(variant / 4 % 2) as usize]),
             heartbeat_timeout: Millis([60_000, 4_000][(variant / 8 % 2) as usize]),
             message_timeout: Millis(MESSAGE_TIMEOUT),
+            max_msgs_per_sec: [200, 20][(variant / 16 % 2) as usize],
             ref_seed: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15),
             ..Config::default()
         };
@@ -202,6 +207,7 @@ impl Sim {
             free_ids: (0..n).map(|_| Vec::new()).collect(),
             now: 0,
             heartbeat_timeout: config.heartbeat_timeout.0,
+            max_msgs_per_sec: config.max_msgs_per_sec,
             settle: COUNT_INTERVAL
                 .max(config.diff_window.0)
                 .max(config.leave_grace.0),
@@ -220,6 +226,46 @@ impl Sim {
         self.now += ms;
         for shard in &mut self.shards {
             shard.advance(self.now * 1000);
+        }
+    }
+
+    /// `id` sends a message now (text or ping).
+    fn sent(&mut self, id: (u16, u32)) {
+        let now = self.now;
+        if let Some(c) = self.clients.get_mut(&id) {
+            c.last_sent = now;
+            c.recent.push_back(now);
+            while c.recent.front().is_some_and(|&t| t + 1000 < now) {
+                c.recent.pop_front();
+            }
+        }
+    }
+
+    /// Messages and pings at one instant, past what the rate allows: the bucket holds at most a
+    /// second's worth, so the core must have closed the client by then.
+    fn flood(&mut self, id: (u16, u32)) {
+        self.log.push(format!("flood {id:?}"));
+        let allowed = self.max_msgs_per_sec as usize;
+        for i in 0..=allowed {
+            if !self.clients.contains_key(&id) {
+                return;
+            }
+            if i % 2 == 0 {
+                self.sent(id);
+                self.shards[id.0 as usize].control_frame(ConnId(id.1));
+                self.collect(id.0 as usize);
+            } else {
+                let c = self.clients.get_mut(&id).expect("checked");
+                let r = c.new_ref();
+                c.expected.insert(r.clone(), Expect::Ok);
+                self.send(id, json!([null, r, "phoenix", "heartbeat", {}]).to_string());
+            }
+        }
+        if self.clients.contains_key(&id) {
+            fail(format!(
+                "{id:?} sent {} messages at once and is open",
+                allowed + 1
+            ));
         }
     }
 
@@ -293,7 +339,18 @@ impl Sim {
                             "message timeout of {conn:?} that began one {began:?} ms ago"
                         ));
                     }
-                    let decided = slow || heartbeat || unfinished;
+                    // A bucket of a second's worth that ran dry: at least that many messages in
+                    // the last second, counting the one refused.
+                    let rate =
+                        code.0 == 1008 && reason == "rate limit: too many messages per second";
+                    let in_last_second = c.recent.len();
+                    if rate && in_last_second < self.max_msgs_per_sec as usize {
+                        fail(format!(
+                            "rate close of {conn:?} after {in_last_second} messages in a second"
+                        ));
+                    }
+                    self.exercised.rate_closes += u64::from(rate);
+                    let decided = slow || heartbeat || unfinished || rate;
                     if !decided && (code.0 != 1007 || reason.is_empty()) {
                         fail(format!("unexpected close {code:?} {reason}"));
                     }
@@ -491,9 +548,7 @@ impl Sim {
 
     fn send(&mut self, id: (u16, u32), frame: String) {
         self.log.push(format!("{id:?} <- {frame}"));
-        if let Some(c) = self.clients.get_mut(&id) {
-            c.last_sent = self.now;
-        }
+        self.sent(id);
         self.shards[id.0 as usize].frame(ConnId(id.1), frame.as_bytes());
         self.collect(id.0 as usize);
     }
@@ -612,7 +667,8 @@ impl Sim {
                 c.expected.insert(r.clone(), want);
                 self.send(id, json!([jr, r, topic, "shout", {}]).to_string());
             }
-            82..=84 => {
+            82 => self.flood(id),
+            83..=84 => {
                 let c = self.clients.get_mut(&id).expect("live");
                 let r = c.new_ref();
                 c.expected.insert(r.clone(), Expect::Ok);
@@ -787,6 +843,7 @@ impl Sim {
                 last_sent: self.now,
                 silent: false,
                 dribbling: None,
+                recent: VecDeque::new(),
             },
         );
         self.collect(s as usize);
@@ -1266,6 +1323,7 @@ fn shards_agree_with_the_reference_model() {
         total.slow_closes += e.slow_closes;
         total.heartbeat_closes += e.heartbeat_closes;
         total.message_timeouts += e.message_timeouts;
+        total.rate_closes += e.rate_closes;
     }
     eprintln!("{seeds} seeds x {steps} steps exercised {total:?}");
     if seeds >= 100 {
@@ -1278,7 +1336,8 @@ fn shards_agree_with_the_reference_model() {
                 && total.watch_diffs > 0
                 && total.slow_closes > 0
                 && total.heartbeat_closes > 0
-                && total.message_timeouts > 0,
+                && total.message_timeouts > 0
+                && total.rate_closes > 0,
             "the simulation no longer exercises every feature: {total:?}"
         );
     }

@@ -30,6 +30,9 @@ pub struct Config {
     pub heartbeat_timeout: Millis,
     /// A message whose first bytes came must be complete within this (else 1008).
     pub message_timeout: Millis,
+    /// Messages (text, ping or pong) a connection may send per second, as a bucket holding one
+    /// second's worth; past it the connection is closed (1008). 0 = no limit.
+    pub max_msgs_per_sec: u32,
     /// A connection resyncing as a slow consumer that has not drained this long after it lost
     /// its diffs is closed (1008).
     pub slow_consumer_timeout: Millis,
@@ -58,6 +61,7 @@ impl Config {
         leave_grace: Millis(0),
         heartbeat_timeout: Millis(60_000),
         message_timeout: Millis(10_000),
+        max_msgs_per_sec: 200,
         slow_consumer_timeout: Millis(30_000),
         ref_seed: 0,
         hash_seed: 0,

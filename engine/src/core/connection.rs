@@ -3,6 +3,7 @@
 use roster_proto::{PhxRef, PresenceMode};
 
 use crate::core::ids::JoinRef;
+use crate::core::rate::MessageRate;
 use crate::core::{Grants, Millis, TopicName, UserKey};
 
 #[derive(Debug)]
@@ -18,6 +19,8 @@ pub(crate) struct Connection {
     pub(crate) generation: u32,
     /// When it last sent a text message (ms, wrapping: only differences are read).
     pub(crate) last_seen_ms: u32,
+    /// What it may still send (see `rate.rs`).
+    pub(crate) rate: MessageRate,
 }
 
 /// One joined topic of one connection. There is one per subscription, so it is kept small
@@ -80,6 +83,7 @@ impl Connection {
         grants: Option<Box<Grants>>,
         generation: u32,
         now: Millis,
+        max_msgs_per_sec: u32,
     ) -> Self {
         Connection {
             key,
@@ -87,6 +91,7 @@ impl Connection {
             grants,
             generation,
             last_seen_ms: now.0 as u32,
+            rate: MessageRate::full(max_msgs_per_sec, now.0),
         }
     }
 

@@ -1,8 +1,9 @@
-//! The message-rate limit: a token bucket per connection, holding one second's worth. Pure:
-//! the driver passes the time in; what to do when it runs dry (close 1008) is the caller's.
+//! The message-rate limit: a token bucket per connection, holding one second's worth. The shard
+//! keeps one in each connection's record and closes the connection (1008) when it runs dry.
 
 /// Messages a connection may still send: a token bucket holding one second's worth, in
 /// thousandths of a message so that it refills every millisecond.
+#[derive(Debug)]
 pub struct MessageRate {
     milli: u32,
     at_ms: u32,

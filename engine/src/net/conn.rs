@@ -14,7 +14,6 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketContext};
 use tungstenite::{Error as WsError, Message};
 
-use crate::core::rate::MessageRate;
 use crate::core::{ConnId, Frame};
 use crate::identity::Identity;
 use crate::net::admission::Ticket;
@@ -60,7 +59,6 @@ pub async fn serve(rt: Rc<Runtime>, mut stream: TcpStream) {
             read_closed: false,
             cursor: FrameCursor::default(),
             partial: false,
-            bucket: MessageRate::full(rt.config.max_msgs_per_sec, rt.now_ms()),
             _ticket: ticket.map(Box::new),
         };
         if !leftover.is_empty() {
@@ -247,7 +245,6 @@ struct Conn {
     cursor: FrameCursor,
     /// A message is partly received (its deadline runs in the runtime).
     partial: bool,
-    bucket: MessageRate,
     /// Its place among the counted connections, given back when the task ends.
     _ticket: Option<Box<Ticket>>,
 }
@@ -390,11 +387,10 @@ impl Conn {
         loop {
             match self.ws.read(&mut io) {
                 Ok(Message::Text(text)) => {
-                    let per_sec = self.rt.config.max_msgs_per_sec;
-                    if !self.bucket.take(per_sec, self.rt.now_ms()) {
-                        return self.refuse(1008, "rate limit: too many messages per second");
+                    self.rt.client_frame(self.conn, text.as_bytes());
+                    if self.rt.close_pending(self.conn) {
+                        return; // The core closed it (a bad frame, the message rate).
                     }
-                    self.rt.client_frame(self.conn, text.as_bytes())
                 }
                 Ok(Message::Binary(_)) => {
                     return self.refuse(
@@ -402,13 +398,13 @@ impl Conn {
                         "binary frames are not supported; send V2 JSON text frames",
                     )
                 }
-                // Answered (tungstenite queues the pong), rate-limited, but not activity: only
-                // text messages keep a connection past the heartbeat timeout, so a client that
-                // pings and never speaks V2 is still closed.
+                // Answered (tungstenite queues the pong), rate-limited by the core, but not
+                // activity: only text messages keep a connection past the heartbeat timeout, so
+                // a client that pings and never speaks V2 is still closed.
                 Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {
-                    let per_sec = self.rt.config.max_msgs_per_sec;
-                    if !self.bucket.take(per_sec, self.rt.now_ms()) {
-                        return self.refuse(1008, "rate limit: too many messages per second");
+                    self.rt.control_frame(self.conn);
+                    if self.rt.close_pending(self.conn) {
+                        return;
                     }
                 }
                 Ok(Message::Close(_)) => {
@@ -458,7 +454,6 @@ impl Conn {
             1002 => "protocol error",
             1003 => "binary frame",
             1007 => "invalid UTF-8",
-            1008 => "rate limit",
             1009 => "frame too large",
             _ => "internal error",
         };

@@ -101,6 +101,7 @@ impl Runtime {
                 slow_consumer_timeout: Millis(config.slow_consumer_timeout.as_millis() as u64),
                 heartbeat_timeout: Millis(config.heartbeat_timeout.as_millis() as u64),
                 message_timeout: Millis(config.message_timeout.as_millis() as u64),
+                max_msgs_per_sec: config.max_msgs_per_sec,
                 ref_seed: shared.seeds.refs,
                 hash_seed: shared.seeds.hashing,
             },
@@ -176,6 +177,20 @@ impl Runtime {
         self.core().frame(conn, bytes);
         self.dispatch();
         self.flush.notify();
+    }
+
+    /// A ping or pong from a client (counted against its message rate).
+    pub fn control_frame(&self, conn: ConnId) {
+        self.core().control_frame(conn);
+        self.dispatch();
+    }
+
+    /// Whether a close of `conn` waits to go out (the core or the runtime decided it).
+    pub fn close_pending(&self, conn: ConnId) -> bool {
+        let conns = self.conns.borrow();
+        conns
+            .get(conn.0 as usize)
+            .is_some_and(|s| s.close.is_some())
     }
 
     /// The connection's task is ending: its presences leave.

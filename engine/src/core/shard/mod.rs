@@ -180,7 +180,8 @@ impl Shard {
     /// A connection whose token gave it `grants`. Its heartbeat timeout starts now.
     pub(crate) fn open_with(&mut self, conn: ConnId, key: UserKey, grants: Option<Box<Grants>>) {
         self.generation = self.generation.wrapping_add(1);
-        let c = Connection::new(key, grants, self.generation, self.now);
+        let per_sec = self.config.max_msgs_per_sec;
+        let c = Connection::new(key, grants, self.generation, self.now, per_sec);
         if let Some(old) = self.conns.insert(conn, c) {
             // The driver reused an id without closing; leave the old connection's topics.
             self.part_all(conn, old);
@@ -198,12 +199,16 @@ impl Shard {
         self.drain_local();
     }
 
-    /// A text message from a local connection: it is alive (see `liveness.rs`).
+    /// A text message from a local connection: it is alive (see `liveness.rs`), within its
+    /// message rate or closed.
     pub fn frame(&mut self, conn: ConnId, bytes: &[u8]) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
         c.last_seen_ms = self.now.0 as u32;
+        if !c.rate.take(self.config.max_msgs_per_sec, self.now.0) {
+            return self.close_for_rate(conn);
+        }
         match decode(bytes) {
             Ok(msg) => self.client_message(conn, msg),
             Err(e) => self.close_with(conn, CloseCode::INVALID_PAYLOAD, e.reason()),
@@ -248,6 +253,24 @@ impl Shard {
         self.close_dead();
         self.drain_local();
         self.flush();
+    }
+
+    /// A ping or pong from a local connection: the driver answers it, and it is not activity
+    /// (only text messages are), but it counts against the message rate.
+    pub fn control_frame(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if !c.rate.take(self.config.max_msgs_per_sec, self.now.0) {
+            self.close_for_rate(conn);
+        }
+    }
+
+    fn close_for_rate(&mut self, conn: ConnId) {
+        count_error(&mut self.errors, "rate limit");
+        let reason = "rate limit: too many messages per second";
+        self.close_uncounted(conn, CloseCode::POLICY, reason);
+        self.drain_local();
     }
 
     /// The driver stopped reading `conn` (`paused`: its own backpressure) or resumed: a
