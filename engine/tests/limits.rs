@@ -113,6 +113,27 @@ fn a_client_over_its_message_rate_is_closed_and_leaves() {
     );
     let left = watcher.until(|f| f[3] == "presence_diff" && f[4]["leaves"]["fast"].is_object());
     assert!(left[4]["leaves"]["fast"]["metas"].is_array());
+    // Pings count too (they are answered, but a flood of them is still a flood).
+    let mut pinger = Client::connect(s.addr, "pinger").unwrap();
+    pinger.join("room:rate", json!({}));
+    watcher.until(|f| f[3] == "presence_diff" && f[4]["joins"]["pinger"].is_object());
+    for _ in 0..100 {
+        if pinger.ws.send(Message::Ping(vec![1].into())).is_err() {
+            break;
+        }
+    }
+    let code = loop {
+        match pinger.ws.read() {
+            Ok(Message::Close(f)) => break f.map(|f| (u16::from(f.code), f.reason.to_string())),
+            Ok(_) => {}
+            Err(e) => panic!("expected a close frame: {e}"),
+        }
+    };
+    assert_eq!(
+        code,
+        Some((1008, "rate limit: too many messages per second".to_owned()))
+    );
+    watcher.until(|f| f[3] == "presence_diff" && f[4]["leaves"]["pinger"].is_object());
     // The watcher, under its rate, is fine.
     let r = watcher.push("", "phoenix", "heartbeat", json!({}));
     assert_eq!(watcher.until(|f| f[1] == r.as_str())[4]["status"], "ok");
