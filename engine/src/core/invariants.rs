@@ -10,6 +10,7 @@ impl Shard {
     /// Every invariant, or the first one broken.
     pub fn check_invariants(&self) -> Result<(), String> {
         self.owner().check()?;
+        self.check_liveness()?;
         self.check_connections()
     }
 }

@@ -6,7 +6,9 @@
 //! The deadlines live in one hashed timer wheel per shard instead of one reactor timer per
 //! connection (a million heartbeat deadlines would be a million BTreeMap entries); when each
 //! connection last sent a text message is kept in its record, so the wheel only says when to
-//! look.
+//! look. Every open connection has exactly one entry in the wheel; a closed one's entry stays
+//! until it comes up, counted in `stale` by id, so that an id the driver reuses meanwhile is
+//! not given two (which would never go away).
 
 use crate::core::hash::{Map, Seeds, Set};
 use crate::core::wheel::Wheel;
@@ -52,9 +54,10 @@ pub(crate) enum Dead {
 pub(crate) struct Liveness {
     heartbeat_timeout: Millis,
     message_timeout: Millis,
-    /// Heartbeat deadlines, by connection and the generation of its record (ids are reused: an
-    /// entry left by a closed connection must not be taken for the next one's).
-    wheel: Wheel<(ConnId, u32)>,
+    /// Heartbeat deadlines.
+    wheel: Wheel<ConnId>,
+    /// Entries in the wheel left by closed connections, by id.
+    stale: Map<ConnId, u32>,
     /// Connections the driver stopped reading (its rings are backed up).
     paused: Set<ConnId>,
     /// Connections with a message partly received, since when.
@@ -68,18 +71,20 @@ impl Liveness {
             heartbeat_timeout,
             message_timeout,
             wheel: Wheel::new(slots.min(4096) as usize, WHEEL_GRANULARITY_MS, 0),
+            stale: seeds.map(),
             paused: seeds.set(),
             partial: seeds.map(),
         }
     }
 
     /// A connection opened (or sent its last text message) at `now`: its deadline.
-    pub(crate) fn opened(&mut self, conn: ConnId, generation: u32, now: Millis) {
+    pub(crate) fn opened(&mut self, conn: ConnId, now: Millis) {
         let deadline = now.0.saturating_add(self.heartbeat_timeout.0);
-        self.wheel.insert((conn, generation), deadline);
+        self.wheel.insert(conn, deadline);
     }
 
     pub(crate) fn closed(&mut self, conn: ConnId) {
+        *self.stale.entry(conn).or_default() += 1;
         if !self.paused.is_empty() {
             self.paused.remove(&conn);
         }
@@ -106,29 +111,45 @@ impl Liveness {
         }
     }
 
-    /// The connections given up at `now`, in a fixed order. `seen` says, for a connection the
-    /// wheel brings up, its generation and when it last sent a text message (None: closed
-    /// since).
+    /// The connections given up at `now`, in a fixed order. `seen` says when a connection the
+    /// wheel brings up last sent a text message.
     pub(crate) fn due(
         &mut self,
         now: Millis,
-        seen: impl Fn(ConnId) -> Option<(u32, u32)>,
+        seen: impl Fn(ConnId) -> Option<u32>,
     ) -> Vec<(ConnId, Dead)> {
         let mut dead = Vec::new();
         let mut up = Vec::new();
         self.wheel.advance(now.0, &mut up);
-        for (conn, generation) in up {
-            let Some((g, last_seen)) = seen(conn).filter(|(g, _)| *g == generation) else {
+        for conn in up {
+            // If the id has a closed connection's entry in the wheel, this is one of them: the
+            // other is the open connection's. (Whichever is dropped, the one kept is checked
+            // against the open connection's record.)
+            if let Some(n) = self.stale.get_mut(&conn) {
+                *n -= 1;
+                if *n == 0 {
+                    self.stale.remove(&conn);
+                }
+                continue;
+            }
+            let Some(last_seen) = seen(conn) else {
+                debug_assert!(
+                    false,
+                    "{conn:?} has an entry but no record and no stale count"
+                );
                 continue;
             };
             let paused = self.paused.contains(&conn);
-            match heartbeat(last_seen, now.0, self.heartbeat_timeout.0, paused) {
-                Heartbeat::Expired => dead.push((conn, Dead::Heartbeat)),
-                Heartbeat::CheckAt(at) => {
-                    let at = at.max(now.0 + WHEEL_GRANULARITY_MS);
-                    self.wheel.insert((conn, g), at);
+            let verdict = heartbeat(last_seen, now.0, self.heartbeat_timeout.0, paused);
+            let at = match verdict {
+                Heartbeat::Expired => {
+                    dead.push((conn, Dead::Heartbeat));
+                    // Its close counts this entry as stale, like any other close's.
+                    now.0 + self.heartbeat_timeout.0
                 }
-            }
+                Heartbeat::CheckAt(at) => at.max(now.0 + WHEEL_GRANULARITY_MS),
+            };
+            self.wheel.insert(conn, at);
         }
         let timeout = self.message_timeout.0;
         let mut unfinished: Vec<ConnId> = self
@@ -154,8 +175,21 @@ impl Liveness {
         partial.chain(self.wheel.next_due()).min().map(Millis)
     }
 
+    /// Nothing waits but the entries of closed connections.
     pub(crate) fn is_empty(&self) -> bool {
         self.paused.is_empty() && self.partial.is_empty()
+    }
+
+    /// One entry per open connection, plus the closed ones' (see the top of this file).
+    pub(crate) fn check(&self, open: usize) -> Result<(), String> {
+        let stale: usize = self.stale.values().map(|&n| n as usize).sum();
+        if self.wheel.len() != open + stale {
+            return Err(format!(
+                "{} wheel entries for {open} connections and {stale} closed ones",
+                self.wheel.len()
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -186,26 +220,43 @@ mod tests {
     fn a_silent_connection_is_given_up_within_a_slot_of_its_deadline() {
         let mut l = Liveness::new(Millis(1_000), Millis(500), Seeds::new(0));
         let (a, b) = (ConnId(1), ConnId(2));
-        l.opened(a, 7, Millis(0));
-        l.opened(b, 8, Millis(0));
+        l.opened(a, Millis(0));
+        l.opened(b, Millis(0));
         // b sent a message at 600; a never did.
-        let seen = |c: ConnId| Some(if c == a { (7, 0) } else { (8, 600) });
+        let seen = |c: ConnId| Some(if c == a { 0 } else { 600 });
         assert_eq!(l.next_deadline(), Some(Millis(1_000)));
         assert!(l.due(Millis(999), seen).is_empty());
         assert_eq!(l.due(Millis(1_000), seen), [(a, Dead::Heartbeat)]);
+        l.closed(a);
         assert!(
             l.due(Millis(1_500), seen).is_empty(),
             "b is seen until 1600"
         );
         assert_eq!(l.due(Millis(1_850), seen), [(b, Dead::Heartbeat)]);
-        // An entry of an earlier generation (the id was reused) is dropped, not obeyed.
-        l.opened(a, 9, Millis(2_000));
-        assert!(l.due(Millis(3_500), |_| Some((10, 0))).is_empty());
+        l.closed(b);
+        assert_eq!(l.check(0), Ok(()));
+        // a's id is reused before its old entries come up: the new connection keeps one.
+        l.opened(a, Millis(2_000));
+        assert_eq!(l.check(1), Ok(()));
+        assert!(l.due(Millis(2_500), |_| Some(2_000)).is_empty());
+        assert_eq!(
+            l.due(Millis(3_000), |_| Some(2_000)),
+            [(a, Dead::Heartbeat)]
+        );
+        l.closed(a);
+        assert_eq!(l.check(0), Ok(()));
         // A message begun must end within its timeout.
-        l.message_started(b, Millis(4_000));
-        l.message_started(b, Millis(4_200));
-        assert_eq!(l.next_deadline(), Some(Millis(4_500)));
-        assert_eq!(l.due(Millis(4_500), |_| None), [(b, Dead::MessageTimeout)]);
-        assert!(l.is_empty());
+        let mut m = Liveness::new(Millis(60_000), Millis(500), Seeds::new(0));
+        m.opened(b, Millis(4_000));
+        m.message_started(b, Millis(4_000));
+        m.message_started(b, Millis(4_200));
+        assert_eq!(m.next_deadline(), Some(Millis(4_500)));
+        assert_eq!(
+            m.due(Millis(4_500), |_| Some(4_000)),
+            [(b, Dead::MessageTimeout)]
+        );
+        m.closed(b);
+        assert!(m.is_empty());
+        assert_eq!(m.check(0), Ok(()));
     }
 }

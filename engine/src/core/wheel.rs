@@ -31,6 +31,10 @@ impl<K> Wheel<K> {
         self.len += 1;
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
     /// When `advance` would next return something (ms): the start of the first slot that
     /// holds an entry.
     pub(crate) fn next_due(&self) -> Option<u64> {

@@ -98,8 +98,6 @@ pub struct Shard {
     join_latency: Latency,
     resyncing: Resyncing,
     liveness: Liveness,
-    /// Generation of the last connection record made (see `Connection::generation`).
-    generation: u32,
     tx: Outbox,
     /// Scratch for encoding; its capacity is reused across frames.
     buf: Vec<u8>,
@@ -139,7 +137,6 @@ impl Shard {
             join_latency: Latency::default(),
             resyncing: Resyncing::new(seeds),
             liveness,
-            generation: 0,
             names: Names::new(seeds),
             tx: Outbox::new(id),
             buf: Vec::with_capacity(4096),
@@ -179,14 +176,12 @@ impl Shard {
 
     /// A connection whose token gave it `grants`. Its heartbeat timeout starts now.
     pub(crate) fn open_with(&mut self, conn: ConnId, key: UserKey, grants: Option<Box<Grants>>) {
-        self.generation = self.generation.wrapping_add(1);
-        let per_sec = self.config.max_msgs_per_sec;
-        let c = Connection::new(key, grants, self.generation, self.now, per_sec);
+        let c = Connection::new(key, grants, self.now);
         if let Some(old) = self.conns.insert(conn, c) {
             // The driver reused an id without closing; leave the old connection's topics.
             self.part_all(conn, old);
         }
-        self.liveness.opened(conn, self.generation, self.now);
+        self.liveness.opened(conn, self.now);
         self.drain_local();
     }
 
@@ -292,12 +287,17 @@ impl Shard {
         self.liveness.message_done(conn);
     }
 
+    /// Every open connection has its heartbeat deadline (see `liveness.rs`).
+    pub(crate) fn check_liveness(&self) -> Result<(), String> {
+        self.liveness.check(self.conns.len())
+    }
+
     /// Connections silent for the heartbeat timeout, or stuck inside a message, are closed.
     fn close_dead(&mut self) {
         let conns = &self.conns;
-        let dead = self.liveness.due(self.now, |conn| {
-            conns.get(&conn).map(|c| (c.generation, c.last_seen_ms))
-        });
+        let dead = self
+            .liveness
+            .due(self.now, |conn| conns.get(&conn).map(|c| c.last_seen_ms));
         for (conn, why) in dead {
             match why {
                 Dead::Heartbeat => {
