@@ -19,11 +19,13 @@ use crate::core::{
 use crate::mesh::{Router, ShardId};
 
 /// What a call to the owner side writes to and when it happens: the shard's outbox, its table of
-/// interned names, and its clock.
+/// interned names, its scratch buffer (one per shard: a large topic's state grows it once, for
+/// the owner's encode and the joiner's frame alike) and its clock.
 pub(crate) struct Env<'a> {
     pub(crate) now: Millis,
     pub(crate) tx: &'a mut Outbox,
     pub(crate) names: &'a mut Names,
+    pub(crate) buf: &'a mut Vec<u8>,
 }
 
 /// Counters of what the owner side did, for [`ShardStats`](crate::core::ShardStats).
@@ -110,8 +112,6 @@ pub(crate) struct TopicOwner {
     /// The earliest count push due among `to_count[..count_scanned]` (see `poll_timeout`).
     count_wake: Option<Millis>,
     count_scanned: usize,
-    /// Scratch for encoding states and diffs; its capacity is reused.
-    buf: Vec<u8>,
     pub(crate) stats: OwnerStats,
 }
 
@@ -128,7 +128,6 @@ impl TopicOwner {
             twins_due: VecDeque::new(),
             count_wake: None,
             count_scanned: 0,
-            buf: Vec::new(),
             stats: OwnerStats::default(),
         }
     }
@@ -297,7 +296,7 @@ impl TopicOwner {
                 // The joiner's state must be exactly "everything before the diffs it will get".
                 self.flush_now(&name, env);
             }
-            state = Some(self.encode_state(&name));
+            state = Some(self.encode_state(&name, env.buf));
         }
         // The state was taken before the joiner's own presence goes in: that presence reaches it
         // in the next diff like everyone else's, so a join and leave that cancel out within one
@@ -324,12 +323,12 @@ impl TopicOwner {
         env.tx.mesh(j.from.shard, msg);
     }
 
-    fn encode_state(&mut self, name: &TopicName) -> Arc<[u8]> {
-        self.buf.clear();
+    fn encode_state(&self, name: &TopicName, buf: &mut Vec<u8>) -> Arc<[u8]> {
+        buf.clear();
         if let Some(t) = self.topics.get(name) {
-            t.encode_state(&mut self.buf);
+            t.encode_state(buf);
         }
-        Arc::from(self.buf.as_slice())
+        Arc::from(buf.as_slice())
     }
 
     /// Tracks a joiner's presence, or lets it take over one the leave grace holds for its key.
@@ -354,10 +353,10 @@ impl TopicOwner {
             }
             Some((held, false)) => {
                 // One update diff: the held meta leaves, the new one joins in its place.
-                self.buf.clear();
-                restamp_prev(track.meta.bytes(), held, &mut self.buf);
+                env.buf.clear();
+                restamp_prev(track.meta.bytes(), held, env.buf);
                 let track = Track {
-                    meta: Meta::new(&self.buf),
+                    meta: Meta::new(env.buf),
                     ..track
                 };
                 self.replace(name, held, track, env);
@@ -581,7 +580,7 @@ impl TopicOwner {
     /// Sends the topic's changes now; a large topic then opens a window, so that the next
     /// changes wait for its end.
     fn flush_now(&mut self, name: &TopicName, env: &mut Env<'_>) {
-        if self.flush_topic(name, env.tx) && self.start_window(name, env.now) {
+        if self.flush_topic(name, env) && self.start_window(name, env.now) {
             self.windows.push(name.clone());
         }
     }
@@ -614,10 +613,10 @@ impl TopicOwner {
             }
             t.window_until = None;
             let waiters = t.take_waiters();
-            let sent = self.flush_topic(&name, env.tx);
+            let sent = self.flush_topic(&name, env);
             let answered = !waiters.is_empty();
             if answered {
-                let state = self.encode_state(&name);
+                let state = self.encode_state(&name, env.buf);
                 for w in waiters {
                     let msg = MeshMsg::Joined {
                         topic: name.clone(),
@@ -679,7 +678,7 @@ impl TopicOwner {
     }
 
     /// Sends the topic's pending changes as one diff; false if there was nothing to send.
-    fn flush_topic(&mut self, name: &TopicName, tx: &mut Outbox) -> bool {
+    fn flush_topic(&mut self, name: &TopicName, env: &mut Env<'_>) -> bool {
         let Some(t) = self.topics.get_mut(name) else {
             return false;
         };
@@ -688,17 +687,17 @@ impl TopicOwner {
             t.discard_pending();
             return false;
         }
-        self.buf.clear();
-        if !t.take_diff(name.as_str(), &mut self.buf) {
+        env.buf.clear();
+        if !t.take_diff(name.as_str(), env.buf) {
             return false;
         }
         self.stats.diffs_sent += 1;
         for shard in t.full_shards() {
-            tx.mesh(
+            env.tx.mesh(
                 shard,
                 MeshMsg::Diff {
                     topic: name.clone(),
-                    frame: self.buf.as_slice().into(),
+                    frame: env.buf.as_slice().into(),
                 },
             );
         }

@@ -88,6 +88,7 @@ impl Shard {
                     now: self.now,
                     tx: &mut self.tx,
                     names: &mut self.names,
+                    buf: &mut self.buf,
                 },
             ),
         }

@@ -225,6 +225,7 @@ impl Shard {
                 now: self.now,
                 tx: &mut self.tx,
                 names: &mut self.names,
+                buf: &mut self.buf,
             });
             self.watches.flush(&mut self.tx, &mut self.buf);
             self.drain_local();
@@ -243,6 +244,7 @@ impl Shard {
             now: self.now,
             tx: &mut self.tx,
             names: &mut self.names,
+            buf: &mut self.buf,
         });
         self.close_stuck();
         self.close_dead();
