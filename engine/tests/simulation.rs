@@ -255,10 +255,7 @@ impl Sim {
                 self.shards[id.0 as usize].control_frame(ConnId(id.1));
                 self.collect(id.0 as usize);
             } else {
-                let c = self.clients.get_mut(&id).expect("checked");
-                let r = c.new_ref();
-                c.expected.insert(r.clone(), Expect::Ok);
-                self.send(id, json!([null, r, "phoenix", "heartbeat", {}]).to_string());
+                self.heartbeat(id);
             }
         }
         if self.clients.contains_key(&id) {
@@ -271,18 +268,25 @@ impl Sim {
 
     /// Every client still talking sends its heartbeat, as phoenix.js does every 30 s.
     fn heartbeats(&mut self) {
-        let talking: Vec<(u16, u32)> = self
+        for id in self.talking() {
+            self.heartbeat(id);
+        }
+    }
+
+    /// Clients open and still sending.
+    fn talking(&self) -> Vec<(u16, u32)> {
+        let talking = self
             .clients
             .iter()
-            .filter(|(_, c)| !c.silent && !c.closed_by_server)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in talking {
-            let c = self.clients.get_mut(&id).expect("listed");
-            let r = c.new_ref();
-            c.expected.insert(r.clone(), Expect::Ok);
-            self.send(id, json!([null, r, "phoenix", "heartbeat", {}]).to_string());
-        }
+            .filter(|(_, c)| !c.closed_by_server && !c.silent);
+        talking.map(|(id, _)| *id).collect()
+    }
+
+    fn heartbeat(&mut self, id: (u16, u32)) {
+        let c = self.clients.get_mut(&id).expect("a client");
+        let r = c.new_ref();
+        c.expected.insert(r.clone(), Expect::Ok);
+        self.send(id, json!([null, r, "phoenix", "heartbeat", {}]).to_string());
     }
 
     /// Right after every shard ticked: no client silent past its heartbeat timeout (and one
@@ -598,12 +602,7 @@ impl Sim {
     }
 
     fn random_client(&mut self) -> Option<(u16, u32)> {
-        let live: Vec<(u16, u32)> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| !c.closed_by_server && !c.silent)
-            .map(|(k, _)| *k)
-            .collect();
+        let live = self.talking();
         (!live.is_empty()).then(|| live[self.rng.gen_range(0..live.len())])
     }
 
@@ -668,12 +667,7 @@ impl Sim {
                 self.send(id, json!([jr, r, topic, "shout", {}]).to_string());
             }
             82 => self.flood(id),
-            83..=84 => {
-                let c = self.clients.get_mut(&id).expect("live");
-                let r = c.new_ref();
-                c.expected.insert(r.clone(), Expect::Ok);
-                self.send(id, json!([null, r, "phoenix", "heartbeat", {}]).to_string());
-            }
+            83..=84 => self.heartbeat(id),
             85..=90 => self.watch_change(id),
             91..=96 => {
                 self.log.push(format!("stall {id:?}"));
