@@ -15,6 +15,7 @@
 //! What it must not do: let I/O, time or threads leak into `core`, or make any decision in the I/O
 //! layer that the core should make (that would escape the simulation tests).
 
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub(crate) mod identity;
