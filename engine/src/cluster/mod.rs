@@ -9,4 +9,5 @@
 
 pub mod chain;
 pub mod frame;
+pub mod nodes;
 pub mod subject;

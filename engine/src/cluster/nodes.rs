@@ -1,0 +1,333 @@
+//! Which other nodes are alive, from their heartbeats; and this node's own heartbeats. Pure:
+//! the node's cluster driver feeds it what it hears and the time, and carries out the events
+//! (a node down: its parts leave everywhere on this node; a gap or a restart: its parts are
+//! fetched again or replaced).
+//!
+//! A node whose own NATS connection is down knows that it is the isolated one: it keeps every
+//! other node's parts for the isolation grace (so a NATS restart shorter than that is not seen
+//! by clients), then drops them. Back in time, it counts everyone as just heard and re-fetches
+//! their parts, which ends in only the net changes. Nodes that stayed connected cannot tell a
+//! crash from a partition: they drop a silent node after the node timeout and take it back
+//! when it is heard again.
+
+use std::collections::BTreeMap;
+
+use crate::cluster::frame::{Heartbeat, Origin};
+use crate::core::Millis;
+
+/// Something the driver must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// A node heard for the first time (or again after it was down).
+    Up(Origin),
+    /// A node restarted: the parts of `old` are replaced by the new incarnation's at once.
+    Restarted { old: Origin, new: Origin },
+    /// Frames of this node may have been lost (a heartbeat missing, or this node's own NATS
+    /// connection came back): fetch its parts again.
+    Gap(Origin),
+    /// Gone: its parts leave.
+    Down(Origin, DownReason),
+    /// Another live process uses this node's name: this one must not run.
+    NameClash { name: String, theirs: Origin },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownReason {
+    /// Said goodbye (a graceful stop).
+    Goodbye,
+    /// Silent for the node timeout.
+    Silent,
+    /// This node's own NATS connection was down for the whole isolation grace.
+    Isolated,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How often this node sends a heartbeat (`--node-heartbeat-ms`).
+    pub heartbeat: Millis,
+    /// A node silent this long is down (`--node-timeout-ms`).
+    pub timeout: Millis,
+    /// How long an isolated node keeps the others' parts (`--isolation-grace-ms`).
+    pub isolation_grace: Millis,
+}
+
+#[derive(Debug)]
+struct Peer {
+    origin: Origin,
+    beat: u64,
+    heard: Millis,
+}
+
+#[derive(Debug)]
+pub struct Nodes {
+    me: Origin,
+    name: String,
+    timing: Timing,
+    peers: BTreeMap<u64, Peer>,
+    beat: u64,
+    next_beat: Millis,
+    /// Since when this node's own NATS connection has been down.
+    isolated_since: Option<Millis>,
+}
+
+impl Nodes {
+    pub fn new(me: Origin, name: &str, timing: Timing, now: Millis) -> Nodes {
+        Nodes {
+            me,
+            name: name.to_owned(),
+            timing,
+            peers: BTreeMap::new(),
+            beat: 0,
+            next_beat: now,
+            isolated_since: None,
+        }
+    }
+
+    /// This node's heartbeat, if one is due.
+    pub fn heartbeat_due(&mut self, now: Millis) -> Option<Heartbeat> {
+        if now.0 < self.next_beat.0 || self.isolated_since.is_some() {
+            return None;
+        }
+        self.beat += 1;
+        self.next_beat = Millis(now.0 + self.timing.heartbeat.0);
+        Some(Heartbeat {
+            origin: self.me,
+            name: self.name.clone(),
+            beat: self.beat,
+        })
+    }
+
+    /// A heartbeat came (this node's own come back too, as NATS echoes them).
+    pub fn heard(&mut self, hb: &Heartbeat, now: Millis) -> Vec<NodeEvent> {
+        let o = hb.origin;
+        if o.node == self.me.node {
+            return if o.incarnation == self.me.incarnation {
+                Vec::new()
+            } else {
+                vec![NodeEvent::NameClash {
+                    name: hb.name.clone(),
+                    theirs: o,
+                }]
+            };
+        }
+        let Some(peer) = self.peers.get_mut(&o.node) else {
+            self.peers.insert(
+                o.node,
+                Peer {
+                    origin: o,
+                    beat: hb.beat,
+                    heard: now,
+                },
+            );
+            return vec![NodeEvent::Up(o)];
+        };
+        if peer.origin.incarnation != o.incarnation {
+            let old = peer.origin;
+            *peer = Peer {
+                origin: o,
+                beat: hb.beat,
+                heard: now,
+            };
+            return vec![NodeEvent::Restarted { old, new: o }];
+        }
+        if hb.beat <= peer.beat {
+            return Vec::new(); // An old one, overtaken.
+        }
+        let missed = hb.beat != peer.beat + 1;
+        peer.beat = hb.beat;
+        peer.heard = now;
+        if missed {
+            vec![NodeEvent::Gap(o)]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// A node stops gracefully.
+    pub fn goodbye(&mut self, origin: Origin) -> Vec<NodeEvent> {
+        match self.peers.get(&origin.node) {
+            Some(p) if p.origin == origin => {
+                self.peers.remove(&origin.node);
+                vec![NodeEvent::Down(origin, DownReason::Goodbye)]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Time passed: silent nodes are down, unless this node is the one cut off.
+    pub fn tick(&mut self, now: Millis) -> Vec<NodeEvent> {
+        if let Some(since) = self.isolated_since {
+            if now.0.saturating_sub(since.0) < self.timing.isolation_grace.0 {
+                return Vec::new();
+            }
+            let gone = std::mem::take(&mut self.peers);
+            let down = gone.into_values();
+            return down
+                .map(|p| NodeEvent::Down(p.origin, DownReason::Isolated))
+                .collect();
+        }
+        let timeout = self.timing.timeout.0;
+        let silent: Vec<u64> = self
+            .peers
+            .values()
+            .filter(|p| now.0.saturating_sub(p.heard.0) >= timeout)
+            .map(|p| p.origin.node)
+            .collect();
+        silent
+            .into_iter()
+            .filter_map(|n| self.peers.remove(&n))
+            .map(|p| NodeEvent::Down(p.origin, DownReason::Silent))
+            .collect()
+    }
+
+    /// This node's own NATS connection went down.
+    pub fn disconnected(&mut self, now: Millis) {
+        self.isolated_since.get_or_insert(now);
+    }
+
+    /// It is back: everyone counts as heard now, and everyone's parts are fetched again (what
+    /// changed meanwhile was lost).
+    pub fn reconnected(&mut self, now: Millis) -> Vec<NodeEvent> {
+        self.isolated_since = None;
+        self.next_beat = now;
+        for p in self.peers.values_mut() {
+            p.heard = now;
+        }
+        self.peers
+            .values()
+            .map(|p| NodeEvent::Gap(p.origin))
+            .collect()
+    }
+
+    /// When [`Nodes::tick`] or [`Nodes::heartbeat_due`] next has something to do.
+    pub fn poll_timeout(&self) -> Millis {
+        if let Some(since) = self.isolated_since {
+            return Millis(since.0 + self.timing.isolation_grace.0);
+        }
+        let timeout = self.timing.timeout.0;
+        let silent = self.peers.values().map(|p| p.heard.0 + timeout).min();
+        Millis(silent.map_or(self.next_beat.0, |s| s.min(self.next_beat.0)))
+    }
+
+    /// The other nodes up now.
+    pub fn up(&self) -> impl Iterator<Item = Origin> + '_ {
+        self.peers.values().map(|p| p.origin)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMING: Timing = Timing {
+        heartbeat: Millis(500),
+        timeout: Millis(3_000),
+        isolation_grace: Millis(10_000),
+    };
+
+    fn o(node: u64, incarnation: u64) -> Origin {
+        Origin { node, incarnation }
+    }
+
+    fn hb(origin: Origin, beat: u64) -> Heartbeat {
+        Heartbeat {
+            origin,
+            name: format!("node-{}", origin.node),
+            beat,
+        }
+    }
+
+    #[test]
+    fn heartbeats_bring_nodes_up_and_their_silence_takes_them_down() {
+        let mut n = Nodes::new(o(1, 100), "node-1", TIMING, Millis(0));
+        assert_eq!(n.heartbeat_due(Millis(0)).map(|h| h.beat), Some(1));
+        assert_eq!(n.heartbeat_due(Millis(499)), None);
+        assert_eq!(n.heartbeat_due(Millis(500)).map(|h| h.beat), Some(2));
+        assert!(
+            n.heard(&hb(o(1, 100), 1), Millis(0)).is_empty(),
+            "our own echo"
+        );
+        assert_eq!(
+            n.heard(&hb(o(2, 7), 1), Millis(0)),
+            [NodeEvent::Up(o(2, 7))]
+        );
+        assert!(n.heard(&hb(o(2, 7), 2), Millis(500)).is_empty());
+        assert_eq!(
+            n.heard(&hb(o(2, 7), 5), Millis(2_000)),
+            [NodeEvent::Gap(o(2, 7))]
+        );
+        assert!(
+            n.heard(&hb(o(2, 7), 4), Millis(2_100)).is_empty(),
+            "overtaken"
+        );
+        assert_eq!(n.poll_timeout(), Millis(1_000), "our next beat");
+        assert!(n.tick(Millis(4_999)).is_empty());
+        assert_eq!(
+            n.tick(Millis(5_000)),
+            [NodeEvent::Down(o(2, 7), DownReason::Silent)]
+        );
+        assert_eq!(n.up().count(), 0);
+        assert_eq!(
+            n.heard(&hb(o(2, 7), 9), Millis(6_000)),
+            [NodeEvent::Up(o(2, 7))],
+            "healed"
+        );
+    }
+
+    #[test]
+    fn restarts_goodbyes_and_name_clashes() {
+        let mut n = Nodes::new(o(1, 100), "node-1", TIMING, Millis(0));
+        n.heard(&hb(o(2, 7), 1), Millis(0));
+        assert_eq!(
+            n.heard(&hb(o(2, 8), 1), Millis(100)),
+            [NodeEvent::Restarted {
+                old: o(2, 7),
+                new: o(2, 8)
+            }]
+        );
+        assert!(
+            n.goodbye(o(2, 7)).is_empty(),
+            "the old incarnation's goodbye"
+        );
+        assert_eq!(
+            n.goodbye(o(2, 8)),
+            [NodeEvent::Down(o(2, 8), DownReason::Goodbye)]
+        );
+        assert_eq!(
+            n.heard(&hb(o(1, 999), 3), Millis(200)),
+            [NodeEvent::NameClash {
+                name: "node-1".into(),
+                theirs: o(1, 999)
+            }]
+        );
+    }
+
+    #[test]
+    fn an_isolated_node_keeps_the_others_for_its_grace() {
+        let mut n = Nodes::new(o(1, 100), "node-1", TIMING, Millis(0));
+        n.heard(&hb(o(2, 7), 1), Millis(0));
+        n.heard(&hb(o(3, 9), 1), Millis(0));
+        n.disconnected(Millis(1_000));
+        assert_eq!(n.heartbeat_due(Millis(1_000)), None, "nowhere to send it");
+        // Past the node timeout, but the silence is ours.
+        assert!(n.tick(Millis(9_000)).is_empty());
+        assert_eq!(n.poll_timeout(), Millis(11_000));
+        let back = n.reconnected(Millis(9_500));
+        assert_eq!(back, [NodeEvent::Gap(o(2, 7)), NodeEvent::Gap(o(3, 9))]);
+        assert!(
+            n.tick(Millis(12_000)).is_empty(),
+            "counted as heard at 9.5 s"
+        );
+        assert!(n.heartbeat_due(Millis(9_500)).is_some());
+        // Cut off for longer than the grace: everyone else is dropped.
+        n.disconnected(Millis(13_000));
+        let down = n.tick(Millis(23_000));
+        assert_eq!(
+            down,
+            [
+                NodeEvent::Down(o(2, 7), DownReason::Isolated),
+                NodeEvent::Down(o(3, 9), DownReason::Isolated)
+            ]
+        );
+    }
+}
