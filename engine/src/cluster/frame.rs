@@ -50,10 +50,12 @@ impl From<Scope> for Kind {
     }
 }
 
-/// One presence of a part: its key and its stored meta (JSON, `phx_ref` included).
+/// One presence of a part: its key, its ref (unique in the cluster), and its stored meta
+/// (JSON, the same `phx_ref` in it).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Presence {
     pub key: String,
+    pub phx_ref: u64,
     pub meta: Vec<u8>,
 }
 
@@ -296,6 +298,7 @@ mod tests {
     fn presence(i: usize, meta_bytes: usize) -> Presence {
         Presence {
             key: format!("user-{i}"),
+            phx_ref: i as u64,
             meta: format!(
                 r#"{{"pad":"{}","phx_ref":"AAAAAAAAAAB"}}"#,
                 "x".repeat(meta_bytes)
@@ -401,6 +404,7 @@ mod tests {
             prev: 0,
             joins: vec![Presence {
                 key: "k".into(),
+                phx_ref: 1,
                 meta: b"[1,2]".to_vec(),
             }],
             leaves: vec![],

@@ -10,4 +10,5 @@
 pub mod chain;
 pub mod frame;
 pub mod nodes;
+pub mod parts;
 pub mod subject;

@@ -1,0 +1,547 @@
+//! The other nodes' parts of one name (a topic, or a user key for watch lists) that this node
+//! holds because its own clients touch the name. Pure: the owner shard feeds it what comes from
+//! NATS and applies the [`Change`]s to what its clients see.
+//!
+//! A first fetch buffers deltas until every holder answered (see [`Fetch`]); a gap in one
+//! origin's deltas re-fetches that origin's part alone, its deltas buffered meanwhile; either
+//! way what the clients see changes by the net difference only.
+
+use std::collections::BTreeMap;
+
+use crate::cluster::chain::{Chain, Fetch, Verdict};
+use crate::cluster::frame::{Delta, Origin, Part, Presence};
+
+/// A change to what this node's clients see of the name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Join {
+        key: String,
+        phx_ref: u64,
+        meta: Vec<u8>,
+    },
+    Leave {
+        key: String,
+        phx_ref: u64,
+    },
+}
+
+/// What an input did: changes to apply, and origins whose parts must be fetched again
+/// (directly from them).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub changes: Vec<Change>,
+    pub refetch: Vec<Origin>,
+}
+
+/// One origin's part: (key, ref) -> meta, and the last delta applied.
+#[derive(Debug)]
+struct RemotePart {
+    chain: Chain,
+    presences: BTreeMap<(String, u64), Vec<u8>>,
+    /// A re-fetch of this part in progress: chunks so far, and deltas that came meanwhile.
+    refetch: Option<Chunks>,
+}
+
+/// Chunks of one origin's part as they come.
+#[derive(Debug)]
+struct Chunks {
+    origin: Origin,
+    seq: u64,
+    of: u32,
+    got: BTreeMap<u32, Vec<Presence>>,
+    buffered: Vec<Delta>,
+}
+
+impl Chunks {
+    /// Before the first chunk of a part asked for.
+    fn awaiting(origin: Origin) -> Chunks {
+        Chunks {
+            origin,
+            seq: 0,
+            of: 0,
+            got: BTreeMap::new(),
+            buffered: Vec::new(),
+        }
+    }
+
+    fn new(part: &Part) -> Chunks {
+        Chunks {
+            origin: part.origin,
+            seq: part.seq,
+            of: part.chunks,
+            got: BTreeMap::new(),
+            buffered: Vec::new(),
+        }
+    }
+
+    /// Takes a chunk; true once all are in. A chunk of another incarnation or seq than the
+    /// first starts over (the part changed while it was being sent).
+    fn take(&mut self, part: Part) -> bool {
+        if (part.origin, part.seq, part.chunks) != (self.origin, self.seq, self.of) {
+            let buffered = std::mem::take(&mut self.buffered);
+            *self = Chunks::new(&part);
+            self.buffered = buffered;
+        }
+        self.got.insert(part.chunk, part.presences);
+        self.got.len() as u32 == self.of
+    }
+
+    fn presences(&mut self) -> BTreeMap<(String, u64), Vec<u8>> {
+        let chunks = std::mem::take(&mut self.got).into_values().flatten();
+        chunks.map(|p| ((p.key, p.phx_ref), p.meta)).collect()
+    }
+}
+
+/// The first fetch of the name.
+#[derive(Debug)]
+struct Fetching {
+    fetch: Fetch,
+    parts: BTreeMap<u64, Chunks>,
+    buffered: Vec<Delta>,
+}
+
+#[derive(Debug)]
+pub struct RemoteParts {
+    me: u64,
+    parts: BTreeMap<u64, RemotePart>,
+    fetching: Option<Fetching>,
+}
+
+impl RemoteParts {
+    /// Held by node `me`, fetching: deltas wait until every holder has answered.
+    pub fn fetching(me: u64) -> RemoteParts {
+        RemoteParts {
+            me,
+            parts: BTreeMap::new(),
+            fetching: Some(Fetching {
+                fetch: Fetch::new(me),
+                parts: BTreeMap::new(),
+                buffered: Vec::new(),
+            }),
+        }
+    }
+
+    pub fn is_fetching(&self) -> bool {
+        self.fetching.is_some()
+    }
+
+    /// Holders named in answers that have not answered in full (asked again directly).
+    pub fn missing(&self) -> Vec<u64> {
+        self.fetching
+            .as_ref()
+            .map_or(Vec::new(), |f| f.fetch.missing())
+    }
+
+    /// The request for parts had no responders: nobody else holds anything.
+    pub fn no_responders(&mut self) -> Applied {
+        let Some(f) = self.fetching.as_mut() else {
+            return Applied::default();
+        };
+        f.fetch.no_responders();
+        self.finish_fetch()
+    }
+
+    /// A chunk of some origin's part: an answer to the first fetch, or to a re-fetch.
+    pub fn part(&mut self, part: Part) -> Applied {
+        let node = part.origin.node;
+        if node == self.me {
+            return Applied::default();
+        }
+        if let Some(f) = self.fetching.as_mut() {
+            f.fetch.answer(node, &part.holders, part.chunk, part.chunks);
+            let chunks = f.parts.entry(node).or_insert_with(|| Chunks::new(&part));
+            chunks.take(part);
+            return self.finish_fetch();
+        }
+        let Some(rp) = self.parts.get_mut(&node) else {
+            // A part nobody asked for (or of a node dropped since): taken as it is.
+            let mut chunks = Chunks::new(&part);
+            if !chunks.take(part) {
+                let presences = BTreeMap::new();
+                let rp = RemotePart::new(chunks.origin, 0, presences, Some(chunks));
+                self.parts.insert(node, rp);
+                return Applied::default();
+            }
+            let presences = chunks.presences();
+            let mut applied = Applied::default();
+            joins(&presences, &mut applied.changes);
+            let rp = RemotePart::new(chunks.origin, chunks.seq, presences, None);
+            self.parts.insert(node, rp);
+            return applied;
+        };
+        let chunks = rp.refetch.get_or_insert_with(|| Chunks::new(&part));
+        if !chunks.take(part) {
+            return Applied::default();
+        }
+        let mut chunks = rp.refetch.take().expect("taken above");
+        let mut applied = Applied::default();
+        let fresh = chunks.presences();
+        net_changes(&rp.presences, &fresh, &mut applied.changes);
+        rp.presences = fresh;
+        rp.chain = Chain::at(chunks.origin, chunks.seq);
+        for d in sorted(std::mem::take(&mut chunks.buffered)) {
+            self.apply(d, &mut applied);
+        }
+        applied
+    }
+
+    /// A delta from some origin.
+    pub fn delta(&mut self, d: Delta) -> Applied {
+        if d.origin.node == self.me {
+            return Applied::default();
+        }
+        if let Some(f) = self.fetching.as_mut() {
+            f.buffered.push(d);
+            return Applied::default();
+        }
+        let mut applied = Applied::default();
+        self.apply(d, &mut applied);
+        applied
+    }
+
+    /// The node is down (or restarted without a delta yet): its part leaves.
+    pub fn node_down(&mut self, node: u64) -> Applied {
+        let mut applied = Applied::default();
+        if let Some(f) = self.fetching.as_mut() {
+            f.fetch.node_down(node);
+            f.parts.remove(&node);
+            f.buffered.retain(|d| d.origin.node != node);
+            applied = self.finish_fetch();
+        }
+        if let Some(rp) = self.parts.remove(&node) {
+            leaves(&rp.presences, &mut applied.changes);
+        }
+        applied
+    }
+
+    /// Every remote presence held: (key, ref, meta).
+    pub fn presences(&self) -> impl Iterator<Item = (&str, u64, &[u8])> {
+        let parts = self.parts.values();
+        let all = parts.flat_map(|rp| rp.presences.iter());
+        all.map(|((k, r), m)| (k.as_str(), *r, m.as_slice()))
+    }
+
+    /// The holders this node knows of (for its own answers to part requests).
+    pub fn holders(&self) -> Vec<u64> {
+        self.parts.keys().copied().collect()
+    }
+
+    fn finish_fetch(&mut self) -> Applied {
+        let mut applied = Applied::default();
+        if !self
+            .fetching
+            .as_ref()
+            .is_some_and(|f| f.fetch.is_complete())
+        {
+            return applied;
+        }
+        let f = self.fetching.take().expect("checked above");
+        for (node, mut chunks) in f.parts {
+            let presences = chunks.presences();
+            joins(&presences, &mut applied.changes);
+            let rp = RemotePart::new(chunks.origin, chunks.seq, presences, None);
+            self.parts.insert(node, rp);
+        }
+        for d in sorted(f.buffered) {
+            self.apply(d, &mut applied);
+        }
+        applied
+    }
+
+    fn apply(&mut self, d: Delta, applied: &mut Applied) {
+        let node = d.origin.node;
+        let Some(rp) = self.parts.get_mut(&node) else {
+            // The first we hear of this origin on this name: from empty, or we missed some.
+            if d.prev != 0 {
+                let mut chunks = Chunks::awaiting(d.origin);
+                chunks.buffered.push(d.clone());
+                let rp = RemotePart::new(d.origin, 0, BTreeMap::new(), Some(chunks));
+                self.parts.insert(node, rp);
+                applied.refetch.push(d.origin);
+                return;
+            }
+            let mut rp = RemotePart::new(d.origin, 0, BTreeMap::new(), None);
+            rp.apply(d, &mut applied.changes);
+            self.parts.insert(node, rp);
+            return;
+        };
+        if let Some(chunks) = rp.refetch.as_mut() {
+            chunks.buffered.push(d);
+            return;
+        }
+        match rp.chain.verdict(d.origin, d.seq, d.prev) {
+            Verdict::Apply => rp.apply(d, &mut applied.changes),
+            Verdict::Duplicate => {}
+            Verdict::Replace => {
+                leaves(&rp.presences, &mut applied.changes);
+                rp.presences.clear();
+                rp.apply(d, &mut applied.changes);
+            }
+            Verdict::Gap => {
+                let mut chunks = Chunks::awaiting(d.origin);
+                applied.refetch.push(d.origin);
+                chunks.buffered.push(d);
+                rp.refetch = Some(chunks);
+            }
+        }
+    }
+}
+
+impl RemotePart {
+    /// As of its delta `seq`.
+    fn new(
+        origin: Origin,
+        seq: u64,
+        presences: BTreeMap<(String, u64), Vec<u8>>,
+        refetch: Option<Chunks>,
+    ) -> RemotePart {
+        RemotePart {
+            chain: Chain::at(origin, seq),
+            presences,
+            refetch,
+        }
+    }
+
+    /// Applies the next delta: its leaves, then its joins (an update is both, with two refs).
+    fn apply(&mut self, d: Delta, changes: &mut Vec<Change>) {
+        for l in d.leaves {
+            if self.presences.remove(&(l.key.clone(), l.phx_ref)).is_some() {
+                changes.push(Change::Leave {
+                    key: l.key,
+                    phx_ref: l.phx_ref,
+                });
+            }
+        }
+        for j in d.joins {
+            let id = (j.key.clone(), j.phx_ref);
+            if self.presences.insert(id, j.meta.clone()).is_none() {
+                changes.push(Change::Join {
+                    key: j.key,
+                    phx_ref: j.phx_ref,
+                    meta: j.meta,
+                });
+            }
+        }
+        self.chain.applied(d.origin, d.seq);
+    }
+}
+
+/// Deltas in the order to apply them: by origin, then seq (their relative order across origins
+/// does not matter, as parts are disjoint).
+fn sorted(mut deltas: Vec<Delta>) -> Vec<Delta> {
+    deltas.sort_by_key(|d| (d.origin.node, d.origin.incarnation, d.seq));
+    deltas
+}
+
+fn joins(presences: &BTreeMap<(String, u64), Vec<u8>>, changes: &mut Vec<Change>) {
+    for ((key, phx_ref), meta) in presences {
+        changes.push(Change::Join {
+            key: key.clone(),
+            phx_ref: *phx_ref,
+            meta: meta.clone(),
+        });
+    }
+}
+
+fn leaves(presences: &BTreeMap<(String, u64), Vec<u8>>, changes: &mut Vec<Change>) {
+    for (key, phx_ref) in presences.keys() {
+        changes.push(Change::Leave {
+            key: key.clone(),
+            phx_ref: *phx_ref,
+        });
+    }
+}
+
+/// What changed from `old` to `new` (a ref names one meta for good, so equal ids are equal).
+fn net_changes(
+    old: &BTreeMap<(String, u64), Vec<u8>>,
+    new: &BTreeMap<(String, u64), Vec<u8>>,
+    changes: &mut Vec<Change>,
+) {
+    for (key, phx_ref) in old.keys().filter(|id| !new.contains_key(*id)) {
+        changes.push(Change::Leave {
+            key: key.clone(),
+            phx_ref: *phx_ref,
+        });
+    }
+    for ((key, phx_ref), meta) in new.iter().filter(|(id, _)| !old.contains_key(*id)) {
+        changes.push(Change::Join {
+            key: key.clone(),
+            phx_ref: *phx_ref,
+            meta: meta.clone(),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::frame::{Kind, Left};
+
+    fn o(node: u64, incarnation: u64) -> Origin {
+        Origin { node, incarnation }
+    }
+
+    fn p(key: &str, phx_ref: u64) -> Presence {
+        Presence {
+            key: key.into(),
+            phx_ref,
+            meta: format!(r#"{{"r":{phx_ref}}}"#).into_bytes(),
+        }
+    }
+
+    fn delta(origin: Origin, seq: u64, joins: Vec<Presence>, leaves: &[(&str, u64)]) -> Delta {
+        Delta {
+            kind: Kind::Topic,
+            name: "t".into(),
+            origin,
+            seq,
+            prev: seq - 1,
+            joins,
+            leaves: leaves
+                .iter()
+                .map(|&(k, r)| Left {
+                    key: k.into(),
+                    phx_ref: r,
+                })
+                .collect(),
+        }
+    }
+
+    fn part(
+        origin: Origin,
+        seq: u64,
+        presences: Vec<Presence>,
+        holders: &[u64],
+        chunk: (u32, u32),
+    ) -> Part {
+        Part {
+            kind: Kind::Topic,
+            name: "t".into(),
+            origin,
+            seq,
+            presences,
+            holders: holders.to_vec(),
+            chunk: chunk.0,
+            chunks: chunk.1,
+        }
+    }
+
+    fn held(r: &RemoteParts) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = r.presences().map(|(k, r, _)| (k.to_owned(), r)).collect();
+        v.sort();
+        v
+    }
+
+    fn join(key: &str, phx_ref: u64) -> Change {
+        Change::Join {
+            key: key.into(),
+            phx_ref,
+            meta: p(key, phx_ref).meta,
+        }
+    }
+
+    fn leave(key: &str, phx_ref: u64) -> Change {
+        Change::Leave {
+            key: key.into(),
+            phx_ref,
+        }
+    }
+
+    #[test]
+    fn a_first_fetch_waits_for_every_holder_then_applies_what_came_meanwhile() {
+        let (a, b) = (o(2, 20), o(3, 30));
+        let mut r = RemoteParts::fetching(1);
+        // b's delta 4 overtakes every answer.
+        assert_eq!(
+            r.delta(delta(b, 4, vec![p("bob2", 41)], &[])),
+            Applied::default()
+        );
+        assert_eq!(
+            r.part(part(a, 7, vec![p("ann", 10)], &[2, 3], (0, 1))),
+            Applied::default()
+        );
+        assert!(r.is_fetching());
+        assert_eq!(r.missing(), [3]);
+        let done = r.part(part(b, 3, vec![p("bob", 40)], &[2], (0, 1)));
+        assert!(!r.is_fetching());
+        assert_eq!(
+            done.changes,
+            [join("ann", 10), join("bob", 40), join("bob2", 41)]
+        );
+        assert_eq!(
+            held(&r),
+            [("ann".into(), 10), ("bob".into(), 40), ("bob2".into(), 41)]
+        );
+        // Later deltas apply in order; a repeat is dropped.
+        let next = r.delta(delta(a, 8, vec![], &[("ann", 10)]));
+        assert_eq!(next.changes, [leave("ann", 10)]);
+        assert_eq!(
+            r.delta(delta(a, 8, vec![], &[("ann", 10)])),
+            Applied::default()
+        );
+        let mut alone = RemoteParts::fetching(1);
+        assert_eq!(alone.no_responders(), Applied::default());
+        assert!(!alone.is_fetching());
+    }
+
+    #[test]
+    fn a_gap_refetches_one_origin_and_ends_in_the_net_change() {
+        let a = o(2, 20);
+        let mut r = RemoteParts::fetching(1);
+        r.part(part(a, 1, vec![p("ann", 10), p("amy", 11)], &[], (0, 1)));
+        // Delta 2 was lost; 3 shows the gap.
+        let gap = r.delta(delta(a, 3, vec![p("abe", 12)], &[]));
+        assert_eq!(
+            gap,
+            Applied {
+                changes: vec![],
+                refetch: vec![a]
+            }
+        );
+        // 4 comes while the part is on its way, in two chunks.
+        assert_eq!(
+            r.delta(delta(a, 4, vec![p("al", 13)], &[("amy", 11)])),
+            Applied::default()
+        );
+        assert_eq!(
+            r.part(part(a, 3, vec![p("ann", 10)], &[], (0, 2))),
+            Applied::default()
+        );
+        let done = r.part(part(a, 3, vec![p("abe", 12)], &[], (1, 2)));
+        // As of 3: amy left (in the lost 2), abe joined; then 4: amy's leave is moot, al joins.
+        assert_eq!(
+            done.changes,
+            [leave("amy", 11), join("abe", 12), join("al", 13)]
+        );
+        assert_eq!(
+            held(&r),
+            [("abe".into(), 12), ("al".into(), 13), ("ann".into(), 10)]
+        );
+    }
+
+    #[test]
+    fn restarts_and_deaths_take_the_old_part_away() {
+        let (a, a2) = (o(2, 20), o(2, 21));
+        let mut r = RemoteParts::fetching(1);
+        r.part(part(a, 5, vec![p("ann", 10)], &[], (0, 1)));
+        let restarted = r.delta(delta(a2, 1, vec![p("ann", 99)], &[]));
+        assert_eq!(restarted.changes, [leave("ann", 10), join("ann", 99)]);
+        let down = r.node_down(2);
+        assert_eq!(down.changes, [leave("ann", 99)]);
+        assert!(held(&r).is_empty());
+        // A node first heard mid-stream (not from empty) is fetched.
+        let c = o(4, 40);
+        let first = r.delta(delta(c, 6, vec![p("cy", 7)], &[]));
+        assert_eq!(first.refetch, [c]);
+        let got = r.part(part(c, 5, vec![p("cat", 6)], &[], (0, 1)));
+        assert_eq!(got.changes, [join("cat", 6), join("cy", 7)]);
+        // A holder that dies during a first fetch is not waited for.
+        let mut f = RemoteParts::fetching(1);
+        f.part(part(a, 1, vec![p("ann", 10)], &[2, 9], (0, 1)));
+        assert!(f.is_fetching());
+        let done = f.node_down(9);
+        assert!(!f.is_fetching());
+        assert_eq!(done.changes, [join("ann", 10)]);
+    }
+}
