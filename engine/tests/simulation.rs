@@ -317,6 +317,7 @@ impl Sim {
             (s, format!("{o:?}")).hash(&mut self.trace);
             match o {
                 Output::Mesh { to, msg } => self.rings[s * n + to.index()].push_back(msg),
+                Output::Nats(out) => fail(format!("a single node publishes nothing: {out:?}")),
                 Output::Send { conn, frame, kind } => {
                     self.deliver_frame((s as u16, conn.0), &frame, kind, &outputs)
                 }

@@ -70,6 +70,7 @@ impl Cluster {
                             on_send(&frame);
                         }
                         Output::Close { .. } => panic!("benchmark sent a bad frame"),
+                        Output::Nats(_) => panic!("a single node publishes nothing"),
                     }
                 }
             }

@@ -1,6 +1,7 @@
-//! roster nodes sharing presence through NATS (in progress: the frame format, subjects and
-//! per-origin ordering are here; the owners' remote parts, the NATS bridge and the options are
-//! not yet). Each node is the only writer of its own connections' presences, its "part" of a
+//! roster nodes sharing presence through NATS (in progress: the frame format, subjects,
+//! per-origin ordering, node liveness and remote parts are here, and the core's topic owners use
+//! them when `core::Config::cluster` is set, see `core/topic_owner/cluster.rs`; the NATS bridge,
+//! the options, watch lists across nodes and the simulation are not yet). Each node is the only writer of its own connections' presences, its "part" of a
 //! topic; a topic is the union of the live parts of the nodes holding presences there, and a
 //! node keeps only the parts of names its own clients touch. No CRDT, no consensus.
 //!

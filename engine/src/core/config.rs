@@ -1,4 +1,15 @@
+use crate::cluster::frame::Origin;
+use crate::cluster::subject::Subjects;
 use crate::core::Millis;
+
+/// A node of a cluster (see `cluster/`): who it is and where its frames go.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub me: Origin,
+    pub subjects: Subjects,
+    /// NATS's max_payload: no frame may be larger.
+    pub max_payload: usize,
+}
 
 /// What a shard needs to know. Limits have PROTOCOL.md's defaults.
 #[derive(Clone, Debug)]
@@ -43,6 +54,8 @@ pub struct Config {
     /// Seeds every hash table of the core. The driver picks it at random (clients choose the
     /// keys); the simulation fixes it, so that a seed replays exactly.
     pub hash_seed: u64,
+    /// None on a single node.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Config {
@@ -65,6 +78,7 @@ impl Config {
         slow_consumer_timeout: Millis(30_000),
         ref_seed: 0,
         hash_seed: 0,
+        cluster: None,
     };
 }
 

@@ -27,6 +27,30 @@ pub enum Output {
     },
     /// Put `msg` on the ring to shard `to`. Rings must deliver in order per (from, to) pair.
     Mesh { to: ShardId, msg: MeshMsg },
+    /// Something for NATS (cluster mode only).
+    Nats(NatsOut),
+}
+
+/// What a shard asks of the node's NATS connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NatsOut {
+    Subscribe(String),
+    Unsubscribe(String),
+    Publish {
+        subject: String,
+        frame: Vec<u8>,
+    },
+    /// Publish, with the answers (and "no responders") coming back as inputs for `name`.
+    Request {
+        subject: String,
+        name: String,
+        frame: Vec<u8>,
+    },
+    /// Answer a request on its reply subject.
+    Reply {
+        to: String,
+        frame: Vec<u8>,
+    },
 }
 
 /// Messages to this shard itself go through a local queue instead of a ring, but are handled by
@@ -44,6 +68,10 @@ impl Outbox {
             local: VecDeque::new(),
             out: Vec::new(),
         }
+    }
+
+    pub(crate) fn nats(&mut self, out: NatsOut) {
+        self.out.push(Output::Nats(out));
     }
 
     pub(crate) fn mesh(&mut self, to: ShardId, msg: MeshMsg) {

@@ -13,6 +13,7 @@ use roster_proto::{PhxRef, PresenceMode};
 use smallvec::SmallVec;
 
 use crate::core::hash::{Map, Seeds};
+use crate::core::topic_cluster::TopicCluster;
 use crate::core::{ConnAddr, ConnId, Meta, Millis, Track, UserKey};
 use crate::mesh::ShardId;
 
@@ -79,6 +80,9 @@ pub(crate) struct Topic {
     pub(crate) window_until: Option<Millis>,
     waiting: Vec<Waiter>,
     held: Option<Box<Held>>,
+    /// In a cluster: the other nodes' parts held here and this node's own (boxed: absent on a
+    /// single node).
+    cluster: Option<Box<TopicCluster>>,
 }
 
 /// A read-only copy of a topic's presences (for tests and the HTTP API).
@@ -102,7 +106,28 @@ impl Topic {
             window_until: None,
             waiting: Vec::new(),
             held: None,
+            cluster: None,
         }
+    }
+
+    /// The topic's cluster side, for node `me`: what it tracks from now on is this node's part.
+    pub(crate) fn join_cluster(&mut self, me: u64) {
+        self.cluster = Some(Box::new(TopicCluster::new(me)));
+    }
+
+    pub(crate) fn cluster(&self) -> Option<&TopicCluster> {
+        self.cluster.as_deref()
+    }
+
+    pub(crate) fn cluster_mut(&mut self) -> Option<&mut TopicCluster> {
+        self.cluster.as_deref_mut()
+    }
+
+    /// Its first fetch of the other nodes' parts is still on.
+    pub(crate) fn fetching(&self) -> bool {
+        self.cluster
+            .as_ref()
+            .is_some_and(|c| c.remote.is_fetching())
     }
 
     /// The topic's own invariants (see `invariants.rs`).
@@ -132,7 +157,16 @@ impl Topic {
         })
     }
 
+    /// A presence of this node's own.
     pub(crate) fn track(&mut self, key: UserKey, meta: Meta) {
+        if let Some(c) = self.cluster.as_deref_mut() {
+            c.joined(&key, &meta);
+        }
+        self.track_remote(key, meta);
+    }
+
+    /// A presence of another node's part (in what clients see, not in this node's part).
+    pub(crate) fn track_remote(&mut self, key: UserKey, meta: Meta) {
         self.presences
             .entry(key.clone())
             .or_default()
@@ -142,8 +176,17 @@ impl Topic {
         self.count_dirty = true;
     }
 
-    /// Removes the presence `phx_ref` of `key`; `None` if it is not here.
+    /// Removes this node's presence `phx_ref` of `key`; `None` if it is not here.
     pub(crate) fn untrack(&mut self, key: &UserKey, phx_ref: PhxRef) -> Option<Meta> {
+        let gone = self.untrack_remote(key, phx_ref)?;
+        if let Some(c) = self.cluster.as_deref_mut() {
+            c.left(key, phx_ref);
+        }
+        Some(gone)
+    }
+
+    /// Removes a presence of another node's part.
+    pub(crate) fn untrack_remote(&mut self, key: &UserKey, phx_ref: PhxRef) -> Option<Meta> {
         let metas = self.presences.get_mut(key)?;
         let at = metas.iter().position(|m| m.is_ref(phx_ref))?;
         let gone = metas.remove(at);
@@ -351,8 +394,14 @@ impl Topic {
 
     /// Nothing tracked, nobody subscribed, nothing to send, on no list: the topic can be
     /// forgotten.
+    /// Nothing of this node's own here, and nobody of this node interested: the topic (and
+    /// any other node's part of it) can go.
     pub(crate) fn is_idle(&self) -> bool {
-        self.presences.is_empty()
+        let own_empty = match self.cluster.as_deref() {
+            Some(c) => c.own_is_empty(),
+            None => self.presences.is_empty(),
+        };
+        own_empty
             && self.subs.is_empty()
             && !self.has_pending()
             && !self.listed_for_flush

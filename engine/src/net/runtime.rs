@@ -104,6 +104,7 @@ impl Runtime {
                 max_msgs_per_sec: config.max_msgs_per_sec,
                 ref_seed: shared.seeds.refs,
                 hash_seed: shared.seeds.hashing,
+                cluster: None,
             },
         );
         let n = config.shards as usize;
@@ -354,6 +355,8 @@ impl Runtime {
                             slot.wake();
                         }
                     }
+                    // The server runs no cluster yet (cluster/ is not wired): never made.
+                    Output::Nats(_) => {}
                     Output::Mesh { to, msg } => {
                         let mut q = self.peer_queues[to.index()].borrow_mut();
                         q.push(msg);

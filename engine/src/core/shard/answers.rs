@@ -82,15 +82,10 @@ impl Shard {
             | MeshMsg::UserUpdated { .. }
             | MeshMsg::Watch { .. }
             | MeshMsg::Unwatch { .. }) => self.users.message(msg, &mut self.tx),
-            msg => self.owner.message(
-                msg,
-                &mut Env {
-                    now: self.now,
-                    tx: &mut self.tx,
-                    names: &mut self.names,
-                    buf: &mut self.buf,
-                },
-            ),
+            msg => {
+                let (owner, mut env) = self.owner_env();
+                owner.message(msg, &mut env);
+            }
         }
     }
 }

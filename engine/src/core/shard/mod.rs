@@ -18,6 +18,7 @@ use roster_proto::{
     decode, ClientEvent, ClientMessage, ClientMeta, JoinRequest, PhxRef, PresenceMode,
 };
 
+use crate::cluster::frame::Frame as NodeFrame;
 use crate::core::connection::{Connection, Joined};
 use crate::core::hash::{Map, Seeds};
 use crate::core::liveness::{Dead, Liveness};
@@ -151,6 +152,18 @@ impl Shard {
         }
     }
 
+    /// The topic-owner part beside what it writes to: the shard's outbox, names, scratch
+    /// buffer and clock.
+    fn owner_env(&mut self) -> (&mut TopicOwner, Env<'_>) {
+        let env = Env {
+            now: self.now,
+            tx: &mut self.tx,
+            names: &mut self.names,
+            buf: &mut self.buf,
+        };
+        (&mut self.owner, env)
+    }
+
     /// The topic-owner part, for the invariants.
     pub(crate) fn owner(&self) -> &TopicOwner {
         &self.owner
@@ -221,12 +234,8 @@ impl Shard {
     /// for the end of their window) and one per watched user.
     pub fn flush(&mut self) {
         loop {
-            self.owner.flush(&mut Env {
-                now: self.now,
-                tx: &mut self.tx,
-                names: &mut self.names,
-                buf: &mut self.buf,
-            });
+            let (owner, mut env) = self.owner_env();
+            owner.flush(&mut env);
             self.watches.flush(&mut self.tx, &mut self.buf);
             self.drain_local();
             if !self.owner.has_changes() {
@@ -240,12 +249,8 @@ impl Shard {
     /// Ends with a flush, so what time released goes out now.
     pub fn tick(&mut self, now: Millis) {
         self.now = Millis(self.now.0.max(now.0));
-        self.owner.tick(&mut Env {
-            now: self.now,
-            tx: &mut self.tx,
-            names: &mut self.names,
-            buf: &mut self.buf,
-        });
+        let (owner, mut env) = self.owner_env();
+        owner.tick(&mut env);
         self.close_stuck();
         self.close_dead();
         self.drain_local();
@@ -287,6 +292,28 @@ impl Shard {
     /// The message `conn` had begun is complete (or the connection holds none).
     pub fn message_done(&mut self, conn: ConnId) {
         self.liveness.message_done(conn);
+    }
+
+    /// A frame from NATS about a topic this shard owns (the driver routes each by its name, as
+    /// `mesh::Router` does); `reply`: where a request wants its answer.
+    pub fn nats_frame(&mut self, frame: NodeFrame, reply: Option<&str>) {
+        let (owner, mut env) = self.owner_env();
+        owner.nats_frame(frame, reply, &mut env);
+        self.drain_local();
+    }
+
+    /// The request for `name`'s parts found nobody subscribed.
+    pub fn no_responders(&mut self, name: &str) {
+        let (owner, mut env) = self.owner_env();
+        owner.no_responders(name, &mut env);
+        self.drain_local();
+    }
+
+    /// A node of the cluster is down (see `cluster::nodes`): its parts leave.
+    pub fn node_down(&mut self, node: u64) {
+        let (owner, mut env) = self.owner_env();
+        owner.node_down(node, &mut env);
+        self.drain_local();
     }
 
     /// Every open connection has its heartbeat deadline (see `liveness.rs`).

@@ -19,6 +19,7 @@ fn texts(s: &mut Shard) -> Vec<String> {
             Output::Send { frame, .. } => String::from_utf8_lossy(&frame).into_owned(),
             Output::Close { code, reason, .. } => format!("close {} {reason}", code.0),
             Output::Mesh { to, msg } => panic!("one shard sends nothing to {to:?}: {msg:?}"),
+            Output::Nats(out) => panic!("a single node publishes nothing: {out:?}"),
         })
         .collect()
 }

@@ -3,6 +3,8 @@
 //! the connection side; what it says to other shards (and to the user owners) goes through the
 //! shard's outbox, and the time comes in with each call.
 
+mod cluster;
+
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -150,7 +152,7 @@ impl TopicOwner {
                 if let Some(t) = self.topics.get_mut(&topic) {
                     t.resolve(alias);
                 }
-                self.forget_if_idle(&topic);
+                self.forget_if_idle(&topic, env.tx);
             }
             _ => debug_assert!(false, "not a topic owner's message: {msg:?}"),
         }
@@ -258,24 +260,28 @@ impl TopicOwner {
         Ok(())
     }
 
-    fn owned_name(&mut self, topic: &TopicName, names: &mut Names) -> TopicName {
+    /// The owner's own copy of a topic name, creating the topic if needed (in a cluster, its
+    /// interest starts: see `cluster.rs`).
+    fn owned_name(&mut self, topic: &TopicName, env: &mut Env<'_>) -> TopicName {
         match self.topics.get_key_value(topic) {
             Some((name, _)) => name.clone(),
             None => {
-                let name = names.intern(topic.as_str());
+                let name = env.names.intern(topic.as_str());
                 self.topics.insert(name.clone(), Topic::new(self.seeds));
+                self.cluster_interest(&name, env.tx);
                 name
             }
         }
     }
 
     fn join(&mut self, j: JoinMsg, env: &mut Env<'_>) {
-        let name = self.owned_name(&j.topic, env.names);
+        let name = self.owned_name(&j.topic, env);
         let t = self.topics.get_mut(&name).expect("created above");
         if !j.resync {
             t.subscribe(j.from.shard, j.mode);
         }
-        let in_window = t.window_until.is_some();
+        // In a window, or while the other nodes' parts are fetched.
+        let in_window = t.window_until.is_some() || t.fetching();
         if j.mode == PresenceMode::Full && in_window {
             // Answered with everyone else of this window, from one state, when it ends.
             let adopted = j
@@ -421,7 +427,7 @@ impl TopicOwner {
             for twin in t.due_twins(env.now) {
                 self.announce(&name, twin.track, env.tx);
             }
-            self.forget_if_idle(&name);
+            self.forget_if_idle(&name, env.tx);
         }
     }
 
@@ -486,7 +492,7 @@ impl TopicOwner {
             }
             None => {}
         }
-        self.forget_if_idle(&topic);
+        self.forget_if_idle(&topic, env.tx);
     }
 
     /// A connection's presence ends. `graced`: its connection closed and a leave grace is set,
@@ -556,7 +562,7 @@ impl TopicOwner {
                 self.stats.grace_expired += 1;
                 self.untrack(&topic, key, phx_ref, env.tx);
             }
-            self.forget_if_idle(&topic);
+            self.forget_if_idle(&topic, env.tx);
         }
     }
 
@@ -573,7 +579,7 @@ impl TopicOwner {
                 continue;
             }
             self.flush_now(&name, env);
-            self.forget_if_idle(&name);
+            self.forget_if_idle(&name, env.tx);
         }
     }
 
@@ -612,32 +618,43 @@ impl TopicOwner {
                 continue;
             }
             t.window_until = None;
-            let waiters = t.take_waiters();
+            // Joiners waiting for the other nodes' parts wait on.
+            let waiters = if t.fetching() {
+                Vec::new()
+            } else {
+                t.take_waiters()
+            };
             let sent = self.flush_topic(&name, env);
             let answered = !waiters.is_empty();
-            if answered {
-                let state = self.encode_state(&name, env.buf);
-                for w in waiters {
-                    let msg = MeshMsg::Joined {
-                        topic: name.clone(),
-                        conn: w.conn,
-                        seq: w.seq,
-                        reply: JoinedReply::State(state.clone()),
-                        adopted: w.adopted,
-                    };
-                    env.tx.mesh(w.shard, msg);
-                }
-            }
+            self.answer_waiters(&name, waiters, env);
             // A window that sent something opens again; after a quiet one the next change goes
             // out at once.
             if (sent || answered) && self.start_window(&name, env.now) {
                 open.push(name);
             } else {
-                self.forget_if_idle(&name);
+                self.forget_if_idle(&name, env.tx);
             }
         }
         open.append(&mut self.windows);
         self.windows = open;
+    }
+
+    /// Joiners that waited get one shared state, as of now.
+    fn answer_waiters(&mut self, name: &TopicName, waiters: Vec<Waiter>, env: &mut Env<'_>) {
+        if waiters.is_empty() {
+            return;
+        }
+        let state = self.encode_state(name, env.buf);
+        for w in waiters {
+            let msg = MeshMsg::Joined {
+                topic: name.clone(),
+                conn: w.conn,
+                seq: w.seq,
+                reply: JoinedReply::State(state.clone()),
+                adopted: w.adopted,
+            };
+            env.tx.mesh(w.shard, msg);
+        }
     }
 
     /// Throttled `presence_count` pushes that are due.
@@ -669,7 +686,7 @@ impl TopicOwner {
             if let Some(t) = self.topics.get_mut(&name) {
                 t.listed_for_count = false;
             }
-            self.forget_if_idle(&name);
+            self.forget_if_idle(&name, env.tx);
         }
         self.changed.to_count = keep;
         // The kept ones' due times are read again by the next poll_timeout.
@@ -679,6 +696,7 @@ impl TopicOwner {
 
     /// Sends the topic's pending changes as one diff; false if there was nothing to send.
     fn flush_topic(&mut self, name: &TopicName, env: &mut Env<'_>) -> bool {
+        self.publish_delta(name, env.tx);
         let Some(t) = self.topics.get_mut(name) else {
             return false;
         };
@@ -704,8 +722,9 @@ impl TopicOwner {
         true
     }
 
-    fn forget_if_idle(&mut self, name: &TopicName) {
+    fn forget_if_idle(&mut self, name: &TopicName, tx: &mut Outbox) {
         if self.topics.get(name).is_some_and(Topic::is_idle) {
+            self.cluster_forget(name, tx);
             self.topics.remove(name);
         }
     }
