@@ -1,8 +1,14 @@
 //! The core's cluster side with several nodes in one thread and a small model of NATS between
-//! them (subjects, request/reply, "no responders", echo to the publisher's own subscriptions):
-//! clients on different nodes see each other as phoenix.js `Presence` would, a late node's
-//! first joiner gets every node's members, a lost delta is repaired by a re-fetch, and a dead
-//! node's presences leave. (The simulation with random interleavings is not here yet.)
+//! them (subjects, request/reply, "no responders", echo to the publisher's own subscriptions,
+//! per-publisher order, nothing delivered to a subscription after it is gone): clients on
+//! different nodes see each other as phoenix.js `Presence` would, a late node's first joiner
+//! gets every node's members, a lost delta is repaired by a re-fetch, and a dead node's
+//! presences leave. Then seeded random runs (2-4 nodes of 1-3 shards, publishers interleaved
+//! at random, deltas lost, nodes killed, coalescing windows on or off): at every quiescence each
+//! client's view equals the model, with the same refs on every node. `ROSTER_CLUSTER_SEEDS=N`
+//! runs N seeds (default 300), `ROSTER_CLUSTER_SEED=S` one (its log goes to
+//! /tmp/cluster-seed.log when it fails). Not yet here: restarts (new incarnations), isolation,
+//! watch lists, lost answers to requests.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -48,6 +54,7 @@ impl Cluster {
                         },
                         subjects: subjects.clone(),
                         max_payload: 1 << 20,
+                        fetch_timeout: Millis(1_000),
                     }),
                     // Distinct refs per node, as each process picks its own seed.
                     ref_seed: node.wrapping_mul(0x9e37_79b9_7f4a_7c15),
@@ -272,8 +279,541 @@ fn a_dead_nodes_presences_leave() {
     c.join(0, 1, "ann", 1);
     c.join(1, 1, "bob", 2);
     c.join(1, 2, "bea", 3);
-    let dead = c.ids[1];
+    let dead = Origin {
+        node: c.ids[1],
+        incarnation: c.ids[1] * 7,
+    };
     c.nodes[0].node_down(dead);
     c.settle();
     assert_eq!(c.sees(0, 1), who(&[("ann", 1)]));
+}
+
+// ---- seeded random runs ------------------------------------------------------------------
+
+mod random {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+    use roster_engine::core::MeshMsg;
+    use roster_engine::mesh::Router;
+
+    const TOPICS: &[&str] = &["room:a", "room:b"];
+    const KEYS: &[&str] = &["ann", "bob", "cy", "dee"];
+
+    /// A message NATS holds for one receiver: (to node, what, the subject it came on when
+    /// published to subscribers).
+    type InFlight = (usize, Inbound, Option<String>);
+
+    struct Node {
+        shards: Vec<Shard>,
+        router: Router,
+        alive: bool,
+    }
+
+    struct Client {
+        node: usize,
+
+        key: String,
+        topic: &'static str,
+        page: u32,
+    }
+
+    struct Run {
+        rng: ChaCha8Rng,
+        nodes: Vec<Node>,
+        ids: Vec<u64>,
+        subs: BTreeMap<String, BTreeSet<usize>>,
+        /// Per publishing node, in its order (NATS keeps a publisher's order).
+        flight: Vec<VecDeque<InFlight>>,
+        clients: BTreeMap<(usize, usize, u32), Client>,
+        views: BTreeMap<(usize, usize, u32), View>,
+        /// (receiver, publisher) pairs that lost a delta: the receiver's heartbeat check would
+        /// see the gap.
+        lost: BTreeSet<(usize, usize)>,
+        next_conn: u32,
+        now: u64,
+        seed: u64,
+        log: Vec<String>,
+    }
+
+    impl Run {
+        fn new(seed: u64) -> Run {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let n = rng.gen_range(2..=4);
+            let subjects = Subjects::new("roster").unwrap();
+            let ids: Vec<u64> = (0..n as u64).map(|i| 1000 + i).collect();
+            let windows = rng.gen_bool(0.5);
+            let nodes = ids
+                .iter()
+                .map(|&node| {
+                    let shards = rng.gen_range(1..=3);
+                    let config = Config {
+                        shards,
+                        cluster: Some(ClusterConfig {
+                            me: Origin {
+                                node,
+                                incarnation: node + seed,
+                            },
+                            subjects: subjects.clone(),
+                            max_payload: 1 << 20,
+                            fetch_timeout: Millis(1_000),
+                        }),
+                        ref_seed: (node ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                        hash_seed: seed,
+                        diff_window: Millis(if windows { 300 } else { 0 }),
+                        large_topic_threshold: 2,
+                        ..Config::default()
+                    };
+                    Node {
+                        shards: (0..shards)
+                            .map(|s| Shard::new(ShardId(s), config.clone()))
+                            .collect(),
+                        router: Router::new(shards),
+                        alive: true,
+                    }
+                })
+                .collect();
+            let mut subs: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
+            for (i, &node) in ids.iter().enumerate() {
+                subs.entry(subjects.node(node)).or_default().insert(i);
+            }
+            Run {
+                rng,
+                nodes,
+                ids,
+                subs,
+                flight: (0..n).map(|_| VecDeque::new()).collect(),
+                clients: BTreeMap::new(),
+                views: BTreeMap::new(),
+                lost: BTreeSet::new(),
+                next_conn: 0,
+                now: 0,
+                seed,
+                log: Vec::new(),
+            }
+        }
+
+        /// Everything shard `s` of node `i` produced, and what that makes inside the node
+        /// (its rings deliver at once here; the simulation of one node covers their orders).
+        fn collect(&mut self, i: usize, s: usize) {
+            let mut mesh: VecDeque<(usize, MeshMsg)> = VecDeque::new();
+            let mut at = s;
+            loop {
+                self.nodes[i].shards[at].flush();
+                let outputs: Vec<Output> = self.nodes[i].shards[at].outputs().collect();
+                for o in outputs {
+                    match o {
+                        Output::Send { conn, frame, .. } => {
+                            self.client_frame((i, at, conn.0), &frame)
+                        }
+                        Output::Close { conn, reason, .. } => panic!("closed {conn:?}: {reason}"),
+                        Output::Mesh { to, msg } => mesh.push_back((to.index(), msg)),
+                        Output::Nats(out) => self.nats(i, at, out),
+                    }
+                }
+                let Some((to, msg)) = mesh.pop_front() else {
+                    return;
+                };
+                self.nodes[i].shards[to].mesh(msg);
+                at = to;
+            }
+        }
+
+        fn nats(&mut self, from: usize, shard: usize, out: NatsOut) {
+            match out {
+                NatsOut::Subscribe(s) => {
+                    self.subs.entry(s).or_default().insert(from);
+                }
+                NatsOut::Unsubscribe(s) => {
+                    if let Some(set) = self.subs.get_mut(&s) {
+                        set.remove(&from);
+                    }
+                    // What was on its way to that subscription is gone with it.
+                    for q in &mut self.flight {
+                        q.retain(|(to, _, subject)| *to != from || subject.as_deref() != Some(&s));
+                    }
+                }
+                NatsOut::Publish { subject, frame } => {
+                    let frame = Frame::decode(&frame).expect("valid");
+                    for &to in self.subs.get(&subject).into_iter().flatten() {
+                        let m = (
+                            to,
+                            Inbound::Frame(frame.clone(), None),
+                            Some(subject.clone()),
+                        );
+                        self.flight[from].push_back(m);
+                    }
+                }
+                NatsOut::Request {
+                    subject,
+                    name,
+                    frame,
+                } => {
+                    let frame = Frame::decode(&frame).expect("valid");
+                    let to: Vec<usize> = self
+                        .subs
+                        .get(&subject)
+                        .into_iter()
+                        .flatten()
+                        .copied()
+                        .collect();
+                    if to.is_empty() {
+                        self.flight[from].push_back((from, Inbound::NoResponders(name), None));
+                    }
+                    for t in to {
+                        let reply = Some(format!("_INBOX.{from}.{shard}"));
+                        self.flight[from].push_back((
+                            t,
+                            Inbound::Frame(frame.clone(), reply),
+                            None,
+                        ));
+                    }
+                }
+                NatsOut::Reply { to, frame } => {
+                    let node: usize = to.split('.').nth(1).unwrap().parse().unwrap();
+                    let frame = Frame::decode(&frame).expect("valid");
+                    let m = (node, Inbound::Frame(frame, Some(to)), None);
+                    self.flight[from].push_back(m);
+                }
+            }
+        }
+
+        fn client_frame(&mut self, id: (usize, usize, u32), bytes: &[u8]) {
+            let v: Value = serde_json::from_slice(bytes).unwrap();
+            let view = self.views.entry(id).or_default();
+            match v[3].as_str() {
+                Some("presence_state") => sync_state(view, &v[4]),
+                Some("presence_diff") => sync_diff(view, &v[4]),
+                _ => {}
+            }
+        }
+
+        /// Delivers one message NATS holds, or drops it (a delta only: lost answers to
+        /// requests would need the answer deadline, which is not built yet).
+        fn deliver_one(&mut self, may_drop: bool) -> bool {
+            let busy: Vec<usize> = (0..self.flight.len())
+                .filter(|&i| !self.flight[i].is_empty())
+                .collect();
+            if busy.is_empty() {
+                return false;
+            }
+            let from = busy[self.rng.gen_range(0..busy.len())];
+            let (to, msg, _) = self.flight[from].pop_front().expect("busy");
+            if !self.nodes[to].alive {
+                return true;
+            }
+            match msg {
+                Inbound::Frame(f, reply) => {
+                    let is_delta = matches!(f, Frame::Delta(_));
+                    if may_drop && is_delta && to != from && self.rng.gen_ratio(1, 20) {
+                        self.log.push(format!("lost a delta {from}->{to}"));
+                        self.lost.insert((to, from));
+                        return true;
+                    }
+                    self.log
+                        .push(format!("  nats {from}->{to}: {}", describe(&f)));
+                    // The node's driver routes by name to the owner shard; an answer goes to
+                    // the shard that asked.
+                    let shard = match (&f, reply.as_deref()) {
+                        (Frame::Part(_), Some(inbox)) => {
+                            inbox.split('.').nth(2).unwrap().parse().unwrap()
+                        }
+                        _ => self.nodes[to].router.topic_owner(frame_name(&f)).index(),
+                    };
+                    let reply = reply.filter(|_| matches!(f, Frame::PartRequest(_)));
+                    self.nodes[to].shards[shard].nats_frame(f, reply.as_deref());
+                    self.collect(to, shard);
+                }
+                Inbound::NoResponders(name) => {
+                    self.log.push(format!("  no responders {name} for {to}"));
+                    let shard = self.nodes[to].router.topic_owner(&name).index();
+                    self.nodes[to].shards[shard].no_responders(&name);
+                    self.collect(to, shard);
+                }
+            }
+            true
+        }
+
+        fn step(&mut self) {
+            match self.rng.gen_range(0..100) {
+                0..=39 => {
+                    self.deliver_one(true);
+                }
+                40..=59 => self.open(),
+                60..=69 => self.update(),
+                70..=79 => self.close(),
+                80..=81 => self.kill(),
+                _ => {
+                    self.now += self.rng.gen_range(0..400);
+                    let i = self.rng.gen_range(0..self.nodes.len());
+                    if self.nodes[i].alive {
+                        for s in 0..self.nodes[i].shards.len() {
+                            self.nodes[i].shards[s].tick(Millis(self.now));
+                            self.collect(i, s);
+                        }
+                    }
+                }
+            }
+        }
+
+        fn live_nodes(&self) -> Vec<usize> {
+            (0..self.nodes.len())
+                .filter(|&i| self.nodes[i].alive)
+                .collect()
+        }
+
+        fn open(&mut self) {
+            let live = self.live_nodes();
+            let node = live[self.rng.gen_range(0..live.len())];
+            let shard = self.rng.gen_range(0..self.nodes[node].shards.len());
+            self.next_conn += 1;
+            let conn = self.next_conn;
+            let key = KEYS[self.rng.gen_range(0..KEYS.len())];
+            let topic = TOPICS[self.rng.gen_range(0..TOPICS.len())];
+            let page = self.rng.gen_range(0..50);
+            self.log.push(format!(
+                "open ({node},{shard},{conn}) {key} {topic} page {page}"
+            ));
+            let sh = &mut self.nodes[node].shards[shard];
+            sh.open(ConnId(conn), UserKey::new(key));
+            let join = format!(r#"["1","1","{topic}","phx_join",{{"meta":{{"page":{page}}}}}]"#);
+            sh.frame(ConnId(conn), join.as_bytes());
+            self.clients.insert(
+                (node, shard, conn),
+                Client {
+                    node,
+                    key: key.into(),
+                    topic,
+                    page,
+                },
+            );
+            self.collect(node, shard);
+        }
+
+        fn pick(&mut self) -> Option<(usize, usize, u32)> {
+            let ids: Vec<_> = self.clients.keys().copied().collect();
+            (!ids.is_empty()).then(|| ids[self.rng.gen_range(0..ids.len())])
+        }
+
+        fn update(&mut self) {
+            let Some(id) = self.pick() else { return };
+            let page = self.rng.gen_range(50..100);
+            let c = self.clients.get_mut(&id).expect("picked");
+            c.page = page;
+            let topic = c.topic;
+            self.log.push(format!("update {id:?} page {page}"));
+            let frame =
+                format!(r#"["1","2","{topic}","presence_update",{{"meta":{{"page":{page}}}}}]"#);
+            self.nodes[id.0].shards[id.1].frame(ConnId(id.2), frame.as_bytes());
+            self.collect(id.0, id.1);
+        }
+
+        fn close(&mut self) {
+            let Some(id) = self.pick() else { return };
+            self.log.push(format!("close {id:?}"));
+            self.clients.remove(&id);
+            self.views.remove(&id);
+            self.nodes[id.0].shards[id.1].close(ConnId(id.2));
+            self.collect(id.0, id.1);
+        }
+
+        /// kill -9 of a node (never the last): the others see it silent and drop its parts
+        /// (what it published before dying may still arrive first).
+        fn kill(&mut self) {
+            let live = self.live_nodes();
+            if live.len() < 2 {
+                return;
+            }
+            let k = live[self.rng.gen_range(0..live.len())];
+            self.log.push(format!("kill {k}"));
+            self.nodes[k].alive = false;
+            self.clients.retain(|_, c| c.node != k);
+            self.views.retain(|id, _| id.0 != k);
+            for set in self.subs.values_mut() {
+                set.remove(&k);
+            }
+            // Let NATS deliver some of what it holds, then the node timeout passes.
+            while self.rng.gen_bool(0.5) && self.deliver_one(false) {}
+            for i in self.live_nodes() {
+                for s in 0..self.nodes[i].shards.len() {
+                    let o = self.origin_of(k);
+                    self.nodes[i].shards[s].node_down(o);
+                    self.collect(i, s);
+                }
+            }
+        }
+
+        /// Delivers until NATS holds nothing; a run that never ends is a livelock.
+        fn drain_all(&mut self) {
+            for _ in 0..200_000 {
+                if !self.deliver_one(false) {
+                    return;
+                }
+            }
+            panic!("still delivering after 200,000 messages: a livelock");
+        }
+
+        fn quiesce(&mut self) {
+            for _ in 0..6 {
+                self.drain_all();
+                // Losses show as heartbeat gaps: the receiver fetches the publisher again.
+                for (to, from) in std::mem::take(&mut self.lost) {
+                    if !self.nodes[to].alive || !self.nodes[from].alive {
+                        continue;
+                    }
+                    let o = self.origin_of(from);
+                    for s in 0..self.nodes[to].shards.len() {
+                        self.nodes[to].shards[s].node_gap(o);
+                        self.collect(to, s);
+                    }
+                }
+                self.drain_all();
+                self.now += 1_000;
+                for i in self.live_nodes() {
+                    for s in 0..self.nodes[i].shards.len() {
+                        self.nodes[i].shards[s].tick(Millis(self.now));
+                        self.collect(i, s);
+                    }
+                }
+            }
+        }
+
+        fn origin_of(&self, node: usize) -> Origin {
+            let id = self.ids[node];
+            Origin {
+                node: id,
+                incarnation: id + self.seed,
+            }
+        }
+
+        /// Every client's view of its topic equals the model (every live client tracked in it,
+        /// on any node), with the same refs as every other client's view.
+        fn check(&self) {
+            for topic in TOPICS {
+                let mut model: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+                for c in self.clients.values().filter(|c| c.topic == *topic) {
+                    model.entry(c.key.clone()).or_default().push(c.page as u64);
+                }
+                for v in model.values_mut() {
+                    v.sort();
+                }
+                let mut refs: Option<BTreeMap<String, BTreeSet<String>>> = None;
+                for (id, _) in self.clients.iter().filter(|(_, c)| c.topic == *topic) {
+                    let view = self.views.get(id).cloned().unwrap_or_default();
+                    let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+                    let mut these: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+                    for (k, metas) in &view {
+                        for m in metas {
+                            seen.entry(k.clone())
+                                .or_default()
+                                .push(m["page"].as_u64().unwrap());
+                            let r = m["phx_ref"].as_str().unwrap().to_owned();
+                            these.entry(k.clone()).or_default().insert(r);
+                        }
+                    }
+                    for v in seen.values_mut() {
+                        v.sort();
+                    }
+                    if seen != model {
+                        panic!("{id:?} in {topic} sees {seen:?}, want {model:?}; view {view:?}");
+                    }
+                    match &refs {
+                        None => refs = Some(these),
+                        Some(r) if *r != these => {
+                            panic!("{id:?} in {topic}: other refs {these:?} than {r:?}")
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+        }
+
+        fn run(&mut self, steps: usize) {
+            for i in 0..steps {
+                self.step();
+                if i % 50 == 49 {
+                    self.quiesce();
+                    self.check();
+                }
+            }
+            self.quiesce();
+            self.check();
+        }
+    }
+
+    #[test]
+    fn seeded_nodes_agree_with_the_model() {
+        let seeds = std::env::var("ROSTER_CLUSTER_SEEDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300u64);
+        let mut lost = 0;
+        let mut kills = 0;
+        let one: Option<u64> = std::env::var("ROSTER_CLUSTER_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        for seed in one.map_or(0..seeds, |s| s..s + 1) {
+            let mut run = Run::new(seed);
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run.run(300)));
+            if let Err(e) = result {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                let _ = std::fs::write("/tmp/cluster-seed.log", run.log.join("\n"));
+                let tail = run.log[run.log.len().saturating_sub(40)..].join("\n");
+                panic!("cluster seed {seed} failed: {msg}\nlast events:\n{tail}");
+            }
+            lost += run.log.iter().filter(|l| l.starts_with("lost")).count();
+            kills += run.log.iter().filter(|l| l.starts_with("kill")).count();
+        }
+        eprintln!("{seeds} seeds: {lost} deltas lost, {kills} nodes killed");
+        assert!(
+            one.is_some() || seeds < 50 || (lost > 0 && kills > 0),
+            "the runs no longer lose deltas or kill nodes"
+        );
+    }
+
+    fn describe(f: &Frame) -> String {
+        match f {
+            Frame::Delta(d) => format!(
+                "delta {} seq {} prev {} +{:?} -{:?}",
+                d.name,
+                d.seq,
+                d.prev,
+                d.joins
+                    .iter()
+                    .map(|p| (&p.key, p.phx_ref))
+                    .collect::<Vec<_>>(),
+                d.leaves
+                    .iter()
+                    .map(|l| (&l.key, l.phx_ref))
+                    .collect::<Vec<_>>()
+            ),
+            Frame::Part(p) => format!(
+                "part {} of {} seq {} {:?} holders {:?}",
+                p.name,
+                p.origin.node,
+                p.seq,
+                p.presences
+                    .iter()
+                    .map(|p| (&p.key, p.phx_ref))
+                    .collect::<Vec<_>>(),
+                p.holders
+            ),
+            Frame::PartRequest(r) => format!("ask {} from {}", r.name, r.from.node),
+            _ => "other".into(),
+        }
+    }
+
+    fn frame_name(f: &Frame) -> &str {
+        match f {
+            Frame::Delta(d) => &d.name,
+            Frame::PartRequest(r) => &r.name,
+            Frame::Part(p) => &p.name,
+            Frame::Heartbeat(h) => &h.name,
+            Frame::Goodbye(_) => "",
+        }
+    }
 }

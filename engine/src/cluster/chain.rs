@@ -24,12 +24,19 @@ pub enum Verdict {
 pub struct Chain {
     pub origin: Origin,
     pub seq: u64,
+    /// Deltas up to this seq are in what is held already.
+    pub floor: u64,
 }
 
 impl Chain {
-    /// As of a part fetched at `seq` (0: the origin had sent nothing on this name).
-    pub fn at(origin: Origin, seq: u64) -> Chain {
-        Chain { origin, seq }
+    /// As of a part fetched at `seq` (0: the origin had sent nothing on this name), with every
+    /// delta of the origin up to `floor` in it.
+    pub fn at(origin: Origin, seq: u64, floor: u64) -> Chain {
+        Chain {
+            origin,
+            seq,
+            floor: floor.max(seq),
+        }
     }
 
     pub fn verdict(&self, origin: Origin, seq: u64, prev: u64) -> Verdict {
@@ -41,7 +48,7 @@ impl Chain {
                 Verdict::Gap
             };
         }
-        if seq <= self.seq {
+        if seq <= self.floor {
             Verdict::Duplicate
         } else if prev == self.seq {
             Verdict::Apply
@@ -52,7 +59,7 @@ impl Chain {
 
     /// `seq` was applied (or replaced the part).
     pub fn applied(&mut self, origin: Origin, seq: u64) {
-        *self = Chain { origin, seq };
+        *self = Chain::at(origin, seq, seq);
     }
 }
 
@@ -116,6 +123,20 @@ impl Fetch {
         (self.nobody && self.named.is_empty()) || (!self.named.is_empty() && all)
     }
 
+    /// The fetch's deadline passed: it is complete with what came (a holder that did not answer
+    /// in time is heard of again through its deltas, or its part announced when it fetched).
+    pub fn expire(&mut self) {
+        let answered: BTreeSet<u64> = self
+            .named
+            .iter()
+            .copied()
+            .filter(|&n| self.answered(n))
+            .collect();
+        self.chunks.retain(|n, _| answered.contains(n));
+        self.named = answered;
+        self.nobody = true;
+    }
+
     /// Holders named that have not answered in full: asked again directly after a deadline.
     pub fn missing(&self) -> Vec<u64> {
         let missing = self.named.iter().copied();
@@ -133,7 +154,7 @@ mod tests {
 
     #[test]
     fn deltas_apply_in_order_and_gaps_are_seen() {
-        let mut c = Chain::at(o(1, 10), 5);
+        let mut c = Chain::at(o(1, 10), 5, 5);
         assert_eq!(c.verdict(o(1, 10), 8, 5), Verdict::Apply);
         c.applied(o(1, 10), 8);
         assert_eq!(c.verdict(o(1, 10), 8, 5), Verdict::Duplicate);
@@ -151,6 +172,11 @@ mod tests {
         );
         c.applied(o(1, 11), 1);
         assert_eq!(c.verdict(o(1, 11), 2, 1), Verdict::Apply);
+        // A part at seq 2 that already holds everything up to 9 (the origin forgot the name
+        // and made it again): 7 is old news, 12 after 2 is the next.
+        let c = Chain::at(o(1, 11), 2, 9);
+        assert_eq!(c.verdict(o(1, 11), 7, 6), Verdict::Duplicate);
+        assert_eq!(c.verdict(o(1, 11), 12, 2), Verdict::Apply);
     }
 
     #[test]
@@ -172,5 +198,13 @@ mod tests {
         f.answer(2, &[5], 0, 1);
         f.node_down(5);
         assert!(f.is_complete(), "a dead holder is not waited for");
+        let mut f = Fetch::new(1);
+        f.answer(2, &[5], 0, 1);
+        f.answer(6, &[], 0, 2);
+        f.expire();
+        assert!(f.is_complete(), "past its deadline, with what came");
+        let mut f = Fetch::new(1);
+        f.expire();
+        assert!(f.is_complete(), "nobody answered in time");
     }
 }

@@ -28,7 +28,9 @@ pub const MAX_META: usize = 64 << 10;
 
 /// A node's life: `node` is stable across restarts (from its name), `incarnation` is random per
 /// start, so that a restarted node's parts replace the old ones at once.
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(
+    Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
 pub struct Origin {
     pub node: u64,
     pub incarnation: u64,
@@ -88,14 +90,17 @@ pub struct PartRequest {
     pub from: Origin,
 }
 
-/// One chunk of an origin's part of `name`, as of its delta `seq`, with the holders of `name`
-/// the origin knows (so the asker can tell when every holder has answered).
+/// One chunk of an origin's part of `name`, as of its delta `seq` (the next delta's `prev`),
+/// with the holders of `name` the origin knows (so the asker can tell when every holder has
+/// answered). Every delta of the origin's up to `floor` is in it already (its seqs count over
+/// all its names, so older deltas of a name it forgot and made again are told apart).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Part {
     pub kind: Kind,
     pub name: String,
     pub origin: Origin,
     pub seq: u64,
+    pub floor: u64,
     pub presences: Vec<Presence>,
     pub holders: Vec<u64>,
     /// This chunk's place, from 0, and how many there are.
@@ -277,6 +282,7 @@ fn part_header(part: &Part) -> Part {
         name: part.name.clone(),
         origin: part.origin,
         seq: part.seq,
+        floor: part.floor,
         presences: Vec::new(),
         holders: Vec::new(),
         chunk: u32::MAX - 1,
@@ -331,6 +337,7 @@ mod tests {
                 name: "room:1".into(),
                 origin: origin(),
                 seq: 12,
+                floor: 15,
                 presences: vec![presence(1, 10), presence(3, 0)],
                 holders: vec![7, 8],
                 chunk: 0,
@@ -447,6 +454,7 @@ mod tests {
             name: "big".into(),
             origin: origin(),
             seq: 5,
+            floor: 5,
             presences: presences.clone(),
             holders: vec![7, 9],
             chunk: 0,

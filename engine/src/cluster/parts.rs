@@ -47,6 +47,7 @@ struct RemotePart {
 struct Chunks {
     origin: Origin,
     seq: u64,
+    floor: u64,
     of: u32,
     got: BTreeMap<u32, Vec<Presence>>,
     buffered: Vec<Delta>,
@@ -58,6 +59,7 @@ impl Chunks {
         Chunks {
             origin,
             seq: 0,
+            floor: 0,
             of: 0,
             got: BTreeMap::new(),
             buffered: Vec::new(),
@@ -68,6 +70,7 @@ impl Chunks {
         Chunks {
             origin: part.origin,
             seq: part.seq,
+            floor: part.floor,
             of: part.chunks,
             got: BTreeMap::new(),
             buffered: Vec::new(),
@@ -77,13 +80,20 @@ impl Chunks {
     /// Takes a chunk; true once all are in. A chunk of another incarnation or seq than the
     /// first starts over (the part changed while it was being sent).
     fn take(&mut self, part: Part) -> bool {
-        if (part.origin, part.seq, part.chunks) != (self.origin, self.seq, self.of) {
+        if (part.origin, part.seq, part.floor, part.chunks)
+            != (self.origin, self.seq, self.floor, self.of)
+        {
             let buffered = std::mem::take(&mut self.buffered);
             *self = Chunks::new(&part);
             self.buffered = buffered;
         }
         self.got.insert(part.chunk, part.presences);
         self.got.len() as u32 == self.of
+    }
+
+    /// Where the origin's deltas go on from, once this part is in.
+    fn chain(&self) -> Chain {
+        Chain::at(self.origin, self.seq, self.floor)
     }
 
     fn presences(&mut self) -> BTreeMap<(String, u64), Vec<u8>> {
@@ -132,6 +142,16 @@ impl RemoteParts {
             .map_or(Vec::new(), |f| f.fetch.missing())
     }
 
+    /// The first fetch's deadline passed: complete with what came.
+    pub fn fetch_expired(&mut self) -> Applied {
+        let Some(f) = self.fetching.as_mut() else {
+            return Applied::default();
+        };
+        f.fetch.expire();
+        f.parts.retain(|_, c| c.got.len() as u32 == c.of);
+        self.finish_fetch()
+    }
+
     /// The request for parts had no responders: nobody else holds anything.
     pub fn no_responders(&mut self) -> Applied {
         let Some(f) = self.fetching.as_mut() else {
@@ -158,14 +178,14 @@ impl RemoteParts {
             let mut chunks = Chunks::new(&part);
             if !chunks.take(part) {
                 let presences = BTreeMap::new();
-                let rp = RemotePart::new(chunks.origin, 0, presences, Some(chunks));
+                let rp = RemotePart::new(Chain::at(chunks.origin, 0, 0), presences, Some(chunks));
                 self.parts.insert(node, rp);
                 return Applied::default();
             }
             let presences = chunks.presences();
             let mut applied = Applied::default();
             joins(&presences, &mut applied.changes);
-            let rp = RemotePart::new(chunks.origin, chunks.seq, presences, None);
+            let rp = RemotePart::new(chunks.chain(), presences, None);
             self.parts.insert(node, rp);
             return applied;
         };
@@ -178,7 +198,7 @@ impl RemoteParts {
         let fresh = chunks.presences();
         net_changes(&rp.presences, &fresh, &mut applied.changes);
         rp.presences = fresh;
-        rp.chain = Chain::at(chunks.origin, chunks.seq);
+        rp.chain = chunks.chain();
         for d in sorted(std::mem::take(&mut chunks.buffered)) {
             self.apply(d, &mut applied);
         }
@@ -214,6 +234,21 @@ impl RemoteParts {
         applied
     }
 
+    /// Frames of `origin` may have been lost (a heartbeat gap, a reconnect): if this name has
+    /// its part, it is fetched again (true: ask it), its deltas buffered meanwhile.
+    pub fn refetch(&mut self, origin: Origin) -> bool {
+        if self.fetching.is_some() {
+            return false; // A first fetch in progress has asked everyone.
+        }
+        let Some(rp) = self.parts.get_mut(&origin.node) else {
+            return false;
+        };
+        if rp.refetch.is_none() {
+            rp.refetch = Some(Chunks::awaiting(origin));
+        }
+        true
+    }
+
     /// Every remote presence held: (key, ref, meta).
     pub fn presences(&self) -> impl Iterator<Item = (&str, u64, &[u8])> {
         let parts = self.parts.values();
@@ -239,7 +274,7 @@ impl RemoteParts {
         for (node, mut chunks) in f.parts {
             let presences = chunks.presences();
             joins(&presences, &mut applied.changes);
-            let rp = RemotePart::new(chunks.origin, chunks.seq, presences, None);
+            let rp = RemotePart::new(chunks.chain(), presences, None);
             self.parts.insert(node, rp);
         }
         for d in sorted(f.buffered) {
@@ -255,12 +290,12 @@ impl RemoteParts {
             if d.prev != 0 {
                 let mut chunks = Chunks::awaiting(d.origin);
                 chunks.buffered.push(d.clone());
-                let rp = RemotePart::new(d.origin, 0, BTreeMap::new(), Some(chunks));
+                let rp = RemotePart::new(Chain::at(d.origin, 0, 0), BTreeMap::new(), Some(chunks));
                 self.parts.insert(node, rp);
                 applied.refetch.push(d.origin);
                 return;
             }
-            let mut rp = RemotePart::new(d.origin, 0, BTreeMap::new(), None);
+            let mut rp = RemotePart::new(Chain::at(d.origin, 0, 0), BTreeMap::new(), None);
             rp.apply(d, &mut applied.changes);
             self.parts.insert(node, rp);
             return;
@@ -288,30 +323,22 @@ impl RemoteParts {
 }
 
 impl RemotePart {
-    /// As of its delta `seq`.
     fn new(
-        origin: Origin,
-        seq: u64,
+        chain: Chain,
         presences: BTreeMap<(String, u64), Vec<u8>>,
         refetch: Option<Chunks>,
     ) -> RemotePart {
         RemotePart {
-            chain: Chain::at(origin, seq),
+            chain,
             presences,
             refetch,
         }
     }
 
-    /// Applies the next delta: its leaves, then its joins (an update is both, with two refs).
+    /// Applies the next delta: its joins, then its leaves. A ref joins once and leaves once,
+    /// so a presence that joined and left between two deltas nets out; an update is a join and
+    /// a leave of two refs.
     fn apply(&mut self, d: Delta, changes: &mut Vec<Change>) {
-        for l in d.leaves {
-            if self.presences.remove(&(l.key.clone(), l.phx_ref)).is_some() {
-                changes.push(Change::Leave {
-                    key: l.key,
-                    phx_ref: l.phx_ref,
-                });
-            }
-        }
         for j in d.joins {
             let id = (j.key.clone(), j.phx_ref);
             if self.presences.insert(id, j.meta.clone()).is_none() {
@@ -319,6 +346,14 @@ impl RemotePart {
                     key: j.key,
                     phx_ref: j.phx_ref,
                     meta: j.meta,
+                });
+            }
+        }
+        for l in d.leaves {
+            if self.presences.remove(&(l.key.clone(), l.phx_ref)).is_some() {
+                changes.push(Change::Leave {
+                    key: l.key,
+                    phx_ref: l.phx_ref,
                 });
             }
         }
@@ -420,6 +455,7 @@ mod tests {
             name: "t".into(),
             origin,
             seq,
+            floor: seq,
             presences,
             holders: holders.to_vec(),
             chunk: chunk.0,

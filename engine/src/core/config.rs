@@ -9,6 +9,9 @@ pub struct ClusterConfig {
     pub subjects: Subjects,
     /// NATS's max_payload: no frame may be larger.
     pub max_payload: usize,
+    /// How long a first fetch of a topic's parts waits for answers (its joiners wait as long at
+    /// most): a subscriber that forgot the topic meanwhile never answers.
+    pub fetch_timeout: Millis,
 }
 
 /// What a shard needs to know. Limits have PROTOCOL.md's defaults.

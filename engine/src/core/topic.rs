@@ -440,15 +440,25 @@ impl Topic {
             mut leaves,
         } = std::mem::take(&mut self.pending);
         if !joins.is_empty() && !leaves.is_empty() {
-            let joined: ahash::HashSet<_> = joins.iter().map(|j| j.1.ref_text()).collect();
-            let cancelled: ahash::HashSet<_> = leaves
-                .iter()
-                .map(|l| l.1.ref_text())
-                .filter(|r| joined.contains(r))
-                .collect();
-            if !cancelled.is_empty() {
-                joins.retain(|j| !cancelled.contains(&j.1.ref_text()));
-                leaves.retain(|l| !cancelled.contains(&l.1.ref_text()));
+            // A ref's joins and leaves alternate, and one ref is one meta: as many of each as
+            // both have cancel out. (Locally a ref joins and leaves once; another node's part
+            // may leave, join and leave again within one batch when it is fetched again.)
+            let mut joined: ahash::HashMap<_, u32> = ahash::HashMap::default();
+            for j in &joins {
+                *joined.entry(j.1.ref_text()).or_default() += 1;
+            }
+            let mut cancel: ahash::HashMap<_, u32> = ahash::HashMap::default();
+            for l in &leaves {
+                let r = l.1.ref_text();
+                if let Some(n) = joined.get_mut(&r).filter(|n| **n > 0) {
+                    *n -= 1;
+                    *cancel.entry(r).or_default() += 1;
+                }
+            }
+            if !cancel.is_empty() {
+                let mut from_joins = cancel.clone();
+                joins.retain(|j| !take_one(&mut from_joins, j.1.ref_text()));
+                leaves.retain(|l| !take_one(&mut cancel, l.1.ref_text()));
             }
         }
         if joins.is_empty() && leaves.is_empty() {
@@ -502,6 +512,20 @@ impl Topic {
             .collect();
         presences.sort_by(|a, b| a.0.cmp(&b.0));
         TopicView { presences }
+    }
+}
+
+/// Takes one of `r` from the counts: true if there was one.
+fn take_one(
+    counts: &mut ahash::HashMap<[u8; PhxRef::TEXT_LEN], u32>,
+    r: [u8; PhxRef::TEXT_LEN],
+) -> bool {
+    match counts.get_mut(&r) {
+        Some(n) if *n > 0 => {
+            *n -= 1;
+            true
+        }
+        _ => false,
     }
 }
 

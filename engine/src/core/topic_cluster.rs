@@ -17,8 +17,8 @@ pub(crate) struct TopicCluster {
     own: BTreeMap<(UserKey, u64), Meta>,
     joins: Vec<(UserKey, u64, Meta)>,
     leaves: Vec<(UserKey, u64)>,
-    /// The last delta of this node's part on this topic.
-    seq: u64,
+    /// The seq of this node's last delta on this topic since interest started (0: none).
+    last: u64,
 }
 
 impl TopicCluster {
@@ -29,7 +29,7 @@ impl TopicCluster {
             own: BTreeMap::new(),
             joins: Vec::new(),
             leaves: Vec::new(),
-            seq: 0,
+            last: 0,
         }
     }
 
@@ -44,32 +44,37 @@ impl TopicCluster {
         self.joins.push((key.clone(), r, meta.clone()));
     }
 
-    /// A presence of this node left. One that joined since the last delta is simply not
-    /// announced (receivers apply a delta's leaves before its joins).
+    /// A presence of this node left. Its leave goes out even if its join has not yet: a part
+    /// sent meanwhile may have shown the join (receivers apply a delta's joins before its
+    /// leaves, so the pair nets out where the join was not seen).
     pub(crate) fn left(&mut self, key: &UserKey, r: PhxRef) {
         self.own.remove(&(key.clone(), r.0));
-        match self.joins.iter().position(|(_, j, _)| *j == r.0) {
-            Some(at) => {
-                self.joins.remove(at);
-            }
-            None => self.leaves.push((key.clone(), r.0)),
-        }
+        self.leaves.push((key.clone(), r.0));
     }
 
-    /// The changes to this node's part since the last delta, as the next delta.
-    pub(crate) fn take_delta(&mut self, name: &str, origin: Origin) -> Option<Delta> {
+    /// The changes to this node's part since the last delta, as the next delta. `counter` is
+    /// the owner shard's, for all its topics: a topic forgotten and made again must not start
+    /// its seqs over, or receivers would take its new deltas for ones they have applied.
+    pub(crate) fn take_delta(
+        &mut self,
+        name: &str,
+        origin: Origin,
+        counter: &mut u64,
+    ) -> Option<Delta> {
         if self.joins.is_empty() && self.leaves.is_empty() {
             return None;
         }
-        self.seq += 1;
+        *counter += 1;
+        let (seq, prev) = (*counter, self.last);
+        self.last = seq;
         let joins = std::mem::take(&mut self.joins);
         let leaves = std::mem::take(&mut self.leaves);
         Some(Delta {
             kind: Kind::Topic,
             name: name.to_owned(),
             origin,
-            seq: self.seq,
-            prev: self.seq - 1,
+            seq,
+            prev,
             joins: joins.into_iter().map(presence).collect(),
             leaves: leaves
                 .into_iter()
@@ -84,7 +89,7 @@ impl TopicCluster {
     /// This node's part now, for a part request, labelled with its last delta's seq. Changes
     /// since that delta are in it already and in the next delta too: applying a join of a
     /// presence held, or a leave of one not held, changes nothing (see `RemotePart::apply`).
-    pub(crate) fn own_part(&self, name: &str, origin: Origin) -> Part {
+    pub(crate) fn own_part(&self, name: &str, origin: Origin, floor: u64) -> Part {
         let own = self.own.iter();
         let presences = own.map(|((k, r), m)| presence((k.clone(), *r, m.clone())));
         let mut holders = self.remote.holders();
@@ -93,7 +98,8 @@ impl TopicCluster {
             kind: Kind::Topic,
             name: name.to_owned(),
             origin,
-            seq: self.seq,
+            seq: self.last,
+            floor,
             presences: presences.collect(),
             holders,
             chunk: 0,

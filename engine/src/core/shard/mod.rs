@@ -310,9 +310,22 @@ impl Shard {
     }
 
     /// A node of the cluster is down (see `cluster::nodes`): its parts leave.
-    pub fn node_down(&mut self, node: u64) {
+    pub fn node_down(&mut self, origin: crate::cluster::frame::Origin) {
         let (owner, mut env) = self.owner_env();
-        owner.node_down(node, &mut env);
+        owner.node_down(origin, &mut env);
+        self.drain_local();
+    }
+
+    /// A node declared down is heard again (a partition healed).
+    pub fn node_up(&mut self, origin: crate::cluster::frame::Origin) {
+        self.owner.node_up(origin);
+    }
+
+    /// Frames of a node may have been lost (a heartbeat gap, this node's NATS reconnect): its
+    /// parts are fetched again.
+    pub fn node_gap(&mut self, origin: crate::cluster::frame::Origin) {
+        let (owner, mut env) = self.owner_env();
+        owner.node_gap(origin, &mut env);
         self.drain_local();
     }
 

@@ -10,17 +10,17 @@
 use roster_proto::PhxRef;
 
 use super::{Env, TopicOwner};
-use crate::cluster::frame::{part_frames, Frame, Kind, PartRequest};
+use crate::cluster::frame::{part_frames, Frame, Kind, Origin, Part, PartRequest};
 use crate::cluster::parts::{Applied, Change};
 use crate::cluster::subject::Scope;
 use crate::core::outbox::{NatsOut, Outbox};
-use crate::core::{Meta, TopicName, UserKey};
+use crate::core::{ClusterConfig, Meta, Millis, TopicName, UserKey};
 
 impl TopicOwner {
     /// A topic was made here: subscribe to its deltas, and ask for the other nodes' parts (its
     /// joiners wait for them). Part requests are subscribed to once the fetch is complete:
     /// until then NATS's "no responders" must be able to say that nobody else holds anything.
-    pub(super) fn cluster_interest(&mut self, name: &TopicName, tx: &mut Outbox) {
+    pub(super) fn cluster_interest(&mut self, name: &TopicName, env: &mut Env<'_>) {
         let Some(c) = &self.config.cluster else {
             return;
         };
@@ -28,20 +28,40 @@ impl TopicOwner {
             return;
         };
         t.join_cluster(c.me.node);
+        let until = Millis(env.now.0.saturating_add(c.fetch_timeout.0));
+        debug_assert!(self.fetches.back().is_none_or(|b| b.0 <= until));
+        self.fetches.push_back((until, name.clone()));
         let subjects = &c.subjects;
+        let tx = &mut *env.tx;
         tx.nats(NatsOut::Subscribe(
             subjects.deltas(Scope::Topic, name.as_str()),
         ));
-        let ask = Frame::PartRequest(PartRequest {
-            kind: Kind::Topic,
-            name: name.as_str().to_owned(),
-            from: c.me,
-        });
-        tx.nats(NatsOut::Request {
-            subject: subjects.parts(Scope::Topic, name.as_str()),
-            name: name.as_str().to_owned(),
-            frame: ask.encode(),
-        });
+        tx.nats(ask(c, name, subjects.parts(Scope::Topic, name.as_str())));
+    }
+
+    /// First fetches past their deadline complete with what came.
+    pub(super) fn expire_fetches(&mut self, env: &mut Env<'_>) {
+        while let Some((until, _)) = self.fetches.front() {
+            if until.0 > env.now.0 {
+                break;
+            }
+            let (_, name) = self.fetches.pop_front().expect("front exists");
+            let Some(tc) = self.topics.get(&name).and_then(|t| t.cluster()) else {
+                continue;
+            };
+            if !tc.remote.is_fetching() {
+                continue;
+            }
+            // Holders named but silent (they may be fetching themselves, so not yet answering
+            // on the topic's subject) are asked directly; their answers are taken when they
+            // come, after the fetch.
+            if let Some(c) = &self.config.cluster {
+                for node in tc.remote.missing() {
+                    env.tx.nats(ask(c, &name, c.subjects.node(node)));
+                }
+            }
+            self.on_remote(&name, env, |r| r.fetch_expired());
+        }
     }
 
     /// The topic goes: so does this node's interest.
@@ -69,11 +89,16 @@ impl TopicOwner {
         let Some(tc) = self.topics.get_mut(name).and_then(|t| t.cluster_mut()) else {
             return;
         };
-        if let Some(d) = tc.take_delta(name.as_str(), c.me) {
+        if let Some(d) = tc.take_delta(name.as_str(), c.me, &mut self.delta_seq) {
             let subject = c.subjects.deltas(Scope::Topic, name.as_str());
             let frame = Frame::Delta(d).encode();
             tx.nats(NatsOut::Publish { subject, frame });
         }
+    }
+
+    /// A node declared down is heard again (a partition healed): its frames count again.
+    pub(crate) fn node_up(&mut self, origin: Origin) {
+        self.dead.remove(&origin);
     }
 
     /// A frame from NATS about a topic (already validated); `reply` is where a request wants
@@ -83,6 +108,14 @@ impl TopicOwner {
             return;
         };
         let me = c.me;
+        let from = match &frame {
+            Frame::Delta(d) => Some(d.origin),
+            Frame::Part(p) => Some(p.origin),
+            _ => None,
+        };
+        if from.is_some_and(|o| self.dead.contains(&o)) {
+            return;
+        }
         match frame {
             Frame::Delta(d) if d.kind == Kind::Topic => {
                 let Some(name) = self.held(&d.name) else {
@@ -97,13 +130,29 @@ impl TopicOwner {
                 self.on_remote(&name, env, |r| r.part(p));
             }
             Frame::PartRequest(q) if q.kind == Kind::Topic && q.from.node != me.node => {
-                let (Some(name), Some(to)) = (self.held(&q.name), reply) else {
+                let Some(to) = reply else {
                     return;
                 };
-                let Some(tc) = self.topics.get(&name).and_then(|t| t.cluster()) else {
-                    return;
+                // A node asked about a topic it holds nothing of (it forgot it, or a request
+                // overtook its interest) answers all the same: its part is empty, and the asker
+                // must not wait for it.
+                let tc = self
+                    .held(&q.name)
+                    .and_then(|n| self.topics.get(&n)?.cluster());
+                let part = match tc {
+                    Some(tc) => tc.own_part(&q.name, me, self.delta_seq),
+                    None => Part {
+                        kind: Kind::Topic,
+                        name: q.name.clone(),
+                        origin: me,
+                        seq: 0,
+                        floor: self.delta_seq,
+                        presences: Vec::new(),
+                        holders: vec![me.node],
+                        chunk: 0,
+                        chunks: 1,
+                    },
                 };
-                let part = tc.own_part(name.as_str(), me);
                 let max = self
                     .config
                     .cluster
@@ -127,8 +176,11 @@ impl TopicOwner {
         }
     }
 
-    /// A node is down: its parts leave every topic here.
-    pub(crate) fn node_down(&mut self, node: u64, env: &mut Env<'_>) {
+    /// A node is down: its parts leave every topic here, and what it sent before it died and
+    /// still comes in is dropped (until it is heard again: a partition healed).
+    pub(crate) fn node_down(&mut self, origin: Origin, env: &mut Env<'_>) {
+        let node = origin.node;
+        self.dead.insert(origin);
         let names: Vec<TopicName> = self
             .topics
             .iter()
@@ -137,6 +189,21 @@ impl TopicOwner {
             .collect();
         for name in names {
             self.on_remote(&name, env, |r| r.node_down(node));
+        }
+    }
+
+    /// Frames of `origin` may have been lost: every part of it held here is fetched again.
+    pub(crate) fn node_gap(&mut self, origin: Origin, env: &mut Env<'_>) {
+        let Some(c) = &self.config.cluster else {
+            return;
+        };
+        for (name, t) in self.topics.iter_mut() {
+            let Some(tc) = t.cluster_mut() else {
+                continue;
+            };
+            if tc.remote.refetch(origin) {
+                env.tx.nats(ask(c, name, c.subjects.node(origin.node)));
+            }
         }
     }
 
@@ -175,16 +242,7 @@ impl TopicOwner {
         }
         self.changed.note(name, t);
         for origin in applied.refetch {
-            let ask = Frame::PartRequest(PartRequest {
-                kind: Kind::Topic,
-                name: name.as_str().to_owned(),
-                from: c.me,
-            });
-            env.tx.nats(NatsOut::Request {
-                subject: c.subjects.node(origin.node),
-                name: name.as_str().to_owned(),
-                frame: ask.encode(),
-            });
+            env.tx.nats(ask(&c, name, c.subjects.node(origin.node)));
         }
         let Some(t) = self.topics.get_mut(name) else {
             return;
@@ -200,7 +258,7 @@ impl TopicOwner {
             subjects.parts(Scope::Topic, name.as_str()),
         ));
         if let Some(tc) = t.cluster().filter(|tc| !tc.own_is_empty()) {
-            let part = tc.own_part(name.as_str(), c.me);
+            let part = tc.own_part(name.as_str(), c.me, self.delta_seq);
             for frame in part_frames(part, c.max_payload) {
                 let subject = subjects.deltas(Scope::Topic, name.as_str());
                 env.tx.nats(NatsOut::Publish { subject, frame });
@@ -215,5 +273,19 @@ impl TopicOwner {
             }
             self.answer_waiters(name, waiters, env);
         }
+    }
+}
+
+/// A request for `name`'s parts, on `subject` (everyone's, or one node's).
+fn ask(c: &ClusterConfig, name: &TopicName, subject: String) -> NatsOut {
+    let request = Frame::PartRequest(PartRequest {
+        kind: Kind::Topic,
+        name: name.as_str().to_owned(),
+        from: c.me,
+    });
+    NatsOut::Request {
+        subject,
+        name: name.as_str().to_owned(),
+        frame: request.encode(),
     }
 }

@@ -111,6 +111,12 @@ pub(crate) struct TopicOwner {
     held: VecDeque<(Millis, TopicName, UserKey, PhxRef)>,
     /// Topics with twins (unannounced joins, see `topic::Twin`), in the order their grace ends.
     twins_due: VecDeque<(Millis, TopicName)>,
+    /// In a cluster: topics fetching the other nodes' parts, in the order their fetch times out.
+    fetches: VecDeque<(Millis, TopicName)>,
+    /// The seq of this shard's last delta, over all its topics (see `TopicCluster::take_delta`).
+    delta_seq: u64,
+    /// Incarnations declared down: what they sent before dying is dropped.
+    dead: std::collections::BTreeSet<crate::cluster::frame::Origin>,
     /// The earliest count push due among `to_count[..count_scanned]` (see `poll_timeout`).
     count_wake: Option<Millis>,
     count_scanned: usize,
@@ -128,6 +134,9 @@ impl TopicOwner {
             windows: Vec::new(),
             held: VecDeque::new(),
             twins_due: VecDeque::new(),
+            fetches: VecDeque::new(),
+            dead: std::collections::BTreeSet::new(),
+            delta_seq: 0,
             count_wake: None,
             count_scanned: 0,
             stats: OwnerStats::default(),
@@ -160,6 +169,7 @@ impl TopicOwner {
 
     /// Time passed: held presences and twins whose grace ended, windows that ended, counts due.
     pub(crate) fn tick(&mut self, env: &mut Env<'_>) {
+        self.expire_fetches(env);
         self.expire_held(env);
         self.announce_twins(env);
         self.end_windows(env);
@@ -195,6 +205,7 @@ impl TopicOwner {
         let queued = [
             self.held.front().map(|h| h.0),
             self.twins_due.front().map(|t| t.0),
+            self.fetches.front().map(|f| f.0),
             self.count_wake,
         ];
         windows.chain(queued.into_iter().flatten()).min()
@@ -220,6 +231,7 @@ impl TopicOwner {
             && self.windows.is_empty()
             && self.held.is_empty()
             && self.twins_due.is_empty()
+            && self.fetches.is_empty()
     }
 
     /// The invariants of the owner's tables (see `invariants.rs`), or the first one broken.
@@ -233,6 +245,7 @@ impl TopicOwner {
         };
         sorted("held presences", self.held.iter().map(|h| h.0 .0).collect())?;
         sorted("twins", self.twins_due.iter().map(|t| t.0 .0).collect())?;
+        sorted("fetches", self.fetches.iter().map(|f| f.0 .0).collect())?;
         let Changed { to_flush, to_count } = &self.changed;
         for (name, t) in &self.topics {
             t.check()
@@ -268,7 +281,7 @@ impl TopicOwner {
             None => {
                 let name = env.names.intern(topic.as_str());
                 self.topics.insert(name.clone(), Topic::new(self.seeds));
-                self.cluster_interest(&name, env.tx);
+                self.cluster_interest(&name, env);
                 name
             }
         }
