@@ -15,23 +15,136 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use roster_engine::cluster::frame::{Frame, Origin};
 use roster_engine::cluster::subject::Subjects;
 use roster_engine::core::{ClusterConfig, Config, ConnId, Millis, NatsOut, Output, Shard, UserKey};
-use roster_engine::mesh::ShardId;
+use roster_engine::mesh::{Router, ShardId};
 use serde_json::Value;
 
 mod common;
 use common::presence::{sync_diff, sync_state, View};
 
-/// One message in flight to a node.
+/// One message NATS holds for a node.
 enum Inbound {
     Frame(Frame, Option<String>),
     NoResponders(String),
 }
 
+/// A message for one receiver: (to node, what, the subject it was published on to
+/// subscribers: it is gone if the receiver unsubscribes first).
+type InFlight = (usize, Inbound, Option<String>);
+
+/// NATS as the nodes see it: who subscribes to what, request and reply through inboxes, "no
+/// responders", and what it holds for receivers in each publisher's order.
+struct Nats {
+    subs: BTreeMap<String, BTreeSet<usize>>,
+    flight: Vec<VecDeque<InFlight>>,
+}
+
+impl Nats {
+    /// Each node's driver subscribes to its own subject when it connects.
+    fn new(subjects: &Subjects, ids: &[u64]) -> Nats {
+        let mut subs: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
+        for (i, &node) in ids.iter().enumerate() {
+            subs.entry(subjects.node(node)).or_default().insert(i);
+        }
+        Nats {
+            subs,
+            flight: ids.iter().map(|_| VecDeque::new()).collect(),
+        }
+    }
+
+    fn subscribers(&self, subject: &str) -> Vec<usize> {
+        self.subs
+            .get(subject)
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect()
+    }
+
+    /// What shard `shard` of node `from` asked for.
+    fn out(&mut self, from: usize, shard: usize, out: NatsOut) {
+        match out {
+            NatsOut::Subscribe(s) => {
+                self.subs.entry(s).or_default().insert(from);
+            }
+            NatsOut::Unsubscribe(s) => {
+                if let Some(set) = self.subs.get_mut(&s) {
+                    set.remove(&from);
+                }
+                for q in &mut self.flight {
+                    q.retain(|(to, _, subject)| *to != from || subject.as_deref() != Some(&s));
+                }
+            }
+            NatsOut::Publish { subject, frame } => {
+                let frame = Frame::decode(&frame).expect("nodes publish valid frames");
+                for to in self.subscribers(&subject) {
+                    let m = (
+                        to,
+                        Inbound::Frame(frame.clone(), None),
+                        Some(subject.clone()),
+                    );
+                    self.flight[from].push_back(m);
+                }
+            }
+            NatsOut::Request {
+                subject,
+                name,
+                frame,
+            } => {
+                let frame = Frame::decode(&frame).expect("valid");
+                let to = self.subscribers(&subject);
+                if to.is_empty() {
+                    self.flight[from].push_back((from, Inbound::NoResponders(name), None));
+                }
+                for t in to {
+                    let reply = Some(format!("_INBOX.{from}.{shard}"));
+                    let m = (t, Inbound::Frame(frame.clone(), reply), None);
+                    self.flight[from].push_back(m);
+                }
+            }
+            NatsOut::Reply { to, frame } => {
+                let node: usize = to.split('.').nth(1).unwrap().parse().unwrap();
+                let frame = Frame::decode(&frame).expect("valid");
+                self.flight[from].push_back((node, Inbound::Frame(frame, Some(to)), None));
+            }
+        }
+    }
+
+    /// Publishers with something in flight.
+    fn busy(&self) -> Vec<usize> {
+        (0..self.flight.len())
+            .filter(|&i| !self.flight[i].is_empty())
+            .collect()
+    }
+
+    /// A node died: its subscriptions go.
+    fn gone(&mut self, node: usize) {
+        for set in self.subs.values_mut() {
+            set.remove(&node);
+        }
+    }
+}
+
+/// Which shard of a node's `shards` takes a frame: the owner of its name, as the node's driver
+/// routes; an answer goes to the shard that asked. And the reply subject a request carries.
+fn route(f: &Frame, reply: Option<String>, shards: u16) -> (usize, Option<String>) {
+    let name = match f {
+        Frame::Delta(d) => &d.name,
+        Frame::PartRequest(r) => &r.name,
+        Frame::Part(p) => &p.name,
+        Frame::Heartbeat(h) => &h.name,
+        Frame::Goodbye(_) => "",
+    };
+    match (f, reply) {
+        (Frame::Part(_), Some(inbox)) => (inbox.split('.').nth(2).unwrap().parse().unwrap(), None),
+        (Frame::PartRequest(_), reply) => (Router::new(shards).topic_owner(name).index(), reply),
+        _ => (Router::new(shards).topic_owner(name).index(), None),
+    }
+}
+
 struct Cluster {
     nodes: Vec<Shard>,
     ids: Vec<u64>,
-    subs: BTreeMap<String, BTreeSet<usize>>,
-    queue: VecDeque<(usize, Inbound)>,
+    nats: Nats,
     /// What each client (node, conn) has seen of "room", as phoenix.js keeps it.
     views: BTreeMap<(usize, u32), View>,
     /// Drop the next delta published by this node (a message NATS lost).
@@ -63,16 +176,10 @@ impl Cluster {
                 Shard::new(ShardId(0), config)
             })
             .collect();
-        let mut subs: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
-        for (i, &node) in ids.iter().enumerate() {
-            // Each node's driver subscribes to its own subject at connect.
-            subs.entry(subjects.node(node)).or_default().insert(i);
-        }
         Cluster {
             nodes,
+            nats: Nats::new(&subjects, &ids),
             ids,
-            subs,
-            queue: VecDeque::new(),
             views: BTreeMap::new(),
             lose_next_delta_of: None,
             now: 0,
@@ -87,58 +194,7 @@ impl Cluster {
                 Output::Send { conn, frame, .. } => self.client_frame((i, conn.0), &frame),
                 Output::Close { conn, reason, .. } => panic!("node {i} closed {conn:?}: {reason}"),
                 Output::Mesh { msg, .. } => panic!("one shard per node sends no mesh: {msg:?}"),
-                Output::Nats(out) => self.nats(i, out),
-            }
-        }
-    }
-
-    fn nats(&mut self, from: usize, out: NatsOut) {
-        match out {
-            NatsOut::Subscribe(s) => {
-                self.subs.entry(s).or_default().insert(from);
-            }
-            NatsOut::Unsubscribe(s) => {
-                if let Some(set) = self.subs.get_mut(&s) {
-                    set.remove(&from);
-                }
-            }
-            NatsOut::Publish { subject, frame } => {
-                let frame = Frame::decode(&frame).expect("nodes publish valid frames");
-                if matches!(frame, Frame::Delta(_)) && self.lose_next_delta_of == Some(from) {
-                    self.lose_next_delta_of = None;
-                    return;
-                }
-                for &to in self.subs.get(&subject).into_iter().flatten() {
-                    self.queue
-                        .push_back((to, Inbound::Frame(frame.clone(), None)));
-                }
-            }
-            NatsOut::Request {
-                subject,
-                name,
-                frame,
-            } => {
-                let frame = Frame::decode(&frame).expect("valid");
-                let to: Vec<usize> = self
-                    .subs
-                    .get(&subject)
-                    .into_iter()
-                    .flatten()
-                    .copied()
-                    .collect();
-                if to.is_empty() {
-                    self.queue.push_back((from, Inbound::NoResponders(name)));
-                }
-                for t in to {
-                    let reply = format!("_INBOX.{from}");
-                    self.queue
-                        .push_back((t, Inbound::Frame(frame.clone(), Some(reply))));
-                }
-            }
-            NatsOut::Reply { to, frame } => {
-                let node: usize = to.trim_start_matches("_INBOX.").parse().expect("an inbox");
-                let frame = Frame::decode(&frame).expect("valid");
-                self.queue.push_back((node, Inbound::Frame(frame, None)));
+                Output::Nats(out) => self.nats.out(i, 0, out),
             }
         }
     }
@@ -164,14 +220,30 @@ impl Cluster {
                 }
                 self.collect(i);
             }
-            while let Some((to, msg)) = self.queue.pop_front() {
+            // Publishers in turn, each in its order.
+            while let Some(&from) = self.nats.busy().first() {
+                let (to, msg, _) = self.nats.flight[from].pop_front().expect("busy");
                 match msg {
-                    Inbound::Frame(f, reply) => self.nodes[to].nats_frame(f, reply.as_deref()),
+                    Inbound::Frame(f, _) if self.lose(from, to, &f) => {}
+                    Inbound::Frame(f, reply) => {
+                        let (_, reply) = route(&f, reply, 1);
+                        self.nodes[to].nats_frame(f, reply.as_deref());
+                    }
                     Inbound::NoResponders(name) => self.nodes[to].no_responders(&name),
                 }
                 self.collect(to);
             }
         }
+    }
+
+    /// Whether this delivery is the delta that NATS loses.
+    fn lose(&mut self, from: usize, to: usize, f: &Frame) -> bool {
+        let lost =
+            matches!(f, Frame::Delta(_)) && to != from && self.lose_next_delta_of == Some(from);
+        if lost {
+            self.lose_next_delta_of = None;
+        }
+        lost
     }
 
     fn join(&mut self, node: usize, conn: u32, key: &str, page: u32) {
@@ -295,14 +367,9 @@ mod random {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
     use roster_engine::core::MeshMsg;
-    use roster_engine::mesh::Router;
 
     const TOPICS: &[&str] = &["room:a", "room:b"];
     const KEYS: &[&str] = &["ann", "bob", "cy", "dee"];
-
-    /// A message NATS holds for one receiver: (to node, what, the subject it came on when
-    /// published to subscribers).
-    type InFlight = (usize, Inbound, Option<String>);
 
     struct Node {
         shards: Vec<Shard>,
@@ -322,9 +389,7 @@ mod random {
         rng: ChaCha8Rng,
         nodes: Vec<Node>,
         ids: Vec<u64>,
-        subs: BTreeMap<String, BTreeSet<usize>>,
-        /// Per publishing node, in its order (NATS keeps a publisher's order).
-        flight: Vec<VecDeque<InFlight>>,
+        nats: Nats,
         clients: BTreeMap<(usize, usize, u32), Client>,
         views: BTreeMap<(usize, usize, u32), View>,
         /// (receiver, publisher) pairs that lost a delta: the receiver's heartbeat check would
@@ -373,16 +438,11 @@ mod random {
                     }
                 })
                 .collect();
-            let mut subs: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
-            for (i, &node) in ids.iter().enumerate() {
-                subs.entry(subjects.node(node)).or_default().insert(i);
-            }
             Run {
                 rng,
                 nodes,
+                nats: Nats::new(&subjects, &ids),
                 ids,
-                subs,
-                flight: (0..n).map(|_| VecDeque::new()).collect(),
                 clients: BTreeMap::new(),
                 views: BTreeMap::new(),
                 lost: BTreeSet::new(),
@@ -408,7 +468,7 @@ mod random {
                         }
                         Output::Close { conn, reason, .. } => panic!("closed {conn:?}: {reason}"),
                         Output::Mesh { to, msg } => mesh.push_back((to.index(), msg)),
-                        Output::Nats(out) => self.nats(i, at, out),
+                        Output::Nats(out) => self.nats.out(i, at, out),
                     }
                 }
                 let Some((to, msg)) = mesh.pop_front() else {
@@ -416,65 +476,6 @@ mod random {
                 };
                 self.nodes[i].shards[to].mesh(msg);
                 at = to;
-            }
-        }
-
-        fn nats(&mut self, from: usize, shard: usize, out: NatsOut) {
-            match out {
-                NatsOut::Subscribe(s) => {
-                    self.subs.entry(s).or_default().insert(from);
-                }
-                NatsOut::Unsubscribe(s) => {
-                    if let Some(set) = self.subs.get_mut(&s) {
-                        set.remove(&from);
-                    }
-                    // What was on its way to that subscription is gone with it.
-                    for q in &mut self.flight {
-                        q.retain(|(to, _, subject)| *to != from || subject.as_deref() != Some(&s));
-                    }
-                }
-                NatsOut::Publish { subject, frame } => {
-                    let frame = Frame::decode(&frame).expect("valid");
-                    for &to in self.subs.get(&subject).into_iter().flatten() {
-                        let m = (
-                            to,
-                            Inbound::Frame(frame.clone(), None),
-                            Some(subject.clone()),
-                        );
-                        self.flight[from].push_back(m);
-                    }
-                }
-                NatsOut::Request {
-                    subject,
-                    name,
-                    frame,
-                } => {
-                    let frame = Frame::decode(&frame).expect("valid");
-                    let to: Vec<usize> = self
-                        .subs
-                        .get(&subject)
-                        .into_iter()
-                        .flatten()
-                        .copied()
-                        .collect();
-                    if to.is_empty() {
-                        self.flight[from].push_back((from, Inbound::NoResponders(name), None));
-                    }
-                    for t in to {
-                        let reply = Some(format!("_INBOX.{from}.{shard}"));
-                        self.flight[from].push_back((
-                            t,
-                            Inbound::Frame(frame.clone(), reply),
-                            None,
-                        ));
-                    }
-                }
-                NatsOut::Reply { to, frame } => {
-                    let node: usize = to.split('.').nth(1).unwrap().parse().unwrap();
-                    let frame = Frame::decode(&frame).expect("valid");
-                    let m = (node, Inbound::Frame(frame, Some(to)), None);
-                    self.flight[from].push_back(m);
-                }
             }
         }
 
@@ -491,14 +492,12 @@ mod random {
         /// Delivers one message NATS holds, or drops it (a delta only: lost answers to
         /// requests would need the answer deadline, which is not built yet).
         fn deliver_one(&mut self, may_drop: bool) -> bool {
-            let busy: Vec<usize> = (0..self.flight.len())
-                .filter(|&i| !self.flight[i].is_empty())
-                .collect();
+            let busy = self.nats.busy();
             if busy.is_empty() {
                 return false;
             }
             let from = busy[self.rng.gen_range(0..busy.len())];
-            let (to, msg, _) = self.flight[from].pop_front().expect("busy");
+            let (to, msg, _) = self.nats.flight[from].pop_front().expect("busy");
             if !self.nodes[to].alive {
                 return true;
             }
@@ -512,15 +511,8 @@ mod random {
                     }
                     self.log
                         .push(format!("  nats {from}->{to}: {}", describe(&f)));
-                    // The node's driver routes by name to the owner shard; an answer goes to
-                    // the shard that asked.
-                    let shard = match (&f, reply.as_deref()) {
-                        (Frame::Part(_), Some(inbox)) => {
-                            inbox.split('.').nth(2).unwrap().parse().unwrap()
-                        }
-                        _ => self.nodes[to].router.topic_owner(frame_name(&f)).index(),
-                    };
-                    let reply = reply.filter(|_| matches!(f, Frame::PartRequest(_)));
+                    let shards = self.nodes[to].shards.len() as u16;
+                    let (shard, reply) = route(&f, reply, shards);
                     self.nodes[to].shards[shard].nats_frame(f, reply.as_deref());
                     self.collect(to, shard);
                 }
@@ -629,9 +621,7 @@ mod random {
             self.nodes[k].alive = false;
             self.clients.retain(|_, c| c.node != k);
             self.views.retain(|id, _| id.0 != k);
-            for set in self.subs.values_mut() {
-                set.remove(&k);
-            }
+            self.nats.gone(k);
             // Let NATS deliver some of what it holds, then the node timeout passes.
             while self.rng.gen_bool(0.5) && self.deliver_one(false) {}
             for i in self.live_nodes() {
@@ -804,16 +794,6 @@ mod random {
             ),
             Frame::PartRequest(r) => format!("ask {} from {}", r.name, r.from.node),
             _ => "other".into(),
-        }
-    }
-
-    fn frame_name(f: &Frame) -> &str {
-        match f {
-            Frame::Delta(d) => &d.name,
-            Frame::PartRequest(r) => &r.name,
-            Frame::Part(p) => &p.name,
-            Frame::Heartbeat(h) => &h.name,
-            Frame::Goodbye(_) => "",
         }
     }
 }
