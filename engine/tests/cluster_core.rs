@@ -16,10 +16,9 @@ use roster_engine::cluster::frame::{Frame, Origin};
 use roster_engine::cluster::subject::Subjects;
 use roster_engine::core::{ClusterConfig, Config, ConnId, Millis, NatsOut, Output, Shard, UserKey};
 use roster_engine::mesh::{Router, ShardId};
-use serde_json::Value;
 
 mod common;
-use common::presence::{sync_diff, sync_state, View};
+use common::presence::{see, View};
 
 /// One message NATS holds for a node.
 enum Inbound {
@@ -200,13 +199,7 @@ impl Cluster {
     }
 
     fn client_frame(&mut self, id: (usize, u32), bytes: &[u8]) {
-        let v: Value = serde_json::from_slice(bytes).unwrap();
-        let view = self.views.entry(id).or_default();
-        match v[3].as_str() {
-            Some("presence_state") => sync_state(view, &v[4]),
-            Some("presence_diff") => sync_diff(view, &v[4]),
-            _ => {}
-        }
+        see(self.views.entry(id).or_default(), bytes);
     }
 
     /// Delivers until nothing is in flight, then lets the count interval pass everywhere
@@ -480,13 +473,7 @@ mod random {
         }
 
         fn client_frame(&mut self, id: (usize, usize, u32), bytes: &[u8]) {
-            let v: Value = serde_json::from_slice(bytes).unwrap();
-            let view = self.views.entry(id).or_default();
-            match v[3].as_str() {
-                Some("presence_state") => sync_state(view, &v[4]),
-                Some("presence_diff") => sync_diff(view, &v[4]),
-                _ => {}
-            }
+            see(self.views.entry(id).or_default(), bytes);
         }
 
         /// Delivers one message NATS holds, or drops it (a delta only: lost answers to
@@ -746,11 +733,7 @@ mod random {
             let mut run = Run::new(seed);
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run.run(300)));
             if let Err(e) = result {
-                let msg = e
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
+                let msg = common::panic_message(&*e);
                 let _ = std::fs::write("/tmp/cluster-seed.log", run.log.join("\n"));
                 let tail = run.log[run.log.len().saturating_sub(40)..].join("\n");
                 panic!("cluster seed {seed} failed: {msg}\nlast events:\n{tail}");

@@ -1261,11 +1261,7 @@ fn run_seed(seed: u64, steps: usize) -> Exercised {
     let mut sim = Sim::new(seed);
     let result = catch_unwind(AssertUnwindSafe(|| sim.run(steps)));
     if let Err(e) = result {
-        let msg = e
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default();
+        let msg = common::panic_message(&*e);
         let tail: Vec<&String> = sim.log.iter().rev().take(usize::MAX).collect();
         let tail: Vec<&str> = tail.into_iter().rev().map(String::as_str).collect();
         panic!(

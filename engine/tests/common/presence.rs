@@ -99,3 +99,14 @@ pub fn sync_diff(state: &mut View, diff: &Value) {
         }
     }
 }
+
+/// A server frame as phoenix.js `Presence` takes it: states and diffs change `view`, the rest
+/// does not.
+pub fn see(view: &mut View, frame: &[u8]) {
+    let v: Value = serde_json::from_slice(frame).unwrap_or_else(|e| fail(format!("not JSON: {e}")));
+    match v[3].as_str() {
+        Some("presence_state") => sync_state(view, &v[4]),
+        Some("presence_diff") => sync_diff(view, &v[4]),
+        _ => {}
+    }
+}
