@@ -146,6 +146,8 @@ struct Cluster {
     nats: Nats,
     /// What each client (node, conn) has seen of "room", as phoenix.js keeps it.
     views: BTreeMap<(usize, u32), View>,
+    /// Every frame each client got, in order.
+    frames: BTreeMap<(usize, u32), Vec<serde_json::Value>>,
     /// Drop the next delta published by this node (a message NATS lost).
     lose_next_delta_of: Option<usize>,
     now: u64,
@@ -180,6 +182,7 @@ impl Cluster {
             nats: Nats::new(&subjects, &ids),
             ids,
             views: BTreeMap::new(),
+            frames: BTreeMap::new(),
             lose_next_delta_of: None,
             now: 0,
         }
@@ -200,6 +203,8 @@ impl Cluster {
 
     fn client_frame(&mut self, id: (usize, u32), bytes: &[u8]) {
         see(self.views.entry(id).or_default(), bytes);
+        let v = serde_json::from_slice(bytes).expect("JSON");
+        self.frames.entry(id).or_default().push(v);
     }
 
     /// Delivers until nothing is in flight, then lets the count interval pass everywhere
@@ -321,6 +326,57 @@ fn clients_on_different_nodes_see_each_other() {
     assert_eq!(refs(&c, (0, 1)), refs(&c, (2, 1)));
     // A node with no client in the topic holds nothing of it.
     assert!(c.nodes[1].topic_view("room").is_none());
+}
+
+#[test]
+fn an_update_is_one_diff_and_counts_are_the_clusters() {
+    let mut c = Cluster::new(2);
+    c.join(0, 1, "ann", 1);
+    c.join(1, 1, "bob", 2);
+    // A count-mode subscriber on node 1 counts both nodes' presences.
+    c.nodes[1].open(ConnId(2), UserKey::new("cat"));
+    let count = r#"["2","2","room","phx_join",{"presence":"count","track":false}]"#;
+    c.nodes[1].frame(ConnId(2), count.as_bytes());
+    c.settle();
+    let counts = |c: &Cluster| -> Vec<(u64, u64)> {
+        let frames = c.frames.get(&(1, 2)).cloned().unwrap_or_default();
+        let counts = frames.iter().filter(|f| f[3] == "presence_count");
+        counts
+            .map(|f| {
+                (
+                    f[4]["keys"].as_u64().unwrap(),
+                    f[4]["metas"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        counts(&c).last(),
+        Some(&(2, 2)),
+        "{:?}",
+        c.frames.get(&(1, 2))
+    );
+    c.join(0, 3, "dan", 3);
+    assert_eq!(counts(&c).last(), Some(&(3, 3)));
+    // ann's update on node 0 reaches bob on node 1 as one diff: the old meta leaves, the new
+    // one joins naming it in phx_ref_prev.
+    let before = c.frames[&(1, 1)].len();
+    let update = r#"["1","2","room","presence_update",{"meta":{"page":9}}]"#;
+    c.nodes[0].frame(ConnId(1), update.as_bytes());
+    c.settle();
+    let diffs: Vec<&serde_json::Value> = c.frames[&(1, 1)][before..]
+        .iter()
+        .filter(|f| f[3] == "presence_diff")
+        .collect();
+    assert_eq!(diffs.len(), 1, "{diffs:?}");
+    let (joins, leaves) = (
+        &diffs[0][4]["joins"]["ann"]["metas"],
+        &diffs[0][4]["leaves"]["ann"]["metas"],
+    );
+    assert_eq!(joins[0]["page"], 9);
+    assert_eq!(leaves[0]["page"], 1);
+    assert_eq!(joins[0]["phx_ref_prev"], leaves[0]["phx_ref"]);
+    assert_eq!(c.sees(1, 1), who(&[("ann", 9), ("bob", 2), ("dan", 3)]));
 }
 
 #[test]
