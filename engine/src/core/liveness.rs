@@ -93,12 +93,13 @@ impl Liveness {
         }
     }
 
-    pub(crate) fn set_paused(&mut self, conn: ConnId, paused: bool) {
-        if paused {
-            self.paused.insert(conn);
-        } else {
-            self.paused.remove(&conn);
-        }
+    pub(crate) fn pause(&mut self, conn: ConnId) {
+        self.paused.insert(conn);
+    }
+
+    /// Every connection paused so far, no longer paused.
+    pub(crate) fn resume_all(&mut self) -> Vec<ConnId> {
+        self.paused.drain().collect()
     }
 
     pub(crate) fn message_started(&mut self, conn: ConnId, now: Millis) {

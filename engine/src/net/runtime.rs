@@ -5,7 +5,6 @@
 
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
-use std::collections::HashSet;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -33,8 +32,6 @@ pub struct Runtime {
     /// Per peer shard: messages waiting for the ring, and the task that sends them.
     pub peer_queues: Vec<RefCell<Vec<MeshMsg>>>,
     pub peer_signals: Vec<Signal>,
-    /// Connections that stopped reading because the rings are backed up.
-    pub(super) paused: RefCell<HashSet<ConnId>>,
     pub flush: Signal,
     pub(super) epoch: Instant,
     pub shutting_down: Cell<bool>,
@@ -114,7 +111,6 @@ impl Runtime {
             conns: RefCell::new(Slab::new()),
             peer_queues: (0..n).map(|_| RefCell::new(Vec::new())).collect(),
             peer_signals: (0..n).map(|_| Signal::default()).collect(),
-            paused: RefCell::new(HashSet::new()),
             flush: Signal::default(),
             epoch: Instant::now(),
             shutting_down: Cell::new(false),
@@ -197,7 +193,6 @@ impl Runtime {
     /// The connection's task is ending: its presences leave.
     pub fn closed(&self, conn: ConnId) {
         self.conns.borrow_mut().try_remove(conn.0 as usize);
-        self.paused.borrow_mut().remove(&conn);
         self.core().close(conn);
         self.dispatch();
         self.flush.notify();
@@ -388,9 +383,7 @@ impl Runtime {
         if backlog < MESH_BACKLOG_LIMIT {
             return false;
         }
-        if self.paused.borrow_mut().insert(conn) {
-            self.core.borrow_mut().set_paused(conn, true);
-        }
+        self.core.borrow_mut().pause(conn);
         true
     }
 
@@ -398,10 +391,9 @@ impl Runtime {
     pub fn ring_progress(&self) {
         let backlog: usize = self.peer_queues.iter().map(|q| q.borrow().len()).sum();
         if backlog < MESH_BACKLOG_LIMIT / 2 {
+            let resumed = self.core.borrow_mut().resume_all();
             let mut conns = self.conns.borrow_mut();
-            let mut core = self.core.borrow_mut();
-            for conn in self.paused.borrow_mut().drain() {
-                core.set_paused(conn, false);
+            for conn in resumed {
                 if let Some(slot) = conns.get_mut(conn.0 as usize) {
                     slot.wake();
                 }

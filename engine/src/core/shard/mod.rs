@@ -275,10 +275,18 @@ impl Shard {
         self.drain_local();
     }
 
-    /// The driver stopped reading `conn` (`paused`: its own backpressure) or resumed: a
-    /// heartbeat may wait unread meanwhile, so the heartbeat timeout does not close it.
-    pub fn set_paused(&mut self, conn: ConnId, paused: bool) {
-        self.liveness.set_paused(conn, paused);
+    /// The driver stopped reading `conn` (its own backpressure): a heartbeat may wait unread
+    /// meanwhile, so the heartbeat timeout does not close it. The shard is the one record of
+    /// who is paused.
+    pub fn pause(&mut self, conn: ConnId) {
+        if self.conns.contains_key(&conn) {
+            self.liveness.pause(conn);
+        }
+    }
+
+    /// The driver reads every paused connection again; they are returned, to be woken.
+    pub fn resume_all(&mut self) -> Vec<ConnId> {
+        self.liveness.resume_all()
     }
 
     /// The first bytes of a message from `conn` came, not all of it: it must be complete

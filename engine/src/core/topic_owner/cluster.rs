@@ -219,7 +219,7 @@ impl TopicOwner {
         env: &mut Env<'_>,
         input: impl FnOnce(&mut crate::cluster::parts::RemoteParts) -> Applied,
     ) {
-        let Some(c) = self.config.cluster.clone() else {
+        let Some(c) = &self.config.cluster else {
             return;
         };
         let Some(t) = self.topics.get_mut(name) else {
@@ -242,7 +242,7 @@ impl TopicOwner {
         }
         self.changed.note(name, t);
         for origin in applied.refetch {
-            env.tx.nats(ask(&c, name, c.subjects.node(origin.node)));
+            env.tx.nats(ask(c, name, c.subjects.node(origin.node)));
         }
         let Some(t) = self.topics.get_mut(name) else {
             return;
