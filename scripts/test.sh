@@ -10,6 +10,16 @@ cd "$(dirname "$0")/.."
 python3 -c 'import prometheus_client' 2>/dev/null ||
   python3 -m pip install --quiet --disable-pip-version-check prometheus-client
 
+# The cluster tests run real nats-server processes (Debian's package), each on a free loopback
+# port.
+if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get install -y nats-server >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y nats-server; }
+  else
+    sudo apt-get install -y nats-server
+  fi
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 log=$(mktemp)

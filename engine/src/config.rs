@@ -140,6 +140,33 @@ pub struct Cli {
     /// variable: a command line is visible to other users. [default: none, open]
     #[arg(long, env = "ROSTER_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// NATS server(s) to share presence through, comma-separated (`nats://`, `tls://`; user and
+    /// password or a token may be in the URL). Set: this node is one of a cluster (docs/CLUSTER.md).
+    /// [default: none, a single node]
+    #[arg(long, env = "ROSTER_NATS_URL", value_delimiter = ',')]
+    pub nats_url: Vec<String>,
+    /// This node's name in the cluster, stable across restarts; a node finding a live node of
+    /// its name refuses to start. [default: the host name and the listen port]
+    #[arg(long, env = "ROSTER_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// How often this node tells the cluster it is alive. [default: 500]
+    #[arg(long, env = "ROSTER_NODE_HEARTBEAT_MS")]
+    pub node_heartbeat_ms: Option<u64>,
+    /// A node silent this long is down: its presences leave on every other node. [default: 3000]
+    #[arg(long, env = "ROSTER_NODE_TIMEOUT_MS")]
+    pub node_timeout_ms: Option<u64>,
+    /// While this node's own NATS connection is down it keeps showing the other nodes'
+    /// presences this long, so that a shorter NATS restart is not seen by clients.
+    /// [default: 10000]
+    #[arg(long, env = "ROSTER_ISOLATION_GRACE_MS")]
+    pub isolation_grace_ms: Option<u64>,
+    /// First tokens of every subject the cluster uses, so that clusters can share one NATS.
+    /// [default: roster]
+    #[arg(long, env = "ROSTER_NATS_PREFIX")]
+    pub nats_prefix: Option<String>,
+    /// NATS credentials file (a user JWT and its NKey seed), as `nsc` writes it.
+    #[arg(long, env = "ROSTER_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
 }
 
 /// The same options, from a TOML file.
@@ -177,6 +204,13 @@ pub struct FileConfig {
     pub handshake_timeout_ms: Option<u64>,
     pub max_request_bytes: Option<usize>,
     pub message_timeout_ms: Option<u64>,
+    pub nats_url: Option<Vec<String>>,
+    pub node_name: Option<String>,
+    pub node_heartbeat_ms: Option<u64>,
+    pub node_timeout_ms: Option<u64>,
+    pub isolation_grace_ms: Option<u64>,
+    pub nats_prefix: Option<String>,
+    pub nats_creds: Option<PathBuf>,
 }
 
 /// Everything the server runs with, resolved.
@@ -216,6 +250,20 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     pub max_request_bytes: usize,
     pub message_timeout: Duration,
+    /// None: a single node.
+    pub cluster: Option<NodeConfig>,
+}
+
+/// How this node joins a cluster (`--nats-url` and the options after it).
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub nats_urls: Vec<String>,
+    pub name: String,
+    pub heartbeat: Duration,
+    pub timeout: Duration,
+    pub isolation_grace: Duration,
+    pub prefix: String,
+    pub creds: Option<PathBuf>,
 }
 
 /// A secret (token-signing secret, API key); never printed.
@@ -248,6 +296,19 @@ fn secret(file: Option<&std::path::Path>) -> Result<Option<Secret>, String> {
         return Err("the token secret must be at least 32 bytes".into());
     }
     Ok(Some(Secret(bytes)))
+}
+
+/// The host's name, for the default node name.
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it or
+    // truncates, and the last byte is kept 0.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len() - 1) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(0);
+    match rc {
+        0 if end > 0 => String::from_utf8_lossy(&buf[..end]).into_owned(),
+        _ => "roster".into(),
+    }
 }
 
 impl ServerConfig {
@@ -372,7 +433,58 @@ impl ServerConfig {
                 .or(file.api_key)
                 .filter(|k| !k.is_empty())
                 .map(|k| Secret(k.into_bytes())),
+            cluster: None,
         };
+        let mut c = c;
+        let urls = if cli.nats_url.is_empty() {
+            file.nats_url.unwrap_or_default()
+        } else {
+            cli.nats_url
+        };
+        if !urls.is_empty() {
+            let name = match cli.node_name.or(file.node_name) {
+                Some(n) => n,
+                None => format!("{}-{}", host_name(), c.listen.port()),
+            };
+            if name.is_empty() || name.len() > 255 {
+                return Err(format!(
+                    "--node-name must be 1 to 255 bytes, not {:?}",
+                    name
+                ));
+            }
+            let node = NodeConfig {
+                nats_urls: urls,
+                name,
+                heartbeat: Duration::from_millis(
+                    cli.node_heartbeat_ms
+                        .or(file.node_heartbeat_ms)
+                        .unwrap_or(500),
+                ),
+                timeout: Duration::from_millis(
+                    cli.node_timeout_ms.or(file.node_timeout_ms).unwrap_or(3000),
+                ),
+                isolation_grace: Duration::from_millis(
+                    cli.isolation_grace_ms
+                        .or(file.isolation_grace_ms)
+                        .unwrap_or(10_000),
+                ),
+                prefix: cli
+                    .nats_prefix
+                    .or(file.nats_prefix)
+                    .unwrap_or_else(|| "roster".into()),
+                creds: cli.nats_creds.or(file.nats_creds),
+            };
+            crate::cluster::subject::Subjects::new(&node.prefix).map_err(|e| e.0)?;
+            if node.heartbeat.is_zero() || node.timeout < node.heartbeat * 2 {
+                return Err(format!(
+                    "--node-timeout-ms ({}) must be at least twice --node-heartbeat-ms ({}), \
+                     which must not be 0",
+                    node.timeout.as_millis(),
+                    node.heartbeat.as_millis()
+                ));
+            }
+            c.cluster = Some(node);
+        }
         if c.shards == 0 || c.shards > 1024 {
             return Err(format!("shards must be 1..=1024, not {}", c.shards));
         }
@@ -402,6 +514,13 @@ mod tests {
     fn help_states_the_defaults_resolve_gives() {
         use clap::CommandFactory;
         let c = ServerConfig::resolve(Cli::default(), 8).unwrap();
+        assert!(c.cluster.is_none(), "a single node unless --nats-url");
+        let cli = Cli {
+            nats_url: vec!["nats://127.0.0.1:4222".into()],
+            ..Cli::default()
+        };
+        let node = ServerConfig::resolve(cli, 8).unwrap().cluster.unwrap();
+        assert_eq!(node.prefix, "roster");
         let ms = |d: Duration| d.as_millis().to_string();
         let want: Vec<(&str, String)> = vec![
             ("listen", c.listen.to_string()),
@@ -431,6 +550,9 @@ mod tests {
             ("admin_listen", c.admin_listen.to_string()),
             ("admin_max_conns", c.admin_max_conns.to_string()),
             ("admin_timeout_ms", ms(c.admin_timeout)),
+            ("node_heartbeat_ms", ms(node.heartbeat)),
+            ("node_timeout_ms", ms(node.timeout)),
+            ("isolation_grace_ms", ms(node.isolation_grace)),
         ];
         let cmd = Cli::command();
         let mut checked = 0;

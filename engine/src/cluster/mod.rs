@@ -10,6 +10,7 @@
 
 pub mod chain;
 pub mod frame;
+pub mod inbox;
 pub mod nodes;
 pub mod parts;
 pub mod subject;

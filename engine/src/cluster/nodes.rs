@@ -18,8 +18,11 @@ use crate::core::Millis;
 /// Something the driver must act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeEvent {
-    /// A node heard for the first time (or again after it was down).
+    /// A node heard for the first time.
     Up(Origin),
+    /// A node this one had declared down (silent, or this one isolated too long) is heard
+    /// again, the same incarnation: a partition healed, and its parts must be asked for anew.
+    Back(Origin),
     /// A node restarted: the parts of `old` are replaced by the new incarnation's at once.
     Restarted { old: Origin, new: Origin },
     /// Frames of this node may have been lost (a heartbeat missing, or this node's own NATS
@@ -64,10 +67,14 @@ pub struct Nodes {
     name: String,
     timing: Timing,
     peers: BTreeMap<u64, Peer>,
+    /// Incarnations declared down for silence, which may come back.
+    gone: BTreeMap<u64, Origin>,
     beat: u64,
     next_beat: Millis,
     /// Since when this node's own NATS connection has been down.
     isolated_since: Option<Millis>,
+    /// Frames of this node were lost since its last heartbeat.
+    lossy: bool,
 }
 
 impl Nodes {
@@ -77,10 +84,19 @@ impl Nodes {
             name: name.to_owned(),
             timing,
             peers: BTreeMap::new(),
+            gone: BTreeMap::new(),
             beat: 0,
             next_beat: now,
             isolated_since: None,
+            lossy: false,
         }
+    }
+
+    /// Frames this node published may not have gone out (its NATS connection was down, or the
+    /// bridge could not keep up): its next heartbeat skips a number, so that every other node
+    /// sees a gap and fetches this node's parts again.
+    pub fn lost_frames(&mut self) {
+        self.lossy = true;
     }
 
     /// This node's heartbeat, if one is due.
@@ -88,7 +104,7 @@ impl Nodes {
         if now.0 < self.next_beat.0 || self.isolated_since.is_some() {
             return None;
         }
-        self.beat += 1;
+        self.beat += 1 + u64::from(std::mem::take(&mut self.lossy));
         self.next_beat = Millis(now.0 + self.timing.heartbeat.0);
         Some(Heartbeat {
             origin: self.me,
@@ -119,7 +135,12 @@ impl Nodes {
                     heard: now,
                 },
             );
-            return vec![NodeEvent::Up(o)];
+            let back = self.gone.remove(&o.node) == Some(o);
+            return vec![if back {
+                NodeEvent::Back(o)
+            } else {
+                NodeEvent::Up(o)
+            }];
         };
         if peer.origin.incarnation != o.incarnation {
             let old = peer.origin;
@@ -160,10 +181,12 @@ impl Nodes {
             if now.0.saturating_sub(since.0) < self.timing.isolation_grace.0 {
                 return Vec::new();
             }
-            let gone = std::mem::take(&mut self.peers);
-            let down = gone.into_values();
+            let down = std::mem::take(&mut self.peers).into_values();
+            let down: Vec<Origin> = down.map(|p| p.origin).collect();
+            self.gone.extend(down.iter().map(|o| (o.node, *o)));
             return down
-                .map(|p| NodeEvent::Down(p.origin, DownReason::Isolated))
+                .into_iter()
+                .map(|o| NodeEvent::Down(o, DownReason::Isolated))
                 .collect();
         }
         let timeout = self.timing.timeout.0;
@@ -173,10 +196,14 @@ impl Nodes {
             .filter(|p| now.0.saturating_sub(p.heard.0) >= timeout)
             .map(|p| p.origin.node)
             .collect();
-        silent
+        let down: Vec<Origin> = silent
             .into_iter()
             .filter_map(|n| self.peers.remove(&n))
-            .map(|p| NodeEvent::Down(p.origin, DownReason::Silent))
+            .map(|p| p.origin)
+            .collect();
+        self.gone.extend(down.iter().map(|o| (o.node, *o)));
+        down.into_iter()
+            .map(|o| NodeEvent::Down(o, DownReason::Silent))
             .collect()
     }
 
@@ -269,9 +296,17 @@ mod tests {
         assert_eq!(n.up().count(), 0);
         assert_eq!(
             n.heard(&hb(o(2, 7), 9), Millis(6_000)),
-            [NodeEvent::Up(o(2, 7))],
+            [NodeEvent::Back(o(2, 7))],
             "healed"
         );
+        // A lost frame of ours: the next heartbeat skips a number.
+        n.lost_frames();
+        assert_eq!(
+            n.heartbeat_due(Millis(6_000)).map(|h| h.beat),
+            Some(4),
+            "3 is skipped"
+        );
+        assert_eq!(n.heartbeat_due(Millis(6_500)).map(|h| h.beat), Some(5));
     }
 
     #[test]

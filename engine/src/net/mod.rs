@@ -7,6 +7,7 @@ mod admission;
 mod conn;
 pub(crate) mod handshake;
 mod listener;
+pub mod nats;
 mod report;
 mod runtime;
 mod signal;
@@ -28,7 +29,8 @@ use crate::mesh::Router;
 use crate::mesh::ShardId;
 use crate::net::admin::{Admin, Board};
 use crate::net::admission::Admission;
-use crate::net::runtime::{CoreSeeds, Shared};
+use crate::net::nats::{Bridge, ToBridge};
+use crate::net::runtime::{CoreSeeds, ShardCluster, Shared};
 use runtime::Runtime;
 
 /// The longest a shard sleeps between ticks: heartbeat deadlines, slow consumers, shutdown
@@ -41,6 +43,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const TRIM_EVERY: Duration = Duration::from_secs(10);
 /// Most messages in one ring item.
 const MAX_BATCH: usize = 4096;
+/// Most inputs from the NATS bridge taken before the shard flushes.
+const MAX_NATS_BATCH: usize = 1024;
+/// How long a first fetch of a topic's parts waits for every holder to answer.
+const FETCH_TIMEOUT_MS: u64 = 2_000;
 
 /// Everything `run` needs that is decided before the shards start.
 pub struct Launch {
@@ -65,6 +71,11 @@ pub fn run(launch: Launch) -> Result<(), String> {
         .map(|_| listener::bind(config.listen, config.backlog))
         .collect::<Result<_, _>>()
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    // In a cluster, NATS first: a node that cannot join (no NATS, a name clash) does not start.
+    let bridge = match &config.cluster {
+        Some(node) => Some(Bridge::start(node, config.shards)?),
+        None => None,
+    };
     let mesh = MeshBuilder::<Vec<MeshMsg>, _>::full(n, config.ring_capacity);
     let board = Board::new(n);
     let admin = admin::start(
@@ -101,10 +112,31 @@ pub fn run(launch: Launch) -> Result<(), String> {
             None => Placement::Unbound,
         };
         let (config, mesh, stop) = (config.clone(), mesh.clone(), stop.clone());
+        let cluster = bridge.as_ref().map(|b| ShardCluster {
+            config: crate::core::ClusterConfig {
+                me: b.me,
+                subjects: b.subjects.clone(),
+                max_payload: b.max_payload,
+                fetch_timeout: crate::core::Millis(FETCH_TIMEOUT_MS),
+            },
+            tx: b.to_bridge.clone(),
+            rx: b.from_bridge[i].clone(),
+        });
         let shared = Shared {
             admission: admission.clone(),
             board: board.clone(),
-            seeds,
+            // In a cluster the refs carry the node and its incarnation (unique in the cluster
+            // as long as no two nodes' hashes collide).
+            seeds: match &bridge {
+                Some(b) => CoreSeeds {
+                    refs: xxhash_rust::xxh3::xxh3_64(
+                        &[b.me.node.to_le_bytes(), b.me.incarnation.to_le_bytes()].concat(),
+                    ),
+                    ..seeds
+                },
+                None => seeds,
+            },
+            cluster,
         };
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("roster-{i}"))
@@ -122,6 +154,9 @@ pub fn run(launch: Launch) -> Result<(), String> {
             Ok(Err(e)) => result = Err(format!("shard {i}: {e}")),
             Err(e) => result = Err(format!("shard {i} failed: {e}")),
         }
+    }
+    if let Some(b) = bridge {
+        b.stop();
     }
     result
 }
@@ -218,6 +253,35 @@ async fn shard_main(
                     unsafe { libc::malloc_trim(0) };
                     last_trim = std::time::Instant::now();
                 }
+            }
+        })
+        .detach();
+    }
+    if let Some(link) = &rt.nats {
+        let (tx, rx) = (link.tx.clone(), link.rx.clone());
+        let rt1 = rt.clone();
+        glommio::spawn_local(async move {
+            let link = rt1.nats.as_ref().expect("checked");
+            loop {
+                link.signal.wait().await;
+                loop {
+                    let batch = std::mem::take(&mut *link.queue.borrow_mut());
+                    if batch.is_empty() {
+                        break;
+                    }
+                    // Waits while the bridge's queue is full; the shard goes on meanwhile.
+                    if tx.send_async(ToBridge::Batch(rt1.id, batch)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+        .detach();
+        let rt2 = rt.clone();
+        glommio::spawn_local(async move {
+            while let Ok(first) = rx.recv_async().await {
+                let more = rx.try_iter().take(MAX_NATS_BATCH);
+                rt2.nats_in(std::iter::once(first).chain(more));
             }
         })
         .detach();

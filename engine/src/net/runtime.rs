@@ -14,12 +14,15 @@ use slab::Slab;
 
 use crate::config::ServerConfig;
 use crate::core::outbound::Pushed;
-use crate::core::{Config, ConnId, Latency, MeshMsg, Millis, Output, Shard};
+use crate::core::{
+    ClusterConfig, Config, ConnId, Latency, MeshMsg, Millis, NatsOut, Output, Shard,
+};
 use crate::identity::{self, Identity, Verifier};
 use crate::mesh::ShardId;
 use crate::net::admin::Board;
 use crate::net::admission::Admission;
 use crate::net::handshake::{Reject, Upgrade};
+use crate::net::nats::{FromBridge, ToBridge};
 pub use crate::net::report::Stats;
 use crate::net::signal::Signal;
 pub use crate::net::slot::{CloseReason, Slot};
@@ -58,6 +61,24 @@ pub struct Runtime {
     /// When the tick task will next run (ms), and the signal that makes it look again.
     pub(super) wake_at: Cell<u64>,
     pub rewake: Signal,
+    /// The way to the NATS bridge, in a cluster.
+    pub nats: Option<NatsLink>,
+}
+
+/// A shard's side of the NATS bridge: what its core asked for waits here until its task hands
+/// the batch over (never blocking the shard), and what the bridge sends comes in on `rx`.
+pub struct NatsLink {
+    pub tx: flume::Sender<ToBridge>,
+    pub rx: flume::Receiver<FromBridge>,
+    pub queue: RefCell<Vec<NatsOut>>,
+    pub signal: Signal,
+}
+
+/// What a shard of a cluster node is given.
+pub struct ShardCluster {
+    pub config: ClusterConfig,
+    pub tx: flume::Sender<ToBridge>,
+    pub rx: flume::Receiver<FromBridge>,
 }
 
 /// What every shard's runtime shares with the others and the admin thread.
@@ -65,6 +86,7 @@ pub struct Shared {
     pub admission: Arc<Admission>,
     pub board: Arc<Board>,
     pub seeds: CoreSeeds,
+    pub cluster: Option<ShardCluster>,
 }
 
 /// The random numbers every shard's core is given, the same for all shards of a process.
@@ -101,9 +123,15 @@ impl Runtime {
                 max_msgs_per_sec: config.max_msgs_per_sec,
                 ref_seed: shared.seeds.refs,
                 hash_seed: shared.seeds.hashing,
-                cluster: None,
+                cluster: shared.cluster.as_ref().map(|c| c.config.clone()),
             },
         );
+        let nats = shared.cluster.map(|c| NatsLink {
+            tx: c.tx,
+            rx: c.rx,
+            queue: RefCell::new(Vec::new()),
+            signal: Signal::default(),
+        });
         let n = config.shards as usize;
         Rc::new(Runtime {
             id,
@@ -127,6 +155,7 @@ impl Runtime {
             outputs: RefCell::new(Vec::new()),
             wake_at: Cell::new(0),
             rewake: Signal::default(),
+            nats,
             config,
         })
     }
@@ -233,6 +262,25 @@ impl Runtime {
             slot.wake();
         }
         self.core().close(conn);
+        self.dispatch();
+        self.flush.notify();
+    }
+
+    /// What the NATS bridge brought: frames about names this shard owns, and other nodes' news.
+    pub fn nats_in(&self, batch: impl IntoIterator<Item = FromBridge>) {
+        {
+            let mut core = self.core();
+            for m in batch {
+                match m {
+                    FromBridge::Frame(frame, reply) => core.nats_frame(frame, reply.as_deref()),
+                    FromBridge::NoResponders(name) => core.no_responders(&name),
+                    FromBridge::NodeUp(o) => core.node_up(o),
+                    FromBridge::NodeBack(o) => core.node_back(o),
+                    FromBridge::NodeDown(o) => core.node_down(o),
+                    FromBridge::NodeGap(o) => core.node_gap(o),
+                }
+            }
+        }
         self.dispatch();
         self.flush.notify();
     }
@@ -350,8 +398,16 @@ impl Runtime {
                             slot.wake();
                         }
                     }
-                    // The server runs no cluster yet (cluster/ is not wired): never made.
-                    Output::Nats(_) => {}
+                    Output::Nats(out) => {
+                        // Only a cluster's core makes these.
+                        if let Some(link) = &self.nats {
+                            let mut q = link.queue.borrow_mut();
+                            q.push(out);
+                            if q.len() == 1 {
+                                link.signal.notify();
+                            }
+                        }
+                    }
                     Output::Mesh { to, msg } => {
                         let mut q = self.peer_queues[to.index()].borrow_mut();
                         q.push(msg);

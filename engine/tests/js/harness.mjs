@@ -50,6 +50,7 @@ export async function startServer(args = []) {
   const url = `ws://127.0.0.1:${port}/socket`;
   try {
     await waitFor(async () => {
+      if (proc.exitCode !== null) throw new Error(`roster exited with ${proc.exitCode}: ${log}`);
       const ws = new WebSocket(`${url}/websocket?vsn=2.0.0`);
       return new Promise((resolve) => {
         ws.on('open', () => { ws.close(); resolve(true); });
@@ -172,4 +173,60 @@ export async function raw(server, query = 'vsn=2.0.0', protocols = undefined) {
     },
     close() { ws.close(); },
   };
+}
+
+/** Where nats-server is: NATS_SERVER, else PATH, else Debian's /usr/sbin. */
+function natsBin() {
+  if (process.env.NATS_SERVER) return process.env.NATS_SERVER;
+  for (const dir of [...(process.env.PATH || '').split(':'), '/usr/sbin', '/usr/local/bin']) {
+    const p = path.join(dir, 'nats-server');
+    try {
+      execFileSync(p, ['--version'], { stdio: 'ignore' });
+      return p;
+    } catch {
+      // Not there: next.
+    }
+  }
+  throw new Error('nats-server not found (scripts/test.sh installs Debian\'s nats-server)');
+}
+
+async function canConnect(port) {
+  const { connect: tcp } = await import('node:net');
+  return new Promise((resolve) => {
+    const s = tcp(port, '127.0.0.1');
+    s.on('connect', () => { s.destroy(); resolve(true); });
+    s.on('error', () => resolve(false));
+  });
+}
+
+/** A real nats-server on a free loopback port (never every interface); `restart()` stops it
+ * and starts it again on the same port. */
+export async function startNats() {
+  const port = await freePort();
+  const bin = natsBin();
+  const nats = { port, url: `nats://127.0.0.1:${port}`, proc: null, log: '' };
+  nats.start = async () => {
+    const proc = spawn(bin, ['-a', '127.0.0.1', '-p', String(port)], { stdio: ['ignore', 'ignore', 'pipe'] });
+    proc.stderr.on('data', (d) => { nats.log += d; });
+    nats.exited = new Promise((resolve) => proc.on('exit', resolve));
+    nats.proc = proc;
+    await waitFor(() => canConnect(port), 5000, () => `nats-server on ${port}: ${nats.log}`);
+  };
+  nats.stop = async () => {
+    if (!nats.proc) return;
+    nats.proc.kill('SIGTERM');
+    await nats.exited;
+    nats.proc = null;
+  };
+  nats.restart = async () => {
+    await nats.stop();
+    await nats.start();
+  };
+  await nats.start();
+  return nats;
+}
+
+/** A roster node of a cluster on `nats`, named `name`. */
+export function startNode(nats, name, args = []) {
+  return startServer(['--nats-url', nats.url, '--node-name', name, ...args]);
 }

@@ -329,6 +329,13 @@ impl Shard {
         self.owner.node_up(origin);
     }
 
+    /// A node declared down is heard again: its parts are asked for anew.
+    pub fn node_back(&mut self, origin: crate::cluster::frame::Origin) {
+        let (owner, mut env) = self.owner_env();
+        owner.node_back(origin, &mut env);
+        self.drain_local();
+    }
+
     /// Frames of a node may have been lost (a heartbeat gap, this node's NATS reconnect): its
     /// parts are fetched again.
     pub fn node_gap(&mut self, origin: crate::cluster::frame::Origin) {

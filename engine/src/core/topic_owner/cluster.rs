@@ -207,6 +207,21 @@ impl TopicOwner {
         }
     }
 
+    /// A node declared down is back (a partition healed, or this node's own isolation ended):
+    /// its parts of every topic held here are asked for directly, as nothing of it is held any
+    /// more and its next delta may be far off.
+    pub(crate) fn node_back(&mut self, origin: Origin, env: &mut Env<'_>) {
+        let Some(c) = &self.config.cluster else {
+            return;
+        };
+        self.dead.remove(&origin);
+        for (name, t) in self.topics.iter() {
+            if t.cluster().is_some() && !t.fetching() {
+                env.tx.nats(ask(c, name, c.subjects.node(origin.node)));
+            }
+        }
+    }
+
     fn held(&self, name: &str) -> Option<TopicName> {
         self.topics.get_key_value(name).map(|(n, _)| n.clone())
     }

@@ -1,0 +1,645 @@
+//! The NATS bridge: one OS thread running async-nats (tokio-only) on a current-thread tokio
+//! runtime, between the glommio shards and NATS. Shards hand it batches of what their cores
+//! asked for (`NatsOut`) on one bounded channel and never wait on it; it hands each shard the
+//! frames about the names that shard owns (decoded and validated here, off the shards' cores),
+//! the answers to its requests, and what heartbeats say about the other nodes (`cluster::nodes`,
+//! driven here: it is the node's, not a shard's).
+//!
+//! Must not: block a shard; pass on bytes that are not a valid frame; publish while its NATS
+//! connection is down (async-nats would queue, then block the thread): such frames are dropped
+//! and the next heartbeat skips a number, so the other nodes fetch this node's parts again.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::connection::State;
+use async_nats::{Client, ConnectOptions, Event, Message, ServerAddr, StatusCode, Subscriber};
+use futures_util::StreamExt;
+
+use crate::cluster::frame::{Frame, Origin};
+use crate::cluster::inbox::Inbox;
+use crate::cluster::nodes::{NodeEvent, Nodes, Timing};
+use crate::cluster::subject::{name_hash, Subjects};
+use crate::config::NodeConfig;
+use crate::core::{Millis, NatsOut};
+use crate::mesh::{Router, ShardId};
+
+/// What a shard sends the bridge.
+pub enum ToBridge {
+    Batch(ShardId, Vec<NatsOut>),
+    /// The shards have stopped: say goodbye and end.
+    Stop,
+}
+
+/// What the bridge sends a shard.
+#[derive(Debug)]
+pub enum FromBridge {
+    /// A frame about a name the shard owns; `reply` is where a request wants its answer.
+    Frame(Frame, Option<String>),
+    /// Nobody subscribes to what the shard's request about this name asked.
+    NoResponders(String),
+    NodeUp(Origin),
+    NodeBack(Origin),
+    NodeDown(Origin),
+    NodeGap(Origin),
+}
+
+/// The cluster's figures, shared with the admin side.
+#[derive(Default, Debug)]
+pub struct ClusterStats {
+    pub nodes_up: AtomicU64,
+    /// Bytes from NATS that were not a valid frame (or not for this node).
+    pub bad_frames: AtomicU64,
+    /// Frames a shard's queue had no room for (its origins are fetched again).
+    pub dropped_in: AtomicU64,
+    /// Frames not published because the NATS connection was down.
+    pub dropped_out: AtomicU64,
+    pub part_requests: AtomicU64,
+    /// Gaps in other nodes' heartbeats or this node's reconnects: parts fetched again.
+    pub gaps: AtomicU64,
+    pub nodes_down: AtomicU64,
+    /// The client's own counters: messages and bytes each way, connects.
+    pub nats: Mutex<Option<Arc<async_nats::Statistics>>>,
+}
+
+impl ClusterStats {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The running bridge, as the server holds it.
+pub struct Bridge {
+    pub me: Origin,
+    pub subjects: Subjects,
+    pub max_payload: usize,
+    pub to_bridge: flume::Sender<ToBridge>,
+    /// Shard i's inputs; taken by the shard when it starts.
+    pub from_bridge: Vec<flume::Receiver<FromBridge>>,
+    pub stats: Arc<ClusterStats>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// Batches the shards may have waiting for the bridge; past this a shard's task waits (its
+/// frames stay in its own queue).
+const BRIDGE_QUEUE: usize = 4096;
+/// Frames waiting in one shard's input queue past which frames are dropped (their origins are
+/// then fetched again). Node events are never dropped.
+const SHARD_QUEUE: usize = 65_536;
+/// Messages async-nats keeps for each subscription and commands for the connection.
+const NATS_CAPACITY: usize = 65_536;
+/// How long a request's record is kept for NATS's "no responders" (which comes at once).
+const REQUEST_KEEP: Millis = Millis(30_000);
+
+impl Bridge {
+    /// Connects to NATS and listens for a while to be sure no live node has this node's name;
+    /// then the bridge runs on its own thread until [`Bridge::stop`].
+    pub fn start(node: &NodeConfig, shards: u16) -> Result<Bridge, String> {
+        let me = Origin {
+            node: name_hash(&node.name),
+            incarnation: fastrand::u64(1..),
+        };
+        let subjects = Subjects::new(&node.prefix).map_err(|e| e.0)?;
+        let (to_bridge, commands) = flume::bounded(BRIDGE_QUEUE);
+        let (senders, from_bridge): (Vec<_>, Vec<_>) =
+            (0..shards).map(|_| flume::unbounded()).unzip();
+        let stats = Arc::new(ClusterStats::default());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let setup = Setup {
+            node: node.clone(),
+            me,
+            subjects: subjects.clone(),
+            shards: senders,
+            stats: stats.clone(),
+            commands,
+        };
+        let thread = std::thread::Builder::new()
+            .name("roster-nats".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!("cannot start the NATS thread: {e}")));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match setup.connect().await {
+                        Ok(bridge) => {
+                            let _ = ready_tx.send(Ok(bridge.client.max_payload()));
+                            bridge.run().await;
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                });
+            })
+            .map_err(|e| format!("cannot start the NATS thread: {e}"))?;
+        let max_payload = ready_rx
+            .recv()
+            .map_err(|_| "the NATS thread ended before connecting".to_owned())??;
+        Ok(Bridge {
+            me,
+            subjects,
+            max_payload,
+            to_bridge,
+            from_bridge,
+            stats,
+            thread,
+        })
+    }
+
+    /// Says goodbye to the cluster (after the shards have stopped) and waits for the thread.
+    pub fn stop(self) {
+        let _ = self.to_bridge.send(ToBridge::Stop);
+        let _ = self.thread.join();
+    }
+}
+
+struct Setup {
+    node: NodeConfig,
+    me: Origin,
+    subjects: Subjects,
+    shards: Vec<flume::Sender<FromBridge>>,
+    stats: Arc<ClusterStats>,
+    commands: flume::Receiver<ToBridge>,
+}
+
+impl Setup {
+    async fn connect(self) -> Result<Running, String> {
+        let node = &self.node;
+        let urls: Vec<ServerAddr> = node
+            .nats_urls
+            .iter()
+            .map(|u| {
+                u.parse::<ServerAddr>()
+                    .map_err(|e| format!("--nats-url {u}: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
+        let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let mut options = ConnectOptions::new()
+            .name(format!("roster {}", node.name))
+            // async-nats's 60 s default would notice a dead server after minutes.
+            .ping_interval(Duration::from_secs(1))
+            .client_capacity(NATS_CAPACITY)
+            .subscription_capacity(NATS_CAPACITY)
+            .connection_timeout(Duration::from_secs(5))
+            .max_reconnects(None)
+            // Back soon after a NATS restart, well within the isolation grace.
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((attempts as u64 * 200).min(2_000))
+            })
+            .event_callback(move |event| {
+                let tx = events_tx.clone();
+                async move {
+                    let _ = tx.send(event);
+                }
+            });
+        // Credentials in the URL, as operators write them: user:password@ or token@.
+        if let Some(u) = urls.first().filter(|u| u.has_user_pass()) {
+            let user = u.username().unwrap_or_default().to_owned();
+            options = match u.password() {
+                Some(pass) => options.user_and_password(user, pass.to_owned()),
+                None => options.token(user),
+            };
+        }
+        if let Some(path) = &node.creds {
+            options = options
+                .credentials_file(path)
+                .await
+                .map_err(|e| format!("--nats-creds {}: {e}", path.display()))?;
+        }
+        let shown: Vec<String> = urls
+            .iter()
+            .map(|u| format!("{}:{}", u.host(), u.port()))
+            .collect();
+        let client = options
+            .connect(urls)
+            .await
+            .map_err(|e| format!("cannot connect to NATS at {}: {e}", shown.join(",")))?;
+        *self.stats.nats.lock().unwrap_or_else(|e| e.into_inner()) = Some(client.statistics());
+        let sub = |s: String| {
+            let client = client.clone();
+            async move {
+                client
+                    .subscribe(s.clone())
+                    .await
+                    .map_err(|e| format!("cannot subscribe to {s}: {e}"))
+            }
+        };
+        let heartbeats = sub(self.subjects.heartbeats()).await?;
+        let directed = sub(self.subjects.node(self.me.node)).await?;
+        let inbox = Inbox::new(client.new_inbox(), self.shards.len() as u16, REQUEST_KEEP);
+        let answers = sub(inbox.subscription()).await?;
+        let deliver = Arc::new(Deliver {
+            router: Router::new(self.shards.len() as u16),
+            shards: self.shards,
+            stats: self.stats.clone(),
+            owed: Mutex::new(BTreeSet::new()),
+        });
+        let epoch = Instant::now();
+        let timing = Timing {
+            heartbeat: millis(node.heartbeat),
+            timeout: millis(node.timeout),
+            isolation_grace: millis(node.isolation_grace),
+        };
+        // Listen before speaking: a live node of this name beats within a heartbeat.
+        let listen = node.heartbeat * 2 + Duration::from_millis(100);
+        let mut running = Running {
+            nodes: Nodes::new(self.me, &node.name, timing, millis(listen)),
+            client,
+            me: self.me,
+            subjects: self.subjects,
+            name: node.name.clone(),
+            commands: self.commands,
+            events,
+            heartbeats,
+            directed,
+            answers,
+            inbox,
+            deliver,
+            subs: HashMap::new(),
+            epoch,
+            connected: true,
+            stats: self.stats,
+        };
+        let until = tokio::time::Instant::from_std(epoch + listen);
+        loop {
+            tokio::select! {
+                m = running.heartbeats.next() => {
+                    let Some(m) = m else { break };
+                    if let Some(clash) = running.heartbeat(&m, true) {
+                        return Err(clash);
+                    }
+                }
+                _ = tokio::time::sleep_until(until) => break,
+            }
+        }
+        tracing::info!(
+            node = %running.name,
+            id = format_args!("{:016x}", running.me.node),
+            peers = running.nodes.up().count(),
+            max_payload = running.client.max_payload(),
+            "joined the cluster"
+        );
+        Ok(running)
+    }
+}
+
+fn millis(d: Duration) -> Millis {
+    Millis(d.as_millis() as u64)
+}
+
+/// Hands inbound frames to the shards that own their names. Shared by the main loop and the
+/// tasks that forward each topic subscription.
+struct Deliver {
+    shards: Vec<flume::Sender<FromBridge>>,
+    router: Router,
+    stats: Arc<ClusterStats>,
+    /// Shards that had frames of an origin dropped: they are owed a re-fetch of it.
+    owed: Mutex<BTreeSet<(u16, Origin)>>,
+}
+
+impl Deliver {
+    fn decode(&self, m: &Message) -> Option<Frame> {
+        match Frame::decode(&m.payload) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                ClusterStats::add(&self.stats.bad_frames, 1);
+                tracing::debug!(subject = %m.subject, "dropped a bad frame: {e}");
+                None
+            }
+        }
+    }
+
+    /// A frame on a topic's subject or this node's own: to the owner of its name.
+    fn by_name(&self, m: Message) {
+        let Some(frame) = self.decode(&m) else {
+            return;
+        };
+        let name = match &frame {
+            Frame::Delta(d) => &d.name,
+            Frame::PartRequest(r) => &r.name,
+            Frame::Part(p) => &p.name,
+            Frame::Heartbeat(_) | Frame::Goodbye(_) => {
+                ClusterStats::add(&self.stats.bad_frames, 1);
+                return;
+            }
+        };
+        let shard = self.router.topic_owner(name);
+        let reply = m.reply.map(|r| r.to_string());
+        self.frame(shard, frame, reply);
+    }
+
+    fn frame(&self, shard: ShardId, frame: Frame, reply: Option<String>) {
+        let tx = &self.shards[shard.index()];
+        if tx.len() >= SHARD_QUEUE {
+            ClusterStats::add(&self.stats.dropped_in, 1);
+            let origin = match &frame {
+                Frame::Delta(d) => Some(d.origin),
+                Frame::Part(p) => Some(p.origin),
+                _ => None,
+            };
+            if let Some(o) = origin {
+                let mut owed = self.owed.lock().unwrap_or_else(|e| e.into_inner());
+                owed.insert((shard.0, o));
+            }
+            return;
+        }
+        let _ = tx.send(FromBridge::Frame(frame, reply));
+    }
+
+    /// Node events go to every shard and are never dropped.
+    fn everyone(&self, event: impl Fn() -> FromBridge) {
+        for tx in &self.shards {
+            let _ = tx.send(event());
+        }
+    }
+
+    /// Re-fetches owed by drops, once the shards' queues have room again.
+    fn settle_owed(&self) {
+        let mut owed = self.owed.lock().unwrap_or_else(|e| e.into_inner());
+        owed.retain(|&(shard, origin)| {
+            let tx = &self.shards[shard as usize];
+            if tx.len() >= SHARD_QUEUE / 2 {
+                return true;
+            }
+            let _ = tx.send(FromBridge::NodeGap(origin));
+            false
+        });
+    }
+}
+
+/// Forwards one subscription's messages until it is unsubscribed (the task is aborted, which
+/// drops the subscriber, which unsubscribes).
+async fn forward(mut sub: Subscriber, deliver: Arc<Deliver>) {
+    while let Some(m) = sub.next().await {
+        deliver.by_name(m);
+    }
+}
+
+struct Subscription {
+    /// Shards' subscriptions to the subject (two names may share one).
+    count: u32,
+    task: tokio::task::AbortHandle,
+}
+
+struct Running {
+    client: Client,
+    me: Origin,
+    name: String,
+    subjects: Subjects,
+    nodes: Nodes,
+    commands: flume::Receiver<ToBridge>,
+    events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    heartbeats: Subscriber,
+    directed: Subscriber,
+    answers: Subscriber,
+    inbox: Inbox,
+    deliver: Arc<Deliver>,
+    subs: HashMap<String, Subscription>,
+    epoch: Instant,
+    connected: bool,
+    stats: Arc<ClusterStats>,
+}
+
+impl Running {
+    fn now(&self) -> Millis {
+        millis(self.epoch.elapsed())
+    }
+
+    async fn run(mut self) {
+        loop {
+            let wake = self.epoch + Duration::from_millis(self.nodes.poll_timeout().0);
+            let wake = tokio::time::Instant::from_std(wake.max(Instant::now()));
+            tokio::select! {
+                biased;
+                e = self.events.recv() => {
+                    if let Some(e) = e {
+                        self.nats_event(e);
+                    }
+                }
+                c = self.commands.recv_async() => match c {
+                    Ok(ToBridge::Batch(shard, outs)) => self.outs(shard, outs).await,
+                    Ok(ToBridge::Stop) | Err(_) => break,
+                },
+                Some(m) = self.heartbeats.next() => {
+                    self.heartbeat(&m, false);
+                }
+                Some(m) = self.answers.next() => self.answer(m),
+                Some(m) = self.directed.next() => self.deliver.by_name(m),
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            self.tick().await;
+        }
+        self.goodbye().await;
+    }
+
+    /// Heartbeats due, and nodes silent too long.
+    async fn tick(&mut self) {
+        let now = self.now();
+        let events = self.nodes.tick(now);
+        self.node_events(events, false);
+        if let Some(hb) = self.nodes.heartbeat_due(now) {
+            let frame = Frame::Heartbeat(hb).encode();
+            self.publish(self.subjects.heartbeats(), None, frame).await;
+            self.deliver.settle_owed();
+        }
+    }
+
+    async fn outs(&mut self, shard: ShardId, outs: Vec<NatsOut>) {
+        for out in outs {
+            match out {
+                NatsOut::Subscribe(s) => self.subscribe(s).await,
+                NatsOut::Unsubscribe(s) => {
+                    if let Some(sub) = self.subs.get_mut(&s) {
+                        sub.count -= 1;
+                        if sub.count == 0 {
+                            sub.task.abort();
+                            self.subs.remove(&s);
+                        }
+                    }
+                }
+                NatsOut::Publish { subject, frame } => self.publish(subject, None, frame).await,
+                NatsOut::Request {
+                    subject,
+                    name,
+                    frame,
+                } => {
+                    ClusterStats::add(&self.stats.part_requests, 1);
+                    let reply = self.inbox.ask(shard, &name, self.now());
+                    self.publish(subject, Some(reply), frame).await;
+                }
+                NatsOut::Reply { to, frame } => self.publish(to, None, frame).await,
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, subject: String) {
+        if let Some(sub) = self.subs.get_mut(&subject) {
+            sub.count += 1;
+            return;
+        }
+        // While disconnected, async-nats queues the SUB and sends it on reconnect.
+        match self.client.subscribe(subject.clone()).await {
+            Ok(sub) => {
+                let task = tokio::spawn(forward(sub, self.deliver.clone())).abort_handle();
+                self.subs.insert(subject, Subscription { count: 1, task });
+            }
+            Err(e) => {
+                // Only when the client is closed: nothing more will flow anyway.
+                tracing::warn!(%subject, "cannot subscribe: {e}");
+            }
+        }
+    }
+
+    async fn publish(&mut self, subject: String, reply: Option<String>, frame: Vec<u8>) {
+        if !self.connected || self.client.connection_state() != State::Connected {
+            ClusterStats::add(&self.stats.dropped_out, 1);
+            self.nodes.lost_frames();
+            return;
+        }
+        let sent = match reply {
+            Some(r) => {
+                self.client
+                    .publish_with_reply(subject, r, frame.into())
+                    .await
+            }
+            None => self.client.publish(subject, frame.into()).await,
+        };
+        if let Err(e) = sent {
+            ClusterStats::add(&self.stats.dropped_out, 1);
+            self.nodes.lost_frames();
+            tracing::debug!("publish failed: {e}");
+        }
+    }
+
+    /// An answer to one of this node's requests, or NATS saying nobody could answer it.
+    fn answer(&mut self, m: Message) {
+        if m.status == Some(StatusCode::NO_RESPONDERS) {
+            if let Some((shard, name)) = self.inbox.no_responders(&m.subject) {
+                let _ = self.deliver.shards[shard.index()].send(FromBridge::NoResponders(name));
+            }
+            return;
+        }
+        let Some(shard) = self.inbox.answer(&m.subject) else {
+            ClusterStats::add(&self.stats.bad_frames, 1);
+            return;
+        };
+        if let Some(frame) = self.deliver.decode(&m) {
+            self.deliver.frame(shard, frame, None);
+        }
+    }
+
+    /// A heartbeat or a goodbye. While `probing` (before this node speaks), a live node of this
+    /// node's name is an error to start with.
+    fn heartbeat(&mut self, m: &Message, probing: bool) -> Option<String> {
+        let now = self.now();
+        let events = match self.deliver.decode(m)? {
+            Frame::Heartbeat(hb) => self.nodes.heard(&hb, now),
+            Frame::Goodbye(o) => self.nodes.goodbye(o),
+            _ => {
+                ClusterStats::add(&self.stats.bad_frames, 1);
+                return None;
+            }
+        };
+        self.node_events(events, probing)
+    }
+
+    fn node_events(&mut self, events: Vec<NodeEvent>, probing: bool) -> Option<String> {
+        let mut clash = None;
+        for e in events {
+            match e {
+                NodeEvent::Up(o) => {
+                    tracing::info!(node = format_args!("{:016x}", o.node), "node up");
+                    self.deliver.everyone(|| FromBridge::NodeUp(o));
+                }
+                NodeEvent::Back(o) => {
+                    tracing::info!(node = format_args!("{:016x}", o.node), "node back");
+                    self.deliver.everyone(|| FromBridge::NodeBack(o));
+                }
+                NodeEvent::Restarted { old, .. } => {
+                    tracing::info!(node = format_args!("{:016x}", old.node), "node restarted");
+                    self.deliver.everyone(|| FromBridge::NodeDown(old));
+                }
+                NodeEvent::Gap(o) => {
+                    ClusterStats::add(&self.stats.gaps, 1);
+                    self.deliver.everyone(|| FromBridge::NodeGap(o));
+                }
+                NodeEvent::Down(o, reason) => {
+                    ClusterStats::add(&self.stats.nodes_down, 1);
+                    tracing::warn!(node = format_args!("{:016x}", o.node), ?reason, "node down");
+                    self.deliver.everyone(|| FromBridge::NodeDown(o));
+                }
+                NodeEvent::NameClash { name, theirs } => {
+                    let msg = format!(
+                        "another live node is named {name:?} (incarnation {:016x}): give each \
+                         node its own --node-name",
+                        theirs.incarnation
+                    );
+                    if probing {
+                        clash = Some(msg);
+                    } else {
+                        // It started after this one and refuses to run; this one carries on.
+                        tracing::error!("{msg}");
+                    }
+                }
+            }
+        }
+        let up = self.nodes.up().count() as u64;
+        self.stats.nodes_up.store(up, Ordering::Relaxed);
+        clash
+    }
+
+    fn nats_event(&mut self, e: Event) {
+        let now = self.now();
+        match e {
+            Event::Disconnected => {
+                tracing::warn!(
+                    "NATS connection lost: other nodes' presences are kept for the isolation grace"
+                );
+                self.connected = false;
+                self.nodes.disconnected(now);
+            }
+            Event::Connected => {
+                if !self.connected {
+                    tracing::info!("NATS connection back: fetching the other nodes' parts again");
+                    self.connected = true;
+                    let events = self.nodes.reconnected(now);
+                    self.node_events(events, false);
+                }
+            }
+            Event::SlowConsumer(sid) => {
+                // async-nats dropped messages of a subscription: everyone's parts again.
+                tracing::warn!(
+                    sid,
+                    "NATS slow consumer: fetching the other nodes' parts again"
+                );
+                let up: Vec<Origin> = self.nodes.up().collect();
+                for o in up {
+                    ClusterStats::add(&self.stats.gaps, 1);
+                    self.deliver.everyone(|| FromBridge::NodeGap(o));
+                }
+            }
+            other => tracing::warn!("NATS: {other}"),
+        }
+    }
+
+    /// A graceful stop: the other nodes drop this node's parts now rather than after the node
+    /// timeout.
+    async fn goodbye(mut self) {
+        let frame = Frame::Goodbye(self.me).encode();
+        self.publish(self.subjects.heartbeats(), None, frame).await;
+        let flushed = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
+        if !matches!(flushed, Ok(Ok(()))) {
+            tracing::warn!("could not flush the goodbye to NATS");
+        }
+        tracing::info!(node = %self.name, "left the cluster");
+    }
+}

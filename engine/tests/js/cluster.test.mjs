@@ -1,0 +1,158 @@
+// roster nodes sharing presence through a real nats-server, driven by the official phoenix
+// client: clients on different nodes see each other as if on one server, a late node's first
+// joiner gets every node's members, a killed node's presences leave on the others, a stopped
+// node's at once, and a NATS restart within the isolation grace is invisible.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { startNats, startNode, connect, join, push, keys, waitFor, sleep } from './harness.mjs';
+
+// Short node timings keep the test quick; the bounds asserted below follow from them.
+const HEARTBEAT = 200;
+const TIMEOUT = 1000;
+const timing = ['--node-heartbeat-ms', String(HEARTBEAT), '--node-timeout-ms', String(TIMEOUT), '--diff-window-ms', '0'];
+
+let nats;
+const nodes = {};
+const sockets = [];
+before(async () => {
+  nats = await startNats();
+  for (const name of ['a', 'b', 'c']) {
+    nodes[name] = await startNode(nats, name, [...timing, '--count-interval-ms', '100']);
+  }
+});
+after(async () => {
+  sockets.forEach((s) => s.disconnect());
+  for (const n of Object.values(nodes)) {
+    if (n.proc.exitCode === null && n.proc.signalCode === null) {
+      const { code } = await n.stop();
+      assert.equal(code, 0, `roster exits 0 on SIGTERM; log: ${n.log()}`);
+    }
+  }
+  await nats.stop();
+});
+
+function open(node, user, opts) {
+  const s = connect(node, user, opts);
+  sockets.push(s);
+  return s;
+}
+
+const refsOf = (presence) => presence.list((k, p) => p.metas.map((m) => `${k}:${m.phx_ref}`)).flat().sort();
+const metasOf = (presence, key) => presence.list((k, p) => (k === key ? p.metas : null)).find(Boolean) || [];
+
+test('clients on three nodes see one topic, with the same phx_refs everywhere', async () => {
+  const a = await join(open(nodes.a, 'ann'), 'room:one', { meta: { at: 'a' } });
+  const b = await join(open(nodes.b, 'ben'), 'room:one', { meta: { at: 'b' } });
+  const c = await join(open(nodes.c, 'cat'), 'room:one', { meta: { at: 'c' } });
+  // One user on two nodes: one key, two metas.
+  const a2 = await join(open(nodes.b, 'ann'), 'room:one', { meta: { at: 'b' } });
+  const all = [a, b, c, a2];
+  await waitFor(() => all.every(({ presence }) => refsOf(presence).length === 4), 5000,
+    () => `four metas in every view: ${all.map(({ presence }) => refsOf(presence).length)}`);
+  for (const { presence } of all) {
+    assert.deepEqual(keys(presence), ['ann', 'ben', 'cat']);
+    assert.deepEqual(refsOf(presence), refsOf(a.presence), 'the same refs on every node');
+    assert.deepEqual(metasOf(presence, 'ann').map((m) => m.at).sort(), ['a', 'b']);
+  }
+});
+
+test('a late node\'s first joiner gets every node\'s members in its presence_state', async () => {
+  await join(open(nodes.a, 'p1'), 'room:late', { meta: { n: 1 } });
+  await join(open(nodes.b, 'p2'), 'room:late', { meta: { n: 2 } });
+  const b2 = await join(open(nodes.b, 'p3'), 'room:late');
+  await waitFor(() => keys(b2.presence).length === 3, 3000, 'b sees both');
+  // Nobody on c has touched room:late: the first joiner's state must still be complete.
+  const states = [];
+  const s = open(nodes.c, 'late');
+  const channel = s.channel('room:late', {});
+  channel.on('presence_state', (st) => states.push(st));
+  await new Promise((resolve, reject) => channel.join().receive('ok', resolve).receive('error', reject));
+  await waitFor(() => states.length > 0, 3000, 'the presence_state');
+  assert.deepEqual(Object.keys(states[0]).sort(), ['late', 'p1', 'p2', 'p3']);
+  assert.equal(states[0].p1.metas[0].n, 1);
+});
+
+test('an update on one node is one diff on another, with phx_ref_prev; a leave leaves', async () => {
+  const watcher = await join(open(nodes.a, 'watcher'), 'room:upd');
+  const mover = await join(open(nodes.b, 'mover'), 'room:upd', { meta: { page: '/a' } });
+  await waitFor(() => keys(watcher.presence).includes('mover'), 3000, 'mover seen on a');
+  const oldRef = metasOf(watcher.presence, 'mover')[0].phx_ref;
+  const diffs = [];
+  watcher.channel.on('presence_diff', (d) => diffs.push(d));
+  assert.equal((await push(mover.channel, 'presence_update', { meta: { page: '/b' } })).status, 'ok');
+  await waitFor(() => diffs.length > 0, 3000, 'the update diff');
+  assert.deepEqual(Object.keys(diffs[0].leaves), ['mover']);
+  assert.deepEqual(Object.keys(diffs[0].joins), ['mover']);
+  assert.equal(diffs[0].leaves.mover.metas[0].phx_ref, oldRef);
+  assert.equal(diffs[0].joins.mover.metas[0].phx_ref_prev, oldRef);
+  assert.equal(diffs[0].joins.mover.metas[0].page, '/b');
+  mover.channel.leave();
+  await waitFor(() => !keys(watcher.presence).includes('mover'), 3000, 'mover gone on a');
+});
+
+test('count mode counts the whole cluster; track false watches without being seen', async () => {
+  const counts = [];
+  const s = open(nodes.c, 'counter');
+  const ch = s.channel('room:count', { presence: 'count' });
+  ch.on('presence_count', (c) => counts.push(c));
+  await new Promise((resolve, reject) => ch.join().receive('ok', resolve).receive('error', reject));
+  await join(open(nodes.a, 'k1'), 'room:count');
+  await join(open(nodes.b, 'k2'), 'room:count');
+  await join(open(nodes.b, 'k2'), 'room:count');
+  const ghost = await join(open(nodes.a, 'ghost'), 'room:count', { track: false });
+  await waitFor(() => counts.length && counts.at(-1).metas === 4, 3000,
+    () => `a count of 4 metas (the counter, k1, k2 twice): ${JSON.stringify(counts)}`);
+  assert.equal(counts.at(-1).keys, 3);
+  await waitFor(() => keys(ghost.presence).length === 3, 3000, 'the ghost sees the others');
+  assert.ok(!keys(ghost.presence).includes('ghost'));
+});
+
+test('kill -9 of a node: its presences leave everywhere within timeout + heartbeat', async () => {
+  const doomed = await startNode(nats, 'doomed', timing);
+  await join(open(doomed, 'victim'), 'room:kill');
+  const onA = await join(open(nodes.a, 'survivor'), 'room:kill');
+  const onB = await join(open(nodes.b, 'survivor2'), 'room:kill');
+  await waitFor(() => [onA, onB].every(({ presence }) => keys(presence).includes('victim')), 3000, 'victim seen');
+  const killed = Date.now();
+  doomed.proc.kill('SIGKILL');
+  await doomed.exited;
+  await waitFor(() => [onA, onB].every(({ presence }) => !keys(presence).includes('victim')), 5000, 'victim gone');
+  const took = Date.now() - killed;
+  assert.ok(took <= TIMEOUT + HEARTBEAT + 500, `left after ${took} ms`);
+  assert.deepEqual(keys(onA.presence), ['survivor', 'survivor2']);
+});
+
+test('SIGTERM: the stopping node\'s presences leave at once', async () => {
+  const stopping = await startNode(nats, 'stopping', timing);
+  await join(open(stopping, 'leaver'), 'room:term');
+  const onA = await join(open(nodes.a, 'stayer'), 'room:term');
+  await waitFor(() => keys(onA.presence).includes('leaver'), 3000, 'leaver seen');
+  const t = Date.now();
+  const { code } = await stopping.stop();
+  assert.equal(code, 0, stopping.log());
+  await waitFor(() => !keys(onA.presence).includes('leaver'), 3000, 'leaver gone');
+  assert.ok(Date.now() - t < TIMEOUT, `left in ${Date.now() - t} ms, before any node timeout`);
+});
+
+test('a node refuses to start with the name of a live node', async () => {
+  const clash = await startNode(nats, 'a', timing).then(
+    (n) => { n.proc.kill('SIGKILL'); return null; },
+    (e) => e,
+  );
+  assert.ok(clash, 'the second "a" must not start');
+  assert.match(String(clash), /another live node is named "a"/);
+});
+
+test('a NATS restart within the isolation grace: nobody sees a leave or a join, and changes flow again', async () => {
+  const x = await join(open(nodes.a, 'x'), 'room:nats');
+  const y = await join(open(nodes.b, 'y'), 'room:nats');
+  await waitFor(() => [x, y].every(({ presence }) => keys(presence).length === 2), 3000, 'both see both');
+  const diffs = [];
+  for (const { channel } of [x, y]) channel.on('presence_diff', (d) => diffs.push(d));
+  await nats.restart();
+  // Longer than the node timeout: had anyone counted the others as down, they would have left.
+  await sleep(TIMEOUT * 2);
+  assert.deepEqual(diffs, [], 'no diff across the restart');
+  await join(open(nodes.c, 'z'), 'room:nats');
+  await waitFor(() => [x, y].every(({ presence }) => keys(presence).includes('z')), 5000, 'z seen after the restart');
+});
