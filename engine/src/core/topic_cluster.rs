@@ -37,6 +37,11 @@ impl TopicCluster {
         self.own.is_empty()
     }
 
+    /// Presences of this node's own part.
+    pub(crate) fn own_len(&self) -> usize {
+        self.own.len()
+    }
+
     /// A presence of this node joined.
     pub(crate) fn joined(&mut self, key: &UserKey, meta: &Meta) {
         let r = ref_of(meta);

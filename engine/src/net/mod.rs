@@ -78,6 +78,9 @@ pub fn run(launch: Launch) -> Result<(), String> {
     };
     let mesh = MeshBuilder::<Vec<MeshMsg>, _>::full(n, config.ring_capacity);
     let board = Board::new(n);
+    if let Some(b) = &bridge {
+        let _ = board.cluster.set(b.stats.clone());
+    }
     let admin = admin::start(
         config.admin_listen,
         Admin {

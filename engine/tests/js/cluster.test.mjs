@@ -56,6 +56,23 @@ test('clients on three nodes see one topic, with the same phx_refs everywhere', 
   }
 });
 
+test('a node holds only what its clients touch, and its metrics say what it holds and sends', async () => {
+  // Shards publish their figures once a second: let the earlier tests' show first.
+  await sleep(1200);
+  const before = { a: await nodes.a.metric('roster_cluster_remote_presences'), c: await nodes.c.metric('roster_cluster_remote_presences') };
+  const x = await join(open(nodes.a, 'here1'), 'room:elsewhere');
+  const y = await join(open(nodes.b, 'here2'), 'room:elsewhere');
+  await waitFor(() => [x, y].every(({ presence }) => keys(presence).length === 2), 3000, 'a and b see each other');
+  await waitFor(async () => await nodes.a.metric('roster_cluster_remote_presences') === before.a + 1, 3000, 'a holds b\'s presence');
+  await sleep(1100); // c's figures published since
+  assert.equal(await nodes.c.metric('roster_cluster_remote_presences'), before.c, 'c has no client there and holds nothing of it');
+  assert.equal(await nodes.a.metric('roster_cluster_nodes_up'), 2);
+  for (const m of ['roster_cluster_messages_out_total', 'roster_cluster_bytes_in_total', 'roster_cluster_part_requests_total']) {
+    assert.ok(await nodes.a.metric(m) > 0, m);
+  }
+  assert.equal(await nodes.a.metric('roster_cluster_bad_frames_total'), 0);
+});
+
 test('a late node\'s first joiner gets every node\'s members in its presence_state', async () => {
   await join(open(nodes.a, 'p1'), 'room:late', { meta: { n: 1 } });
   await join(open(nodes.b, 'p2'), 'room:late', { meta: { n: 2 } });

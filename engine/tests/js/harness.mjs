@@ -23,7 +23,7 @@ function targetDir() {
   return JSON.parse(meta).target_directory;
 }
 
-async function freePort() {
+export async function freePort() {
   return new Promise((resolve, reject) => {
     const srv = createServer();
     srv.unref();
@@ -227,6 +227,18 @@ export async function startNats() {
 }
 
 /** A roster node of a cluster on `nats`, named `name`. */
-export function startNode(nats, name, args = []) {
-  return startServer(['--nats-url', nats.url, '--node-name', name, ...args]);
+export async function startNode(nats, name, args = []) {
+  const adminPort = await freePort();
+  const node = await startServer([
+    '--nats-url', nats.url, '--node-name', name, '--admin-listen', `127.0.0.1:${adminPort}`, ...args,
+  ]);
+  node.admin = `http://127.0.0.1:${adminPort}`;
+  /** The sum over shards of a metric of /metrics. */
+  node.metric = async (name) => {
+    const body = await (await fetch(`${node.admin}/metrics`)).text();
+    const lines = body.split('\n').filter((l) => l.startsWith(`${name}{`) || l.startsWith(`${name} `));
+    if (!lines.length) throw new Error(`no ${name} in /metrics`);
+    return lines.reduce((sum, l) => sum + Number(l.split(' ').at(-1)), 0);
+  };
+  return node;
 }

@@ -42,6 +42,8 @@ pub struct ShardStats {
     pub connections: usize,
     pub topics_owned: usize,
     pub presences_owned: usize,
+    /// Of those, presences of other nodes' parts (in a cluster).
+    pub remote_presences: usize,
     pub users_owned: usize,
     pub watched_users: usize,
     /// Presence diffs that went out for a topic (one per flush or window, not per subscriber).
@@ -532,6 +534,7 @@ impl Shard {
             connections: self.conns.len(),
             topics_owned: self.owner.topics(),
             presences_owned: self.owner.presences(),
+            remote_presences: self.owner.remote_presences(),
             users_owned: self.users.len(),
             watched_users: self.watches.users(),
             diffs_sent: owner.diffs_sent,

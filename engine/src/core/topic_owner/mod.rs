@@ -219,6 +219,15 @@ impl TopicOwner {
         self.topics.values().map(|t| t.counts().1 as usize).sum()
     }
 
+    /// Presences of other nodes held here, for the topics this node's clients touch.
+    pub(crate) fn remote_presences(&self) -> usize {
+        let remote = |t: &Topic| {
+            let c = t.cluster()?;
+            Some((t.counts().1 as usize).saturating_sub(c.own_len()))
+        };
+        self.topics.values().filter_map(remote).sum()
+    }
+
     pub(crate) fn view(&self, topic: &str) -> Option<TopicView> {
         self.topics.get(topic).map(Topic::view)
     }

@@ -55,7 +55,7 @@ pub(super) const REASON_HELP: [(&str, &str); 2] = [
 ];
 
 /// Every figure a shard publishes: (metric name, help, is a counter).
-pub const FIGURES: [(&str, &str, bool); 16] = [
+pub const FIGURES: [(&str, &str, bool); 17] = [
     ("roster_connections", "Open client connections", false),
     (
         "roster_topics",
@@ -65,6 +65,11 @@ pub const FIGURES: [(&str, &str, bool); 16] = [
     (
         "roster_presences",
         "Presences tracked in owned topics",
+        false,
+    ),
+    (
+        "roster_cluster_remote_presences",
+        "Presences of other nodes held for this node's clients (in owned topics)",
         false,
     ),
     ("roster_users", "User keys owned with a presence", false),
@@ -124,6 +129,7 @@ pub enum Figure {
     Connections,
     Topics,
     Presences,
+    RemotePresences,
     Users,
     WatchedUsers,
     RingBacklog,
@@ -153,6 +159,7 @@ impl ShardBoard {
         self.set(Figure::Connections, s.connections as u64);
         self.set(Figure::Topics, s.topics_owned as u64);
         self.set(Figure::Presences, s.presences_owned as u64);
+        self.set(Figure::RemotePresences, s.remote_presences as u64);
         self.set(Figure::Users, s.users_owned as u64);
         self.set(Figure::WatchedUsers, s.watched_users as u64);
         self.set(Figure::Diffs, s.diffs_sent);
@@ -182,12 +189,15 @@ impl ShardBoard {
 /// Every shard's board, shared with the admin thread.
 pub struct Board {
     pub shards: Vec<ShardBoard>,
+    /// The node's cluster figures, once its NATS bridge runs.
+    pub cluster: std::sync::OnceLock<Arc<crate::net::nats::ClusterStats>>,
 }
 
 impl Board {
     pub fn new(shards: usize) -> Arc<Board> {
         Arc::new(Board {
             shards: (0..shards).map(|_| ShardBoard::default()).collect(),
+            cluster: std::sync::OnceLock::new(),
         })
     }
 }

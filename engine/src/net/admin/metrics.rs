@@ -108,6 +108,9 @@ pub fn render(board: &Board) -> String {
         let name = name.trim_end_matches("_seconds");
         registry.register_with_unit(name, *help, Unit::Seconds, Histograms(per_shard));
     }
+    if let Some(c) = board.cluster.get() {
+        cluster(&mut registry, c);
+    }
     registry.register(
         "roster_build",
         "The running build",
@@ -117,6 +120,61 @@ pub fn render(board: &Board) -> String {
     let mut out = String::new();
     let _ = encode(&mut out, &registry);
     out
+}
+
+/// The node's figures as one of a cluster (the NATS bridge's).
+fn cluster(registry: &mut Registry, c: &crate::net::nats::ClusterStats) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let nodes = Gauge::<i64>::default();
+    nodes.set(c.nodes_up.load(Relaxed) as i64);
+    registry.register(
+        "roster_cluster_nodes_up",
+        "Other nodes of the cluster heard from within the node timeout",
+        nodes,
+    );
+    let nats = c.nats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let read = |f: fn(&async_nats::Statistics) -> u64| nats.as_deref().map_or(0, f);
+    let counters: [(&str, &str, u64); 10] = [
+        ("roster_cluster_messages_in", "NATS messages received", read(|s| s.in_messages.load(Relaxed))),
+        ("roster_cluster_messages_out", "NATS messages sent", read(|s| s.out_messages.load(Relaxed))),
+        ("roster_cluster_bytes_in", "NATS payload bytes received", read(|s| s.in_bytes.load(Relaxed))),
+        ("roster_cluster_bytes_out", "NATS payload bytes sent", read(|s| s.out_bytes.load(Relaxed))),
+        (
+            "roster_cluster_nats_reconnects",
+            "Times the NATS connection was established again after the first",
+            read(|s| s.connects.load(Relaxed)).saturating_sub(1),
+        ),
+        (
+            "roster_cluster_part_requests",
+            "Requests for other nodes' parts (first fetches and re-fetches)",
+            c.part_requests.load(Relaxed),
+        ),
+        (
+            "roster_cluster_gaps",
+            "Gaps in another node's frames (heartbeats, reconnects, slow consumer): its parts fetched again",
+            c.gaps.load(Relaxed),
+        ),
+        (
+            "roster_cluster_nodes_down",
+            "Nodes declared down (silent, said goodbye, restarted, or this node isolated too long)",
+            c.nodes_down.load(Relaxed),
+        ),
+        (
+            "roster_cluster_bad_frames",
+            "Messages from NATS that were not a valid frame for this node",
+            c.bad_frames.load(Relaxed),
+        ),
+        (
+            "roster_cluster_dropped",
+            "Frames dropped: a shard's queue full (in) or the NATS connection down (out)",
+            c.dropped_in.load(Relaxed) + c.dropped_out.load(Relaxed),
+        ),
+    ];
+    for (name, help, n) in counters {
+        let counter = Counter::<u64>::default();
+        counter.inc_by(n);
+        registry.register(name, help, counter);
+    }
 }
 
 /// The process's own figures, under the names Prometheus's client libraries use, read from
