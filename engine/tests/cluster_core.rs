@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use roster_engine::cluster::frame::{Frame, Origin};
+use roster_engine::cluster::frame::{Frame, Kind, Origin};
 use roster_engine::cluster::subject::Subjects;
 use roster_engine::core::{ClusterConfig, Config, ConnId, Millis, NatsOut, Output, Shard, UserKey};
 use roster_engine::mesh::{Router, ShardId};
@@ -23,7 +23,7 @@ use common::presence::{see, View};
 /// One message NATS holds for a node.
 enum Inbound {
     Frame(Frame, Option<String>),
-    NoResponders(String),
+    NoResponders(Kind, String),
 }
 
 /// A message for one receiver: (to node, what, the subject it was published on to
@@ -86,13 +86,14 @@ impl Nats {
             }
             NatsOut::Request {
                 subject,
+                kind,
                 name,
                 frame,
             } => {
                 let frame = Frame::decode(&frame).expect("valid");
                 let to = self.subscribers(&subject);
                 if to.is_empty() {
-                    self.flight[from].push_back((from, Inbound::NoResponders(name), None));
+                    self.flight[from].push_back((from, Inbound::NoResponders(kind, name), None));
                 }
                 for t in to {
                     let reply = Some(format!("_INBOX.{from}.{shard}"));
@@ -126,17 +127,27 @@ impl Nats {
 /// Which shard of a node's `shards` takes a frame: the owner of its name, as the node's driver
 /// routes; an answer goes to the shard that asked. And the reply subject a request carries.
 fn route(f: &Frame, reply: Option<String>, shards: u16) -> (usize, Option<String>) {
-    let name = match f {
-        Frame::Delta(d) => &d.name,
-        Frame::PartRequest(r) => &r.name,
-        Frame::Part(p) => &p.name,
-        Frame::Heartbeat(h) => &h.name,
-        Frame::Goodbye(_) => "",
+    let (kind, name) = match f {
+        Frame::Delta(d) => (d.kind, d.name.as_str()),
+        Frame::PartRequest(r) => (r.kind, r.name.as_str()),
+        Frame::Part(p) => (p.kind, p.name.as_str()),
+        Frame::Heartbeat(h) => (Kind::Topic, h.name.as_str()),
+        Frame::Goodbye(_) => (Kind::Topic, ""),
     };
+    let owner = owner(kind, name, shards);
     match (f, reply) {
         (Frame::Part(_), Some(inbox)) => (inbox.split('.').nth(2).unwrap().parse().unwrap(), None),
-        (Frame::PartRequest(_), reply) => (Router::new(shards).topic_owner(name).index(), reply),
-        _ => (Router::new(shards).topic_owner(name).index(), None),
+        (Frame::PartRequest(_), reply) => (owner, reply),
+        _ => (owner, None),
+    }
+}
+
+/// The shard owning a topic or a user key, the same on every node.
+fn owner(kind: Kind, name: &str, shards: u16) -> usize {
+    let router = Router::new(shards);
+    match kind {
+        Kind::Topic => router.topic_owner(name).index(),
+        Kind::User => router.user_owner(name).index(),
     }
 }
 
@@ -227,7 +238,7 @@ impl Cluster {
                         let (_, reply) = route(&f, reply, 1);
                         self.nodes[to].nats_frame(f, reply.as_deref());
                     }
-                    Inbound::NoResponders(name) => self.nodes[to].no_responders(&name),
+                    Inbound::NoResponders(kind, name) => self.nodes[to].no_responders(kind, &name),
                 }
                 self.collect(to);
             }
@@ -422,7 +433,6 @@ mod random {
 
     struct Node {
         shards: Vec<Shard>,
-        router: Router,
         alive: bool,
     }
 
@@ -482,7 +492,6 @@ mod random {
                         shards: (0..shards)
                             .map(|s| Shard::new(ShardId(s), config.clone()))
                             .collect(),
-                        router: Router::new(shards),
                         alive: true,
                     }
                 })
@@ -559,10 +568,10 @@ mod random {
                     self.nodes[to].shards[shard].nats_frame(f, reply.as_deref());
                     self.collect(to, shard);
                 }
-                Inbound::NoResponders(name) => {
+                Inbound::NoResponders(kind, name) => {
                     self.log.push(format!("  no responders {name} for {to}"));
-                    let shard = self.nodes[to].router.topic_owner(&name).index();
-                    self.nodes[to].shards[shard].no_responders(&name);
+                    let shard = owner(kind, &name, self.nodes[to].shards.len() as u16);
+                    self.nodes[to].shards[shard].no_responders(kind, &name);
                     self.collect(to, shard);
                 }
             }

@@ -88,6 +88,10 @@ pub struct PartRequest {
     pub kind: Kind,
     pub name: String,
     pub from: Origin,
+    /// Which interest of the asker's this is (it changes each time the asker forgets the name
+    /// and takes it up again): an answer carries it back, so that a late answer to an old
+    /// interest is not taken for one to the new.
+    pub ask: u64,
 }
 
 /// One chunk of an origin's part of `name`, as of its delta `seq` (the next delta's `prev`),
@@ -103,6 +107,8 @@ pub struct Part {
     pub floor: u64,
     pub presences: Vec<Presence>,
     pub holders: Vec<u64>,
+    /// The request's `ask` this answers; 0 for a part nobody asked for.
+    pub ask: u64,
     /// This chunk's place, from 0, and how many there are.
     pub chunk: u32,
     pub chunks: u32,
@@ -285,6 +291,7 @@ fn part_header(part: &Part) -> Part {
         floor: part.floor,
         presences: Vec::new(),
         holders: Vec::new(),
+        ask: part.ask,
         chunk: u32::MAX - 1,
         chunks: u32::MAX,
     }
@@ -331,6 +338,7 @@ mod tests {
                 kind: Kind::User,
                 name: "alice".into(),
                 from: origin(),
+                ask: 3,
             }),
             Frame::Part(Part {
                 kind: Kind::Topic,
@@ -340,6 +348,7 @@ mod tests {
                 floor: 15,
                 presences: vec![presence(1, 10), presence(3, 0)],
                 holders: vec![7, 8],
+                ask: 3,
                 chunk: 0,
                 chunks: 1,
             }),
@@ -457,6 +466,7 @@ mod tests {
             floor: 5,
             presences: presences.clone(),
             holders: vec![7, 9],
+            ask: 0,
             chunk: 0,
             chunks: 1,
         };

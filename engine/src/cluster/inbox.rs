@@ -6,12 +6,14 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use crate::cluster::frame::Kind;
 use crate::core::Millis;
 use crate::mesh::ShardId;
 
 #[derive(Debug)]
 struct Asked {
     shard: ShardId,
+    kind: Kind,
     name: String,
 }
 
@@ -46,12 +48,12 @@ impl Inbox {
     }
 
     /// The reply subject of a new request of `shard` about `name`.
-    pub fn ask(&mut self, shard: ShardId, name: &str, now: Millis) -> String {
+    pub fn ask(&mut self, shard: ShardId, kind: Kind, name: &str, now: Millis) -> String {
         self.expire(now);
         self.next += 1;
         let id = self.next;
         let name = name.to_owned();
-        self.asked.insert(id, Asked { shard, name });
+        self.asked.insert(id, Asked { shard, kind, name });
         self.expiry.push_back((Millis(now.0 + self.keep.0), id));
         format!("{}.{}.{}", self.prefix, shard.0, id)
     }
@@ -63,9 +65,9 @@ impl Inbox {
 
     /// NATS said nobody subscribes to what the request on `subject` asked: the shard and the
     /// name it asked about. Once per request.
-    pub fn no_responders(&mut self, subject: &str) -> Option<(ShardId, String)> {
+    pub fn no_responders(&mut self, subject: &str) -> Option<(ShardId, Kind, String)> {
         let (_, id) = self.parse(subject)?;
-        self.asked.remove(&id).map(|a| (a.shard, a.name))
+        self.asked.remove(&id).map(|a| (a.shard, a.kind, a.name))
     }
 
     /// Requests whose records are kept now.
@@ -100,14 +102,14 @@ mod tests {
     fn answers_go_to_the_shard_that_asked_and_no_responders_names_the_topic() {
         let mut inbox = Inbox::new("_INBOX.abc".into(), 4, Millis(1000));
         assert_eq!(inbox.subscription(), "_INBOX.abc.>");
-        let a = inbox.ask(ShardId(2), "room:1", Millis(0));
-        let b = inbox.ask(ShardId(3), "room:2", Millis(10));
+        let a = inbox.ask(ShardId(2), Kind::Topic, "room:1", Millis(0));
+        let b = inbox.ask(ShardId(3), Kind::User, "room:2", Millis(10));
         assert_ne!(a, b);
         assert_eq!(inbox.answer(&a), Some(ShardId(2)));
         assert_eq!(inbox.answer(&b), Some(ShardId(3)));
         assert_eq!(
             inbox.no_responders(&b),
-            Some((ShardId(3), "room:2".to_owned()))
+            Some((ShardId(3), Kind::User, "room:2".to_owned()))
         );
         assert_eq!(inbox.no_responders(&b), None, "once per request");
         // Not ours, malformed, or a shard this process does not have.
@@ -121,7 +123,7 @@ mod tests {
             assert_eq!(inbox.answer(s), None, "{s}");
         }
         // Records are kept `keep` long.
-        inbox.ask(ShardId(0), "room:3", Millis(2000));
+        inbox.ask(ShardId(0), Kind::Topic, "room:3", Millis(2000));
         assert_eq!(inbox.no_responders(&a), None);
         assert_eq!(inbox.pending(), 1);
     }

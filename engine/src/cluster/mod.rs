@@ -1,7 +1,8 @@
-//! roster nodes sharing presence through NATS (in progress: the frame format, subjects,
-//! per-origin ordering, node liveness and remote parts are here, and the core's topic owners use
-//! them when `core::Config::cluster` is set, see `core/topic_owner/cluster.rs`; the NATS bridge,
-//! the options, watch lists across nodes and the simulation are not yet). Each node is the only writer of its own connections' presences, its "part" of a
+//! roster nodes sharing presence through NATS (docs/CLUSTER.md): the frame format, subjects,
+//! per-origin ordering, node liveness, remote parts and the request inbox, all sans-IO. The
+//! core's topic and user owners use them when `core::Config::cluster` is set
+//! (`core/topic_owner/cluster.rs`, `core/user_cluster.rs`); `net/nats.rs` carries them to and
+//! from NATS. Each node is the only writer of its own connections' presences, its "part" of a
 //! topic; a topic is the union of the live parts of the nodes holding presences there, and a
 //! node keeps only the parts of names its own clients touch. No CRDT, no consensus.
 //!

@@ -19,9 +19,11 @@ pub enum Change {
         phx_ref: u64,
         meta: Vec<u8>,
     },
+    /// With the meta it had (a watcher's diff shows it).
     Leave {
         key: String,
         phx_ref: u64,
+        meta: Vec<u8>,
     },
 }
 
@@ -350,10 +352,11 @@ impl RemotePart {
             }
         }
         for l in d.leaves {
-            if self.presences.remove(&(l.key.clone(), l.phx_ref)).is_some() {
+            if let Some(meta) = self.presences.remove(&(l.key.clone(), l.phx_ref)) {
                 changes.push(Change::Leave {
                     key: l.key,
                     phx_ref: l.phx_ref,
+                    meta,
                 });
             }
         }
@@ -379,10 +382,11 @@ fn joins(presences: &BTreeMap<(String, u64), Vec<u8>>, changes: &mut Vec<Change>
 }
 
 fn leaves(presences: &BTreeMap<(String, u64), Vec<u8>>, changes: &mut Vec<Change>) {
-    for (key, phx_ref) in presences.keys() {
+    for ((key, phx_ref), meta) in presences {
         changes.push(Change::Leave {
             key: key.clone(),
             phx_ref: *phx_ref,
+            meta: meta.clone(),
         });
     }
 }
@@ -393,10 +397,11 @@ fn net_changes(
     new: &BTreeMap<(String, u64), Vec<u8>>,
     changes: &mut Vec<Change>,
 ) {
-    for (key, phx_ref) in old.keys().filter(|id| !new.contains_key(*id)) {
+    for ((key, phx_ref), meta) in old.iter().filter(|(id, _)| !new.contains_key(*id)) {
         changes.push(Change::Leave {
             key: key.clone(),
             phx_ref: *phx_ref,
+            meta: meta.clone(),
         });
     }
     for ((key, phx_ref), meta) in new.iter().filter(|(id, _)| !old.contains_key(*id)) {
@@ -458,6 +463,7 @@ mod tests {
             floor: seq,
             presences,
             holders: holders.to_vec(),
+            ask: 0,
             chunk: chunk.0,
             chunks: chunk.1,
         }
@@ -481,6 +487,7 @@ mod tests {
         Change::Leave {
             key: key.into(),
             phx_ref,
+            meta: p(key, phx_ref).meta,
         }
     }
 

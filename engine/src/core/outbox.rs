@@ -5,6 +5,7 @@ use std::rc::Rc;
 
 use roster_proto::encode::FrameKind;
 
+use crate::cluster::frame::Kind;
 use crate::core::{CloseCode, ConnId, Frame, MeshMsg};
 use crate::mesh::ShardId;
 
@@ -43,6 +44,7 @@ pub enum NatsOut {
     /// Publish, with the answers (and "no responders") coming back as inputs for `name`.
     Request {
         subject: String,
+        kind: Kind,
         name: String,
         frame: Vec<u8>,
     },

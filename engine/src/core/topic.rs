@@ -12,8 +12,9 @@ use roster_proto::meta::stored_body;
 use roster_proto::{PhxRef, PresenceMode};
 use smallvec::SmallVec;
 
+use crate::cluster::frame::Kind;
 use crate::core::hash::{Map, Seeds};
-use crate::core::topic_cluster::TopicCluster;
+use crate::core::part::TopicCluster;
 use crate::core::{ConnAddr, ConnId, Meta, Millis, Track, UserKey};
 use crate::mesh::ShardId;
 
@@ -111,8 +112,8 @@ impl Topic {
     }
 
     /// The topic's cluster side, for node `me`: what it tracks from now on is this node's part.
-    pub(crate) fn join_cluster(&mut self, me: u64) {
-        self.cluster = Some(Box::new(TopicCluster::new(me)));
+    pub(crate) fn join_cluster(&mut self, me: u64, epoch: u64) {
+        self.cluster = Some(Box::new(TopicCluster::new(Kind::Topic, me, epoch)));
     }
 
     pub(crate) fn cluster(&self) -> Option<&TopicCluster> {

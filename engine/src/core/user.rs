@@ -6,11 +6,12 @@ use roster_proto::PhxRef;
 use smallvec::SmallVec;
 
 use crate::core::hash::{Map, Seeds};
-use crate::core::{Meta, TopicName, UserKey};
+use crate::core::user_cluster::UserClusters;
+use crate::core::{ClusterConfig, Meta, TopicName, UserKey};
 use crate::mesh::ShardId;
 
 #[derive(Debug)]
-struct UserPresence {
+pub(super) struct UserPresence {
     topic: TopicName,
     /// Shared with the topic's table; its phx_ref is read from its bytes.
     meta: Meta,
@@ -18,16 +19,19 @@ struct UserPresence {
 
 #[derive(Debug)]
 pub(crate) struct Users {
-    users: Map<UserKey, SmallVec<[UserPresence; 1]>>,
+    pub(super) users: Map<UserKey, SmallVec<[UserPresence; 1]>>,
     /// Only watched users are here, so watch lists cost nothing to everyone else.
-    watchers: Map<UserKey, SmallVec<[ShardId; 2]>>,
+    pub(super) watchers: Map<UserKey, SmallVec<[ShardId; 2]>>,
+    /// In a cluster: the other nodes' parts of the keys with interest here (`user_cluster.rs`).
+    pub(super) cluster: Option<Box<UserClusters>>,
 }
 
 impl Users {
-    pub(crate) fn new(seeds: Seeds) -> Self {
+    pub(crate) fn new(seeds: Seeds, cluster: Option<ClusterConfig>) -> Self {
         Users {
             users: seeds.map(),
             watchers: seeds.map(),
+            cluster: cluster.map(|c| Box::new(UserClusters::new(c, seeds))),
         }
     }
 
@@ -97,8 +101,10 @@ impl Users {
         self.users.len()
     }
 
-    /// No presence and no watcher.
+    /// No presence, no watcher, and no key with interest in the cluster.
     pub(crate) fn is_empty(&self) -> bool {
-        self.users.is_empty() && self.watchers.is_empty()
+        self.users.is_empty()
+            && self.watchers.is_empty()
+            && self.cluster.as_ref().is_none_or(|c| c.len() == 0)
     }
 }

@@ -2,19 +2,22 @@
 //! tells the shards that watch a user of every change (see `watch.rs` for the other end).
 
 use crate::core::outbox::Outbox;
+use crate::core::topic_owner::Env;
 use crate::core::user::Users;
 use crate::core::{MeshMsg, Meta, TopicName, UserKey};
 
 impl Users {
     /// A message for the user owner (tracked, untracked, updated, watch, unwatch).
-    pub(crate) fn message(&mut self, msg: MeshMsg, tx: &mut Outbox) {
+    pub(crate) fn message(&mut self, msg: MeshMsg, env: &mut Env<'_>) {
+        let tx = &mut *env.tx;
         match msg {
             MeshMsg::UserTracked { topic, track } => {
+                self.cluster_tracked(&track.key, &topic, &track.meta, env);
                 if self.watchers(track.key.as_str()).is_empty() {
                     self.tracked(track.key, topic, track.meta);
                 } else {
                     self.tracked(track.key.clone(), topic.clone(), track.meta.clone());
-                    self.tell_watchers(&track.key, vec![(topic, track.meta)], Vec::new(), tx);
+                    self.tell_watchers(&track.key, vec![(topic, track.meta)], Vec::new(), env.tx);
                 }
             }
             MeshMsg::UserUntracked {
@@ -23,14 +26,23 @@ impl Users {
                 phx_ref,
             } => {
                 if let Some(meta) = self.untracked(&key, &topic, phx_ref) {
+                    self.cluster_untracked(&key, &topic, phx_ref);
                     self.tell_watchers(&key, Vec::new(), vec![(topic, meta)], tx);
                 }
             }
             MeshMsg::UserUpdated { topic, old, track } => {
                 let left = self.untracked(&track.key, &topic, old);
+                if left.is_some() {
+                    self.cluster_untracked(&track.key, &topic, old);
+                }
+                self.cluster_tracked(&track.key, &topic, &track.meta, env);
                 self.tracked(track.key.clone(), topic.clone(), track.meta.clone());
                 let leaves = left.map(|m| vec![(topic.clone(), m)]).unwrap_or_default();
-                self.tell_watchers(&track.key, vec![(topic, track.meta)], leaves, tx);
+                self.tell_watchers(&track.key, vec![(topic, track.meta)], leaves, env.tx);
+            }
+            MeshMsg::Watch { key, from, seq } if self.cluster.is_some() => {
+                self.watch(key.clone(), from);
+                self.cluster_watch(key, from, seq, env);
             }
             MeshMsg::Watch { key, from, seq } => {
                 let presences = self.presences(key.as_str());
@@ -42,12 +54,15 @@ impl Users {
                 };
                 tx.mesh(from, msg);
             }
-            MeshMsg::Unwatch { key, from } => self.unwatch(&key, from),
+            MeshMsg::Unwatch { key, from } => {
+                self.unwatch(&key, from);
+                self.cluster_unwatched(&key);
+            }
             _ => debug_assert!(false, "not a user owner's message: {msg:?}"),
         }
     }
 
-    fn tell_watchers(
+    pub(super) fn tell_watchers(
         &self,
         key: &UserKey,
         joins: Vec<(TopicName, Meta)>,

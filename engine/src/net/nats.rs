@@ -18,7 +18,7 @@ use async_nats::connection::State;
 use async_nats::{Client, ConnectOptions, Event, Message, ServerAddr, StatusCode, Subscriber};
 use futures_util::StreamExt;
 
-use crate::cluster::frame::{Frame, Origin};
+use crate::cluster::frame::{Frame, Kind, Origin};
 use crate::cluster::inbox::Inbox;
 use crate::cluster::nodes::{NodeEvent, Nodes, Timing};
 use crate::cluster::subject::{name_hash, Subjects};
@@ -39,7 +39,7 @@ pub enum FromBridge {
     /// A frame about a name the shard owns; `reply` is where a request wants its answer.
     Frame(Frame, Option<String>),
     /// Nobody subscribes to what the shard's request about this name asked.
-    NoResponders(String),
+    NoResponders(Kind, String),
     NodeUp(Origin),
     NodeBack(Origin),
     NodeDown(Origin),
@@ -323,16 +323,20 @@ impl Deliver {
         let Some(frame) = self.decode(&m) else {
             return;
         };
-        let name = match &frame {
-            Frame::Delta(d) => &d.name,
-            Frame::PartRequest(r) => &r.name,
-            Frame::Part(p) => &p.name,
+        let (kind, name) = match &frame {
+            Frame::Delta(d) => (d.kind, &d.name),
+            Frame::PartRequest(r) => (r.kind, &r.name),
+            Frame::Part(p) => (p.kind, &p.name),
             Frame::Heartbeat(_) | Frame::Goodbye(_) => {
                 ClusterStats::add(&self.stats.bad_frames, 1);
                 return;
             }
         };
-        let shard = self.router.topic_owner(name);
+        // The same shard as the name's owner on every node (`mesh::Router`).
+        let shard = match kind {
+            Kind::Topic => self.router.topic_owner(name),
+            Kind::User => self.router.user_owner(name),
+        };
         let reply = m.reply.map(|r| r.to_string());
         self.frame(shard, frame, reply);
     }
@@ -469,11 +473,12 @@ impl Running {
                 NatsOut::Publish { subject, frame } => self.publish(subject, None, frame).await,
                 NatsOut::Request {
                     subject,
+                    kind,
                     name,
                     frame,
                 } => {
                     ClusterStats::add(&self.stats.part_requests, 1);
-                    let reply = self.inbox.ask(shard, &name, self.now());
+                    let reply = self.inbox.ask(shard, kind, &name, self.now());
                     self.publish(subject, Some(reply), frame).await;
                 }
                 NatsOut::Reply { to, frame } => self.publish(to, None, frame).await,
@@ -523,8 +528,9 @@ impl Running {
     /// An answer to one of this node's requests, or NATS saying nobody could answer it.
     fn answer(&mut self, m: Message) {
         if m.status == Some(StatusCode::NO_RESPONDERS) {
-            if let Some((shard, name)) = self.inbox.no_responders(&m.subject) {
-                let _ = self.deliver.shards[shard.index()].send(FromBridge::NoResponders(name));
+            if let Some((shard, kind, name)) = self.inbox.no_responders(&m.subject) {
+                let answer = FromBridge::NoResponders(kind, name);
+                let _ = self.deliver.shards[shard.index()].send(answer);
             }
             return;
         }

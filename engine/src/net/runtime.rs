@@ -273,7 +273,7 @@ impl Runtime {
             for m in batch {
                 match m {
                     FromBridge::Frame(frame, reply) => core.nats_frame(frame, reply.as_deref()),
-                    FromBridge::NoResponders(name) => core.no_responders(&name),
+                    FromBridge::NoResponders(kind, name) => core.no_responders(kind, &name),
                     FromBridge::NodeUp(o) => core.node_up(o),
                     FromBridge::NodeBack(o) => core.node_back(o),
                     FromBridge::NodeDown(o) => core.node_down(o),

@@ -1,7 +1,8 @@
 // roster nodes sharing presence through a real nats-server, driven by the official phoenix
 // client: clients on different nodes see each other as if on one server, a late node's first
-// joiner gets every node's members, a killed node's presences leave on the others, a stopped
-// node's at once, and a NATS restart within the isolation grace is invisible.
+// joiner gets every node's members, watch lists see users on any node, a killed node's
+// presences leave on the others, a stopped node's at once, and a NATS restart within the
+// isolation grace is invisible.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { startNats, startNode, connect, join, push, keys, waitFor, sleep } from './harness.mjs';
@@ -124,16 +125,47 @@ test('count mode counts the whole cluster; track false watches without being see
   assert.ok(!keys(ghost.presence).includes('ghost'));
 });
 
+test('watch lists see users on any node: state, comings and goings, an update, a late watcher', async () => {
+  // wb is online on b before anyone watches.
+  const wbSock = open(nodes.b, 'wb');
+  const wb = await join(wbSock, 'room:w1', { meta: { status: 'away' } });
+  // Settled: b has told the cluster (a first fetch of wb's parts takes a NATS round trip).
+  await sleep(300);
+  const w = await join(open(nodes.c, 'watcher'), 'watch:friends', { users: ['wa', 'wb'] });
+  assert.deepEqual(keys(w.presence), ['wb'], 'the state holds who is online now, on another node');
+  assert.deepEqual(metasOf(w.presence, 'wb').map((m) => [m.topic, m.status]), [['room:w1', 'away']]);
+  // wa comes online on a, in two topics.
+  const waSock = open(nodes.a, 'wa');
+  const wa1 = await join(waSock, 'room:w1', { meta: { page: '/x' } });
+  await join(waSock, 'room:w2');
+  await waitFor(() => metasOf(w.presence, 'wa').length === 2, 3000, 'wa online in two topics');
+  assert.deepEqual(metasOf(w.presence, 'wa').map((m) => m.topic).sort(), ['room:w1', 'room:w2']);
+  // An update is seen; a watcher on a (wa's own node) agrees with the one on c.
+  assert.equal((await push(wa1.channel, 'presence_update', { meta: { page: '/y' } })).status, 'ok');
+  await waitFor(() => metasOf(w.presence, 'wa').some((m) => m.page === '/y'), 3000, 'the update');
+  const w2 = await join(open(nodes.a, 'watcher2'), 'watch:more', { users: ['wa', 'wb', 'nobody'] });
+  assert.deepEqual(keys(w2.presence), ['wa', 'wb'], 'a late watcher gets everyone in its state');
+  const refs = (p) => p.list((k, x) => x.metas.map((m) => `${k}:${m.topic}:${m.phx_ref}`)).flat().sort();
+  assert.deepEqual(refs(w2.presence), refs(w.presence), 'the same refs on both nodes');
+  // wb goes offline: both watchers see it.
+  wbSock.disconnect();
+  await waitFor(() => [w, w2].every(({ presence }) => !keys(presence).includes('wb')), 3000, 'wb offline');
+  waSock.disconnect();
+  await waitFor(() => [w, w2].every(({ presence }) => keys(presence).length === 0), 3000, 'wa offline');
+});
+
 test('kill -9 of a node: its presences leave everywhere within timeout + heartbeat', async () => {
   const doomed = await startNode(nats, 'doomed', timing);
   await join(open(doomed, 'victim'), 'room:kill');
   const onA = await join(open(nodes.a, 'survivor'), 'room:kill');
   const onB = await join(open(nodes.b, 'survivor2'), 'room:kill');
   await waitFor(() => [onA, onB].every(({ presence }) => keys(presence).includes('victim')), 3000, 'victim seen');
+  const friend = await join(open(nodes.c, 'friend'), 'watch:victim', { users: ['victim'] });
+  await waitFor(() => keys(friend.presence).includes('victim'), 3000, 'victim watched from c');
   const killed = Date.now();
   doomed.proc.kill('SIGKILL');
   await doomed.exited;
-  await waitFor(() => [onA, onB].every(({ presence }) => !keys(presence).includes('victim')), 5000, 'victim gone');
+  await waitFor(() => [onA, onB, friend].every(({ presence }) => !keys(presence).includes('victim')), 5000, 'victim gone');
   const took = Date.now() - killed;
   assert.ok(took <= TIMEOUT + HEARTBEAT + 500, `left after ${took} ms`);
   assert.deepEqual(keys(onA.presence), ['survivor', 'survivor2']);

@@ -81,7 +81,10 @@ impl Shard {
             | MeshMsg::UserUntracked { .. }
             | MeshMsg::UserUpdated { .. }
             | MeshMsg::Watch { .. }
-            | MeshMsg::Unwatch { .. }) => self.users.message(msg, &mut self.tx),
+            | MeshMsg::Unwatch { .. }) => {
+                let (users, mut env) = self.users_env();
+                users.message(msg, &mut env);
+            }
             msg => {
                 let (owner, mut env) = self.owner_env();
                 owner.message(msg, &mut env);

@@ -131,10 +131,10 @@ impl Shard {
             router: Router::new(config.shards),
             conns: seeds.map(),
             owner: TopicOwner::new(&config, seeds),
-            config,
-            users: Users::new(seeds),
+            users: Users::new(seeds, config.cluster.clone()),
             subs: LocalSubs::new(seeds),
             watches: Watches::new(seeds),
+            config,
             awaiting: seeds.map(),
             clock_us: 0,
             join_latency: Latency::default(),
@@ -164,6 +164,17 @@ impl Shard {
             buf: &mut self.buf,
         };
         (&mut self.owner, env)
+    }
+
+    /// The user-owner part beside what it writes to (as `owner_env`).
+    fn users_env(&mut self) -> (&mut Users, Env<'_>) {
+        let env = Env {
+            now: self.now,
+            tx: &mut self.tx,
+            names: &mut self.names,
+            buf: &mut self.buf,
+        };
+        (&mut self.users, env)
     }
 
     /// The topic-owner part, for the invariants.
@@ -240,6 +251,7 @@ impl Shard {
             owner.flush(&mut env);
             self.watches.flush(&mut self.tx, &mut self.buf);
             self.drain_local();
+            self.users.cluster_flush(&mut self.tx);
             if !self.owner.has_changes() {
                 break;
             }
@@ -253,6 +265,8 @@ impl Shard {
         self.now = Millis(self.now.0.max(now.0));
         let (owner, mut env) = self.owner_env();
         owner.tick(&mut env);
+        let (users, mut env) = self.users_env();
+        users.user_tick(&mut env);
         self.close_stuck();
         self.close_dead();
         self.drain_local();
@@ -307,15 +321,38 @@ impl Shard {
     /// A frame from NATS about a topic this shard owns (the driver routes each by its name, as
     /// `mesh::Router` does); `reply`: where a request wants its answer.
     pub fn nats_frame(&mut self, frame: NodeFrame, reply: Option<&str>) {
-        let (owner, mut env) = self.owner_env();
-        owner.nats_frame(frame, reply, &mut env);
+        use crate::cluster::frame::Kind;
+        let kind = match &frame {
+            NodeFrame::Delta(d) => d.kind,
+            NodeFrame::PartRequest(q) => q.kind,
+            NodeFrame::Part(p) => p.kind,
+            NodeFrame::Heartbeat(_) | NodeFrame::Goodbye(_) => return,
+        };
+        match kind {
+            Kind::Topic => {
+                let (owner, mut env) = self.owner_env();
+                owner.nats_frame(frame, reply, &mut env);
+            }
+            Kind::User => {
+                let (users, mut env) = self.users_env();
+                users.user_frame(frame, reply, &mut env);
+            }
+        }
         self.drain_local();
     }
 
     /// The request for `name`'s parts found nobody subscribed.
-    pub fn no_responders(&mut self, name: &str) {
-        let (owner, mut env) = self.owner_env();
-        owner.no_responders(name, &mut env);
+    pub fn no_responders(&mut self, kind: crate::cluster::frame::Kind, name: &str) {
+        match kind {
+            crate::cluster::frame::Kind::Topic => {
+                let (owner, mut env) = self.owner_env();
+                owner.no_responders(name, &mut env);
+            }
+            crate::cluster::frame::Kind::User => {
+                let (users, mut env) = self.users_env();
+                users.user_no_responders(name, &mut env);
+            }
+        }
         self.drain_local();
     }
 
@@ -323,18 +360,22 @@ impl Shard {
     pub fn node_down(&mut self, origin: crate::cluster::frame::Origin) {
         let (owner, mut env) = self.owner_env();
         owner.node_down(origin, &mut env);
+        let (users, mut env) = self.users_env();
+        users.user_node_down(origin, &mut env);
         self.drain_local();
     }
 
     /// A node declared down is heard again (a partition healed).
     pub fn node_up(&mut self, origin: crate::cluster::frame::Origin) {
         self.owner.node_up(origin);
+        self.users.user_node_up(origin);
     }
 
     /// A node declared down is heard again: its parts are asked for anew.
     pub fn node_back(&mut self, origin: crate::cluster::frame::Origin) {
         let (owner, mut env) = self.owner_env();
         owner.node_back(origin, &mut env);
+        self.users.user_node_back(origin, &mut self.tx);
         self.drain_local();
     }
 
@@ -343,6 +384,7 @@ impl Shard {
     pub fn node_gap(&mut self, origin: crate::cluster::frame::Origin) {
         let (owner, mut env) = self.owner_env();
         owner.node_gap(origin, &mut env);
+        self.users.user_node_gap(origin, &mut self.tx);
         self.drain_local();
     }
 
@@ -483,7 +525,13 @@ impl Shard {
             .resyncing
             .next_deadline(self.config.slow_consumer_timeout);
         let dead = self.liveness.next_deadline();
-        owner.into_iter().chain(stuck).chain(dead).min()
+        let fetch = self.users.user_next_deadline();
+        owner
+            .into_iter()
+            .chain(stuck)
+            .chain(dead)
+            .chain(fetch)
+            .min()
     }
 
     /// How long joins took from their arrival to their reply, so far.

@@ -2,10 +2,7 @@
 //! here (a client of this node joined it or is present) and ends when it is forgotten; this
 //! node's part goes out as deltas at each flush; the other nodes' parts come in as deltas and
 //! answers and change what this node's clients see. On a single node (`Config::cluster` None)
-//! every function here does nothing.
-//!
-//! Partial: topics only (watch lists across nodes are not here yet), and no deadline for a
-//! holder named in an answer that never answers.
+//! every function here does nothing. Watch lists across nodes are `core/user_cluster.rs`.
 
 use roster_proto::PhxRef;
 
@@ -27,7 +24,8 @@ impl TopicOwner {
         let Some(t) = self.topics.get_mut(name) else {
             return;
         };
-        t.join_cluster(c.me.node);
+        self.asks += 1;
+        t.join_cluster(c.me.node, self.asks);
         let until = Millis(env.now.0.saturating_add(c.fetch_timeout.0));
         debug_assert!(self.fetches.back().is_none_or(|b| b.0 <= until));
         self.fetches.push_back((until, name.clone()));
@@ -36,7 +34,12 @@ impl TopicOwner {
         tx.nats(NatsOut::Subscribe(
             subjects.deltas(Scope::Topic, name.as_str()),
         ));
-        tx.nats(ask(c, name, subjects.parts(Scope::Topic, name.as_str())));
+        tx.nats(ask(
+            c,
+            name,
+            subjects.parts(Scope::Topic, name.as_str()),
+            self.asks,
+        ));
     }
 
     /// First fetches past their deadline complete with what came.
@@ -57,7 +60,7 @@ impl TopicOwner {
             // come, after the fetch.
             if let Some(c) = &self.config.cluster {
                 for node in tc.remote.missing() {
-                    env.tx.nats(ask(c, &name, c.subjects.node(node)));
+                    env.tx.nats(ask(c, &name, c.subjects.node(node), tc.epoch));
                 }
             }
             self.on_remote(&name, env, |r| r.fetch_expired());
@@ -127,6 +130,14 @@ impl TopicOwner {
                 let Some(name) = self.held(&p.name) else {
                     return;
                 };
+                let epoch = self
+                    .topics
+                    .get(&name)
+                    .and_then(|t| t.cluster())
+                    .map(|tc| tc.epoch);
+                if p.ask != 0 && Some(p.ask) != epoch {
+                    return; // A late answer to an interest this node has given up since.
+                }
                 self.on_remote(&name, env, |r| r.part(p));
             }
             Frame::PartRequest(q) if q.kind == Kind::Topic && q.from.node != me.node => {
@@ -140,7 +151,7 @@ impl TopicOwner {
                     .held(&q.name)
                     .and_then(|n| self.topics.get(&n)?.cluster());
                 let part = match tc {
-                    Some(tc) => tc.own_part(&q.name, me, self.delta_seq),
+                    Some(tc) => tc.own_part(&q.name, me, self.delta_seq, q.ask),
                     None => Part {
                         kind: Kind::Topic,
                         name: q.name.clone(),
@@ -149,6 +160,7 @@ impl TopicOwner {
                         floor: self.delta_seq,
                         presences: Vec::new(),
                         holders: vec![me.node],
+                        ask: q.ask,
                         chunk: 0,
                         chunks: 1,
                     },
@@ -202,7 +214,8 @@ impl TopicOwner {
                 continue;
             };
             if tc.remote.refetch(origin) {
-                env.tx.nats(ask(c, name, c.subjects.node(origin.node)));
+                env.tx
+                    .nats(ask(c, name, c.subjects.node(origin.node), tc.epoch));
             }
         }
     }
@@ -216,8 +229,9 @@ impl TopicOwner {
         };
         self.dead.remove(&origin);
         for (name, t) in self.topics.iter() {
-            if t.cluster().is_some() && !t.fetching() {
-                env.tx.nats(ask(c, name, c.subjects.node(origin.node)));
+            if let Some(tc) = t.cluster().filter(|_| !t.fetching()) {
+                env.tx
+                    .nats(ask(c, name, c.subjects.node(origin.node), tc.epoch));
             }
         }
     }
@@ -250,14 +264,16 @@ impl TopicOwner {
                 Change::Join { key, meta, .. } => {
                     t.track_remote(UserKey::new(&key), Meta::new(&meta))
                 }
-                Change::Leave { key, phx_ref } => {
+                Change::Leave { key, phx_ref, .. } => {
                     t.untrack_remote(&UserKey::new(&key), PhxRef(phx_ref));
                 }
             }
         }
+        let epoch = t.cluster().map_or(0, |tc| tc.epoch);
         self.changed.note(name, t);
         for origin in applied.refetch {
-            env.tx.nats(ask(c, name, c.subjects.node(origin.node)));
+            env.tx
+                .nats(ask(c, name, c.subjects.node(origin.node), epoch));
         }
         let Some(t) = self.topics.get_mut(name) else {
             return;
@@ -273,7 +289,7 @@ impl TopicOwner {
             subjects.parts(Scope::Topic, name.as_str()),
         ));
         if let Some(tc) = t.cluster().filter(|tc| !tc.own_is_empty()) {
-            let part = tc.own_part(name.as_str(), c.me, self.delta_seq);
+            let part = tc.own_part(name.as_str(), c.me, self.delta_seq, 0);
             for frame in part_frames(part, c.max_payload) {
                 let subject = subjects.deltas(Scope::Topic, name.as_str());
                 env.tx.nats(NatsOut::Publish { subject, frame });
@@ -292,14 +308,16 @@ impl TopicOwner {
 }
 
 /// A request for `name`'s parts, on `subject` (everyone's, or one node's).
-fn ask(c: &ClusterConfig, name: &TopicName, subject: String) -> NatsOut {
+fn ask(c: &ClusterConfig, name: &TopicName, subject: String, ask: u64) -> NatsOut {
     let request = Frame::PartRequest(PartRequest {
         kind: Kind::Topic,
         name: name.as_str().to_owned(),
         from: c.me,
+        ask,
     });
     NatsOut::Request {
         subject,
+        kind: Kind::Topic,
         name: name.as_str().to_owned(),
         frame: request.encode(),
     }

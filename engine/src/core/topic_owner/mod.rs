@@ -115,6 +115,8 @@ pub(crate) struct TopicOwner {
     fetches: VecDeque<(Millis, TopicName)>,
     /// The seq of this shard's last delta, over all its topics (see `TopicCluster::take_delta`).
     delta_seq: u64,
+    /// Interests taken up so far (see `PartRequest::ask`).
+    asks: u64,
     /// Incarnations declared down: what they sent before dying is dropped.
     dead: std::collections::BTreeSet<crate::cluster::frame::Origin>,
     /// The earliest count push due among `to_count[..count_scanned]` (see `poll_timeout`).
@@ -137,6 +139,7 @@ impl TopicOwner {
             fetches: VecDeque::new(),
             dead: std::collections::BTreeSet::new(),
             delta_seq: 0,
+            asks: 0,
             count_wake: None,
             count_scanned: 0,
             stats: OwnerStats::default(),

@@ -1,30 +1,42 @@
-//! A topic's cluster side, on the node's owner shard of the topic: the other nodes' parts it
+//! A name's cluster side, on the node's owner shard of the name: the other nodes' parts it
 //! holds (see `cluster::parts`), and this node's own part as it publishes it (the presences
-//! this node's clients are tracked with, and their changes since the last delta).
+//! this node's clients are tracked with, and their changes since the last delta). A topic's
+//! parts are keyed by user key; a user's (for watch lists) by topic name.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 
 use roster_proto::PhxRef;
 
 use crate::cluster::frame::{Delta, Kind, Left, Origin, Part, Presence};
 use crate::cluster::parts::RemoteParts;
-use crate::core::{Meta, UserKey};
+use crate::core::{Meta, TopicName, UserKey};
+
+/// A topic's cluster side: its presences by user key.
+pub(crate) type TopicCluster = NameCluster<UserKey>;
+/// A user's cluster side: its presences by topic.
+pub(crate) type UserCluster = NameCluster<TopicName>;
 
 #[derive(Debug)]
-pub(crate) struct TopicCluster {
+pub(crate) struct NameCluster<K> {
+    kind: Kind,
+    /// This interest's number on the owner shard (see `PartRequest::ask`).
+    pub(crate) epoch: u64,
     pub(crate) remote: RemoteParts,
     /// This node's part: what it answers part requests with.
-    own: BTreeMap<(UserKey, u64), Meta>,
-    joins: Vec<(UserKey, u64, Meta)>,
-    leaves: Vec<(UserKey, u64)>,
+    own: BTreeMap<(K, u64), Meta>,
+    joins: Vec<(K, u64, Meta)>,
+    leaves: Vec<(K, u64)>,
     /// The seq of this node's last delta on this topic since interest started (0: none).
     last: u64,
 }
 
-impl TopicCluster {
+impl<K: Clone + Ord + Borrow<str>> NameCluster<K> {
     /// Interest starts: the other parts are being fetched.
-    pub(crate) fn new(me: u64) -> TopicCluster {
-        TopicCluster {
+    pub(crate) fn new(kind: Kind, me: u64, epoch: u64) -> NameCluster<K> {
+        NameCluster {
+            kind,
+            epoch,
             remote: RemoteParts::fetching(me),
             own: BTreeMap::new(),
             joins: Vec::new(),
@@ -43,7 +55,7 @@ impl TopicCluster {
     }
 
     /// A presence of this node joined.
-    pub(crate) fn joined(&mut self, key: &UserKey, meta: &Meta) {
+    pub(crate) fn joined(&mut self, key: &K, meta: &Meta) {
         let r = ref_of(meta);
         self.own.insert((key.clone(), r), meta.clone());
         self.joins.push((key.clone(), r, meta.clone()));
@@ -52,7 +64,7 @@ impl TopicCluster {
     /// A presence of this node left. Its leave goes out even if its join has not yet: a part
     /// sent meanwhile may have shown the join (receivers apply a delta's joins before its
     /// leaves, so the pair nets out where the join was not seen).
-    pub(crate) fn left(&mut self, key: &UserKey, r: PhxRef) {
+    pub(crate) fn left(&mut self, key: &K, r: PhxRef) {
         self.own.remove(&(key.clone(), r.0));
         self.leaves.push((key.clone(), r.0));
     }
@@ -75,7 +87,7 @@ impl TopicCluster {
         let joins = std::mem::take(&mut self.joins);
         let leaves = std::mem::take(&mut self.leaves);
         Some(Delta {
-            kind: Kind::Topic,
+            kind: self.kind,
             name: name.to_owned(),
             origin,
             seq,
@@ -84,7 +96,7 @@ impl TopicCluster {
             leaves: leaves
                 .into_iter()
                 .map(|(k, r)| Left {
-                    key: k.as_str().to_owned(),
+                    key: k.borrow().to_owned(),
                     phx_ref: r,
                 })
                 .collect(),
@@ -94,28 +106,30 @@ impl TopicCluster {
     /// This node's part now, for a part request, labelled with its last delta's seq. Changes
     /// since that delta are in it already and in the next delta too: applying a join of a
     /// presence held, or a leave of one not held, changes nothing (see `RemotePart::apply`).
-    pub(crate) fn own_part(&self, name: &str, origin: Origin, floor: u64) -> Part {
+    /// `ask`: the request's, or 0 when nobody asked.
+    pub(crate) fn own_part(&self, name: &str, origin: Origin, floor: u64, ask: u64) -> Part {
         let own = self.own.iter();
         let presences = own.map(|((k, r), m)| presence((k.clone(), *r, m.clone())));
         let mut holders = self.remote.holders();
         holders.push(origin.node);
         Part {
-            kind: Kind::Topic,
+            kind: self.kind,
             name: name.to_owned(),
             origin,
             seq: self.last,
             floor,
             presences: presences.collect(),
             holders,
+            ask,
             chunk: 0,
             chunks: 1,
         }
     }
 }
 
-fn presence((key, phx_ref, meta): (UserKey, u64, Meta)) -> Presence {
+fn presence<K: Borrow<str>>((key, phx_ref, meta): (K, u64, Meta)) -> Presence {
     Presence {
-        key: key.as_str().to_owned(),
+        key: key.borrow().to_owned(),
         phx_ref,
         meta: meta.bytes().to_vec(),
     }

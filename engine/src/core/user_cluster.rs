@@ -1,0 +1,415 @@
+//! The user owner in a cluster: watch lists across nodes. A user key is a name like a topic
+//! (`Kind::User`, its own subjects): this node's part of it is where its own clients are
+//! present (the user table), and the other nodes' parts come in as deltas and answers. Interest
+//! in a key starts when it gets a presence or a watcher here and ends, at a flush, when it has
+//! neither. A watcher's first state waits for the first fetch of the key's parts, as a topic's
+//! joiners wait for theirs. On a single node (`cluster` None) none of this runs.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use roster_proto::PhxRef;
+
+use crate::cluster::frame::{part_frames, Frame, Kind, Origin, Part, PartRequest};
+use crate::cluster::parts::{Applied, Change, RemoteParts};
+use crate::cluster::subject::Scope;
+use crate::core::hash::{Map, Seeds};
+use crate::core::outbox::{NatsOut, Outbox};
+use crate::core::part::UserCluster;
+use crate::core::topic_owner::Env;
+use crate::core::user::Users;
+use crate::core::{ClusterConfig, MeshMsg, Meta, Millis, TopicName, UserKey};
+use crate::mesh::ShardId;
+
+#[derive(Debug)]
+pub(crate) struct UserClusters {
+    config: ClusterConfig,
+    sides: Map<UserKey, Box<UserSide>>,
+    /// First fetches in the order their deadlines come.
+    fetches: VecDeque<(Millis, UserKey)>,
+    /// Keys whose part or watchers changed since the last flush.
+    touched: Vec<UserKey>,
+    /// The seq of this shard's last user delta, over all its keys (see
+    /// `NameCluster::take_delta`).
+    delta_seq: u64,
+    /// Incarnations declared down: their late frames are dropped.
+    dead: BTreeSet<Origin>,
+    /// Interests taken up so far (see `PartRequest::ask`).
+    asks: u64,
+}
+
+#[derive(Debug)]
+struct UserSide {
+    part: UserCluster,
+    /// Watches waiting for the first fetch: (watching shard, its watch seq).
+    waiting: Vec<(ShardId, u32)>,
+}
+
+impl UserClusters {
+    pub(crate) fn new(config: ClusterConfig, seeds: Seeds) -> UserClusters {
+        UserClusters {
+            config,
+            sides: seeds.map(),
+            fetches: VecDeque::new(),
+            touched: Vec::new(),
+            delta_seq: 0,
+            dead: BTreeSet::new(),
+            asks: 0,
+        }
+    }
+
+    /// Keys with interest here.
+    pub(crate) fn len(&self) -> usize {
+        self.sides.len()
+    }
+
+    /// Interest in `key` starts if it has not: subscribe to its deltas and ask for its parts.
+    fn interest(&mut self, key: &UserKey, now: Millis, tx: &mut Outbox) -> &mut UserSide {
+        if !self.sides.contains_key(key) {
+            let c = &self.config;
+            tx.nats(NatsOut::Subscribe(
+                c.subjects.deltas(Scope::User, key.as_str()),
+            ));
+            self.asks += 1;
+            tx.nats(ask(
+                c,
+                key,
+                c.subjects.parts(Scope::User, key.as_str()),
+                self.asks,
+            ));
+            let until = Millis(now.0.saturating_add(c.fetch_timeout.0));
+            self.fetches.push_back((until, key.clone()));
+            let side = UserSide {
+                part: UserCluster::new(Kind::User, c.me.node, self.asks),
+                waiting: Vec::new(),
+            };
+            self.sides.insert(key.clone(), Box::new(side));
+        }
+        self.sides.get_mut(key).expect("inserted above")
+    }
+}
+
+impl Users {
+    /// A presence of this node's own was tracked for `key`.
+    pub(crate) fn cluster_tracked(
+        &mut self,
+        key: &UserKey,
+        topic: &TopicName,
+        meta: &Meta,
+        env: &mut Env<'_>,
+    ) {
+        let Some(uc) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        uc.interest(key, env.now, env.tx).part.joined(topic, meta);
+        uc.touched.push(key.clone());
+    }
+
+    /// A presence of this node's own left.
+    pub(crate) fn cluster_untracked(&mut self, key: &UserKey, topic: &TopicName, phx_ref: PhxRef) {
+        let Some(uc) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        if let Some(side) = uc.sides.get_mut(key) {
+            side.part.left(topic, phx_ref);
+            uc.touched.push(key.clone());
+        }
+    }
+
+    /// A shard watches `key`: its state now, or once the key's parts are here.
+    pub(crate) fn cluster_watch(
+        &mut self,
+        key: UserKey,
+        from: ShardId,
+        seq: u32,
+        env: &mut Env<'_>,
+    ) {
+        let Some(uc) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        let side = uc.interest(&key, env.now, env.tx);
+        if side.part.remote.is_fetching() {
+            side.waiting.push((from, seq));
+            return;
+        }
+        let presences = self.all_presences(&key, env);
+        env.tx.mesh(
+            from,
+            MeshMsg::UserState {
+                key,
+                seq,
+                presences,
+            },
+        );
+    }
+
+    /// A shard stopped watching `key`: interest may end at the next flush.
+    pub(crate) fn cluster_unwatched(&mut self, key: &UserKey) {
+        if let Some(uc) = self.cluster.as_deref_mut() {
+            uc.touched.push(key.clone());
+        }
+    }
+
+    /// This node's and the other nodes' presences of `key`, as a watcher's state shows them.
+    fn all_presences(&self, key: &UserKey, env: &mut Env<'_>) -> Vec<(TopicName, Meta)> {
+        let mut all = self.presences(key.as_str());
+        let remote = self.cluster.as_deref().and_then(|uc| uc.sides.get(key));
+        if let Some(side) = remote {
+            for (topic, _, meta) in side.part.remote.presences() {
+                all.push((env.names.intern(topic), Meta::new(meta)));
+            }
+            all.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        all
+    }
+
+    /// End of a batch: this node's changed parts go out as deltas, and keys with neither a
+    /// presence nor a watcher here are forgotten.
+    pub(crate) fn cluster_flush(&mut self, tx: &mut Outbox) {
+        let Some(uc) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        let touched = std::mem::take(&mut uc.touched);
+        for key in touched {
+            let Some(side) = uc.sides.get_mut(&key) else {
+                continue;
+            };
+            let c = &uc.config;
+            if let Some(d) = side.part.take_delta(key.as_str(), c.me, &mut uc.delta_seq) {
+                let subject = c.subjects.deltas(Scope::User, key.as_str());
+                let frame = Frame::Delta(d).encode();
+                tx.nats(NatsOut::Publish { subject, frame });
+            }
+            let interested = self.users.contains_key(&key) || self.watchers.contains_key(&key);
+            if interested {
+                continue;
+            }
+            let side = uc.sides.remove(&key).expect("looked up above");
+            tx.nats(NatsOut::Unsubscribe(
+                c.subjects.deltas(Scope::User, key.as_str()),
+            ));
+            if !side.part.remote.is_fetching() {
+                tx.nats(NatsOut::Unsubscribe(
+                    c.subjects.parts(Scope::User, key.as_str()),
+                ));
+            }
+        }
+    }
+
+    /// A frame about a user key (already validated).
+    pub(crate) fn user_frame(&mut self, frame: Frame, reply: Option<&str>, env: &mut Env<'_>) {
+        let Some(uc) = self.cluster.as_deref() else {
+            return;
+        };
+        let me = uc.config.me;
+        match frame {
+            Frame::Delta(d) if !uc.dead.contains(&d.origin) => {
+                let key = UserKey::new(&d.name);
+                self.on_remote(&key, env, |r| r.delta(d));
+            }
+            Frame::Part(p) if !uc.dead.contains(&p.origin) => {
+                let key = UserKey::new(&p.name);
+                let epoch = uc.sides.get(&key).map(|s| s.part.epoch);
+                if p.ask != 0 && Some(p.ask) != epoch {
+                    return; // A late answer to an interest this node has given up since.
+                }
+                self.on_remote(&key, env, |r| r.part(p));
+            }
+            Frame::PartRequest(q) if q.from.node != me.node => {
+                let Some(to) = reply else {
+                    return;
+                };
+                // Asked about a key it holds nothing of, a node answers all the same: its part
+                // is empty, and the asker must not wait for it.
+                let part = match uc.sides.get(q.name.as_str()) {
+                    Some(side) => side.part.own_part(&q.name, me, uc.delta_seq, q.ask),
+                    None => Part {
+                        kind: Kind::User,
+                        name: q.name.clone(),
+                        origin: me,
+                        seq: 0,
+                        floor: uc.delta_seq,
+                        presences: Vec::new(),
+                        holders: vec![me.node],
+                        ask: q.ask,
+                        chunk: 0,
+                        chunks: 1,
+                    },
+                };
+                for frame in part_frames(part, uc.config.max_payload) {
+                    env.tx.nats(NatsOut::Reply {
+                        to: to.to_owned(),
+                        frame,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Nobody else holds anything of `key`.
+    pub(crate) fn user_no_responders(&mut self, key: &str, env: &mut Env<'_>) {
+        let key = UserKey::new(key);
+        self.on_remote(&key, env, |r| r.no_responders());
+    }
+
+    /// A node is down: its parts leave every key's watchers.
+    pub(crate) fn user_node_down(&mut self, origin: Origin, env: &mut Env<'_>) {
+        let Some(uc) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        uc.dead.insert(origin);
+        let keys: Vec<UserKey> = uc.sides.keys().cloned().collect();
+        for key in keys {
+            self.on_remote(&key, env, |r| r.node_down(origin.node));
+        }
+    }
+
+    pub(crate) fn user_node_up(&mut self, origin: Origin) {
+        if let Some(uc) = self.cluster.as_deref_mut() {
+            uc.dead.remove(&origin);
+        }
+    }
+
+    /// A node declared down is back: its parts of every key are asked for directly.
+    pub(crate) fn user_node_back(&mut self, origin: Origin, tx: &mut Outbox) {
+        let Some(uc) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        uc.dead.remove(&origin);
+        for (key, side) in uc.sides.iter() {
+            if !side.part.remote.is_fetching() {
+                let subject = uc.config.subjects.node(origin.node);
+                tx.nats(ask(&uc.config, key, subject, side.part.epoch));
+            }
+        }
+    }
+
+    /// Frames of `origin` may have been lost: its parts are fetched again.
+    pub(crate) fn user_node_gap(&mut self, origin: Origin, tx: &mut Outbox) {
+        let Some(uc) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        for (key, side) in uc.sides.iter_mut() {
+            if side.part.remote.refetch(origin) {
+                let subject = uc.config.subjects.node(origin.node);
+                tx.nats(ask(&uc.config, key, subject, side.part.epoch));
+            }
+        }
+    }
+
+    /// First fetches past their deadline complete with what came; silent holders named in
+    /// answers are asked directly.
+    pub(crate) fn user_tick(&mut self, env: &mut Env<'_>) {
+        loop {
+            let Some(uc) = self.cluster.as_deref_mut() else {
+                return;
+            };
+            let Some((until, _)) = uc.fetches.front() else {
+                return;
+            };
+            if until.0 > env.now.0 {
+                return;
+            }
+            let (_, key) = uc.fetches.pop_front().expect("front exists");
+            let Some(side) = uc.sides.get(&key).filter(|s| s.part.remote.is_fetching()) else {
+                continue;
+            };
+            for node in side.part.remote.missing() {
+                env.tx.nats(ask(
+                    &uc.config,
+                    &key,
+                    uc.config.subjects.node(node),
+                    side.part.epoch,
+                ));
+            }
+            self.on_remote(&key, env, |r| r.fetch_expired());
+        }
+    }
+
+    /// When the next first fetch times out.
+    pub(crate) fn user_next_deadline(&self) -> Option<Millis> {
+        let uc = self.cluster.as_deref()?;
+        uc.fetches.front().map(|(at, _)| *at)
+    }
+
+    /// Runs `input` on the key's remote parts and carries out what it says: changes go to the
+    /// watching shards; re-fetches are asked for; once a first fetch completes, this node
+    /// answers part requests, says what its own part holds, and the waiting watches get their
+    /// states.
+    fn on_remote(
+        &mut self,
+        key: &UserKey,
+        env: &mut Env<'_>,
+        input: impl FnOnce(&mut RemoteParts) -> Applied,
+    ) {
+        let Some(uc) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        let Some(side) = uc.sides.get_mut(key) else {
+            return; // Not of interest here (a hash shared with another key).
+        };
+        let was_fetching = side.part.remote.is_fetching();
+        let applied = input(&mut side.part.remote);
+        let done = was_fetching && !side.part.remote.is_fetching();
+        let c = &uc.config;
+        for origin in &applied.refetch {
+            env.tx
+                .nats(ask(c, key, c.subjects.node(origin.node), side.part.epoch));
+        }
+        let waiting = if done {
+            let subjects = &c.subjects;
+            env.tx.nats(NatsOut::Subscribe(
+                subjects.parts(Scope::User, key.as_str()),
+            ));
+            if !side.part.own_is_empty() {
+                let part = side.part.own_part(key.as_str(), c.me, uc.delta_seq, 0);
+                for frame in part_frames(part, c.max_payload) {
+                    let subject = subjects.deltas(Scope::User, key.as_str());
+                    env.tx.nats(NatsOut::Publish { subject, frame });
+                }
+            }
+            std::mem::take(&mut side.waiting)
+        } else {
+            Vec::new()
+        };
+        let (mut joins, mut leaves) = (Vec::new(), Vec::new());
+        for change in applied.changes {
+            match change {
+                Change::Join {
+                    key: topic, meta, ..
+                } => joins.push((env.names.intern(&topic), Meta::new(&meta))),
+                Change::Leave {
+                    key: topic, meta, ..
+                } => leaves.push((env.names.intern(&topic), Meta::new(&meta))),
+            }
+        }
+        if !joins.is_empty() || !leaves.is_empty() {
+            self.tell_watchers(key, joins, leaves, env.tx);
+        }
+        for (from, seq) in waiting {
+            let presences = self.all_presences(key, env);
+            let msg = MeshMsg::UserState {
+                key: key.clone(),
+                seq,
+                presences,
+            };
+            env.tx.mesh(from, msg);
+        }
+    }
+}
+
+/// A request for `key`'s parts, on `subject` (every holder's, or one node's).
+fn ask(c: &ClusterConfig, key: &UserKey, subject: String, ask: u64) -> NatsOut {
+    let request = Frame::PartRequest(PartRequest {
+        kind: Kind::User,
+        name: key.as_str().to_owned(),
+        from: c.me,
+        ask,
+    });
+    NatsOut::Request {
+        subject,
+        kind: Kind::User,
+        name: key.as_str().to_owned(),
+        frame: request.encode(),
+    }
+}
