@@ -325,7 +325,7 @@ impl ServerConfig {
         };
         // The core's limits have their defaults in one place.
         let core = crate::core::Config::DEFAULT;
-        let c = ServerConfig {
+        let mut c = ServerConfig {
             listen: cli
                 .listen
                 .or(file.listen)
@@ -435,7 +435,6 @@ impl ServerConfig {
                 .map(|k| Secret(k.into_bytes())),
             cluster: None,
         };
-        let mut c = c;
         let urls = if cli.nats_url.is_empty() {
             file.nats_url.unwrap_or_default()
         } else {

@@ -158,6 +158,17 @@ impl std::fmt::Display for FrameError {
 }
 
 impl Frame {
+    /// What the frame is about: a topic or a user, and its name (None for heartbeats and
+    /// goodbyes, which are about a node). The owner shard of that name takes it.
+    pub fn about(&self) -> Option<(Kind, &str)> {
+        match self {
+            Frame::Delta(d) => Some((d.kind, &d.name)),
+            Frame::PartRequest(q) => Some((q.kind, &q.name)),
+            Frame::Part(p) => Some((p.kind, &p.name)),
+            Frame::Heartbeat(_) | Frame::Goodbye(_) => None,
+        }
+    }
+
     /// The envelope and the archive, ready to publish.
     pub fn encode(&self) -> Vec<u8> {
         // Serializing plain owned data into memory cannot fail.

@@ -71,7 +71,8 @@ impl Inbox {
     }
 
     /// Requests whose records are kept now.
-    pub fn pending(&self) -> usize {
+    #[cfg(test)]
+    fn pending(&self) -> usize {
         self.asked.len()
     }
 

@@ -12,6 +12,15 @@ pub enum Scope {
     User,
 }
 
+impl From<crate::cluster::frame::Kind> for Scope {
+    fn from(k: crate::cluster::frame::Kind) -> Scope {
+        match k {
+            crate::cluster::frame::Kind::Topic => Scope::Topic,
+            crate::cluster::frame::Kind::User => Scope::User,
+        }
+    }
+}
+
 impl Scope {
     fn token(self) -> &'static str {
         match self {

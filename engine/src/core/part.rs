@@ -8,9 +8,12 @@ use std::collections::BTreeMap;
 
 use roster_proto::PhxRef;
 
-use crate::cluster::frame::{Delta, Kind, Left, Origin, Part, Presence};
+use crate::cluster::frame::{
+    part_frames, Delta, Frame, Kind, Left, Origin, Part, PartRequest, Presence,
+};
 use crate::cluster::parts::RemoteParts;
-use crate::core::{Meta, TopicName, UserKey};
+use crate::core::outbox::{NatsOut, Outbox};
+use crate::core::{ClusterConfig, Meta, TopicName, UserKey};
 
 /// A topic's cluster side: its presences by user key.
 pub(crate) type TopicCluster = NameCluster<UserKey>;
@@ -47,6 +50,28 @@ impl<K: Clone + Ord + Borrow<str>> NameCluster<K> {
 
     pub(crate) fn own_is_empty(&self) -> bool {
         self.own.is_empty()
+    }
+
+    /// Whether `part` answers this interest's requests (or nobody's: a holder announcing its
+    /// part), and not an interest given up since.
+    pub(crate) fn takes(&self, part: &Part) -> bool {
+        part.ask == 0 || part.ask == self.epoch
+    }
+
+    /// The first fetch is complete: this node answers part requests from now on, and says what
+    /// its own part holds (a node whose request crossed this one's unanswered, as it was
+    /// fetching too, hears it that way).
+    pub(crate) fn fetched(&self, c: &ClusterConfig, name: &str, floor: u64, tx: &mut Outbox) {
+        let scope = self.kind.into();
+        tx.nats(NatsOut::Subscribe(c.subjects.parts(scope, name)));
+        if self.own.is_empty() {
+            return;
+        }
+        let part = self.own_part(name, c.me, floor, 0);
+        for frame in part_frames(part, c.max_payload) {
+            let subject = c.subjects.deltas(scope, name);
+            tx.nats(NatsOut::Publish { subject, frame });
+        }
     }
 
     /// Presences of this node's own part.
@@ -124,6 +149,56 @@ impl<K: Clone + Ord + Borrow<str>> NameCluster<K> {
             chunk: 0,
             chunks: 1,
         }
+    }
+}
+
+/// A request for `name`'s parts on `subject` (every holder's, or one node's), on behalf of the
+/// asker's interest `ask`.
+pub(crate) fn ask(c: &ClusterConfig, kind: Kind, name: &str, subject: String, ask: u64) -> NatsOut {
+    let request = Frame::PartRequest(PartRequest {
+        kind,
+        name: name.to_owned(),
+        from: c.me,
+        ask,
+    });
+    NatsOut::Request {
+        subject,
+        kind,
+        name: name.to_owned(),
+        frame: request.encode(),
+    }
+}
+
+/// Answers request `q` on its reply subject `to` with this node's part of the name (`held`).
+/// A node asked about a name it holds nothing of (it forgot it, or the request overtook its
+/// interest) answers all the same, with an empty part: the asker must not wait for it.
+/// `floor` is the owner shard's delta counter for the name's kind.
+pub(crate) fn answer<K: Clone + Ord + Borrow<str>>(
+    c: &ClusterConfig,
+    q: &PartRequest,
+    held: Option<&NameCluster<K>>,
+    floor: u64,
+    to: &str,
+    tx: &mut Outbox,
+) {
+    let part = match held {
+        Some(side) => side.own_part(&q.name, c.me, floor, q.ask),
+        None => Part {
+            kind: q.kind,
+            name: q.name.clone(),
+            origin: c.me,
+            seq: 0,
+            floor,
+            presences: Vec::new(),
+            holders: vec![c.me.node],
+            ask: q.ask,
+            chunk: 0,
+            chunks: 1,
+        },
+    };
+    for frame in part_frames(part, c.max_payload) {
+        let to = to.to_owned();
+        tx.nats(NatsOut::Reply { to, frame });
     }
 }
 

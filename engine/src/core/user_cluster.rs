@@ -9,12 +9,12 @@ use std::collections::{BTreeSet, VecDeque};
 
 use roster_proto::PhxRef;
 
-use crate::cluster::frame::{part_frames, Frame, Kind, Origin, Part, PartRequest};
+use crate::cluster::frame::{Frame, Kind, Origin};
 use crate::cluster::parts::{Applied, Change, RemoteParts};
 use crate::cluster::subject::Scope;
 use crate::core::hash::{Map, Seeds};
 use crate::core::outbox::{NatsOut, Outbox};
-use crate::core::part::UserCluster;
+use crate::core::part::{self, answer, UserCluster};
 use crate::core::topic_owner::Env;
 use crate::core::user::Users;
 use crate::core::{ClusterConfig, MeshMsg, Meta, Millis, TopicName, UserKey};
@@ -208,8 +208,7 @@ impl Users {
             }
             Frame::Part(p) if !uc.dead.contains(&p.origin) => {
                 let key = UserKey::new(&p.name);
-                let epoch = uc.sides.get(&key).map(|s| s.part.epoch);
-                if p.ask != 0 && Some(p.ask) != epoch {
+                if !uc.sides.get(&key).is_some_and(|s| s.part.takes(&p)) {
                     return; // A late answer to an interest this node has given up since.
                 }
                 self.on_remote(&key, env, |r| r.part(p));
@@ -218,29 +217,8 @@ impl Users {
                 let Some(to) = reply else {
                     return;
                 };
-                // Asked about a key it holds nothing of, a node answers all the same: its part
-                // is empty, and the asker must not wait for it.
-                let part = match uc.sides.get(q.name.as_str()) {
-                    Some(side) => side.part.own_part(&q.name, me, uc.delta_seq, q.ask),
-                    None => Part {
-                        kind: Kind::User,
-                        name: q.name.clone(),
-                        origin: me,
-                        seq: 0,
-                        floor: uc.delta_seq,
-                        presences: Vec::new(),
-                        holders: vec![me.node],
-                        ask: q.ask,
-                        chunk: 0,
-                        chunks: 1,
-                    },
-                };
-                for frame in part_frames(part, uc.config.max_payload) {
-                    env.tx.nats(NatsOut::Reply {
-                        to: to.to_owned(),
-                        frame,
-                    });
-                }
+                let held = uc.sides.get(q.name.as_str()).map(|s| &s.part);
+                answer(&uc.config, &q, held, uc.delta_seq, to, env.tx);
             }
             _ => {}
         }
@@ -357,17 +335,7 @@ impl Users {
                 .nats(ask(c, key, c.subjects.node(origin.node), side.part.epoch));
         }
         let waiting = if done {
-            let subjects = &c.subjects;
-            env.tx.nats(NatsOut::Subscribe(
-                subjects.parts(Scope::User, key.as_str()),
-            ));
-            if !side.part.own_is_empty() {
-                let part = side.part.own_part(key.as_str(), c.me, uc.delta_seq, 0);
-                for frame in part_frames(part, c.max_payload) {
-                    let subject = subjects.deltas(Scope::User, key.as_str());
-                    env.tx.nats(NatsOut::Publish { subject, frame });
-                }
-            }
+            side.part.fetched(c, key.as_str(), uc.delta_seq, env.tx);
             std::mem::take(&mut side.waiting)
         } else {
             Vec::new()
@@ -398,18 +366,7 @@ impl Users {
     }
 }
 
-/// A request for `key`'s parts, on `subject` (every holder's, or one node's).
-fn ask(c: &ClusterConfig, key: &UserKey, subject: String, ask: u64) -> NatsOut {
-    let request = Frame::PartRequest(PartRequest {
-        kind: Kind::User,
-        name: key.as_str().to_owned(),
-        from: c.me,
-        ask,
-    });
-    NatsOut::Request {
-        subject,
-        kind: Kind::User,
-        name: key.as_str().to_owned(),
-        frame: request.encode(),
-    }
+/// A request for a user's parts, on `subject` (every holder's, or one node's).
+fn ask(c: &ClusterConfig, key: &UserKey, subject: String, epoch: u64) -> NatsOut {
+    part::ask(c, Kind::User, key.as_str(), subject, epoch)
 }

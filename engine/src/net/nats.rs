@@ -323,14 +323,10 @@ impl Deliver {
         let Some(frame) = self.decode(&m) else {
             return;
         };
-        let (kind, name) = match &frame {
-            Frame::Delta(d) => (d.kind, &d.name),
-            Frame::PartRequest(r) => (r.kind, &r.name),
-            Frame::Part(p) => (p.kind, &p.name),
-            Frame::Heartbeat(_) | Frame::Goodbye(_) => {
-                ClusterStats::add(&self.stats.bad_frames, 1);
-                return;
-            }
+        let Some((kind, name)) = frame.about() else {
+            // Heartbeats have a subject of their own.
+            ClusterStats::add(&self.stats.bad_frames, 1);
+            return;
         };
         // The same shard as the name's owner on every node (`mesh::Router`).
         let shard = match kind {
@@ -422,8 +418,10 @@ impl Running {
         loop {
             let wake = self.epoch + Duration::from_millis(self.nodes.poll_timeout().0);
             let wake = tokio::time::Instant::from_std(wake.max(Instant::now()));
+            // Not biased: a flood of the shards' batches must not starve the other nodes'
+            // heartbeats (they would be taken for dead). Heartbeats and silences are checked
+            // after every branch, as a busy loop may never reach the sleep.
             tokio::select! {
-                biased;
                 e = self.events.recv() => {
                     if let Some(e) = e {
                         self.nats_event(e);

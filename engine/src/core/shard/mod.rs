@@ -18,7 +18,7 @@ use roster_proto::{
     decode, ClientEvent, ClientMessage, ClientMeta, JoinRequest, PhxRef, PresenceMode,
 };
 
-use crate::cluster::frame::Frame as NodeFrame;
+use crate::cluster::frame::{Frame as NodeFrame, Kind, Origin};
 use crate::core::connection::{Connection, Joined};
 use crate::core::hash::{Map, Seeds};
 use crate::core::liveness::{Dead, Liveness};
@@ -154,27 +154,26 @@ impl Shard {
         }
     }
 
-    /// The topic-owner part beside what it writes to: the shard's outbox, names, scratch
-    /// buffer and clock.
-    fn owner_env(&mut self) -> (&mut TopicOwner, Env<'_>) {
+    /// The owner parts beside what they write to: the shard's outbox, names, scratch buffer
+    /// and clock.
+    fn owners(&mut self) -> (&mut TopicOwner, &mut Users, Env<'_>) {
         let env = Env {
             now: self.now,
             tx: &mut self.tx,
             names: &mut self.names,
             buf: &mut self.buf,
         };
-        (&mut self.owner, env)
+        (&mut self.owner, &mut self.users, env)
     }
 
-    /// The user-owner part beside what it writes to (as `owner_env`).
+    fn owner_env(&mut self) -> (&mut TopicOwner, Env<'_>) {
+        let (owner, _, env) = self.owners();
+        (owner, env)
+    }
+
     fn users_env(&mut self) -> (&mut Users, Env<'_>) {
-        let env = Env {
-            now: self.now,
-            tx: &mut self.tx,
-            names: &mut self.names,
-            buf: &mut self.buf,
-        };
-        (&mut self.users, env)
+        let (_, users, env) = self.owners();
+        (users, env)
     }
 
     /// The topic-owner part, for the invariants.
@@ -321,12 +320,8 @@ impl Shard {
     /// A frame from NATS about a topic this shard owns (the driver routes each by its name, as
     /// `mesh::Router` does); `reply`: where a request wants its answer.
     pub fn nats_frame(&mut self, frame: NodeFrame, reply: Option<&str>) {
-        use crate::cluster::frame::Kind;
-        let kind = match &frame {
-            NodeFrame::Delta(d) => d.kind,
-            NodeFrame::PartRequest(q) => q.kind,
-            NodeFrame::Part(p) => p.kind,
-            NodeFrame::Heartbeat(_) | NodeFrame::Goodbye(_) => return,
+        let Some((kind, _)) = frame.about() else {
+            return;
         };
         match kind {
             Kind::Topic => {
@@ -342,13 +337,13 @@ impl Shard {
     }
 
     /// The request for `name`'s parts found nobody subscribed.
-    pub fn no_responders(&mut self, kind: crate::cluster::frame::Kind, name: &str) {
+    pub fn no_responders(&mut self, kind: Kind, name: &str) {
         match kind {
-            crate::cluster::frame::Kind::Topic => {
+            Kind::Topic => {
                 let (owner, mut env) = self.owner_env();
                 owner.no_responders(name, &mut env);
             }
-            crate::cluster::frame::Kind::User => {
+            Kind::User => {
                 let (users, mut env) = self.users_env();
                 users.user_no_responders(name, &mut env);
             }
@@ -357,7 +352,7 @@ impl Shard {
     }
 
     /// A node of the cluster is down (see `cluster::nodes`): its parts leave.
-    pub fn node_down(&mut self, origin: crate::cluster::frame::Origin) {
+    pub fn node_down(&mut self, origin: Origin) {
         let (owner, mut env) = self.owner_env();
         owner.node_down(origin, &mut env);
         let (users, mut env) = self.users_env();
@@ -366,13 +361,13 @@ impl Shard {
     }
 
     /// A node declared down is heard again (a partition healed).
-    pub fn node_up(&mut self, origin: crate::cluster::frame::Origin) {
+    pub fn node_up(&mut self, origin: Origin) {
         self.owner.node_up(origin);
         self.users.user_node_up(origin);
     }
 
     /// A node declared down is heard again: its parts are asked for anew.
-    pub fn node_back(&mut self, origin: crate::cluster::frame::Origin) {
+    pub fn node_back(&mut self, origin: Origin) {
         let (owner, mut env) = self.owner_env();
         owner.node_back(origin, &mut env);
         self.users.user_node_back(origin, &mut self.tx);
@@ -381,7 +376,7 @@ impl Shard {
 
     /// Frames of a node may have been lost (a heartbeat gap, this node's NATS reconnect): its
     /// parts are fetched again.
-    pub fn node_gap(&mut self, origin: crate::cluster::frame::Origin) {
+    pub fn node_gap(&mut self, origin: Origin) {
         let (owner, mut env) = self.owner_env();
         owner.node_gap(origin, &mut env);
         self.users.user_node_gap(origin, &mut self.tx);

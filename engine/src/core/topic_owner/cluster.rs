@@ -7,10 +7,11 @@
 use roster_proto::PhxRef;
 
 use super::{Env, TopicOwner};
-use crate::cluster::frame::{part_frames, Frame, Kind, Origin, Part, PartRequest};
+use crate::cluster::frame::{Frame, Kind, Origin};
 use crate::cluster::parts::{Applied, Change};
 use crate::cluster::subject::Scope;
 use crate::core::outbox::{NatsOut, Outbox};
+use crate::core::part::{self, answer};
 use crate::core::{ClusterConfig, Meta, Millis, TopicName, UserKey};
 
 impl TopicOwner {
@@ -130,12 +131,8 @@ impl TopicOwner {
                 let Some(name) = self.held(&p.name) else {
                     return;
                 };
-                let epoch = self
-                    .topics
-                    .get(&name)
-                    .and_then(|t| t.cluster())
-                    .map(|tc| tc.epoch);
-                if p.ask != 0 && Some(p.ask) != epoch {
+                let tc = self.topics.get(&name).and_then(|t| t.cluster());
+                if !tc.is_some_and(|tc| tc.takes(&p)) {
                     return; // A late answer to an interest this node has given up since.
                 }
                 self.on_remote(&name, env, |r| r.part(p));
@@ -144,37 +141,9 @@ impl TopicOwner {
                 let Some(to) = reply else {
                     return;
                 };
-                // A node asked about a topic it holds nothing of (it forgot it, or a request
-                // overtook its interest) answers all the same: its part is empty, and the asker
-                // must not wait for it.
-                let tc = self
-                    .held(&q.name)
-                    .and_then(|n| self.topics.get(&n)?.cluster());
-                let part = match tc {
-                    Some(tc) => tc.own_part(&q.name, me, self.delta_seq, q.ask),
-                    None => Part {
-                        kind: Kind::Topic,
-                        name: q.name.clone(),
-                        origin: me,
-                        seq: 0,
-                        floor: self.delta_seq,
-                        presences: Vec::new(),
-                        holders: vec![me.node],
-                        ask: q.ask,
-                        chunk: 0,
-                        chunks: 1,
-                    },
-                };
-                let max = self
-                    .config
-                    .cluster
-                    .as_ref()
-                    .map_or(1 << 20, |c| c.max_payload);
-                for frame in part_frames(part, max) {
-                    env.tx.nats(NatsOut::Reply {
-                        to: to.to_owned(),
-                        frame,
-                    });
+                let held = self.topics.get(q.name.as_str()).and_then(|t| t.cluster());
+                if let Some(c) = &self.config.cluster {
+                    answer(c, &q, held, self.delta_seq, to, env.tx);
                 }
             }
             _ => {}
@@ -281,19 +250,8 @@ impl TopicOwner {
         if !was_fetching || t.fetching() {
             return;
         }
-        // Everyone's parts are here. This node now answers part requests, and says what its
-        // own part holds: a node whose request crossed ours unanswered (it was fetching too)
-        // hears it that way.
-        let subjects = &c.subjects;
-        env.tx.nats(NatsOut::Subscribe(
-            subjects.parts(Scope::Topic, name.as_str()),
-        ));
-        if let Some(tc) = t.cluster().filter(|tc| !tc.own_is_empty()) {
-            let part = tc.own_part(name.as_str(), c.me, self.delta_seq, 0);
-            for frame in part_frames(part, c.max_payload) {
-                let subject = subjects.deltas(Scope::Topic, name.as_str());
-                env.tx.nats(NatsOut::Publish { subject, frame });
-            }
+        if let Some(tc) = t.cluster() {
+            tc.fetched(c, name.as_str(), self.delta_seq, env.tx);
         }
         if t.window_until.is_none() {
             // The joiners that waited get their state, after what changed goes to the
@@ -307,18 +265,7 @@ impl TopicOwner {
     }
 }
 
-/// A request for `name`'s parts, on `subject` (everyone's, or one node's).
-fn ask(c: &ClusterConfig, name: &TopicName, subject: String, ask: u64) -> NatsOut {
-    let request = Frame::PartRequest(PartRequest {
-        kind: Kind::Topic,
-        name: name.as_str().to_owned(),
-        from: c.me,
-        ask,
-    });
-    NatsOut::Request {
-        subject,
-        kind: Kind::Topic,
-        name: name.as_str().to_owned(),
-        frame: request.encode(),
-    }
+/// A request for a topic's parts, on `subject` (everyone's, or one node's).
+fn ask(c: &ClusterConfig, name: &TopicName, subject: String, epoch: u64) -> NatsOut {
+    part::ask(c, Kind::Topic, name.as_str(), subject, epoch)
 }
