@@ -10,6 +10,9 @@ use crate::cluster::frame::Kind;
 use crate::core::Millis;
 use crate::mesh::ShardId;
 
+/// The token of a lookup's reply subject where a shard's number would be.
+const LOOKUP: &str = "lookup";
+
 #[derive(Debug)]
 struct Asked {
     shard: ShardId,
@@ -56,6 +59,17 @@ impl Inbox {
         self.asked.insert(id, Asked { shard, kind, name });
         self.expiry.push_back((Millis(now.0 + self.keep.0), id));
         format!("{}.{}.{}", self.prefix, shard.0, id)
+    }
+
+    /// The reply subject of lookup `id` (`cluster::lookup`), answered in the bridge.
+    pub fn lookup(&self, id: u64) -> String {
+        format!("{}.{LOOKUP}.{id}", self.prefix)
+    }
+
+    /// The lookup an answer on `subject` is for, if it is for one.
+    pub fn lookup_of(&self, subject: &str) -> Option<u64> {
+        let rest = subject.strip_prefix(&self.prefix)?.strip_prefix('.')?;
+        rest.strip_prefix(LOOKUP)?.strip_prefix('.')?.parse().ok()
     }
 
     /// The shard an answer on `subject` goes to (None: not one of ours, or malformed).
@@ -123,6 +137,12 @@ mod tests {
         ] {
             assert_eq!(inbox.answer(s), None, "{s}");
         }
+        // Lookups' answers are told apart from the shards'.
+        let l = inbox.lookup(7);
+        assert_eq!(inbox.lookup_of(&l), Some(7));
+        assert_eq!(inbox.answer(&l), None);
+        assert_eq!(inbox.lookup_of(&a), None);
+        assert_eq!(inbox.lookup_of("_INBOX.abd.lookup.7"), None);
         // Records are kept `keep` long.
         inbox.ask(ShardId(0), Kind::Topic, "room:3", Millis(2000));
         assert_eq!(inbox.no_responders(&a), None);

@@ -12,6 +12,7 @@
 pub mod chain;
 pub mod frame;
 pub mod inbox;
+pub mod lookup;
 pub mod nodes;
 pub mod parts;
 pub mod subject;

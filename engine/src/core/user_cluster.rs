@@ -151,15 +151,36 @@ impl Users {
 
     /// This node's and the other nodes' presences of `key`, as a watcher's state shows them.
     fn all_presences(&self, key: &UserKey, env: &mut Env<'_>) -> Vec<(TopicName, Meta)> {
-        let mut all = self.presences(key.as_str());
+        self.with_remote(key.as_str(), |topic| env.names.intern(topic))
+    }
+
+    /// This node's and the other nodes' presences of `key` held here, the other nodes' topic
+    /// names made by `name`.
+    fn with_remote(
+        &self,
+        key: &str,
+        mut name: impl FnMut(&str) -> TopicName,
+    ) -> Vec<(TopicName, Meta)> {
+        let mut all = self.presences(key);
         let remote = self.cluster.as_deref().and_then(|uc| uc.sides.get(key));
         if let Some(side) = remote {
             for (topic, _, meta) in side.part.remote.presences() {
-                all.push((env.names.intern(topic), Meta::new(meta)));
+                all.push((name(topic), Meta::new(meta)));
             }
             all.sort_by(|a, b| a.0.cmp(&b.0));
         }
         all
+    }
+
+    /// This node's and the other nodes' presences of `key` held here, for the admin API.
+    pub(crate) fn view(&self, key: &str) -> Vec<(TopicName, Meta)> {
+        self.with_remote(key, TopicName::new)
+    }
+
+    /// `key` has interest here and its first fetch is complete: its view is the cluster's.
+    pub(crate) fn is_fetched(&self, key: &str) -> bool {
+        let side = self.cluster.as_deref().and_then(|uc| uc.sides.get(key));
+        side.is_some_and(|s| !s.part.remote.is_fetching())
     }
 
     /// End of a batch: this node's changed parts go out as deltas, and keys with neither a

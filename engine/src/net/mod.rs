@@ -87,6 +87,7 @@ pub fn run(launch: Launch) -> Result<(), String> {
             board: board.clone(),
             router: Router::new(config.shards),
             api_key: config.api_key.as_ref().map(|k| k.0.clone()),
+            bridge: bridge.as_ref().map(|b| b.to_bridge.clone()),
         },
         admin::Limits {
             max_conns: config.admin_max_conns,

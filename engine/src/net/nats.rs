@@ -20,6 +20,7 @@ use futures_util::StreamExt;
 
 use crate::cluster::frame::{Frame, Kind, Origin};
 use crate::cluster::inbox::Inbox;
+use crate::cluster::lookup::{Ask, Found, Lookups, To};
 use crate::cluster::nodes::{NodeEvent, Nodes, Timing};
 use crate::cluster::subject::{name_hash, Subjects};
 use crate::config::NodeConfig;
@@ -29,9 +30,15 @@ use crate::mesh::{Router, ShardId};
 /// What a shard sends the bridge.
 pub enum ToBridge {
     Batch(ShardId, Vec<NatsOut>),
+    /// The admin API asks for every other node's presences of a name this node holds nothing
+    /// of (`cluster::lookup`).
+    Lookup(Kind, String, LookupReply),
     /// The shards have stopped: say goodbye and end.
     Stop,
 }
+
+/// Where a lookup's answer goes.
+pub type LookupReply = std::sync::mpsc::Sender<Found>;
 
 /// What the bridge sends a shard.
 #[derive(Debug)]
@@ -92,6 +99,8 @@ const SHARD_QUEUE: usize = 65_536;
 const NATS_CAPACITY: usize = 65_536;
 /// How long a request's record is kept for NATS's "no responders" (which comes at once).
 const REQUEST_KEEP: Millis = Millis(30_000);
+/// How long a lookup waits for holders (the admin API's own wait for an answer is longer).
+const LOOKUP_WAIT: Millis = Millis(1_000);
 
 impl Bridge {
     /// Connects to NATS and listens for a while to be sure no live node has this node's name;
@@ -263,6 +272,7 @@ impl Setup {
             directed,
             answers,
             inbox,
+            lookups: Lookups::new(self.me),
             deliver,
             subs: HashMap::new(),
             epoch,
@@ -402,6 +412,7 @@ struct Running {
     directed: Subscriber,
     answers: Subscriber,
     inbox: Inbox,
+    lookups: Lookups<LookupReply>,
     deliver: Arc<Deliver>,
     subs: HashMap<String, Subscription>,
     epoch: Instant,
@@ -416,7 +427,9 @@ impl Running {
 
     async fn run(mut self) {
         loop {
-            let wake = self.epoch + Duration::from_millis(self.nodes.poll_timeout().0);
+            let next = self.nodes.poll_timeout();
+            let next = self.lookups.next_wake().map_or(next, |l| l.min(next));
+            let wake = self.epoch + Duration::from_millis(next.0);
             let wake = tokio::time::Instant::from_std(wake.max(Instant::now()));
             // Not biased: a flood of the shards' batches must not starve the other nodes'
             // heartbeats (they would be taken for dead). Heartbeats and silences are checked
@@ -429,6 +442,10 @@ impl Running {
                 }
                 c = self.commands.recv_async() => match c {
                     Ok(ToBridge::Batch(shard, outs)) => self.outs(shard, outs).await,
+                    Ok(ToBridge::Lookup(kind, name, reply)) => {
+                        let ask = self.lookups.start(kind, &name, self.now(), LOOKUP_WAIT, reply);
+                        self.lookup_ask(ask).await;
+                    }
                     Ok(ToBridge::Stop) | Err(_) => break,
                 },
                 Some(m) = self.heartbeats.next() => {
@@ -443,11 +460,18 @@ impl Running {
         self.goodbye().await;
     }
 
-    /// Heartbeats due, and nodes silent too long.
+    /// Heartbeats due, nodes silent too long, and lookups due.
     async fn tick(&mut self) {
         let now = self.now();
         let events = self.nodes.tick(now);
         self.node_events(events, false);
+        let (done, asks) = self.lookups.tick(now);
+        for (reply, found) in done {
+            let _ = reply.send(found);
+        }
+        for ask in asks {
+            self.lookup_ask(ask).await;
+        }
         if let Some(hb) = self.nodes.heartbeat_due(now) {
             let frame = Frame::Heartbeat(hb).encode();
             self.publish(self.subjects.heartbeats(), None, frame).await;
@@ -482,6 +506,15 @@ impl Running {
                 NatsOut::Reply { to, frame } => self.publish(to, None, frame).await,
             }
         }
+    }
+
+    async fn lookup_ask(&mut self, ask: Ask) {
+        let subject = match ask.to {
+            To::Holders(kind, name) => self.subjects.parts(kind.into(), &name),
+            To::Node(node) => self.subjects.node(node),
+        };
+        let reply = self.inbox.lookup(ask.id);
+        self.publish(subject, Some(reply), ask.frame).await;
     }
 
     async fn subscribe(&mut self, subject: String) {
@@ -525,6 +558,20 @@ impl Running {
 
     /// An answer to one of this node's requests, or NATS saying nobody could answer it.
     fn answer(&mut self, m: Message) {
+        if let Some(id) = self.inbox.lookup_of(&m.subject) {
+            let done = if m.status == Some(StatusCode::NO_RESPONDERS) {
+                self.lookups.no_responders(id)
+            } else {
+                match self.deliver.decode(&m) {
+                    Some(Frame::Part(p)) => self.lookups.part(id, p),
+                    _ => None,
+                }
+            };
+            if let Some((reply, found)) = done {
+                let _ = reply.send(found);
+            }
+            return;
+        }
         if m.status == Some(StatusCode::NO_RESPONDERS) {
             if let Some((shard, kind, name)) = self.inbox.no_responders(&m.subject) {
                 let answer = FromBridge::NoResponders(kind, name);

@@ -3,7 +3,7 @@
 
 use std::cell::{Cell, RefCell};
 
-use crate::net::admin::{Figure, LatencyOf, Query, ERRORS, REFUSALS};
+use crate::net::admin::{Figure, LatencyOf, Query, Shown, ERRORS, REFUSALS};
 use crate::net::runtime::Runtime;
 
 /// Counters for logs now and metrics later.
@@ -44,8 +44,25 @@ impl Runtime {
         for q in queries {
             // A closed API connection dropped its receiver: nothing to do about it.
             let _ = match q {
-                Query::Topic(name, reply) => reply.send(core.topic_view(name.as_str())).is_ok(),
-                Query::User(key, reply) => reply.send(core.user_view(&key)).is_ok(),
+                Query::Topic(name, reply) => {
+                    let view = core.topic_view(name.as_str()).map(|v| v.presences);
+                    let presences = view.into_iter().flatten().flat_map(|(key, metas)| {
+                        metas.into_iter().map(move |m| (key.as_str().to_owned(), m))
+                    });
+                    let shown = Shown {
+                        presences: presences.collect(),
+                        whole: core.topic_is_whole(name.as_str()),
+                    };
+                    reply.send(shown).is_ok()
+                }
+                Query::User(key, reply) => {
+                    let view = core.user_view(&key).into_iter();
+                    let shown = Shown {
+                        presences: view.map(|(t, m)| (t.as_str().to_owned(), m)).collect(),
+                        whole: core.user_is_whole(&key),
+                    };
+                    reply.send(shown).is_ok()
+                }
             };
         }
     }

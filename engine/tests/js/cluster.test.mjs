@@ -74,6 +74,35 @@ test('a node holds only what its clients touch, and its metrics say what it hold
   assert.equal(await nodes.a.metric('roster_cluster_bad_frames_total'), 0);
 });
 
+test('the admin API answers for the whole cluster from any node, holders or not', async () => {
+  await join(open(nodes.a, 'api1'), 'room:api', { meta: { at: 'a' } });
+  const { presence } = await join(open(nodes.b, 'api2'), 'room:api', { meta: { at: 'b' } });
+  await join(open(nodes.b, 'api1'), 'room:api:2', { meta: { at: 'b' } });
+  await waitFor(() => keys(presence).length === 2, 3000, 'b sees a');
+  const get = async (node, path) => {
+    const res = await fetch(`${node.admin}${path}`);
+    assert.equal(res.status, 200, path);
+    return res.json();
+  };
+  const refs = refsOf(presence);
+  // a and b hold the topic; c holds nothing of it and looks the parts up.
+  for (const node of [nodes.a, nodes.b, nodes.c]) {
+    const t = await get(node, '/api/topics/room:api');
+    assert.equal(t.keys, 2);
+    assert.equal(t.metas, 2);
+    assert.equal(t.partial, undefined);
+    const got = Object.entries(t.presences).flatMap(([k, p]) => p.metas.map((m) => `${k}:${m.phx_ref}`)).sort();
+    assert.deepEqual(got, refs, 'the same presences and refs as the clients see');
+    const u = await get(node, '/api/users/api1');
+    assert.equal(u.online, true);
+    assert.deepEqual(u.presences.map((p) => `${p.topic}@${p.meta.at}`).sort(), ['room:api:2@b', 'room:api@a']);
+  }
+  const none = await get(nodes.c, '/api/topics/room:nobody');
+  assert.deepEqual([none.keys, none.presences], [0, {}]);
+  const nobody = await get(nodes.a, '/api/users/nobody');
+  assert.deepEqual([nobody.online, nobody.presences], [false, []]);
+});
+
 test('a late node\'s first joiner gets every node\'s members in its presence_state', async () => {
   await join(open(nodes.a, 'p1'), 'room:late', { meta: { n: 1 } });
   await join(open(nodes.b, 'p2'), 'room:late', { meta: { n: 2 } });

@@ -605,14 +605,27 @@ impl Shard {
             && self.tx.local.is_empty()
     }
 
-    /// The presences of a topic this shard owns.
+    /// The presences of a topic this shard owns (in a cluster, the other nodes' it holds too).
     pub fn topic_view(&self, topic: &str) -> Option<TopicView> {
         self.owner.view(topic)
     }
 
-    /// Where a user this shard owns is present: `(topic, stored meta)`.
+    /// Whether [`Shard::topic_view`] is the whole cluster's: on one node always; in a cluster
+    /// only for a topic this node has interest in, fetched (else the admin API looks the other
+    /// nodes' parts up).
+    pub fn topic_is_whole(&self, topic: &str) -> bool {
+        self.config.cluster.is_none() || self.owner.is_fetched(topic)
+    }
+
+    /// Where a user this shard owns is present: `(topic, stored meta)`, the other nodes'
+    /// presences held for watchers here included.
     pub fn user_view(&self, key: &str) -> Vec<(TopicName, Meta)> {
-        self.users.presences(key)
+        self.users.view(key)
+    }
+
+    /// As [`Shard::topic_is_whole`], for [`Shard::user_view`].
+    pub fn user_is_whole(&self, key: &str) -> bool {
+        self.config.cluster.is_none() || self.users.is_fetched(key)
     }
 }
 

@@ -235,6 +235,12 @@ impl TopicOwner {
         self.topics.get(topic).map(Topic::view)
     }
 
+    /// The topic has interest here and its first fetch is complete: its view is the cluster's.
+    pub(crate) fn is_fetched(&self, topic: &str) -> bool {
+        let t = self.topics.get(topic);
+        t.is_some_and(|t| t.cluster().is_some() && !t.fetching())
+    }
+
     /// Nothing owned and nothing waiting.
     pub(crate) fn is_empty(&self) -> bool {
         self.topics.is_empty()

@@ -6,13 +6,19 @@ use std::fmt::Write as _;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use std::collections::HashSet;
+
 use roster_proto::encode::PresenceMap;
 use roster_proto::meta::write_json_str;
+use roster_proto::PhxRef;
 
-use crate::core::{Meta, TopicName, TopicView};
-use crate::net::admin::board::Query;
+use crate::cluster::frame::{Kind, Presence};
+use crate::cluster::lookup::Found;
+use crate::core::{Meta, TopicName};
+use crate::net::admin::board::{Query, Shown};
 use crate::net::admin::{metrics, Admin};
 use crate::net::handshake::reason_phrase;
+use crate::net::nats::ToBridge;
 
 /// How long a shard gets to answer an API query before the client gets 503.
 const SHARD_WAIT: Duration = Duration::from_secs(2);
@@ -46,19 +52,23 @@ impl Response {
     }
 }
 
-/// A query handed to a shard, not answered yet.
-pub enum Pending {
-    Topic {
-        rx: mpsc::Receiver<Option<TopicView>>,
-        topic: String,
-        limit: Option<usize>,
-        since: Instant,
-    },
-    User {
-        rx: mpsc::Receiver<Vec<(TopicName, Meta)>>,
-        key: String,
-        since: Instant,
-    },
+/// A query handed to a shard (and in a cluster maybe on to the NATS bridge), not answered yet.
+pub struct Pending {
+    asked: Asked,
+    stage: Stage,
+    since: Instant,
+}
+
+enum Asked {
+    Topic { topic: String, limit: Option<usize> },
+    User { key: String },
+}
+
+enum Stage {
+    Shard(mpsc::Receiver<Shown>),
+    /// The shard's answer is not the whole cluster's: the other nodes' presences are being
+    /// looked up.
+    Cluster(Shown, mpsc::Receiver<Found>),
 }
 
 pub enum Answer {
@@ -67,39 +77,84 @@ pub enum Answer {
 }
 
 impl Pending {
-    /// The response once the shard has answered (or has taken too long).
-    pub fn poll(&self, now: Instant) -> Option<Response> {
-        let (answered, since) = match self {
-            Pending::Topic {
-                rx,
-                topic,
-                limit,
-                since,
-            } => (
-                rx.try_recv()
-                    .map(|view| topic_json(topic, view, *limit))
-                    .map_err(|e| e == mpsc::TryRecvError::Disconnected),
-                since,
-            ),
-            Pending::User { rx, key, since } => (
-                rx.try_recv()
-                    .map(|p| user_json(key, &p))
-                    .map_err(|e| e == mpsc::TryRecvError::Disconnected),
-                since,
-            ),
-        };
-        match answered {
-            Ok(body) => Some(Response {
-                status: 200,
-                kind: "application/json",
-                body,
-            }),
-            Err(gone) if gone || now.duration_since(*since) >= SHARD_WAIT => {
-                Some(Response::text(503, "shard did not answer\n"))
-            }
-            Err(_) => None,
+    fn new(asked: Asked, rx: mpsc::Receiver<Shown>, since: Instant) -> Pending {
+        Pending {
+            asked,
+            stage: Stage::Shard(rx),
+            since,
         }
     }
+
+    /// The response once the shard (and the cluster) have answered, or have taken too long.
+    pub fn poll(
+        &mut self,
+        now: Instant,
+        bridge: Option<&flume::Sender<ToBridge>>,
+    ) -> Option<Response> {
+        let failed = |why: &str| Some(Response::text(503, why));
+        match &mut self.stage {
+            Stage::Shard(rx) => match rx.try_recv() {
+                Ok(shown) => {
+                    let Some(bridge) = bridge.filter(|_| !shown.whole) else {
+                        return Some(self.respond(shown.presences, true));
+                    };
+                    let (kind, name) = match &self.asked {
+                        Asked::Topic { topic, .. } => (Kind::Topic, topic.clone()),
+                        Asked::User { key } => (Kind::User, key.clone()),
+                    };
+                    let (tx, rx) = mpsc::channel();
+                    if bridge.try_send(ToBridge::Lookup(kind, name, tx)).is_err() {
+                        return failed("the cluster link is busy\n");
+                    }
+                    self.stage = Stage::Cluster(shown, rx);
+                }
+                Err(mpsc::TryRecvError::Disconnected) => return failed("shard did not answer\n"),
+                Err(mpsc::TryRecvError::Empty) => {}
+            },
+            Stage::Cluster(shown, rx) => match rx.try_recv() {
+                Ok(found) => {
+                    let mut presences = std::mem::take(&mut shown.presences);
+                    merge(&mut presences, found.presences);
+                    return Some(self.respond(presences, found.complete));
+                }
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    return failed("the cluster link is down\n")
+                }
+                Err(mpsc::TryRecvError::Empty) => {}
+            },
+        }
+        if now.duration_since(self.since) >= SHARD_WAIT {
+            return failed("shard did not answer\n");
+        }
+        None
+    }
+
+    fn respond(&self, presences: Vec<(String, Meta)>, complete: bool) -> Response {
+        let body = match &self.asked {
+            Asked::Topic { topic, limit } => topic_json(topic, &presences, *limit, complete),
+            Asked::User { key } => user_json(key, &presences, complete),
+        };
+        Response {
+            status: 200,
+            kind: "application/json",
+            body,
+        }
+    }
+}
+
+/// Adds the other nodes' presences to this node's, sorted by name as the shard's are; a
+/// presence both hold (it moved between the reads) shows once.
+fn merge(mine: &mut Vec<(String, Meta)>, others: Vec<Presence>) {
+    if others.is_empty() {
+        return;
+    }
+    let held: HashSet<_> = mine.iter().map(|(_, m)| m.ref_text()).collect();
+    for p in others {
+        if !held.contains(&PhxRef(p.phx_ref).text()) {
+            mine.push((p.key, Meta::new(&p.meta)));
+        }
+    }
+    mine.sort_by(|a, b| a.0.cmp(&b.0));
 }
 
 /// Compares without stopping at the first difference, so timing does not tell how much of a
@@ -151,23 +206,14 @@ pub fn answer(admin: &Admin, req: &httparse::Request<'_, '_>, now: Instant) -> A
         let owner = admin.router.topic_owner(&topic).index();
         let (tx, rx) = mpsc::channel();
         ask(admin, owner, Query::Topic(TopicName::new(&topic), tx));
-        return Answer::Later(Pending::Topic {
-            rx,
-            topic,
-            limit,
-            since: now,
-        });
+        return Answer::Later(Pending::new(Asked::Topic { topic, limit }, rx, now));
     }
     if let Some(key) = route.strip_prefix("/api/users/") {
         let key = decoded(key);
         let owner = admin.router.user_owner(&key).index();
         let (tx, rx) = mpsc::channel();
         ask(admin, owner, Query::User(key.clone(), tx));
-        return Answer::Later(Pending::User {
-            rx,
-            key,
-            since: now,
-        });
+        return Answer::Later(Pending::new(Asked::User { key }, rx, now));
     }
     Answer::Now(Response::text(404, "no such endpoint\n"))
 }
@@ -183,21 +229,30 @@ fn ask(admin: &Admin, shard: usize, q: Query) {
     }
 }
 
-fn topic_json(topic: &str, view: Option<TopicView>, limit: Option<usize>) -> String {
-    let presences = view.map(|v| v.presences).unwrap_or_default();
-    let metas: usize = presences.iter().map(|(_, m)| m.len()).sum();
+fn topic_json(
+    topic: &str,
+    presences: &[(String, Meta)],
+    limit: Option<usize>,
+    complete: bool,
+) -> String {
+    let keys = presences.chunk_by(|a, b| a.0 == b.0).count();
     let mut out = Vec::new();
     out.extend_from_slice(b"{\"topic\":");
     write_json_str(&mut out, topic);
     let _ = write!(
         Text(&mut out),
-        ",\"keys\":{},\"metas\":{metas},\"presences\":",
+        ",\"keys\":{keys},\"metas\":{},",
         presences.len()
     );
+    partial(&mut out, complete);
+    out.extend_from_slice(b"\"presences\":");
     let mut map = PresenceMap::new(&mut out);
-    for (key, metas) in presences.iter().take(limit.unwrap_or(usize::MAX)) {
-        map.key(key.as_str());
-        for m in metas {
+    for same_key in presences
+        .chunk_by(|a, b| a.0 == b.0)
+        .take(limit.unwrap_or(usize::MAX))
+    {
+        map.key(&same_key[0].0);
+        for (_, m) in same_key {
             map.meta(m.bytes());
         }
     }
@@ -207,21 +262,26 @@ fn topic_json(topic: &str, view: Option<TopicView>, limit: Option<usize>) -> Str
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn user_json(key: &str, presences: &[(TopicName, Meta)]) -> String {
+/// In a cluster, a lookup that some holder did not answer in time says so.
+fn partial(out: &mut Vec<u8>, complete: bool) {
+    if !complete {
+        out.extend_from_slice(b"\"partial\":true,");
+    }
+}
+
+fn user_json(key: &str, presences: &[(String, Meta)], complete: bool) -> String {
     let mut out = Vec::new();
     out.extend_from_slice(b"{\"key\":");
     write_json_str(&mut out, key);
-    let _ = write!(
-        Text(&mut out),
-        ",\"online\":{},\"presences\":[",
-        !presences.is_empty()
-    );
+    let _ = write!(Text(&mut out), ",\"online\":{},", !presences.is_empty());
+    partial(&mut out, complete);
+    out.extend_from_slice(b"\"presences\":[");
     for (i, (topic, meta)) in presences.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
         out.extend_from_slice(b"{\"topic\":");
-        write_json_str(&mut out, topic.as_str());
+        write_json_str(&mut out, topic);
         out.extend_from_slice(b",\"meta\":");
         out.extend_from_slice(meta.bytes());
         out.push(b'}');

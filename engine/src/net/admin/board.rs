@@ -6,12 +6,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-use crate::core::{Latency, Meta, ShardStats, TopicName, TopicView};
+use crate::core::{Latency, Meta, ShardStats, TopicName};
 
 /// What a shard answers for the API.
 pub enum Query {
-    Topic(TopicName, mpsc::Sender<Option<TopicView>>),
-    User(String, mpsc::Sender<Vec<(TopicName, Meta)>>),
+    Topic(TopicName, mpsc::Sender<Shown>),
+    User(String, mpsc::Sender<Shown>),
+}
+
+/// A shard's answer: a topic's presences as (user key, meta) or a user's as (topic, meta),
+/// sorted by the first, metas in the order they were tracked.
+pub struct Shown {
+    pub presences: Vec<(String, Meta)>,
+    /// Nothing to look up on other nodes (see `Shard::topic_is_whole`).
+    pub whole: bool,
 }
 
 /// One shard's published figures (gauges and counters since start).

@@ -12,16 +12,20 @@ mod server;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-pub use board::{Board, Figure, LatencyOf, Query, ERRORS, REFUSALS};
+pub use board::{Board, Figure, LatencyOf, Query, Shown, ERRORS, REFUSALS};
 pub use server::Limits;
 
 use crate::mesh::Router;
+use crate::net::nats::ToBridge;
 
 /// What the admin thread needs.
 pub struct Admin {
     pub board: Arc<Board>,
     pub router: Router,
     pub api_key: Option<Vec<u8>>,
+    /// In a cluster: the NATS bridge, which looks up the other nodes' presences of a name this
+    /// node holds nothing of.
+    pub bridge: Option<flume::Sender<ToBridge>>,
 }
 
 /// Binds the admin listener (so a bad address fails at start-up) and serves it on its own

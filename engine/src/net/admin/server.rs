@@ -303,11 +303,12 @@ impl Server {
     }
 
     fn answer_waiting(&mut self, now: Instant) {
+        let bridge = self.admin.bridge.as_ref();
         let ready: Vec<(usize, Response)> = self
             .conns
-            .iter()
-            .filter_map(|(i, c)| match &c.state {
-                State::Waiting(p) => p.poll(now).map(|r| (i, r)),
+            .iter_mut()
+            .filter_map(|(i, c)| match &mut c.state {
+                State::Waiting(p) => p.poll(now, bridge).map(|r| (i, r)),
                 _ => None,
             })
             .collect();
