@@ -2,13 +2,18 @@
 //! them (subjects, request/reply, "no responders", echo to the publisher's own subscriptions,
 //! per-publisher order, nothing delivered to a subscription after it is gone): clients on
 //! different nodes see each other as phoenix.js `Presence` would, a late node's first joiner
-//! gets every node's members, a lost delta is repaired by a re-fetch, and a dead node's
-//! presences leave. Then seeded random runs (2-4 nodes of 1-3 shards, publishers interleaved
-//! at random, deltas lost, nodes killed, coalescing windows on or off): at every quiescence each
-//! client's view equals the model, with the same refs on every node. `ROSTER_CLUSTER_SEEDS=N`
-//! runs N seeds (default 300), `ROSTER_CLUSTER_SEED=S` one (its log goes to
-//! /tmp/cluster-seed.log when it fails). Not yet here: restarts (new incarnations), isolation,
-//! watch lists, lost answers to requests.
+//! gets every node's members, a lost delta is repaired by a re-fetch, a lost re-fetch is asked
+//! again, and a dead node's presences leave. Then seeded random runs (2-4 nodes of 1-3 shards,
+//! publishers interleaved at random, coalescing windows on or off, watchers of keys beside the
+//! tracked clients) with the faults a real NATS brings: messages dropped at a receiver (a slow
+//! consumer: its node hears of gaps for everyone and announces its parts), nodes killed,
+//! restarted with a new incarnation after the others saw the death or before (the news of the
+//! old one's end racing the new one's frames), and cut off from NATS (shorter than the node
+//! timeout, past it, and past the isolation grace too). At every quiescence each client's view
+//! equals the model with the same refs on every node, and every watcher sees each key it
+//! watches where the model has it; the runs prove they exercised each fault.
+//! `ROSTER_CLUSTER_SEEDS=N` runs N seeds (default 300), `ROSTER_CLUSTER_SEED=S` one (its log
+//! goes to /tmp/cluster-seed.log when it fails).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -59,8 +64,9 @@ impl Nats {
             .collect()
     }
 
-    /// What shard `shard` of node `from` asked for.
-    fn out(&mut self, from: usize, shard: usize, out: NatsOut) {
+    /// What shard `shard` of node `from` (its process `life`: a restart is another NATS
+    /// connection, with an inbox of its own) asked for.
+    fn out(&mut self, from: usize, life: u64, shard: usize, out: NatsOut) {
         match out {
             NatsOut::Subscribe(s) => {
                 self.subs.entry(s).or_default().insert(from);
@@ -96,7 +102,7 @@ impl Nats {
                     self.flight[from].push_back((from, Inbound::NoResponders(kind, name), None));
                 }
                 for t in to {
-                    let reply = Some(format!("_INBOX.{from}.{shard}"));
+                    let reply = Some(format!("_INBOX.{from}.{life}.{shard}"));
                     let m = (t, Inbound::Frame(frame.clone(), reply), None);
                     self.flight[from].push_back(m);
                 }
@@ -130,7 +136,7 @@ fn route(f: &Frame, reply: Option<String>, shards: u16) -> (usize, Option<String
     let (kind, name) = f.about().expect("nodes' own frames are about names");
     let owner = owner(kind, name, shards);
     match (f, reply) {
-        (Frame::Part(_), Some(inbox)) => (inbox.split('.').nth(2).unwrap().parse().unwrap(), None),
+        (Frame::Part(_), Some(inbox)) => (inbox.split('.').nth(3).unwrap().parse().unwrap(), None),
         (Frame::PartRequest(_), reply) => (owner, reply),
         _ => (owner, None),
     }
@@ -201,7 +207,7 @@ impl Cluster {
                 Output::Send { conn, frame, .. } => self.client_frame((i, conn.0), &frame),
                 Output::Close { conn, reason, .. } => panic!("node {i} closed {conn:?}: {reason}"),
                 Output::Mesh { msg, .. } => panic!("one shard per node sends no mesh: {msg:?}"),
-                Output::Nats(out) => self.nats.out(i, 0, out),
+                Output::Nats(out) => self.nats.out(i, 0, 0, out),
             }
         }
     }
@@ -464,6 +470,29 @@ fn a_dead_nodes_presences_leave() {
     assert_eq!(c.sees(0, 1), who(&[("ann", 1)]));
 }
 
+/// Node 1's leave is lost, node 0 hears of a gap and asks node 1 again, and that request is
+/// lost too: node 0 asks again when the retry time comes (node 1 has forgotten the room and
+/// would never announce it).
+#[test]
+fn a_refetch_whose_request_is_lost_is_asked_again() {
+    let mut c = Cluster::new(2);
+    c.join(0, 1, "ann", 1);
+    c.join(1, 1, "bob", 2);
+    c.lose_next_delta_of = Some(1);
+    c.close(1, 1);
+    assert_eq!(c.sees(0, 1), who(&[("ann", 1), ("bob", 2)]));
+    let one = Origin {
+        node: c.ids[1],
+        incarnation: c.ids[1] * 7,
+    };
+    c.nodes[0].node_gap(one);
+    c.collect(0);
+    let lost = c.nats.flight[0].drain(..).count();
+    assert_eq!(lost, 2, "the requests to node 1: the room's part and ann's");
+    c.settle();
+    assert_eq!(c.sees(0, 1), who(&[("ann", 1)]));
+}
+
 // ---- seeded random runs ------------------------------------------------------------------
 
 mod random {
@@ -474,34 +503,77 @@ mod random {
 
     const TOPICS: &[&str] = &["room:a", "room:b"];
     const KEYS: &[&str] = &["ann", "bob", "cy", "dee"];
+    /// Watchers join this topic with a list of keys to watch.
+    const WATCH: &str = "watch:w";
+
+    /// How far a node's cut-off from NATS has gone.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    enum Isolation {
+        /// Shorter than the node timeout: the others will see a heartbeat gap.
+        Short,
+        /// Past the node timeout: the others have declared it down.
+        PastTimeout,
+        /// Past its isolation grace too: it has declared the others down.
+        PastGrace,
+    }
 
     struct Node {
         shards: Vec<Shard>,
         alive: bool,
+        /// This process's incarnation; a restart takes a new one (and a new NATS inbox).
+        incarnation: u64,
+        isolated: Option<Isolation>,
+        /// Origins this node has declared down (its driver's view of the cluster).
+        downs: BTreeSet<Origin>,
+        config: Config,
     }
 
     struct Client {
         node: usize,
-
         key: String,
         topic: &'static str,
         page: u32,
+        /// A watcher (not tracked): the keys it watches.
+        watching: Option<BTreeSet<String>>,
+    }
+
+    /// What the run did, so that it can prove it exercised each fault.
+    #[derive(Debug, Default)]
+    struct Exercised {
+        /// Messages a receiver's NATS client dropped (a slow consumer).
+        dropped: u64,
+        /// Node events: gaps, deaths, returns (partitions healed).
+        gaps: u64,
+        downs: u64,
+        backs: u64,
+        /// Requests to one node (re-fetches and asks of silent holders).
+        directed: u64,
+        kills: u64,
+        /// Restarts after the others saw the death, and before (a new incarnation's frames
+        /// overtake the news of the old one's end).
+        restarts: u64,
+        quick_restarts: u64,
+        isolations: BTreeMap<Isolation, u64>,
+        /// Diffs that reached watchers after their state.
+        watch_diffs: u64,
     }
 
     struct Run {
         rng: ChaCha8Rng,
         nodes: Vec<Node>,
         ids: Vec<u64>,
+        subjects: Subjects,
         nats: Nats,
         clients: BTreeMap<(usize, usize, u32), Client>,
         views: BTreeMap<(usize, usize, u32), View>,
-        /// (receiver, publisher) pairs that lost a delta: the receiver's heartbeat check would
-        /// see the gap.
-        lost: BTreeSet<(usize, usize)>,
+        /// Nodes whose NATS client dropped messages since the last quiescence.
+        slow: BTreeSet<usize>,
+        /// News of a quick restart not yet heard: (observer, the old origin).
+        pending_downs: Vec<(usize, Origin)>,
         next_conn: u32,
         now: u64,
-        seed: u64,
         log: Vec<String>,
+        done: Exercised,
     }
 
     impl Run {
@@ -520,43 +592,42 @@ mod random {
                         cluster: Some(ClusterConfig {
                             me: Origin {
                                 node,
-                                incarnation: node + seed,
+                                incarnation: 0,
                             },
                             subjects: subjects.clone(),
                             max_payload: 1 << 20,
                             fetch_timeout: Millis(1_000),
                         }),
-                        ref_seed: (node ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15),
                         hash_seed: seed,
                         diff_window: Millis(if windows { 300 } else { 0 }),
                         large_topic_threshold: 2,
+                        // Clients here send no heartbeats; runs last minutes of model time.
+                        heartbeat_timeout: Millis(3_600_000),
                         ..Config::default()
                     };
-                    Node {
-                        shards: (0..shards)
-                            .map(|s| Shard::new(ShardId(s), config.clone()))
-                            .collect(),
-                        alive: true,
-                    }
+                    Node::start(config, node + seed)
                 })
                 .collect();
             Run {
                 rng,
                 nodes,
                 nats: Nats::new(&subjects, &ids),
+                subjects,
                 ids,
                 clients: BTreeMap::new(),
                 views: BTreeMap::new(),
-                lost: BTreeSet::new(),
+                slow: BTreeSet::new(),
+                pending_downs: Vec::new(),
                 next_conn: 0,
                 now: 0,
-                seed,
                 log: Vec::new(),
+                done: Exercised::default(),
             }
         }
 
         /// Everything shard `s` of node `i` produced, and what that makes inside the node
         /// (its rings deliver at once here; the simulation of one node covers their orders).
+        /// An isolated node's publishes are lost (its bridge drops them while disconnected).
         fn collect(&mut self, i: usize, s: usize) {
             let mut mesh: VecDeque<(usize, MeshMsg)> = VecDeque::new();
             let mut at = s;
@@ -570,7 +641,7 @@ mod random {
                         }
                         Output::Close { conn, reason, .. } => panic!("closed {conn:?}: {reason}"),
                         Output::Mesh { to, msg } => mesh.push_back((to.index(), msg)),
-                        Output::Nats(out) => self.nats.out(i, at, out),
+                        Output::Nats(out) => self.nats_out(i, at, out),
                     }
                 }
                 let Some((to, msg)) = mesh.pop_front() else {
@@ -581,12 +652,38 @@ mod random {
             }
         }
 
-        fn client_frame(&mut self, id: (usize, usize, u32), bytes: &[u8]) {
-            see(self.views.entry(id).or_default(), bytes);
+        fn nats_out(&mut self, i: usize, shard: usize, out: NatsOut) {
+            let sends = matches!(
+                out,
+                NatsOut::Publish { .. } | NatsOut::Request { .. } | NatsOut::Reply { .. }
+            );
+            if sends && self.nodes[i].isolated.is_some() {
+                return;
+            }
+            if let NatsOut::Request { subject, .. } = &out {
+                if subject.starts_with("roster.n.") {
+                    self.done.directed += 1;
+                }
+            }
+            let life = self.nodes[i].incarnation;
+            self.nats.out(i, life, shard, out);
         }
 
-        /// Delivers one message NATS holds, or drops it (a delta only: lost answers to
-        /// requests would need the answer deadline, which is not built yet).
+        fn client_frame(&mut self, id: (usize, usize, u32), bytes: &[u8]) {
+            let watcher = self.clients.get(&id).is_some_and(|c| c.watching.is_some());
+            let view = self.views.entry(id).or_default();
+            if watcher && !view.is_empty() && bytes.windows(13).any(|w| w == b"presence_diff") {
+                self.done.watch_diffs += 1;
+            }
+            see(view, bytes);
+            self.log.push(format!(
+                "    client {id:?} <- {}",
+                String::from_utf8_lossy(bytes)
+            ));
+        }
+
+        /// Delivers one message NATS holds, or (`may_drop`) has the receiver's client drop it
+        /// as a slow consumer would: the receiver then hears of gaps for every node.
         fn deliver_one(&mut self, may_drop: bool) -> bool {
             let busy = self.nats.busy();
             if busy.is_empty() {
@@ -594,16 +691,28 @@ mod random {
             }
             let from = busy[self.rng.gen_range(0..busy.len())];
             let (to, msg, _) = self.nats.flight[from].pop_front().expect("busy");
-            if !self.nodes[to].alive {
+            if !self.nodes[to].alive || self.nodes[to].isolated.is_some() {
+                return true;
+            }
+            if may_drop && to != from && self.rng.gen_ratio(1, 25) {
+                let what = match &msg {
+                    Inbound::Frame(f, _) => describe(f),
+                    Inbound::NoResponders(_, name) => format!("no responders {name}"),
+                };
+                self.log
+                    .push(format!("dropped at {to} from {from}: {what}"));
+                self.done.dropped += 1;
+                self.slow.insert(to);
                 return true;
             }
             match msg {
                 Inbound::Frame(f, reply) => {
-                    let is_delta = matches!(f, Frame::Delta(_));
-                    if may_drop && is_delta && to != from && self.rng.gen_ratio(1, 20) {
-                        self.log.push(format!("lost a delta {from}->{to}"));
-                        self.lost.insert((to, from));
-                        return true;
+                    if let (Frame::Part(_), Some(inbox)) = (&f, &reply) {
+                        // An answer to a request of an earlier process of this node.
+                        let life: u64 = inbox.split('.').nth(2).unwrap().parse().unwrap();
+                        if life != self.nodes[to].incarnation {
+                            return true;
+                        }
                     }
                     self.log
                         .push(format!("  nats {from}->{to}: {}", describe(&f)));
@@ -624,13 +733,17 @@ mod random {
 
         fn step(&mut self) {
             match self.rng.gen_range(0..100) {
-                0..=39 => {
+                0..=37 => {
                     self.deliver_one(true);
                 }
-                40..=59 => self.open(),
-                60..=69 => self.update(),
-                70..=79 => self.close(),
-                80..=81 => self.kill(),
+                38..=55 => self.open(),
+                56..=63 => self.update(),
+                64..=72 => self.close(),
+                73 => self.kill(),
+                74 => self.restart(),
+                75 => self.isolate(),
+                76..=77 => self.isolation_goes_on(),
+                78 => self.hear_pending_down(),
                 _ => {
                     self.now += self.rng.gen_range(0..400);
                     let i = self.rng.gen_range(0..self.nodes.len());
@@ -657,14 +770,27 @@ mod random {
             self.next_conn += 1;
             let conn = self.next_conn;
             let key = KEYS[self.rng.gen_range(0..KEYS.len())];
-            let topic = TOPICS[self.rng.gen_range(0..TOPICS.len())];
+            let watching = self.rng.gen_ratio(1, 5).then(|| {
+                let n = self.rng.gen_range(1..=KEYS.len());
+                (0..n)
+                    .map(|_| KEYS[self.rng.gen_range(0..KEYS.len())].to_owned())
+                    .collect::<BTreeSet<String>>()
+            });
+            let topic = match watching {
+                Some(_) => WATCH,
+                None => TOPICS[self.rng.gen_range(0..TOPICS.len())],
+            };
             let page = self.rng.gen_range(0..50);
+            let payload = match &watching {
+                Some(users) => serde_json::json!({ "users": users }),
+                None => serde_json::json!({ "meta": { "page": page } }),
+            };
             self.log.push(format!(
-                "open ({node},{shard},{conn}) {key} {topic} page {page}"
+                "open ({node},{shard},{conn}) {key} {topic} {payload}"
             ));
             let sh = &mut self.nodes[node].shards[shard];
             sh.open(ConnId(conn), UserKey::new(key));
-            let join = format!(r#"["1","1","{topic}","phx_join",{{"meta":{{"page":{page}}}}}]"#);
+            let join = serde_json::json!(["1", "1", topic, "phx_join", payload]).to_string();
             sh.frame(ConnId(conn), join.as_bytes());
             self.clients.insert(
                 (node, shard, conn),
@@ -673,6 +799,7 @@ mod random {
                     key: key.into(),
                     topic,
                     page,
+                    watching,
                 },
             );
             self.collect(node, shard);
@@ -687,6 +814,9 @@ mod random {
             let Some(id) = self.pick() else { return };
             let page = self.rng.gen_range(50..100);
             let c = self.clients.get_mut(&id).expect("picked");
+            if c.watching.is_some() {
+                return;
+            }
             c.page = page;
             let topic = c.topic;
             self.log.push(format!("update {id:?} page {page}"));
@@ -705,6 +835,47 @@ mod random {
             self.collect(id.0, id.1);
         }
 
+        /// A node event, on every shard of `observer`.
+        fn event(&mut self, observer: usize, what: &str, origin: Origin) {
+            let node = &mut self.nodes[observer];
+            match what {
+                "down" => {
+                    node.downs.insert(origin);
+                    self.done.downs += 1;
+                }
+                "back" => {
+                    node.downs.remove(&origin);
+                    self.done.backs += 1;
+                }
+                _ => self.done.gaps += 1,
+            }
+            self.log
+                .push(format!("{what} {} at {observer}", origin.incarnation));
+            for s in 0..self.nodes[observer].shards.len() {
+                let shard = &mut self.nodes[observer].shards[s];
+                match what {
+                    "down" => shard.node_down(origin),
+                    "back" => shard.node_back(origin),
+                    _ => shard.node_gap(origin),
+                }
+                self.collect(observer, s);
+            }
+        }
+
+        /// The process of node `k` ends: its clients go, and what NATS held for it.
+        fn end_process(&mut self, k: usize) {
+            self.nodes[k].alive = false;
+            self.nodes[k].isolated = None;
+            self.clients.retain(|_, c| c.node != k);
+            self.views.retain(|id, _| id.0 != k);
+            self.nats.gone(k);
+            for q in &mut self.nats.flight {
+                q.retain(|(to, _, _)| *to != k);
+            }
+            self.slow.remove(&k);
+            self.pending_downs.retain(|(observer, _)| *observer != k);
+        }
+
         /// kill -9 of a node (never the last): the others see it silent and drop its parts
         /// (what it published before dying may still arrive first).
         fn kill(&mut self) {
@@ -714,18 +885,117 @@ mod random {
             }
             let k = live[self.rng.gen_range(0..live.len())];
             self.log.push(format!("kill {k}"));
-            self.nodes[k].alive = false;
-            self.clients.retain(|_, c| c.node != k);
-            self.views.retain(|id, _| id.0 != k);
-            self.nats.gone(k);
+            self.done.kills += 1;
+            let o = self.origin_of(k);
+            self.end_process(k);
             // Let NATS deliver some of what it holds, then the node timeout passes.
             while self.rng.gen_bool(0.5) && self.deliver_one(false) {}
             for i in self.live_nodes() {
-                for s in 0..self.nodes[i].shards.len() {
-                    let o = self.origin_of(k);
-                    self.nodes[i].shards[s].node_down(o);
-                    self.collect(i, s);
+                self.event(i, "down", o);
+            }
+        }
+
+        /// A dead node starts again; or a live one restarts before anyone saw it die, its new
+        /// incarnation's frames racing the news of the old one's end.
+        fn restart(&mut self) {
+            let dead: Vec<usize> = (0..self.nodes.len())
+                .filter(|&i| !self.nodes[i].alive)
+                .collect();
+            let k = if let Some(&k) = dead.first() {
+                self.done.restarts += 1;
+                k
+            } else {
+                let live: Vec<usize> = self
+                    .live_nodes()
+                    .into_iter()
+                    .filter(|&i| self.nodes[i].isolated.is_none())
+                    .collect();
+                if live.len() < 2 {
+                    return;
                 }
+                let k = live[self.rng.gen_range(0..live.len())];
+                let old = self.origin_of(k);
+                self.end_process(k);
+                for i in self.live_nodes() {
+                    self.pending_downs.push((i, old));
+                }
+                self.done.quick_restarts += 1;
+                k
+            };
+            let incarnation = self.nodes[k].incarnation + 1_000_000;
+            self.log.push(format!("restart {k} as {incarnation}"));
+            self.nodes[k] = Node::start(self.nodes[k].config.clone(), incarnation);
+            let own = self.subjects.node(self.ids[k]);
+            self.nats.subs.entry(own).or_default().insert(k);
+        }
+
+        /// The news of a quick restart reaches one node.
+        fn hear_pending_down(&mut self) {
+            if self.pending_downs.is_empty() {
+                return;
+            }
+            let i = self.rng.gen_range(0..self.pending_downs.len());
+            let (observer, old) = self.pending_downs.swap_remove(i);
+            if self.nodes[observer].alive {
+                self.event(observer, "down", old);
+            }
+        }
+
+        /// A node's NATS connection goes down (one at a time, never the last node up).
+        fn isolate(&mut self) {
+            let live = self.live_nodes();
+            if live.len() < 2 || live.iter().any(|&i| self.nodes[i].isolated.is_some()) {
+                return;
+            }
+            let k = live[self.rng.gen_range(0..live.len())];
+            self.log.push(format!("isolate {k}"));
+            self.nodes[k].isolated = Some(Isolation::Short);
+            for q in &mut self.nats.flight {
+                q.retain(|(to, _, _)| *to != k);
+            }
+        }
+
+        /// The isolated node's cut-off lasts past the node timeout, then past its isolation
+        /// grace; or it ends.
+        fn isolation_goes_on(&mut self) {
+            let Some(k) = (0..self.nodes.len()).find(|&i| self.nodes[i].isolated.is_some()) else {
+                return;
+            };
+            match self.nodes[k].isolated.expect("found above") {
+                _ if self.rng.gen_bool(0.5) => self.heal(k),
+                Isolation::Short => {
+                    self.nodes[k].isolated = Some(Isolation::PastTimeout);
+                    let o = self.origin_of(k);
+                    for i in self.live_nodes().into_iter().filter(|&i| i != k) {
+                        self.event(i, "down", o);
+                    }
+                }
+                Isolation::PastTimeout => {
+                    self.nodes[k].isolated = Some(Isolation::PastGrace);
+                    for i in self.live_nodes().into_iter().filter(|&i| i != k) {
+                        let o = self.origin_of(i);
+                        if !self.nodes[k].downs.contains(&o) {
+                            self.event(k, "down", o);
+                        }
+                    }
+                }
+                Isolation::PastGrace => self.heal(k),
+            }
+        }
+
+        /// NATS is back for node `k`: it hears everyone again (a gap, or a return for those it
+        /// declared down), and they hear it (its heartbeat skipped a number; or it returns).
+        fn heal(&mut self, k: usize) {
+            let how = self.nodes[k].isolated.take().expect("isolated");
+            self.log.push(format!("heal {k} after {how:?}"));
+            *self.done.isolations.entry(how).or_default() += 1;
+            let ko = self.origin_of(k);
+            for i in self.live_nodes().into_iter().filter(|&i| i != k) {
+                let o = self.origin_of(i);
+                let back = self.nodes[k].downs.contains(&o);
+                self.event(k, if back { "back" } else { "gap" }, o);
+                let back = self.nodes[i].downs.contains(&ko);
+                self.event(i, if back { "back" } else { "gap" }, ko);
             }
         }
 
@@ -740,16 +1010,30 @@ mod random {
         }
 
         fn quiesce(&mut self) {
+            if let Some(k) = (0..self.nodes.len()).find(|&i| self.nodes[i].isolated.is_some()) {
+                self.heal(k);
+            }
+            while !self.pending_downs.is_empty() {
+                self.hear_pending_down();
+            }
             for _ in 0..6 {
                 self.drain_all();
-                // Losses show as heartbeat gaps: the receiver fetches the publisher again.
-                for (to, from) in std::mem::take(&mut self.lost) {
-                    if !self.nodes[to].alive || !self.nodes[from].alive {
+                // A slow consumer's client says so: its node fetches every node's parts
+                // again and announces its own (requests to it may have been dropped).
+                for to in std::mem::take(&mut self.slow) {
+                    if !self.nodes[to].alive {
                         continue;
                     }
-                    let o = self.origin_of(from);
+                    for i in self.live_nodes().into_iter().filter(|&i| i != to) {
+                        let o = self.origin_of(i);
+                        if !self.nodes[to].downs.contains(&o) {
+                            self.event(to, "gap", o);
+                        }
+                    }
+                    self.log
+                        .push(format!("slow consumer at {to}: gaps, announce"));
                     for s in 0..self.nodes[to].shards.len() {
-                        self.nodes[to].shards[s].node_gap(o);
+                        self.nodes[to].shards[s].announce();
                         self.collect(to, s);
                     }
                 }
@@ -765,19 +1049,21 @@ mod random {
         }
 
         fn origin_of(&self, node: usize) -> Origin {
-            let id = self.ids[node];
             Origin {
-                node: id,
-                incarnation: id + self.seed,
+                node: self.ids[node],
+                incarnation: self.nodes[node].incarnation,
             }
         }
 
         /// Every client's view of its topic equals the model (every live client tracked in it,
-        /// on any node), with the same refs as every other client's view.
+        /// on any node), with the same refs as every other client's view; and every watcher
+        /// sees each key it watches where the model has it, with the same refs.
         fn check(&self) {
+            let mut refs_of: BTreeMap<(String, &str), BTreeSet<String>> = BTreeMap::new();
             for topic in TOPICS {
                 let mut model: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-                for c in self.clients.values().filter(|c| c.topic == *topic) {
+                let tracked = self.clients.values().filter(|c| c.topic == *topic);
+                for c in tracked {
                     model.entry(c.key.clone()).or_default().push(c.page as u64);
                 }
                 for v in model.values_mut() {
@@ -811,6 +1097,44 @@ mod random {
                         Some(_) => {}
                     }
                 }
+                for (k, r) in refs.unwrap_or_default() {
+                    refs_of.insert((k, topic), r);
+                }
+            }
+            for (id, c) in &self.clients {
+                let Some(watching) = &c.watching else {
+                    continue;
+                };
+                let mut want: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
+                let tracked = self.clients.values().filter(|c| c.watching.is_none());
+                for t in tracked.filter(|t| watching.contains(&t.key)) {
+                    let at = (t.topic.to_owned(), t.page as u64);
+                    want.entry(t.key.clone()).or_default().push(at);
+                }
+                let view = self.views.get(id).cloned().unwrap_or_default();
+                let mut seen: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
+                for (k, metas) in &view {
+                    let mut by_topic: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+                    for m in metas {
+                        let topic = m["topic"].as_str().unwrap().to_owned();
+                        let page = m["page"].as_u64().unwrap();
+                        let r = m["phx_ref"].as_str().unwrap().to_owned();
+                        seen.entry(k.clone()).or_default().push((topic, page));
+                        let t = TOPICS.iter().find(|t| **t == m["topic"]).unwrap();
+                        by_topic.entry(t).or_default().insert(r);
+                    }
+                    for (t, r) in by_topic {
+                        if refs_of.get(&(k.clone(), t)) != Some(&r) {
+                            panic!("watcher {id:?} sees {k} in {t} with refs {r:?}, not theirs");
+                        }
+                    }
+                }
+                for v in want.values_mut().chain(seen.values_mut()) {
+                    v.sort();
+                }
+                if seen != want {
+                    panic!("watcher {id:?} of {watching:?} sees {seen:?}, want {want:?}");
+                }
             }
         }
 
@@ -827,17 +1151,37 @@ mod random {
         }
     }
 
+    impl Node {
+        /// A process of the node: its shards, with refs of its own (refs are made from the
+        /// node and its incarnation).
+        fn start(mut config: Config, incarnation: u64) -> Node {
+            let cluster = config.cluster.as_mut().expect("a cluster node");
+            cluster.me.incarnation = incarnation;
+            let mix = cluster.me.node.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ incarnation;
+            config.ref_seed = mix.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            Node {
+                shards: (0..config.shards)
+                    .map(|s| Shard::new(ShardId(s), config.clone()))
+                    .collect(),
+                alive: true,
+                incarnation,
+                isolated: None,
+                downs: BTreeSet::new(),
+                config,
+            }
+        }
+    }
+
     #[test]
     fn seeded_nodes_agree_with_the_model() {
         let seeds = std::env::var("ROSTER_CLUSTER_SEEDS")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(300u64);
-        let mut lost = 0;
-        let mut kills = 0;
         let one: Option<u64> = std::env::var("ROSTER_CLUSTER_SEED")
             .ok()
             .and_then(|v| v.parse().ok());
+        let mut all = Exercised::default();
         for seed in one.map_or(0..seeds, |s| s..s + 1) {
             let mut run = Run::new(seed);
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run.run(300)));
@@ -847,21 +1191,56 @@ mod random {
                 let tail = run.log[run.log.len().saturating_sub(40)..].join("\n");
                 panic!("cluster seed {seed} failed: {msg}\nlast events:\n{tail}");
             }
-            lost += run.log.iter().filter(|l| l.starts_with("lost")).count();
-            kills += run.log.iter().filter(|l| l.starts_with("kill")).count();
+            let d = run.done;
+            all.dropped += d.dropped;
+            all.gaps += d.gaps;
+            all.downs += d.downs;
+            all.backs += d.backs;
+            all.directed += d.directed;
+            all.kills += d.kills;
+            all.restarts += d.restarts;
+            all.quick_restarts += d.quick_restarts;
+            all.watch_diffs += d.watch_diffs;
+            for (k, n) in d.isolations {
+                *all.isolations.entry(k).or_default() += n;
+            }
         }
-        eprintln!("{seeds} seeds: {lost} deltas lost, {kills} nodes killed");
-        assert!(
-            one.is_some() || seeds < 50 || (lost > 0 && kills > 0),
-            "the runs no longer lose deltas or kill nodes"
-        );
+        eprintln!("{seeds} seeds exercised {all:?}");
+        if one.is_none() && seeds >= 50 {
+            let a = &all;
+            let each = [
+                ("messages dropped", a.dropped),
+                ("gaps", a.gaps),
+                ("nodes down", a.downs),
+                ("partitions healed", a.backs),
+                ("directed re-fetches", a.directed),
+                ("kills", a.kills),
+                ("restarts", a.restarts),
+                ("quick restarts", a.quick_restarts),
+                ("watch diffs", a.watch_diffs),
+            ];
+            for (what, n) in each {
+                assert!(n > 0, "the runs no longer exercise {what}");
+            }
+            for how in [
+                Isolation::Short,
+                Isolation::PastTimeout,
+                Isolation::PastGrace,
+            ] {
+                assert!(
+                    a.isolations.get(&how).is_some_and(|&n| n > 0),
+                    "the runs no longer isolate a node {how:?}"
+                );
+            }
+        }
     }
 
     fn describe(f: &Frame) -> String {
         match f {
             Frame::Delta(d) => format!(
-                "delta {} seq {} prev {} +{:?} -{:?}",
+                "delta {} of {} seq {} prev {} +{:?} -{:?}",
                 d.name,
+                d.origin.incarnation,
                 d.seq,
                 d.prev,
                 d.joins
@@ -874,17 +1253,18 @@ mod random {
                     .collect::<Vec<_>>()
             ),
             Frame::Part(p) => format!(
-                "part {} of {} seq {} {:?} holders {:?}",
+                "part {} of {} seq {} {:?} holders {:?} ask {}",
                 p.name,
-                p.origin.node,
+                p.origin.incarnation,
                 p.seq,
                 p.presences
                     .iter()
                     .map(|p| (&p.key, p.phx_ref))
                     .collect::<Vec<_>>(),
-                p.holders
+                p.holders,
+                p.ask
             ),
-            Frame::PartRequest(r) => format!("ask {} from {}", r.name, r.from.node),
+            Frame::PartRequest(r) => format!("ask {} from {}", r.name, r.from.incarnation),
             _ => "other".into(),
         }
     }

@@ -102,6 +102,15 @@ impl Fetch {
     }
 
     /// The request had no responders.
+    /// `node` must answer (again) before the fetch is complete: its answer, or deltas that
+    /// came after it, may have been lost.
+    pub fn expect(&mut self, node: u64) {
+        if node != self.me {
+            self.named.insert(node);
+            self.chunks.remove(&node);
+        }
+    }
+
     pub fn no_responders(&mut self) {
         self.nobody = true;
     }

@@ -11,6 +11,9 @@ use std::collections::BTreeMap;
 use crate::cluster::chain::{Chain, Fetch, Verdict};
 use crate::cluster::frame::{Delta, Origin, Part, Presence};
 
+/// The incarnation of a holder named in an answer but not heard from yet.
+const UNKNOWN: u64 = 0;
+
 /// A change to what this node's clients see of the name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -144,14 +147,20 @@ impl RemoteParts {
             .map_or(Vec::new(), |f| f.fetch.missing())
     }
 
-    /// The first fetch's deadline passed: complete with what came.
+    /// The first fetch's deadline passed: complete with what came. Holders named but silent
+    /// are asked again directly (in `refetch`), their deltas buffered until they answer.
     pub fn fetch_expired(&mut self) -> Applied {
         let Some(f) = self.fetching.as_mut() else {
             return Applied::default();
         };
+        let missing = f.fetch.missing();
         f.fetch.expire();
         f.parts.retain(|_, c| c.got.len() as u32 == c.of);
-        self.finish_fetch()
+        let silent = missing.into_iter().map(|node| Origin {
+            node,
+            incarnation: UNKNOWN,
+        });
+        self.finish_fetch(silent.collect())
     }
 
     /// The request for parts had no responders: nobody else holds anything.
@@ -160,7 +169,7 @@ impl RemoteParts {
             return Applied::default();
         };
         f.fetch.no_responders();
-        self.finish_fetch()
+        self.finish_fetch(Vec::new())
     }
 
     /// A chunk of some origin's part: an answer to the first fetch, or to a re-fetch.
@@ -173,7 +182,7 @@ impl RemoteParts {
             f.fetch.answer(node, &part.holders, part.chunk, part.chunks);
             let chunks = f.parts.entry(node).or_insert_with(|| Chunks::new(&part));
             chunks.take(part);
-            return self.finish_fetch();
+            return self.finish_fetch(Vec::new());
         }
         let Some(rp) = self.parts.get_mut(&node) else {
             // A part nobody asked for (or of a node dropped since): taken as it is.
@@ -191,6 +200,11 @@ impl RemoteParts {
             self.parts.insert(node, rp);
             return applied;
         };
+        if rp.refetch.is_none() && part.origin == rp.chain.origin && part.floor < rp.chain.seq {
+            // Older than deltas applied since: an answer overtaken by the origin's deltas
+            // (answers come through the inbox, not in order with them).
+            return Applied::default();
+        }
         let chunks = rp.refetch.get_or_insert_with(|| Chunks::new(&part));
         if !chunks.take(part) {
             return Applied::default();
@@ -201,7 +215,13 @@ impl RemoteParts {
         net_changes(&rp.presences, &fresh, &mut applied.changes);
         rp.presences = fresh;
         rp.chain = chunks.chain();
-        for d in sorted(std::mem::take(&mut chunks.buffered)) {
+        // Deltas of another incarnation than the part's are of a process that has ended (or
+        // will show again in a later gap): applying them would ask again and again.
+        let buffered = std::mem::take(&mut chunks.buffered);
+        for d in sorted(buffered)
+            .into_iter()
+            .filter(|d| d.origin == chunks.origin)
+        {
             self.apply(d, &mut applied);
         }
         applied
@@ -221,34 +241,65 @@ impl RemoteParts {
         applied
     }
 
-    /// The node is down (or restarted without a delta yet): its part leaves.
-    pub fn node_down(&mut self, node: u64) -> Applied {
+    /// That incarnation of a node is down (it died, or restarted): its part leaves. A part of
+    /// its next incarnation stays: it may have come in before the news of the restart.
+    pub fn node_down(&mut self, origin: Origin) -> Applied {
+        let node = origin.node;
         let mut applied = Applied::default();
         if let Some(f) = self.fetching.as_mut() {
-            f.fetch.node_down(node);
-            f.parts.remove(&node);
-            f.buffered.retain(|d| d.origin.node != node);
-            applied = self.finish_fetch();
+            if f.parts.get(&node).is_none_or(|c| c.origin == origin) {
+                f.fetch.node_down(node);
+                f.parts.remove(&node);
+            }
+            f.buffered.retain(|d| d.origin != origin);
+            applied = self.finish_fetch(Vec::new());
         }
-        if let Some(rp) = self.parts.remove(&node) {
+        let of = |o: Origin| {
+            o == origin
+                || o == Origin {
+                    node,
+                    incarnation: UNKNOWN,
+                }
+        };
+        if self.parts.get(&node).is_some_and(|rp| of(rp.chain.origin)) {
+            let rp = self.parts.remove(&node).expect("checked above");
             leaves(&rp.presences, &mut applied.changes);
         }
         applied
     }
 
-    /// Frames of `origin` may have been lost (a heartbeat gap, a reconnect): if this name has
-    /// its part, it is fetched again (true: ask it), its deltas buffered meanwhile.
+    /// Frames to or from `origin` may have been lost (a heartbeat gap, a reconnect, a slow
+    /// consumer): its part of this name is asked for again (true: ask it directly), whether
+    /// this node holds one of it or not (a join whose delta was lost may have been its first
+    /// here), its deltas buffered meanwhile. During the first fetch its answer is waited for
+    /// anew (the answer, or a delta after it, may be what was lost).
     pub fn refetch(&mut self, origin: Origin) -> bool {
-        if self.fetching.is_some() {
-            return false; // A first fetch in progress has asked everyone.
-        }
-        let Some(rp) = self.parts.get_mut(&origin.node) else {
+        if origin.node == self.me {
             return false;
-        };
+        }
+        if let Some(f) = self.fetching.as_mut() {
+            f.fetch.expect(origin.node);
+            f.parts.remove(&origin.node);
+            return true;
+        }
+        let rp = self
+            .parts
+            .entry(origin.node)
+            .or_insert_with(|| RemotePart::new(Chain::at(origin, 0, 0), BTreeMap::new(), None));
         if rp.refetch.is_none() {
             rp.refetch = Some(Chunks::awaiting(origin));
         }
         true
+    }
+
+    /// Nodes whose part is being fetched again and has not come in full: asked again when the
+    /// retry time comes (the request or its answer may have been lost).
+    pub fn awaiting(&self) -> Vec<u64> {
+        let parts = self.parts.iter();
+        parts
+            .filter(|(_, rp)| rp.refetch.is_some())
+            .map(|(&n, _)| n)
+            .collect()
     }
 
     /// Every remote presence held: (key, ref, meta).
@@ -263,7 +314,9 @@ impl RemoteParts {
         self.parts.keys().copied().collect()
     }
 
-    fn finish_fetch(&mut self) -> Applied {
+    /// Ends the first fetch if every holder named has answered; `silent` holders (named, gave
+    /// no full answer in time) are asked again, their deltas buffered until they answer.
+    fn finish_fetch(&mut self, silent: Vec<Origin>) -> Applied {
         let mut applied = Applied::default();
         if !self
             .fetching
@@ -278,6 +331,12 @@ impl RemoteParts {
             joins(&presences, &mut applied.changes);
             let rp = RemotePart::new(chunks.chain(), presences, None);
             self.parts.insert(node, rp);
+        }
+        for origin in silent {
+            let awaiting = Some(Chunks::awaiting(origin));
+            let rp = RemotePart::new(Chain::at(origin, 0, 0), BTreeMap::new(), awaiting);
+            self.parts.insert(origin.node, rp);
+            applied.refetch.push(origin);
         }
         for d in sorted(f.buffered) {
             self.apply(d, &mut applied);
@@ -570,7 +629,10 @@ mod tests {
         r.part(part(a, 5, vec![p("ann", 10)], &[], (0, 1)));
         let restarted = r.delta(delta(a2, 1, vec![p("ann", 99)], &[]));
         assert_eq!(restarted.changes, [leave("ann", 10), join("ann", 99)]);
-        let down = r.node_down(2);
+        // The news of the restart may come after the new incarnation's delta: the old
+        // incarnation's death leaves the new one's part alone.
+        assert_eq!(r.node_down(a), Applied::default());
+        let down = r.node_down(a2);
         assert_eq!(down.changes, [leave("ann", 99)]);
         assert!(held(&r).is_empty());
         // A node first heard mid-stream (not from empty) is fetched.
@@ -583,8 +645,57 @@ mod tests {
         let mut f = RemoteParts::fetching(1);
         f.part(part(a, 1, vec![p("ann", 10)], &[2, 9], (0, 1)));
         assert!(f.is_fetching());
-        let done = f.node_down(9);
+        let done = f.node_down(o(9, 90));
         assert!(!f.is_fetching());
         assert_eq!(done.changes, [join("ann", 10)]);
+    }
+    #[test]
+    fn a_gap_asks_for_a_part_not_held_and_an_overtaken_answer_is_dropped() {
+        let a = o(2, 20);
+        let mut r = RemoteParts::fetching(1);
+        r.no_responders();
+        // a's first delta here (its join) was lost: the gap asks for its part all the same.
+        assert!(r.refetch(a));
+        assert_eq!(r.awaiting(), [2]);
+        assert_eq!(
+            r.delta(delta(a, 2, vec![p("al", 11)], &[])),
+            Applied::default(),
+            "waits for the part"
+        );
+        let got = r.part(part(a, 1, vec![p("ann", 10)], &[], (0, 1)));
+        assert_eq!(got.changes, [join("ann", 10), join("al", 11)]);
+        assert!(r.awaiting().is_empty());
+        // An answer sent before delta 2 and delivered after it: dropped.
+        assert_eq!(r.part(part(a, 1, vec![], &[], (0, 1))), Applied::default());
+        assert_eq!(held(&r), [("al".into(), 11), ("ann".into(), 10)]);
+    }
+
+    #[test]
+    fn silent_holders_of_an_expired_fetch_are_awaited_until_they_answer_or_die() {
+        let (a, b) = (o(2, 20), o(3, 30));
+        let mut r = RemoteParts::fetching(1);
+        r.part(part(a, 1, vec![p("ann", 10)], &[2, 3], (0, 1)));
+        assert_eq!(
+            r.delta(delta(b, 5, vec![p("bo", 31)], &[])),
+            Applied::default()
+        );
+        let done = r.fetch_expired();
+        assert_eq!(done.changes, [join("ann", 10)]);
+        let unknown = Origin {
+            node: 3,
+            incarnation: UNKNOWN,
+        };
+        assert_eq!(done.refetch, [unknown], "asked directly");
+        assert_eq!(r.awaiting(), [3]);
+        let got = r.part(part(b, 4, vec![p("bob", 30)], &[], (0, 1)));
+        assert_eq!(got.changes, [join("bob", 30), join("bo", 31)]);
+        assert!(r.awaiting().is_empty());
+        // One that dies instead leaves nothing awaited.
+        let mut f = RemoteParts::fetching(1);
+        f.part(part(a, 1, vec![], &[2, 4], (0, 1)));
+        f.fetch_expired();
+        assert_eq!(f.awaiting(), [4]);
+        f.node_down(o(4, 40));
+        assert!(f.awaiting().is_empty());
     }
 }

@@ -13,7 +13,7 @@ use crate::cluster::frame::{
 };
 use crate::cluster::parts::RemoteParts;
 use crate::core::outbox::{NatsOut, Outbox};
-use crate::core::{ClusterConfig, Meta, TopicName, UserKey};
+use crate::core::{ClusterConfig, Meta, Millis, TopicName, UserKey};
 
 /// A topic's cluster side: its presences by user key.
 pub(crate) type TopicCluster = NameCluster<UserKey>;
@@ -64,12 +64,22 @@ impl<K: Clone + Ord + Borrow<str>> NameCluster<K> {
     pub(crate) fn fetched(&self, c: &ClusterConfig, name: &str, floor: u64, tx: &mut Outbox) {
         let scope = self.kind.into();
         tx.nats(NatsOut::Subscribe(c.subjects.parts(scope, name)));
-        if self.own.is_empty() {
+        if !self.own.is_empty() {
+            self.announce(c, name, floor, tx);
+        }
+    }
+
+    /// Publishes this node's part on the name's deltas subject (in order with its deltas), for
+    /// holders that may not have it: one whose request crossed this node's first fetch, or
+    /// whose request this node may have lost (then even an empty part: the asker waits for
+    /// it, holding what this node's lost deltas would have taken away).
+    pub(crate) fn announce(&self, c: &ClusterConfig, name: &str, floor: u64, tx: &mut Outbox) {
+        if self.remote.is_fetching() {
             return;
         }
         let part = self.own_part(name, c.me, floor, 0);
         for frame in part_frames(part, c.max_payload) {
-            let subject = c.subjects.deltas(scope, name);
+            let subject = c.subjects.deltas(self.kind.into(), name);
             tx.nats(NatsOut::Publish { subject, frame });
         }
     }
@@ -149,6 +159,50 @@ impl<K: Clone + Ord + Borrow<str>> NameCluster<K> {
             chunk: 0,
             chunks: 1,
         }
+    }
+}
+
+/// Names whose parts are being fetched again from some nodes, and when to ask those again
+/// if they have not answered: a request or its answer may be lost (NATS promises nothing), and
+/// a node that has forgotten the name since will not announce it.
+#[derive(Debug)]
+pub(crate) struct Retries<N> {
+    due: BTreeMap<N, Millis>,
+}
+
+impl<N: Ord + Clone> Retries<N> {
+    pub(crate) fn new() -> Retries<N> {
+        Retries {
+            due: BTreeMap::new(),
+        }
+    }
+
+    /// Some node was asked for `name`'s part again at `now`.
+    pub(crate) fn asked(&mut self, name: &N, now: Millis, wait: Millis) {
+        let at = Millis(now.0.saturating_add(wait.0));
+        self.due.entry(name.clone()).or_insert(at);
+    }
+
+    /// Names whose retry time has come (taken off: ask again, and call `asked` again).
+    pub(crate) fn due(&mut self, now: Millis) -> Vec<N> {
+        let due: Vec<N> = self
+            .due
+            .iter()
+            .filter(|(_, at)| at.0 <= now.0)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in &due {
+            self.due.remove(n);
+        }
+        due
+    }
+
+    pub(crate) fn next(&self) -> Option<Millis> {
+        self.due.values().min().copied()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.due.is_empty()
     }
 }
 

@@ -14,7 +14,7 @@ use crate::cluster::parts::{Applied, Change, RemoteParts};
 use crate::cluster::subject::Scope;
 use crate::core::hash::{Map, Seeds};
 use crate::core::outbox::{NatsOut, Outbox};
-use crate::core::part::{self, answer, UserCluster};
+use crate::core::part::{self, answer, Retries, UserCluster};
 use crate::core::topic_owner::Env;
 use crate::core::user::Users;
 use crate::core::{ClusterConfig, MeshMsg, Meta, Millis, TopicName, UserKey};
@@ -26,6 +26,8 @@ pub(crate) struct UserClusters {
     sides: Map<UserKey, Box<UserSide>>,
     /// First fetches in the order their deadlines come.
     fetches: VecDeque<(Millis, UserKey)>,
+    /// Keys with parts asked for again and not answered yet.
+    retries: Retries<UserKey>,
     /// Keys whose part or watchers changed since the last flush.
     touched: Vec<UserKey>,
     /// The seq of this shard's last user delta, over all its keys (see
@@ -50,6 +52,7 @@ impl UserClusters {
             config,
             sides: seeds.map(),
             fetches: VecDeque::new(),
+            retries: Retries::new(),
             touched: Vec::new(),
             delta_seq: 0,
             dead: BTreeSet::new(),
@@ -259,7 +262,7 @@ impl Users {
         uc.dead.insert(origin);
         let keys: Vec<UserKey> = uc.sides.keys().cloned().collect();
         for key in keys {
-            self.on_remote(&key, env, |r| r.node_down(origin.node));
+            self.on_remote(&key, env, |r| r.node_down(origin));
         }
     }
 
@@ -270,21 +273,27 @@ impl Users {
     }
 
     /// A node declared down is back: its parts of every key are asked for directly.
-    pub(crate) fn user_node_back(&mut self, origin: Origin, tx: &mut Outbox) {
-        let Some(uc) = self.cluster.as_deref_mut() else {
+    pub(crate) fn user_node_back(&mut self, origin: Origin, now: Millis, tx: &mut Outbox) {
+        if let Some(uc) = self.cluster.as_deref_mut() {
+            uc.dead.remove(&origin);
+        }
+        self.user_node_gap(origin, now, tx);
+    }
+
+    /// As the topic owner's `announce`, for the keys with interest here.
+    pub(crate) fn user_announce(&self, tx: &mut Outbox) {
+        let Some(uc) = self.cluster.as_deref() else {
             return;
         };
-        uc.dead.remove(&origin);
         for (key, side) in uc.sides.iter() {
-            if !side.part.remote.is_fetching() {
-                let subject = uc.config.subjects.node(origin.node);
-                tx.nats(ask(&uc.config, key, subject, side.part.epoch));
-            }
+            side.part
+                .announce(&uc.config, key.as_str(), uc.delta_seq, tx);
         }
     }
 
-    /// Frames of `origin` may have been lost: its parts are fetched again.
-    pub(crate) fn user_node_gap(&mut self, origin: Origin, tx: &mut Outbox) {
+    /// Frames of `origin` may have been lost: its parts of every key with interest here are
+    /// asked for again (see `RemoteParts::refetch`).
+    pub(crate) fn user_node_gap(&mut self, origin: Origin, now: Millis, tx: &mut Outbox) {
         let Some(uc) = self.cluster.as_deref_mut() else {
             return;
         };
@@ -292,13 +301,16 @@ impl Users {
             if side.part.remote.refetch(origin) {
                 let subject = uc.config.subjects.node(origin.node);
                 tx.nats(ask(&uc.config, key, subject, side.part.epoch));
+                uc.retries.asked(key, now, uc.config.fetch_timeout);
             }
         }
     }
 
-    /// First fetches past their deadline complete with what came; silent holders named in
-    /// answers are asked directly.
+    /// First fetches past their deadline complete with what came (silent holders named in
+    /// answers are asked directly, see `RemoteParts::fetch_expired`); re-fetches not answered
+    /// are asked again.
     pub(crate) fn user_tick(&mut self, env: &mut Env<'_>) {
+        self.retry_refetches(env);
         loop {
             let Some(uc) = self.cluster.as_deref_mut() else {
                 return;
@@ -310,25 +322,41 @@ impl Users {
                 return;
             }
             let (_, key) = uc.fetches.pop_front().expect("front exists");
-            let Some(side) = uc.sides.get(&key).filter(|s| s.part.remote.is_fetching()) else {
-                continue;
-            };
-            for node in side.part.remote.missing() {
-                env.tx.nats(ask(
-                    &uc.config,
-                    &key,
-                    uc.config.subjects.node(node),
-                    side.part.epoch,
-                ));
+            if uc
+                .sides
+                .get(&key)
+                .is_some_and(|s| s.part.remote.is_fetching())
+            {
+                self.on_remote(&key, env, |r| r.fetch_expired());
             }
-            self.on_remote(&key, env, |r| r.fetch_expired());
         }
     }
 
-    /// When the next first fetch times out.
+    /// Parts asked for again and still not in are asked for once more.
+    fn retry_refetches(&mut self, env: &mut Env<'_>) {
+        let Some(uc) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        for key in uc.retries.due(env.now) {
+            let Some(side) = uc.sides.get(&key) else {
+                continue;
+            };
+            let nodes = side.part.remote.awaiting();
+            for &node in &nodes {
+                let subject = uc.config.subjects.node(node);
+                env.tx.nats(ask(&uc.config, &key, subject, side.part.epoch));
+            }
+            if !nodes.is_empty() {
+                uc.retries.asked(&key, env.now, uc.config.fetch_timeout);
+            }
+        }
+    }
+
+    /// When the next first fetch times out, or a re-fetch is asked again.
     pub(crate) fn user_next_deadline(&self) -> Option<Millis> {
         let uc = self.cluster.as_deref()?;
-        uc.fetches.front().map(|(at, _)| *at)
+        let fetch = uc.fetches.front().map(|(at, _)| *at);
+        [fetch, uc.retries.next()].into_iter().flatten().min()
     }
 
     /// Runs `input` on the key's remote parts and carries out what it says: changes go to the
@@ -354,6 +382,9 @@ impl Users {
         for origin in &applied.refetch {
             env.tx
                 .nats(ask(c, key, c.subjects.node(origin.node), side.part.epoch));
+        }
+        if !applied.refetch.is_empty() {
+            uc.retries.asked(key, env.now, c.fetch_timeout);
         }
         let waiting = if done {
             side.part.fetched(c, key.as_str(), uc.delta_seq, env.tx);

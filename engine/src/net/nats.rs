@@ -51,6 +51,8 @@ pub enum FromBridge {
     NodeBack(Origin),
     NodeDown(Origin),
     NodeGap(Origin),
+    /// Requests to this node may have been lost: publish its own parts.
+    Announce,
 }
 
 /// The cluster's figures, shared with the admin side.
@@ -672,11 +674,13 @@ impl Running {
                     sid,
                     "NATS slow consumer: fetching the other nodes' parts again"
                 );
+                // Requests for this node's parts may have been among them: it announces them.
                 let up: Vec<Origin> = self.nodes.up().collect();
                 for o in up {
                     ClusterStats::add(&self.stats.gaps, 1);
                     self.deliver.everyone(|| FromBridge::NodeGap(o));
                 }
+                self.deliver.everyone(|| FromBridge::Announce);
             }
             other => tracing::warn!("NATS: {other}"),
         }

@@ -278,6 +278,7 @@ impl Runtime {
                     FromBridge::NodeBack(o) => core.node_back(o),
                     FromBridge::NodeDown(o) => core.node_down(o),
                     FromBridge::NodeGap(o) => core.node_gap(o),
+                    FromBridge::Announce => core.announce(),
                 }
             }
         }

@@ -2,7 +2,8 @@
 // client: clients on different nodes see each other as if on one server, a late node's first
 // joiner gets every node's members, watch lists see users on any node, a killed node's
 // presences leave on the others, a stopped node's at once, and a NATS restart within the
-// isolation grace is invisible.
+// isolation grace is invisible, and changes made while NATS was down reach everyone once it is
+// back.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { startNats, startNode, connect, join, push, keys, waitFor, sleep } from './harness.mjs';
@@ -233,4 +234,22 @@ test('a NATS restart within the isolation grace: nobody sees a leave or a join, 
   assert.deepEqual(diffs, [], 'no diff across the restart');
   await join(open(nodes.c, 'z'), 'room:nats');
   await waitFor(() => [x, y].every(({ presence }) => keys(presence).includes('z')), 5000, 'z seen after the restart');
+});
+
+test('changes made while NATS is down reach the other nodes once it is back', async () => {
+  const stay = await join(open(nodes.a, 'stay'), 'room:out');
+  const goerSocket = open(nodes.b, 'goer');
+  const goer = await join(goerSocket, 'room:out');
+  await waitFor(() => [stay, goer].every(({ presence }) => keys(presence).length === 2), 3000, 'both see both');
+  await nats.stop();
+  await sleep(HEARTBEAT * 2);
+  // b publishes goer's leave and c its first interest in the topic while NATS is down: both
+  // are lost, and c's first fetch completes with nobody else's presences.
+  goerSocket.disconnect();
+  const late = await join(open(nodes.c, 'late'), 'room:out');
+  assert.deepEqual(keys(late.presence), ['late']);
+  await nats.start();
+  const want = ['late', 'stay'];
+  await waitFor(() => [stay, late].every(({ presence }) => JSON.stringify(keys(presence)) === JSON.stringify(want)), 8000,
+    () => `a and c see ${want} once NATS is back: a ${keys(stay.presence)}, c ${keys(late.presence)}`);
 });

@@ -370,7 +370,7 @@ impl Shard {
     pub fn node_back(&mut self, origin: Origin) {
         let (owner, mut env) = self.owner_env();
         owner.node_back(origin, &mut env);
-        self.users.user_node_back(origin, &mut self.tx);
+        self.users.user_node_back(origin, self.now, &mut self.tx);
         self.drain_local();
     }
 
@@ -379,7 +379,15 @@ impl Shard {
     pub fn node_gap(&mut self, origin: Origin) {
         let (owner, mut env) = self.owner_env();
         owner.node_gap(origin, &mut env);
-        self.users.user_node_gap(origin, &mut self.tx);
+        self.users.user_node_gap(origin, self.now, &mut self.tx);
+        self.drain_local();
+    }
+
+    /// Requests to this node may have been lost (its NATS client dropped messages as a slow
+    /// consumer): its own parts go out unasked, for nodes whose fetches it did not answer.
+    pub fn announce(&mut self) {
+        self.owner.announce_parts(&mut self.tx);
+        self.users.user_announce(&mut self.tx);
         self.drain_local();
     }
 

@@ -59,12 +59,26 @@ impl TopicOwner {
             // Holders named but silent (they may be fetching themselves, so not yet answering
             // on the topic's subject) are asked directly; their answers are taken when they
             // come, after the fetch.
-            if let Some(c) = &self.config.cluster {
-                for node in tc.remote.missing() {
-                    env.tx.nats(ask(c, &name, c.subjects.node(node), tc.epoch));
-                }
-            }
             self.on_remote(&name, env, |r| r.fetch_expired());
+        }
+    }
+
+    /// Parts asked for again and still not in are asked for once more.
+    pub(super) fn retry_refetches(&mut self, env: &mut Env<'_>) {
+        let Some(c) = &self.config.cluster else {
+            return;
+        };
+        for name in self.retries.due(env.now) {
+            let Some(tc) = self.topics.get(&name).and_then(|t| t.cluster()) else {
+                continue;
+            };
+            let nodes = tc.remote.awaiting();
+            for &node in &nodes {
+                env.tx.nats(ask(c, &name, c.subjects.node(node), tc.epoch));
+            }
+            if !nodes.is_empty() {
+                self.retries.asked(&name, env.now, c.fetch_timeout);
+            }
         }
     }
 
@@ -160,7 +174,6 @@ impl TopicOwner {
     /// A node is down: its parts leave every topic here, and what it sent before it died and
     /// still comes in is dropped (until it is heard again: a partition healed).
     pub(crate) fn node_down(&mut self, origin: Origin, env: &mut Env<'_>) {
-        let node = origin.node;
         self.dead.insert(origin);
         let names: Vec<TopicName> = self
             .topics
@@ -169,11 +182,12 @@ impl TopicOwner {
             .map(|(n, _)| n.clone())
             .collect();
         for name in names {
-            self.on_remote(&name, env, |r| r.node_down(node));
+            self.on_remote(&name, env, |r| r.node_down(origin));
         }
     }
 
-    /// Frames of `origin` may have been lost: every part of it held here is fetched again.
+    /// Frames of `origin` may have been lost: its part of every topic with interest here is
+    /// asked for again (see `RemoteParts::refetch`).
     pub(crate) fn node_gap(&mut self, origin: Origin, env: &mut Env<'_>) {
         let Some(c) = &self.config.cluster else {
             return;
@@ -185,24 +199,30 @@ impl TopicOwner {
             if tc.remote.refetch(origin) {
                 env.tx
                     .nats(ask(c, name, c.subjects.node(origin.node), tc.epoch));
+                self.retries.asked(name, env.now, c.fetch_timeout);
+            }
+        }
+    }
+
+    /// Requests to this node may have been lost (its NATS client dropped messages): its part
+    /// of every topic with interest here goes out unasked.
+    pub(crate) fn announce_parts(&self, tx: &mut Outbox) {
+        let Some(c) = &self.config.cluster else {
+            return;
+        };
+        for (name, t) in self.topics.iter() {
+            if let Some(tc) = t.cluster() {
+                tc.announce(c, name.as_str(), self.delta_seq, tx);
             }
         }
     }
 
     /// A node declared down is back (a partition healed, or this node's own isolation ended):
-    /// its parts of every topic held here are asked for directly, as nothing of it is held any
-    /// more and its next delta may be far off.
+    /// its frames are taken again and its parts asked for, as nothing of it is held any more
+    /// and its next delta may be far off.
     pub(crate) fn node_back(&mut self, origin: Origin, env: &mut Env<'_>) {
-        let Some(c) = &self.config.cluster else {
-            return;
-        };
         self.dead.remove(&origin);
-        for (name, t) in self.topics.iter() {
-            if let Some(tc) = t.cluster().filter(|_| !t.fetching()) {
-                env.tx
-                    .nats(ask(c, name, c.subjects.node(origin.node), tc.epoch));
-            }
-        }
+        self.node_gap(origin, env);
     }
 
     fn held(&self, name: &str) -> Option<TopicName> {
@@ -240,9 +260,12 @@ impl TopicOwner {
         }
         let epoch = t.cluster().map_or(0, |tc| tc.epoch);
         self.changed.note(name, t);
-        for origin in applied.refetch {
+        for origin in &applied.refetch {
             env.tx
                 .nats(ask(c, name, c.subjects.node(origin.node), epoch));
+        }
+        if !applied.refetch.is_empty() {
+            self.retries.asked(name, env.now, c.fetch_timeout);
         }
         let Some(t) = self.topics.get_mut(name) else {
             return;

@@ -14,6 +14,7 @@ use roster_proto::{PhxRef, PresenceMode};
 use crate::core::hash::{Map, Seeds};
 use crate::core::names::Names;
 use crate::core::outbox::Outbox;
+use crate::core::part::Retries;
 use crate::core::topic::{Topic, TopicView, Twin, Waiter};
 use crate::core::{
     Config, ConnAddr, JoinMsg, JoinedReply, MeshMsg, Meta, Millis, TopicName, Track, UserKey,
@@ -113,6 +114,8 @@ pub(crate) struct TopicOwner {
     twins_due: VecDeque<(Millis, TopicName)>,
     /// In a cluster: topics fetching the other nodes' parts, in the order their fetch times out.
     fetches: VecDeque<(Millis, TopicName)>,
+    /// In a cluster: topics with parts asked for again and not answered yet.
+    retries: Retries<TopicName>,
     /// The seq of this shard's last delta, over all its topics (see `TopicCluster::take_delta`).
     delta_seq: u64,
     /// Interests taken up so far (see `PartRequest::ask`).
@@ -137,6 +140,7 @@ impl TopicOwner {
             held: VecDeque::new(),
             twins_due: VecDeque::new(),
             fetches: VecDeque::new(),
+            retries: Retries::new(),
             dead: std::collections::BTreeSet::new(),
             delta_seq: 0,
             asks: 0,
@@ -173,6 +177,7 @@ impl TopicOwner {
     /// Time passed: held presences and twins whose grace ended, windows that ended, counts due.
     pub(crate) fn tick(&mut self, env: &mut Env<'_>) {
         self.expire_fetches(env);
+        self.retry_refetches(env);
         self.expire_held(env);
         self.announce_twins(env);
         self.end_windows(env);
@@ -209,6 +214,7 @@ impl TopicOwner {
             self.held.front().map(|h| h.0),
             self.twins_due.front().map(|t| t.0),
             self.fetches.front().map(|f| f.0),
+            self.retries.next(),
             self.count_wake,
         ];
         windows.chain(queued.into_iter().flatten()).min()
@@ -250,6 +256,7 @@ impl TopicOwner {
             && self.held.is_empty()
             && self.twins_due.is_empty()
             && self.fetches.is_empty()
+            && self.retries.is_empty()
     }
 
     /// The invariants of the owner's tables (see `invariants.rs`), or the first one broken.
