@@ -1,7 +1,8 @@
 // Starts the real roster binary and drives it with the official phoenix client (and raw
 // WebSockets for what phoenix.js cannot send). Every wait is bounded.
 import { execFileSync, spawn } from 'node:child_process';
-import { createServer } from 'node:net';
+import { createHmac } from 'node:crypto';
+import { createServer, connect as tcpConnect } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
 import WebSocket from 'ws';
@@ -241,4 +242,54 @@ export async function startNode(nats, name, args = []) {
     return lines.reduce((sum, l) => sum + Number(l.split(' ').at(-1)), 0);
   };
   return node;
+}
+
+/** An HS256 (or HS512) JWT over `claims`, as an application's backend would mint it. */
+export function sign(claims, { secret, alg = 'HS256' }) {
+  const b64url = (x) => Buffer.from(x).toString('base64url');
+  const head = `${b64url(JSON.stringify({ alg, typ: 'JWT' }))}.${b64url(JSON.stringify(claims))}`;
+  const mac = createHmac(alg === 'HS512' ? 'sha512' : 'sha256', secret).update(head).digest('base64url');
+  return `${head}.${mac}`;
+}
+
+/**
+ * A TCP proxy on a free loopback port to `targetPort`, which can cut every connection through
+ * it and refuse new ones (`cut`) until `heal`: a network partition between one process and
+ * another.
+ */
+export async function tcpProxy(targetPort) {
+  const port = await freePort();
+  const live = new Set();
+  let cut = false;
+  const server = createServer((inbound) => {
+    if (cut) {
+      inbound.destroy();
+      return;
+    }
+    const outbound = tcpConnect(targetPort, '127.0.0.1');
+    for (const s of [inbound, outbound]) {
+      live.add(s);
+      s.on('close', () => live.delete(s));
+      s.on('error', () => {});
+    }
+    inbound.pipe(outbound);
+    outbound.pipe(inbound);
+    inbound.on('close', () => outbound.destroy());
+    outbound.on('close', () => inbound.destroy());
+  });
+  await new Promise((resolve) => server.listen(port, '127.0.0.1', resolve));
+  return {
+    port,
+    cut() {
+      cut = true;
+      for (const s of live) s.destroy();
+    },
+    heal() {
+      cut = false;
+    },
+    close: () => new Promise((resolve) => {
+      for (const s of live) s.destroy();
+      server.close(resolve);
+    }),
+  };
 }

@@ -2,11 +2,10 @@
 // (Sec-WebSocket-Protocol), topic permissions, and meta claims the client cannot override.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { createHmac } from 'node:crypto';
 import { writeFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { startServer, Socket, join, push, keys, waitFor } from './harness.mjs';
+import { startServer, Socket, join, push, keys, waitFor, sign as signWith } from './harness.mjs';
 import WebSocket from 'ws';
 
 const SECRET = 'phoenix.js test secret, at least 32 bytes long';
@@ -14,12 +13,7 @@ const secretFile = path.join(tmpdir(), `roster-js-secret-${process.pid}`);
 let server;
 const sockets = [];
 
-const b64url = (s) => Buffer.from(s).toString('base64url');
-function sign(claims, { secret = SECRET, alg = 'HS256' } = {}) {
-  const head = `${b64url(JSON.stringify({ alg, typ: 'JWT' }))}.${b64url(JSON.stringify(claims))}`;
-  const mac = createHmac(alg === 'HS512' ? 'sha512' : 'sha256', secret).update(head).digest('base64url');
-  return `${head}.${mac}`;
-}
+const sign = (claims, { secret = SECRET, alg = 'HS256' } = {}) => signWith(claims, { secret, alg });
 const now = () => Math.floor(Date.now() / 1000);
 
 before(async () => {
