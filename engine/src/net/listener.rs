@@ -26,15 +26,28 @@ pub fn ensure_free(addr: SocketAddr) -> std::io::Result<()> {
     probe.bind(&addr.into())
 }
 
-/// Binds one listening socket; its fd is handed to a shard's executor.
-pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<RawFd> {
+/// A shard's socket, bound to the listen address but not listening yet: bound at start-up so
+/// that a bad address fails at once, listening only once the node can serve (in a cluster,
+/// once it has joined), so that an open port means a ready server: connections made meanwhile
+/// are refused and retried, rather than left in the backlog (on Linux a full accept queue
+/// drops SYNs, which clients retry only after a second).
+pub struct Bound(Socket);
+
+pub fn bind(addr: SocketAddr) -> std::io::Result<Bound> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
-    Ok(socket.into_raw_fd())
+    Ok(Bound(socket))
+}
+
+impl Bound {
+    /// Starts listening; the fd is handed to a shard's executor.
+    pub fn listen(self, backlog: u32) -> std::io::Result<RawFd> {
+        self.0.listen(backlog.min(i32::MAX as u32) as i32)?;
+        Ok(self.0.into_raw_fd())
+    }
 }
 
 /// Accepts until the shard shuts down. Out of descriptors (EMFILE/ENFILE): log, count, pause

@@ -67,8 +67,8 @@ pub fn run(launch: Launch) -> Result<(), String> {
             config.listen
         )
     })?;
-    let fds: Vec<RawFd> = (0..n)
-        .map(|_| listener::bind(config.listen, config.backlog))
+    let bound: Vec<listener::Bound> = (0..n)
+        .map(|_| listener::bind(config.listen))
         .collect::<Result<_, _>>()
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     // In a cluster, NATS first: a node that cannot join (no NATS, a name clash) does not start.
@@ -76,6 +76,11 @@ pub fn run(launch: Launch) -> Result<(), String> {
         Some(node) => Some(Bridge::start(node, config.shards)?),
         None => None,
     };
+    let fds: Vec<RawFd> = bound
+        .into_iter()
+        .map(|b| b.listen(config.backlog))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let mesh = MeshBuilder::<Vec<MeshMsg>, _>::full(n, config.ring_capacity);
     let board = Board::new(n);
     if let Some(b) = &bridge {

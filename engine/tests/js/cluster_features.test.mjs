@@ -1,5 +1,5 @@
 // The single-node features that must hold across nodes too, with the real phoenix client and a
-// real nats-server: leave grace (a quick reconnect is invisible on other nodes, a client gone
+// real nats-server: coalescing of other nodes' joins, leave grace (a quick reconnect is invisible on other nodes, a client gone
 // for good leaves there when the grace ends), slow-consumer resync of a client fed by another
 // node's changes, topic grants and meta claims of a token on any node; and a partition between
 // one node and NATS (through a TCP proxy that cuts it off) that heals.
@@ -16,7 +16,9 @@ const TIMEOUT = 1000;
 const SECRET = 'cluster features test secret, at least 32 bytes';
 const secretFile = path.join(tmpdir(), `roster-cluster-secret-${process.pid}`);
 const args = [
-  '--node-heartbeat-ms', String(HEARTBEAT), '--node-timeout-ms', String(TIMEOUT), '--diff-window-ms', '0',
+  '--node-heartbeat-ms', String(HEARTBEAT), '--node-timeout-ms', String(TIMEOUT),
+  // Topics of 10 members and more coalesce their diffs (the other tests' topics are smaller).
+  '--large-topic-threshold', '10', '--diff-window-ms', '100',
   '--leave-grace-ms', '1000', '--secret-file', secretFile,
   // The flooder sends hundreds of large updates a second.
   '--max-outbound-bytes', '65536', '--max-meta-bytes', '40000', '--max-msgs-per-sec', '0',
@@ -62,6 +64,18 @@ function open(node, sub, claims = {}) {
 
 const metasOf = (presence, key) => presence.list((k, p) => (k === key ? p.metas : null)).find(Boolean) || [];
 const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
+
+test('a large topic coalesces a join storm on other nodes into few diffs, and every view converges', async () => {
+  const first = await join(open(nodes.b, 'first'), 'room:big');
+  let diffs = 0;
+  first.channel.on('presence_diff', () => { diffs += 1; });
+  const n = 80;
+  const all = await Promise.all(Array.from({ length: n }, (_, i) => join(open(i % 2 ? nodes.a : nodes.c, `u${i}`), 'room:big', { meta: { i } })));
+  const everyone = [first, ...all];
+  await waitFor(() => everyone.every(({ presence }) => keys(presence).length === n + 1), 10_000,
+    () => `every view to hold ${n + 1} keys; sizes ${everyone.map(({ presence }) => keys(presence).length)}`);
+  assert.ok(diffs < n / 2, `${diffs} diffs for ${n} joins`);
+});
 
 test('leave grace: a quick reconnect to its node is invisible on the others; gone for good leaves at the grace', async () => {
   const observer = await join(open(nodes.b, 'observer'), 'room:grace');

@@ -7,6 +7,7 @@
 //! targets loopback only, is bounded by `--clients` and `--duration-s`, and stops on its own.
 
 mod churn;
+mod cluster;
 mod connect;
 mod fanout;
 mod idle_memory;
@@ -44,6 +45,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::churn::churn;
+use crate::cluster::cluster;
 use crate::connect::connect;
 use crate::fanout::{fanout, fanout_count};
 use crate::idle_memory::idle_memory;
@@ -60,7 +62,8 @@ struct Cli {
 
 #[derive(Args, Clone)]
 pub(crate) struct Common {
-    /// Socket URL as phoenix.js takes it.
+    /// Socket URL as phoenix.js takes it; several, comma-separated, for the nodes of a cluster
+    /// (client i connects to URL i mod N).
     #[arg(long, default_value = "ws://127.0.0.1:4000/socket")]
     pub(crate) url: String,
     #[arg(long, default_value_t = 1000)]
@@ -176,6 +179,36 @@ enum Scenario {
         #[arg(long)]
         restart_cmd: Option<String>,
     },
+    /// roster nodes of one cluster, one --url each (in node order): remote join latency (a
+    /// prober per node joins and leaves, a watcher per node times each join), idle and while
+    /// churners join and leave other topics at --rate; NATS messages and bytes per change and
+    /// the last node's memory with and without interest in a --big topic (from the nodes'
+    /// metrics, --admin-urls); with --kill-cmd, the time until a killed node's presences left.
+    Cluster {
+        #[command(flatten)]
+        common: Common,
+        /// Probe joins per phase (each node's prober in turn).
+        #[arg(long, default_value_t = 300)]
+        rounds: usize,
+        /// Between a probe's join and its leave, and between probes.
+        #[arg(long, default_value_t = 10)]
+        interval_ms: u64,
+        /// Churners' joins plus leaves per second in the churn phase.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Clients taking turns joining and leaving (spread over the nodes).
+        #[arg(long, default_value_t = 300)]
+        churners: usize,
+        /// The nodes' admin listeners, http://HOST:PORT, in the order of --url.
+        #[arg(long)]
+        admin_urls: Option<String>,
+        /// Members of a large topic on every node but the last (0: skip the memory figure).
+        #[arg(long, default_value_t = 0)]
+        big: usize,
+        /// A shell command that kills -9 the last node (timed until its presences left).
+        #[arg(long)]
+        kill_cmd: Option<String>,
+    },
 }
 
 fn main() {
@@ -186,7 +219,8 @@ fn main() {
         | Scenario::JoinStorm { common }
         | Scenario::Fanout { common, .. }
         | Scenario::Churn { common, .. }
-        | Scenario::ReconnectStorm { common, .. } => common,
+        | Scenario::ReconnectStorm { common, .. }
+        | Scenario::Cluster { common, .. } => common,
     };
     // Every run stops on its own: past --duration-s (plus time to report), the process exits.
     let limit = Duration::from_secs(common.duration_s + 30);
@@ -233,6 +267,27 @@ fn main() {
             reconnect_fraction,
             window_s,
             restart_cmd,
+        ),
+        Scenario::Cluster {
+            common,
+            rounds,
+            interval_ms,
+            rate,
+            churners,
+            admin_urls,
+            big,
+            kill_cmd,
+        } => cluster(
+            common,
+            cluster::Options {
+                rounds,
+                interval_ms,
+                rate,
+                churners,
+                admin_urls,
+                big,
+                kill_cmd,
+            },
         ),
         Scenario::Fanout {
             common,

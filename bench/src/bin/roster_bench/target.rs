@@ -1,37 +1,49 @@
-//! Where the clients connect from and to: the URL and the source addresses.
+//! Where the clients connect from and to: the URLs (client i goes to URL i mod N, as a load
+//! balancer spreading clients over the nodes of a cluster would) and the source addresses.
 
 use crate::prelude::*;
 
 #[derive(Clone)]
 pub(crate) struct Target {
-    pub(crate) addr: SocketAddr,
+    pub(crate) addrs: Vec<SocketAddr>,
     pub(crate) path: String,
     pub(crate) sources: Vec<IpAddr>,
 }
 
 impl Target {
     pub(crate) fn parse(c: &Common) -> Result<Target, String> {
-        let rest = c.url.strip_prefix("ws://").ok_or("only ws:// URLs")?;
-        let (host, path) = rest.split_once('/').unwrap_or((rest, "socket"));
-        let addr = host
-            .to_socket_addrs()
-            .map_err(|e| e.to_string())?
-            .next()
-            .ok_or("no address")?;
-        if !addr.ip().is_loopback() {
-            return Err(format!(
-                "{addr} is not a loopback address; roster-bench only targets 127.0.0.0/8"
-            ));
+        let mut addrs = Vec::new();
+        let mut path = String::new();
+        for url in c.url.split(',') {
+            let rest = url.strip_prefix("ws://").ok_or("only ws:// URLs")?;
+            let (host, p) = rest.split_once('/').unwrap_or((rest, "socket"));
+            let addr = host
+                .to_socket_addrs()
+                .map_err(|e| e.to_string())?
+                .next()
+                .ok_or("no address")?;
+            if !addr.ip().is_loopback() {
+                return Err(format!(
+                    "{addr} is not a loopback address; roster-bench only targets 127.0.0.0/8"
+                ));
+            }
+            addrs.push(addr);
+            path = format!("/{}", p.trim_end_matches('/'));
         }
         let sources = match &c.source_addrs {
             None => Vec::new(),
             Some(range) => parse_range(range)?,
         };
         Ok(Target {
-            addr,
-            path: format!("/{}", path.trim_end_matches('/')),
+            addrs,
+            path,
             sources,
         })
+    }
+
+    /// The server client `i` connects to.
+    pub(crate) fn addr(&self, i: usize) -> SocketAddr {
+        self.addrs[i % self.addrs.len()]
     }
 
     pub(crate) fn source(&self, i: usize) -> Option<IpAddr> {

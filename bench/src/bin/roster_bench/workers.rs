@@ -259,7 +259,7 @@ pub(crate) async fn connect_share(
 /// Connects client `i` and, if `join` is given, joins and waits for the join to complete.
 pub(crate) async fn open(t: &Target, i: usize) -> Result<Client, String> {
     Box::pin(Client::connect(
-        t.addr,
+        t.addr(i),
         t.source(i),
         &t.path,
         &format!("vsn=2.0.0&user_id=u{i}"),
