@@ -2,7 +2,7 @@
 // leave grace and slow consumers. Each feature gets its own server (4 shards) and settings.
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, connect, join, push, keys, waitFor, sleep } from './harness.mjs';
+import { startServer, connect, join, push, keys, waitFor, sleep, flood } from './harness.mjs';
 
 const servers = [];
 const sockets = [];
@@ -160,14 +160,8 @@ test('a client that stops reading for a while ends with a correct view', async (
   // Stop reading from the socket: the kernel's buffers fill (they grow to a few MB on
   // loopback), then roster's queue passes its bound. ~20 MB of diffs in all.
   slowSocket.conn._socket.pause();
-  const pad = 'p'.repeat(32_000);
   const updates = 640;
-  for (let i = 1; i <= updates; i += 40) {
-    const batch = [];
-    for (let j = i; j < i + 40; j++) batch.push(push(flooder.channel, 'presence_update', { meta: { n: j, pad } }));
-    const replies = await Promise.all(batch);
-    assert.ok(replies.every((r) => r.status === 'ok'));
-  }
+  await flood(flooder.channel, updates, 32_000);
   slowSocket.conn._socket.resume();
   await waitFor(() => metasOf(slow.presence, 'flooder').map((m) => m.n).join() === String(updates), 15_000,
     () => `the slow client's view to end current; has ${JSON.stringify(metasOf(slow.presence, 'flooder').map((m) => m.n))}`);

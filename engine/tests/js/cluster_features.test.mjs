@@ -9,7 +9,7 @@ import { writeFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import WebSocket from 'ws';
-import { startNats, startNode, Socket, join, push, keys, waitFor, sleep, sign, tcpProxy } from './harness.mjs';
+import { startNats, startNode, Socket, join, keys, waitFor, sleep, sign, tcpProxy, flood } from './harness.mjs';
 
 const HEARTBEAT = 200;
 const TIMEOUT = 1000;
@@ -114,13 +114,8 @@ test('a client fed by another node\'s changes that stops reading ends with a cor
   let states = 0;
   slow.channel.on('presence_state', () => { states += 1; });
   slowSocket.conn._socket.pause();
-  const pad = 'p'.repeat(32_000);
   const updates = 640;
-  for (let i = 1; i <= updates; i += 40) {
-    const batch = [];
-    for (let j = i; j < i + 40; j++) batch.push(push(flooder.channel, 'presence_update', { meta: { n: j, pad } }));
-    assert.ok((await Promise.all(batch)).every((r) => r.status === 'ok'));
-  }
+  await flood(flooder.channel, updates, 32_000);
   slowSocket.conn._socket.resume();
   await waitFor(() => metasOf(slow.presence, 'flooder').map((m) => m.n).join() === String(updates), 15_000,
     () => `the slow client's view to end current; has ${JSON.stringify(metasOf(slow.presence, 'flooder').map((m) => m.n))}`);

@@ -244,6 +244,20 @@ export async function startNode(nats, name, args = []) {
   return node;
 }
 
+/**
+ * Sends `updates` presence_updates on `channel`, metas `{n, pad}` padded to `padBytes`, 40 in
+ * flight at a time; resolves once every one was acknowledged ok.
+ */
+export async function flood(channel, updates, padBytes) {
+  const pad = 'p'.repeat(padBytes);
+  for (let i = 1; i <= updates; i += 40) {
+    const batch = [];
+    for (let j = i; j < Math.min(i + 40, updates + 1); j++) batch.push(push(channel, 'presence_update', { meta: { n: j, pad } }));
+    const refused = (await Promise.all(batch)).find((r) => r.status !== 'ok');
+    if (refused) throw new Error(`an update was refused: ${JSON.stringify(refused)}`);
+  }
+}
+
 /** An HS256 (or HS512) JWT over `claims`, as an application's backend would mint it. */
 export function sign(claims, { secret, alg = 'HS256' }) {
   const b64url = (x) => Buffer.from(x).toString('base64url');

@@ -20,13 +20,28 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::prelude::*;
 
+#[derive(clap::Args, Clone)]
 pub(crate) struct Options {
+    /// Probe joins per phase (each node's prober in turn).
+    #[arg(long, default_value_t = 300)]
     pub(crate) rounds: usize,
+    /// Between a probe's join and its leave, and between probes.
+    #[arg(long, default_value_t = 10)]
     pub(crate) interval_ms: u64,
+    /// Churners' joins plus leaves per second in the churn phase.
+    #[arg(long, default_value_t = 1000)]
     pub(crate) rate: u64,
+    /// Clients taking turns joining and leaving (spread over the nodes).
+    #[arg(long, default_value_t = 300)]
     pub(crate) churners: usize,
+    /// The nodes' admin listeners, http://HOST:PORT, in the order of --url.
+    #[arg(long)]
     pub(crate) admin_urls: Option<String>,
+    /// Members of a large topic on every node but the last (0: skip the memory figure).
+    #[arg(long, default_value_t = 0)]
     pub(crate) big: usize,
+    /// A shell command that kills -9 the last node (timed until its presences left).
+    #[arg(long)]
     pub(crate) kill_cmd: Option<String>,
 }
 

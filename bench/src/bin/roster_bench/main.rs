@@ -187,27 +187,8 @@ enum Scenario {
     Cluster {
         #[command(flatten)]
         common: Common,
-        /// Probe joins per phase (each node's prober in turn).
-        #[arg(long, default_value_t = 300)]
-        rounds: usize,
-        /// Between a probe's join and its leave, and between probes.
-        #[arg(long, default_value_t = 10)]
-        interval_ms: u64,
-        /// Churners' joins plus leaves per second in the churn phase.
-        #[arg(long, default_value_t = 1000)]
-        rate: u64,
-        /// Clients taking turns joining and leaving (spread over the nodes).
-        #[arg(long, default_value_t = 300)]
-        churners: usize,
-        /// The nodes' admin listeners, http://HOST:PORT, in the order of --url.
-        #[arg(long)]
-        admin_urls: Option<String>,
-        /// Members of a large topic on every node but the last (0: skip the memory figure).
-        #[arg(long, default_value_t = 0)]
-        big: usize,
-        /// A shell command that kills -9 the last node (timed until its presences left).
-        #[arg(long)]
-        kill_cmd: Option<String>,
+        #[command(flatten)]
+        options: cluster::Options,
     },
 }
 
@@ -268,27 +249,7 @@ fn main() {
             window_s,
             restart_cmd,
         ),
-        Scenario::Cluster {
-            common,
-            rounds,
-            interval_ms,
-            rate,
-            churners,
-            admin_urls,
-            big,
-            kill_cmd,
-        } => cluster(
-            common,
-            cluster::Options {
-                rounds,
-                interval_ms,
-                rate,
-                churners,
-                admin_urls,
-                big,
-                kill_cmd,
-            },
-        ),
+        Scenario::Cluster { common, options } => cluster(common, options),
         Scenario::Fanout {
             common,
             rounds,
