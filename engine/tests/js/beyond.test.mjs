@@ -2,7 +2,7 @@
 // leave grace and slow consumers. Each feature gets its own server (4 shards) and settings.
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, connect, join, push, keys, waitFor, sleep, flood } from './harness.mjs';
+import { startServer, connect, join, push, keys, waitFor, sleep, stallThroughFlood } from './harness.mjs';
 
 const servers = [];
 const sockets = [];
@@ -153,18 +153,8 @@ test('a client that stops reading for a while ends with a correct view', async (
   const flooder = await join(open(server, 'flooder'), 'room:lag', { presence: 'none', meta: { n: 0 } });
   await waitFor(() => keys(slow.presence).includes('flooder'), 3000, 'flooder in');
   // Its own state has been applied by now: count only what comes after.
-  let states = 0;
-  slow.channel.on('presence_state', () => { states += 1; });
-  let diffs = 0;
-  slow.channel.on('presence_diff', () => { diffs += 1; });
-  // Stop reading from the socket: the kernel's buffers fill (they grow to a few MB on
-  // loopback), then roster's queue passes its bound. ~20 MB of diffs in all.
-  slowSocket.conn._socket.pause();
   const updates = 640;
-  await flood(flooder.channel, updates, 32_000);
-  slowSocket.conn._socket.resume();
-  await waitFor(() => metasOf(slow.presence, 'flooder').map((m) => m.n).join() === String(updates), 15_000,
-    () => `the slow client's view to end current; has ${JSON.stringify(metasOf(slow.presence, 'flooder').map((m) => m.n))}`);
+  const { states, diffs } = await stallThroughFlood(slowSocket, slow, flooder, 'flooder', updates);
   assert.ok(states >= 1, `a fresh presence_state replaced the dropped diffs (${states} states, ${diffs} diffs)`);
   assert.ok(diffs < updates, `diffs were dropped (${diffs} of ${updates} arrived)`);
   assert.equal(slowSocket.isConnected(), true, 'resynced, not closed');

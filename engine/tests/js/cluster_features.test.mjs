@@ -9,7 +9,7 @@ import { writeFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import WebSocket from 'ws';
-import { startNats, startNode, Socket, join, keys, waitFor, sleep, sign, tcpProxy, flood } from './harness.mjs';
+import { startNats, startNode, Socket, join, keys, waitFor, sleep, sign, tcpProxy, stallThroughFlood } from './harness.mjs';
 
 const HEARTBEAT = 200;
 const TIMEOUT = 1000;
@@ -111,14 +111,7 @@ test('a client fed by another node\'s changes that stops reading ends with a cor
   const slow = await join(slowSocket, 'room:lag');
   const flooder = await join(open(nodes.a, 'flooder'), 'room:lag', { presence: 'none', meta: { n: 0 } });
   await waitFor(() => keys(slow.presence).includes('flooder'), 3000, 'b sees the flooder');
-  let states = 0;
-  slow.channel.on('presence_state', () => { states += 1; });
-  slowSocket.conn._socket.pause();
-  const updates = 640;
-  await flood(flooder.channel, updates, 32_000);
-  slowSocket.conn._socket.resume();
-  await waitFor(() => metasOf(slow.presence, 'flooder').map((m) => m.n).join() === String(updates), 15_000,
-    () => `the slow client's view to end current; has ${JSON.stringify(metasOf(slow.presence, 'flooder').map((m) => m.n))}`);
+  const { states } = await stallThroughFlood(slowSocket, slow, flooder, 'flooder');
   assert.ok(states >= 1, 'a fresh presence_state replaced the dropped diffs');
   assert.equal(slowSocket.isConnected(), true, 'resynced, not closed');
 });

@@ -245,17 +245,29 @@ export async function startNode(nats, name, args = []) {
 }
 
 /**
- * Sends `updates` presence_updates on `channel`, metas `{n, pad}` padded to `padBytes`, 40 in
- * flight at a time; resolves once every one was acknowledged ok.
+ * Stops reading `slowSocket` while the member `flooder` (key `key`) sends `updates` updates of
+ * ~32 KB metas `{n, pad}` (640: ~20 MB of diffs; the kernel's buffers fill, a few MB on
+ * loopback, then the server's outbound bound passes), then reads again. Resolves once the slow
+ * client's view `slow` shows the last update, with the presence_states and presence_diffs it
+ * got meanwhile.
  */
-export async function flood(channel, updates, padBytes) {
-  const pad = 'p'.repeat(padBytes);
+export async function stallThroughFlood(slowSocket, slow, flooder, key, updates = 640) {
+  const got = { states: 0, diffs: 0 };
+  slow.channel.on('presence_state', () => { got.states += 1; });
+  slow.channel.on('presence_diff', () => { got.diffs += 1; });
+  slowSocket.conn._socket.pause();
+  const pad = 'p'.repeat(32_000);
   for (let i = 1; i <= updates; i += 40) {
     const batch = [];
-    for (let j = i; j < Math.min(i + 40, updates + 1); j++) batch.push(push(channel, 'presence_update', { meta: { n: j, pad } }));
+    for (let j = i; j < Math.min(i + 40, updates + 1); j++) batch.push(push(flooder.channel, 'presence_update', { meta: { n: j, pad } }));
     const refused = (await Promise.all(batch)).find((r) => r.status !== 'ok');
     if (refused) throw new Error(`an update was refused: ${JSON.stringify(refused)}`);
   }
+  slowSocket.conn._socket.resume();
+  const seen = () => (slow.presence.list((k, p) => (k === key ? p.metas : null)).find(Boolean) || []).map((m) => m.n);
+  await waitFor(() => seen().join() === String(updates), 15_000,
+    () => `the slow client's view to end current; has ${JSON.stringify(seen())}`);
+  return got;
 }
 
 /** An HS256 (or HS512) JWT over `claims`, as an application's backend would mint it. */
