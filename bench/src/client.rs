@@ -1,11 +1,15 @@
 //! A lean Phoenix Channels V2 client for load generation: one glommio task per connection,
 //! tungstenite for framing (client role, masking) over the bytes we read, a 512-byte read buffer.
 //! It binds to a chosen loopback source address so one process can open more connections than
-//! one address's ephemeral ports allow.
+//! one address's ephemeral ports allow. While it reads it sends Phoenix heartbeats as phoenix.js
+//! does (every 30 s unless `set_heartbeat` says otherwise): servers close connections silent for
+//! their timeout (Phoenix's and roster's: 60 s), which would end any longer run.
 
 use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{FromRawFd, IntoRawFd};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
@@ -17,6 +21,26 @@ use tungstenite::Message;
 
 const READ_BUFFER: usize = 512;
 
+/// Between a client's heartbeats (None: it sends none).
+static HEARTBEAT: OnceLock<Option<Duration>> = OnceLock::new();
+
+/// Sets every client's heartbeat interval (once, before any client connects; phoenix.js's
+/// 30 s if never set).
+pub fn set_heartbeat(every: Option<Duration>) {
+    let _ = HEARTBEAT.set(every);
+}
+
+/// The heartbeat interval clients use, for reports.
+pub fn heartbeat_text() -> String {
+    heartbeat().map_or("no heartbeats".into(), |d| {
+        format!("heartbeats every {} s", d.as_secs())
+    })
+}
+
+fn heartbeat() -> Option<Duration> {
+    *HEARTBEAT.get_or_init(|| Some(Duration::from_secs(30)))
+}
+
 pub struct Client {
     stream: TcpStream,
     ws: WebSocketContext,
@@ -24,6 +48,9 @@ pub struct Client {
     rpos: usize,
     rlen: usize,
     out: Vec<u8>,
+    /// When the next heartbeat is due, and how many were sent (their refs).
+    next_beat: Option<Instant>,
+    beats: u64,
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -119,6 +146,8 @@ impl Client {
             rpos: 0,
             rlen: extra.len().min(READ_BUFFER),
             out: Vec::new(),
+            next_beat: heartbeat().map(|d| Instant::now() + d),
+            beats: 0,
         })
     }
 
@@ -156,7 +185,25 @@ impl Client {
                 Ok(Message::Close(_)) => return None,
                 Ok(_) => continue,
                 Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
-                    let n = self.stream.read(&mut self.rbuf).await.ok()?;
+                    let n = match self.next_beat {
+                        None => self.stream.read(&mut self.rbuf).await.ok()?,
+                        Some(at) => {
+                            // glommio's reads wait for readiness, then read: a read dropped by
+                            // the timeout loses no bytes.
+                            let wait = at.saturating_duration_since(Instant::now());
+                            let read = glommio::timer::timeout(wait, async {
+                                Ok(self.stream.read(&mut self.rbuf).await)
+                            })
+                            .await;
+                            match read {
+                                Ok(r) => r.ok()?,
+                                Err(_) => {
+                                    self.beat().await.ok()?;
+                                    continue;
+                                }
+                            }
+                        }
+                    };
                     if n == 0 {
                         return None;
                     }
@@ -164,6 +211,30 @@ impl Client {
                     self.rlen = n;
                 }
                 Err(_) => return None,
+            }
+        }
+    }
+
+    /// A Phoenix heartbeat, as phoenix.js sends it; the next is due an interval from now.
+    async fn beat(&mut self) -> Result<(), String> {
+        self.beats += 1;
+        self.next_beat = heartbeat().map(|d| Instant::now() + d);
+        let frame = format!(r#"[null,"hb{}","phoenix","heartbeat",{{}}]"#, self.beats);
+        self.send(frame).await
+    }
+
+    /// Reads (and drops) what comes until `until`, heartbeats included: a client held idle.
+    /// False if the connection ended first.
+    pub async fn hold(&mut self, until: Instant) -> bool {
+        loop {
+            let wait = until.saturating_duration_since(Instant::now());
+            if wait.is_zero() {
+                return true;
+            }
+            match glommio::timer::timeout(wait, async { Ok(self.next().await) }).await {
+                Ok(Some(_)) => {}
+                Ok(None) => return false,
+                Err(_) => return true,
             }
         }
     }

@@ -25,12 +25,16 @@ pub(crate) fn connect(c: Common, topics: usize, mode: String, settle_s: u64) -> 
     let kernel_before = kernel_bytes();
     let self_before = rss_of(std::process::id()).unwrap_or(0);
     let release = Arc::new(Barrier::new(c.executors + 1));
+    // Set once the connections have been held long enough (and measured): the executors keep
+    // reading meanwhile, so that their clients send heartbeats and closes are counted.
+    let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (lost_tx, lost_rx) = std::sync::mpsc::channel::<usize>();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(c.duration_s);
     let (n, e_count, conc) = (c.clients, c.executors, c.concurrency.max(1));
     let mode_name = mode.clone();
     let (tx, rx) = std::sync::mpsc::channel::<Part>();
-    let r2 = release.clone();
+    let (r2, released2) = (release.clone(), released.clone());
     let waiter = std::thread::spawn(move || -> Result<_, String> {
         let parts: Vec<Part> = rx.iter().take(e_count).collect();
         let took = started.elapsed();
@@ -48,11 +52,17 @@ pub(crate) fn connect(c: Common, topics: usize, mode: String, settle_s: u64) -> 
             std::thread::sleep(Duration::from_secs(settle_s));
             (c.server_pid.and_then(rss_of), kernel_bytes())
         };
+        released2.store(true, std::sync::atomic::Ordering::Relaxed);
+        part.lost = lost_rx.iter().take(e_count).sum();
+        if worker.is_some() {
+            println!("HELD {}", part.lost);
+        }
         r2.wait();
         Ok((took, part, measured))
     });
     let parts = on_executors(e_count, move |e| {
         let (t, mode, release, tx) = (t.clone(), mode.clone(), release.clone(), tx.clone());
+        let (released, lost_tx) = (released.clone(), lost_tx.clone());
         async move {
             let part = Rc::new(RefCell::new(Part::new()));
             let clients = Rc::new(RefCell::new(Vec::new()));
@@ -104,10 +114,34 @@ pub(crate) fn connect(c: Common, topics: usize, mode: String, settle_s: u64) -> 
                 }
             };
             for_share(w + nw * e, nw * e_count, n, conc, work).await;
-            // Everyone holds their connections while the server's memory is read.
+            // Everyone holds their connections, reading and sending heartbeats, while the
+            // server's memory is read.
             let _ = tx.send(std::mem::replace(&mut *part.borrow_mut(), Part::new()));
+            let held: Vec<_> = std::mem::take(&mut *clients.borrow_mut())
+                .into_iter()
+                .map(|mut client: Client| {
+                    let released = released.clone();
+                    glommio::spawn_local(async move {
+                        while !released.load(std::sync::atomic::Ordering::Relaxed) {
+                            let tick = Instant::now() + Duration::from_millis(200);
+                            if !client.hold(tick).await {
+                                return (client, 1);
+                            }
+                        }
+                        (client, 0)
+                    })
+                })
+                .collect();
+            let mut kept = Vec::new();
+            let mut lost = 0;
+            for task in held {
+                let (client, l) = task.await;
+                kept.push(client);
+                lost += l;
+            }
+            let _ = lost_tx.send(lost);
             release.wait();
-            drop(clients);
+            drop(kept);
             into_part(part)
         }
     })?;
@@ -141,14 +175,17 @@ pub(crate) fn connect_parent(
     let started = Instant::now();
     let mut children = spawn_workers(c)?;
     let mut parts = Vec::new();
+    let mut outputs = Vec::new();
     for (w, child) in children.iter_mut().enumerate() {
         let out = child.stdout.take().ok_or("worker stdout")?;
-        let line = BufReader::new(out)
-            .lines()
+        let mut lines = BufReader::new(out).lines();
+        let line = lines
+            .by_ref()
             .map_while(Result::ok)
             .find_map(|l| l.strip_prefix("READY ").map(str::to_owned))
             .ok_or(format!("worker {w} ended without a result"))?;
         parts.push(Part::from_json(&line)?);
+        outputs.push(lines);
     }
     let took = started.elapsed();
     std::thread::sleep(Duration::from_secs(settle_s));
@@ -159,6 +196,13 @@ pub(crate) fn connect_parent(
             let _ = writeln!(stdin, "release");
         }
     }
+    let mut all = Part::merge(parts);
+    for lines in outputs {
+        let held = lines
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("HELD ")?.parse::<usize>().ok());
+        all.lost += held.unwrap_or(0);
+    }
     for child in &mut children {
         let _ = child.wait();
     }
@@ -167,7 +211,7 @@ pub(crate) fn connect_parent(
         topics,
         mode,
         took,
-        Part::merge(parts),
+        all,
         (before, after),
         kernel_before.zip(kernel_after),
     )
@@ -195,6 +239,11 @@ pub(crate) fn report_connect(
     );
     println!("  connects+joins per second: {rate:.0}");
     p.print_errors();
+    println!(
+        "  connections lost while held ({}): {}",
+        heartbeat_text(),
+        p.lost
+    );
     println!("  handshake us: {}", percentiles(&p.a));
     println!("  join complete us: {}", percentiles(&p.b));
     let client_per_conn = p.client_bytes as f64 / p.ok.max(1) as f64;
@@ -220,7 +269,7 @@ pub(crate) fn report_connect(
     write_json(
         c,
         json!({"scenario": "connect", "presence": mode_name, "clients": n, "joined": p.ok, "topics": topics, "seconds": took.as_secs_f64(),
-        "connects_joins_per_s": rate, "errors": p.errors, "timeouts": p.timeouts, "handshake_us": json_percentiles(&p.a),
+        "connects_joins_per_s": rate, "errors": p.errors, "timeouts": p.timeouts, "lost_while_held": p.lost, "handshake_us": json_percentiles(&p.a),
         "join_us": json_percentiles(&p.b), "server_bytes_per_connection": per_conn, "client_bytes_per_connection": client_per_conn, "kernel": kernel}),
     )
 }

@@ -28,7 +28,7 @@ mod prelude {
 
     pub(crate) use glommio::{LocalExecutorBuilder, Placement};
     pub(crate) use hdrhistogram::Histogram;
-    pub(crate) use roster_bench::client::Client;
+    pub(crate) use roster_bench::client::{heartbeat_text, Client};
     pub(crate) use roster_bench::report::percentiles;
     pub(crate) use roster_bench::view::View;
     pub(crate) use serde_json::{json, Value};
@@ -91,6 +91,10 @@ pub(crate) struct Common {
     /// so many descriptors (~20k here), so a million clients need many.
     #[arg(long, default_value_t = 1)]
     pub(crate) procs: usize,
+    /// Seconds between a client's Phoenix heartbeats while it reads (phoenix.js: 30; 0: none).
+    /// Servers close connections silent for their timeout (Phoenix's and roster's: 60 s).
+    #[arg(long, default_value_t = 30)]
+    pub(crate) heartbeat_s: u64,
     /// Internal: this process is worker W of N ("W/N"), run by a parent with --procs.
     #[arg(long, hide = true)]
     pub(crate) worker: Option<String>,
@@ -203,6 +207,9 @@ fn main() {
         | Scenario::ReconnectStorm { common, .. }
         | Scenario::Cluster { common, .. } => common,
     };
+    roster_bench::client::set_heartbeat(
+        (common.heartbeat_s > 0).then(|| Duration::from_secs(common.heartbeat_s)),
+    );
     // Every run stops on its own: past --duration-s (plus time to report), the process exits.
     let limit = Duration::from_secs(common.duration_s + 30);
     std::thread::spawn(move || {

@@ -16,6 +16,8 @@ pub(crate) struct Part {
     pub(crate) first_error: Option<String>,
     /// Resident memory the load generator process gained while holding its clients.
     pub(crate) client_bytes: usize,
+    /// Connections that ended while held idle (heartbeats going).
+    pub(crate) lost: usize,
 }
 
 impl Part {
@@ -37,6 +39,7 @@ impl Part {
             timeouts: 0,
             first_error: None,
             client_bytes: 0,
+            lost: 0,
         }
     }
 
@@ -57,7 +60,8 @@ impl Part {
             buf.iter().map(|b| format!("{b:02x}")).collect::<String>()
         };
         json!({"a": hex(&self.a), "b": hex(&self.b), "ok": self.ok, "errors": self.errors,
-               "timeouts": self.timeouts, "first_error": self.first_error, "client_bytes": self.client_bytes})
+               "timeouts": self.timeouts, "first_error": self.first_error, "client_bytes": self.client_bytes,
+               "lost": self.lost})
         .to_string()
     }
 
@@ -83,6 +87,7 @@ impl Part {
             timeouts: count("timeouts"),
             first_error: v["first_error"].as_str().map(str::to_owned),
             client_bytes: count("client_bytes"),
+            lost: count("lost"),
         })
     }
 
@@ -107,6 +112,7 @@ impl Part {
             all.errors += p.errors;
             all.timeouts += p.timeouts;
             all.client_bytes += p.client_bytes;
+            all.lost += p.lost;
             if all.first_error.is_none() {
                 all.first_error = p.first_error;
             }
