@@ -5,75 +5,42 @@ use crate::prelude::*;
 pub(crate) fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Result<(), String> {
     let t = Target::parse(&c)?;
     let (n, e_count, conc) = (c.clients, c.executors, c.concurrency.max(1));
-    let ready = Arc::new(Barrier::new(e_count));
+    // The churners live on an executor of their own in the first process, so that the
+    // subscribers' parsing does not hold back their rate.
+    let churning = split().0 == 0;
+    let ready = Arc::new(Barrier::new(e_count + usize::from(churning)));
     let deadline = Instant::now() + Duration::from_secs(c.duration_s);
     let cpu = Arc::new(Mutex::new((None::<f64>, None::<f64>)));
     let (cpu2, pid) = (cpu.clone(), c.server_pid);
     let local = move || {
         let total_ops = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let ops2 = total_ops.clone();
+        let churner = churning
+            .then(|| {
+                let (t, ready, ops) = (t.clone(), ready.clone(), total_ops.clone());
+                LocalExecutorBuilder::new(Placement::Unbound)
+                    .name("bench-churn")
+                    .io_memory(64 << 10)
+                    .spawn(move || async move {
+                        churn_loop(&t, n, churners, rate, window_s, &ready, &ops).await
+                    })
+                    .map_err(|e| format!("churn executor: {e}"))
+            })
+            .transpose()?;
         let parts = on_executors(e_count, move |e| {
-            let (t, ready, cpu, all_ops) = (t.clone(), ready.clone(), cpu2.clone(), ops2.clone());
+            let (t, ready, cpu) = (t.clone(), ready.clone(), cpu2.clone());
             async move {
                 let part = Rc::new(RefCell::new(Part::new()));
                 let clients = connect_share(&t, e, e_count, n, conc, &part).await;
-                let mut subscribers = Vec::new();
-                for (i, mut client) in clients {
-                    let join =
-                        json!(["1", "1", "room:churn", "phx_join", {"track": false}]).to_string();
-                    if client.send(join).await.is_err() {
-                        continue;
-                    }
-                    let mut view = View::default();
-                    if read_until(&mut client, &mut view, deadline, |_, f| {
-                        f[3] == "presence_state"
-                    })
-                    .await
-                    {
-                        subscribers.push((i, client));
-                    }
-                }
-                let mut churn_clients = Vec::new();
-                // The churners live in the first executor of the first process.
-                let churning = e == 0 && split().0 == 0;
-                if churning {
-                    for k in 0..churners {
-                        match open(&t, n + k).await {
-                            Ok(c) => churn_clients.push(c),
-                            Err(err) => part.borrow_mut().error(err),
-                        }
-                    }
-                }
+                let subscribers = join_each(clients, &part, deadline, conc, |_| {
+                    json!(["1", "1", "room:churn", "phx_join", {"track": false}]).to_string()
+                })
+                .await;
                 if phase(&ready) && !is_worker() {
                     if let Ok(mut g) = cpu.lock() {
                         g.0 = pid.and_then(cpu_seconds);
                     }
                 }
                 let window_end = Instant::now() + Duration::from_secs(window_s);
-                let ops = Rc::new(Cell::new(0u64));
-                if churning && !churn_clients.is_empty() {
-                    let sent_ops = ops.clone();
-                    glommio::spawn_local(async move {
-                    let gap = Duration::from_nanos(1_000_000_000 / rate.max(1));
-                    let mut joined = vec![false; churn_clients.len()];
-                    let mut k = 0;
-                    while Instant::now() < window_end {
-                        let idx = k % churn_clients.len();
-                        let frame = if joined[idx] {
-                            json!(["1", format!("l{k}"), "room:churn", "phx_leave", {}])
-                        } else {
-                            json!(["1", format!("j{k}"), "room:churn", "phx_join", {"meta": {"sent_ns": mono_ns()}, "presence": "none"}])
-                        };
-                        joined[idx] = !joined[idx];
-                        let _ = churn_clients[idx].send(frame.to_string()).await;
-                        k += 1;
-                        sent_ops.set(k as u64);
-                        glommio::timer::sleep(gap).await;
-                    }
-                    drop(churn_clients);
-                })
-                .detach();
-                }
                 let tasks: Vec<_> = subscribers
                     .into_iter()
                     .map(|(_, mut client)| {
@@ -104,10 +71,13 @@ pub(crate) fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Res
                         g.1 = pid.and_then(cpu_seconds);
                     }
                 }
-                all_ops.fetch_add(ops.get(), std::sync::atomic::Ordering::Relaxed);
                 into_part(part)
             }
         })?;
+        let mut parts = parts;
+        if let Some(churner) = churner {
+            parts.push(churner.join().map_err(|e| e.to_string())?);
+        }
         let ops = total_ops.load(std::sync::atomic::Ordering::Relaxed);
         Ok((Part::merge(parts), json!({"ops": ops})))
     };
@@ -142,4 +112,52 @@ pub(crate) fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Res
         json!({"scenario": "churn", "subscribers": p.ok, "churners": churners, "rate": rate, "achieved_rate": achieved, "window_s": window_s,
         "errors": p.errors, "join_seen_us": json_percentiles(&p.a), "server_cpu_cores": cpu_share}),
     )
+}
+
+/// The churners: each in turn joins (meta stamped with its send time, presence none) or leaves
+/// the topic, `rate` operations a second for `window_s` once every subscriber is ready.
+async fn churn_loop(
+    t: &Target,
+    first: usize,
+    churners: usize,
+    rate: u64,
+    window_s: u64,
+    ready: &Barrier,
+    ops: &std::sync::atomic::AtomicU64,
+) -> Part {
+    let mut part = Part::new();
+    let mut clients = Vec::new();
+    for k in 0..churners {
+        match open(t, first + k).await {
+            Ok(c) => clients.push(c),
+            Err(err) => part.error(err),
+        }
+    }
+    phase(ready);
+    let window_end = Instant::now() + Duration::from_secs(window_s);
+    let gap = Duration::from_nanos(1_000_000_000 / rate.max(1));
+    let mut joined = vec![false; clients.len()];
+    let mut k = 0;
+    let mut next = Instant::now();
+    while !clients.is_empty() && Instant::now() < window_end {
+        let idx = k % clients.len();
+        let frame = if joined[idx] {
+            json!(["1", format!("l{k}"), "room:churn", "phx_leave", {}])
+        } else {
+            json!(["1", format!("j{k}"), "room:churn", "phx_join", {"meta": {"sent_ns": mono_ns()}, "presence": "none"}])
+        };
+        joined[idx] = !joined[idx];
+        if let Err(err) = clients[idx].send(frame.to_string()).await {
+            part.error(err);
+        }
+        k += 1;
+        ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Paced against the clock, not by sleeping a gap after each send (timers are coarse).
+        next += gap;
+        let wait = next.saturating_duration_since(Instant::now());
+        if !wait.is_zero() {
+            glommio::timer::sleep(wait).await;
+        }
+    }
+    part
 }

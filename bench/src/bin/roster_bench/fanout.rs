@@ -22,7 +22,7 @@ pub(crate) fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), S
                 // Everyone joins and waits for the complete membership before the rounds start.
                 // Only the updater is tracked: the others subscribe without being tracked, so
                 // setting up M members is not itself a join storm of M (see join-storm).
-                let ready_members = join_each(clients, &part, deadline, |i| {
+                let ready_members = join_each(clients, &part, deadline, conc, move |i| {
                     let payload = if i == 0 {
                         json!({"meta": {"round": -1}})
                     } else {
@@ -151,7 +151,7 @@ pub(crate) fn fanout_count(c: Common, rounds: usize, interval_ms: u64) -> Result
         async move {
             let part = Rc::new(RefCell::new(Part::new()));
             let clients = connect_share(&t, e, e_count, n, conc, &part).await;
-            let ready_members = join_each(clients, &part, deadline, |i| {
+            let ready_members = join_each(clients, &part, deadline, conc, move |i| {
                 let payload = if i == 0 {
                     json!({"meta": {}, "presence": "count"})
                 } else {

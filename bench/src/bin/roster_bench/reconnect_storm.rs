@@ -41,7 +41,7 @@ pub(crate) fn reconnect_storm(
             async move {
                 let part = Rc::new(RefCell::new(Part::new()));
                 let clients = connect_share(&t, e, e_count, n, conc, &part).await;
-                let members = join_each(clients, &part, deadline, |i| {
+                let members = join_each(clients, &part, deadline, conc, move |i| {
                     json!(["1", "1", format!("room:{}", i % topics), "phx_join", {"meta": {"i": i}}]).to_string()
                 })
                 .await;

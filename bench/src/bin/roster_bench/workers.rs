@@ -268,41 +268,50 @@ pub(crate) async fn open(t: &Target, i: usize) -> Result<Client, String> {
 }
 
 /// Each client sends its join (`frame(i)`) and waits for its presence_state (or, for joins in
-/// count mode, its presence_count); returns those that got one, counting the others as errors
-/// or timeouts.
+/// count mode, its presence_count), at most `conc` joins in flight (setup is paced as connects
+/// are: a server must not be handed a join storm before the scenario starts); returns those
+/// that got one, counting the others as errors or timeouts.
 pub(crate) async fn join_each(
     clients: Vec<(usize, Client)>,
     part: &Rc<RefCell<Part>>,
     deadline: Instant,
-    frame: impl Fn(usize) -> String,
+    conc: usize,
+    frame: impl Fn(usize) -> String + 'static,
 ) -> Vec<(usize, Client)> {
-    let tasks: Vec<_> = clients
-        .into_iter()
-        .map(|(i, mut client)| {
-            let (part, join) = (part.clone(), frame(i));
+    let queue = Rc::new(RefCell::new(clients));
+    let joined = Rc::new(RefCell::new(Vec::new()));
+    let frame = Rc::new(frame);
+    let workers: Vec<_> = (0..conc.max(1))
+        .map(|_| {
+            let (queue, joined, part, frame) =
+                (queue.clone(), joined.clone(), part.clone(), frame.clone());
             glommio::spawn_local(async move {
-                if let Err(err) = client.send(join).await {
-                    part.borrow_mut().error(err);
-                    return None;
-                }
-                let mut view = View::default();
-                if read_until(&mut client, &mut view, deadline, |_, f| {
-                    f[3] == "presence_state" || f[3] == "presence_count"
-                })
-                .await
-                {
-                    Some((i, client))
-                } else {
-                    part.borrow_mut().timeouts += 1;
-                    None
+                loop {
+                    let next = queue.borrow_mut().pop();
+                    let Some((i, mut client)) = next else { break };
+                    if let Err(err) = client.send(frame(i)).await {
+                        part.borrow_mut().error(err);
+                        continue;
+                    }
+                    let mut view = View::default();
+                    if read_until(&mut client, &mut view, deadline, |_, f| {
+                        f[3] == "presence_state" || f[3] == "presence_count"
+                    })
+                    .await
+                    {
+                        joined.borrow_mut().push((i, client));
+                    } else {
+                        part.borrow_mut().timeouts += 1;
+                    }
                 }
             })
         })
         .collect();
-    let mut joined = Vec::new();
-    for task in tasks {
-        joined.extend(task.await);
+    for w in workers {
+        w.await;
     }
+    let mut joined = std::mem::take(&mut *joined.borrow_mut());
+    joined.sort_by_key(|(i, _)| *i);
     joined
 }
 
