@@ -166,6 +166,12 @@ impl Client {
 
     /// The next text frame, parsed; None when the connection ends.
     pub async fn next(&mut self) -> Option<Value> {
+        let text = self.next_text().await?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// The next text frame as it came; None when the connection ends.
+    pub async fn next_text(&mut self) -> Option<String> {
         loop {
             let mut io = Io {
                 input: &self.rbuf[self.rpos..self.rlen],
@@ -181,7 +187,7 @@ impl Client {
                 self.stream.write_all(&out).await.ok()?;
             }
             match r {
-                Ok(Message::Text(t)) => return serde_json::from_str(&t).ok(),
+                Ok(Message::Text(t)) => return Some(t.as_str().to_owned()),
                 Ok(Message::Close(_)) => return None,
                 Ok(_) => continue,
                 Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {

@@ -5,4 +5,5 @@
 pub mod alloc;
 pub mod client;
 pub mod report;
+pub mod stamps;
 pub mod view;

@@ -46,18 +46,9 @@ pub(crate) fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Res
                     .map(|(_, mut client)| {
                         let part = part.clone();
                         glommio::spawn_local(async move {
-                            let mut view = View::default();
-                            read_until(&mut client, &mut view, window_end, |_, f| {
-                                if f[3] == "presence_diff" {
-                                    for (_, p) in f[4]["joins"].as_object().into_iter().flatten() {
-                                        for m in p["metas"].as_array().into_iter().flatten() {
-                                            if let Some(sent) = m["sent_ns"].as_u64() {
-                                                let lat = mono_ns().saturating_sub(sent) / 1000;
-                                                part.borrow_mut().a.record(lat).ok();
-                                            }
-                                        }
-                                    }
-                                }
+                            read_stamps(&mut client, window_end, |sent, _| {
+                                let lat = mono_ns().saturating_sub(sent) / 1000;
+                                part.borrow_mut().a.record(lat).ok();
                                 false
                             })
                             .await;

@@ -60,21 +60,16 @@ pub(crate) fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), S
                             return;
                         }
                         let mut seen = 0;
-                        let done = read_until(&mut client, &mut view, deadline, |_, f| {
-                            if f[3] == "presence_diff" {
-                                for m in f[4]["joins"]["u0"]["metas"].as_array().into_iter().flatten() {
-                                    if let (Some(r), Some(sent)) = (m["round"].as_u64(), m["sent_ns"].as_u64()) {
-                                        let lat = mono_ns().saturating_sub(sent) / 1000;
-                                        part.borrow_mut().a.record(lat).ok();
-                                        if let Ok(mut rm) = round_max.lock() {
-                                            if let Some(slot) = rm.get_mut(r as usize) {
-                                                *slot = (*slot).max(lat);
-                                            }
-                                        }
-                                        seen += 1;
-                                    }
+                        let done = read_stamps(&mut client, deadline, |sent, round| {
+                            let Some(r) = round else { return false };
+                            let lat = mono_ns().saturating_sub(sent) / 1000;
+                            part.borrow_mut().a.record(lat).ok();
+                            if let Ok(mut rm) = round_max.lock() {
+                                if let Some(slot) = rm.get_mut(r as usize) {
+                                    *slot = (*slot).max(lat);
                                 }
                             }
+                            seen += 1;
                             seen >= rounds
                         })
                         .await;

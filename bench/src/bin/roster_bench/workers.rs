@@ -340,3 +340,29 @@ pub(crate) async fn read_until(
         }
     }
 }
+
+/// Reads frames until `until`, handing `on` the send stamps (and rounds) of the metas that
+/// joined in each presence_diff, read off the text without parsing it (see
+/// `roster_bench::stamps`); stops early once `on` returns true. Returns whether it did.
+pub(crate) async fn read_stamps(
+    client: &mut Client,
+    until: Instant,
+    mut on: impl FnMut(u64, Option<u64>) -> bool,
+) -> bool {
+    loop {
+        let wait = until.saturating_duration_since(Instant::now());
+        if wait.is_zero() {
+            return false;
+        }
+        let next = glommio::timer::timeout(wait, async { Ok(client.next_text().await) }).await;
+        let Ok(Some(text)) = next else { return false };
+        if !text.contains("\"presence_diff\"") {
+            continue;
+        }
+        for (sent, round) in roster_bench::stamps::joined_stamps(&text) {
+            if on(sent, round) {
+                return true;
+            }
+        }
+    }
+}
