@@ -21,6 +21,17 @@ use tungstenite::Message;
 
 const READ_BUFFER: usize = 512;
 
+/// Channels a server crashed (`phx_error`), over every client of this process: each is
+/// rejoined as phoenix.js would, after 1, 2, 5, then 10 s.
+pub static CRASHED_CHANNELS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// phoenix.js's default `rejoinAfterMs`.
+const REJOIN_AFTER: [Duration; 4] = [
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(5),
+    Duration::from_secs(10),
+];
+
 /// Between a client's heartbeats (None: it sends none).
 static HEARTBEAT: OnceLock<Option<Duration>> = OnceLock::new();
 
@@ -51,6 +62,11 @@ pub struct Client {
     /// When the next heartbeat is due, and how many were sent (their refs).
     next_beat: Option<Instant>,
     beats: u64,
+    /// The join frame of each topic joined, to rejoin with after a crash, and how many times
+    /// it crashed.
+    joins: Vec<(String, String, usize)>,
+    /// Rejoins due: (when, topic).
+    rejoins: Vec<(Instant, String)>,
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -148,11 +164,78 @@ impl Client {
             out: Vec::new(),
             next_beat: heartbeat().map(|d| Instant::now() + d),
             beats: 0,
+            joins: Vec::new(),
+            rejoins: Vec::new(),
         })
     }
 
-    /// Sends one text frame.
+    /// Sends one text frame (a join is remembered, to rejoin with if the channel crashes).
     pub async fn send(&mut self, text: String) -> Result<(), String> {
+        if text.contains("\"phx_join\"") || text.contains("\"phx_leave\"") {
+            self.remember(&text);
+        }
+        self.write_text(text).await
+    }
+
+    fn remember(&mut self, text: &str) {
+        let Ok(v) = serde_json::from_str::<Value>(text) else {
+            return;
+        };
+        let (Some(topic), Some(event)) = (v[2].as_str(), v[3].as_str()) else {
+            return;
+        };
+        self.joins.retain(|(t, _, _)| t != topic);
+        self.rejoins.retain(|(_, t)| t != topic);
+        if event == "phx_join" {
+            self.joins.push((topic.to_owned(), text.to_owned(), 0));
+        }
+    }
+
+    /// A `phx_error` for a topic joined: count it, and rejoin after phoenix.js's backoff.
+    fn crashed(&mut self, text: &str) {
+        let Ok(v) = serde_json::from_str::<Value>(text) else {
+            return;
+        };
+        let Some(topic) = v[2].as_str() else { return };
+        let Some(join) = self.joins.iter_mut().find(|(t, _, _)| t == topic) else {
+            return;
+        };
+        CRASHED_CHANNELS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let after = REJOIN_AFTER[join.2.min(REJOIN_AFTER.len() - 1)];
+        join.2 += 1;
+        self.rejoins
+            .push((Instant::now() + after, topic.to_owned()));
+    }
+
+    /// The first of the next heartbeat and the next rejoin.
+    fn next_due(&self) -> Option<Instant> {
+        let rejoin = self.rejoins.iter().map(|(at, _)| *at).min();
+        [self.next_beat, rejoin].into_iter().flatten().min()
+    }
+
+    /// Heartbeats and rejoins whose time has come.
+    async fn timers(&mut self) -> Result<(), String> {
+        let now = Instant::now();
+        if self.next_beat.is_some_and(|at| at <= now) {
+            self.beat().await?;
+        }
+        let due: Vec<String> = self
+            .rejoins
+            .iter()
+            .filter(|(at, _)| *at <= now)
+            .map(|(_, t)| t.clone())
+            .collect();
+        self.rejoins.retain(|(at, _)| *at > now);
+        for topic in due {
+            let frame = self.joins.iter().find(|(t, _, _)| *t == topic);
+            if let Some(frame) = frame.map(|(_, f, _)| f.clone()) {
+                self.write_text(frame).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_text(&mut self, text: String) -> Result<(), String> {
         let mut io = Io {
             input: &[],
             output: &mut self.out,
@@ -187,11 +270,16 @@ impl Client {
                 self.stream.write_all(&out).await.ok()?;
             }
             match r {
-                Ok(Message::Text(t)) => return Some(t.as_str().to_owned()),
+                Ok(Message::Text(t)) => {
+                    if t.contains("\"phx_error\"") {
+                        self.crashed(&t);
+                    }
+                    return Some(t.as_str().to_owned());
+                }
                 Ok(Message::Close(_)) => return None,
                 Ok(_) => continue,
                 Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
-                    let n = match self.next_beat {
+                    let n = match self.next_due() {
                         None => self.stream.read(&mut self.rbuf).await.ok()?,
                         Some(at) => {
                             // glommio's reads wait for readiness, then read: a read dropped by
@@ -204,7 +292,7 @@ impl Client {
                             match read {
                                 Ok(r) => r.ok()?,
                                 Err(_) => {
-                                    self.beat().await.ok()?;
+                                    self.timers().await.ok()?;
                                     continue;
                                 }
                             }
@@ -226,7 +314,7 @@ impl Client {
         self.beats += 1;
         self.next_beat = heartbeat().map(|d| Instant::now() + d);
         let frame = format!(r#"[null,"hb{}","phoenix","heartbeat",{{}}]"#, self.beats);
-        self.send(frame).await
+        self.write_text(frame).await
     }
 
     /// Reads (and drops) what comes until `until`, heartbeats included: a client held idle.

@@ -18,6 +18,9 @@ pub(crate) struct Part {
     pub(crate) client_bytes: usize,
     /// Connections that ended while held idle (heartbeats going).
     pub(crate) lost: usize,
+    /// Channels crashed in worker processes (this process counts its own in
+    /// `client::CRASHED_CHANNELS`).
+    pub(crate) crashed: u64,
 }
 
 impl Part {
@@ -40,6 +43,7 @@ impl Part {
             first_error: None,
             client_bytes: 0,
             lost: 0,
+            crashed: 0,
         }
     }
 
@@ -61,7 +65,7 @@ impl Part {
         };
         json!({"a": hex(&self.a), "b": hex(&self.b), "ok": self.ok, "errors": self.errors,
                "timeouts": self.timeouts, "first_error": self.first_error, "client_bytes": self.client_bytes,
-               "lost": self.lost})
+               "lost": self.lost, "crashed": self.crashed_all()})
         .to_string()
     }
 
@@ -88,6 +92,7 @@ impl Part {
             first_error: v["first_error"].as_str().map(str::to_owned),
             client_bytes: count("client_bytes"),
             lost: count("lost"),
+            crashed: count("crashed") as u64,
         })
     }
 
@@ -97,10 +102,17 @@ impl Part {
             .as_ref()
             .map(|e| format!(" (first: {e})"))
             .unwrap_or_default();
+        let crashed = self.crashed_all();
         println!(
-            "  errors: {} timeouts: {}{first}",
+            "  errors: {} timeouts: {} crashed channels (phx_error, rejoined as phoenix.js does): {crashed}{first}",
             self.errors, self.timeouts
         );
+    }
+
+    /// Crashed channels: the workers' and this process's own.
+    fn crashed_all(&self) -> u64 {
+        let here = &roster_bench::client::CRASHED_CHANNELS;
+        self.crashed + here.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub(crate) fn merge(parts: Vec<Part>) -> Part {
@@ -113,6 +125,7 @@ impl Part {
             all.timeouts += p.timeouts;
             all.client_bytes += p.client_bytes;
             all.lost += p.lost;
+            all.crashed += p.crashed;
             if all.first_error.is_none() {
                 all.first_error = p.first_error;
             }
