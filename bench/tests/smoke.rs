@@ -143,6 +143,41 @@ fn fanout_scenario_runs() {
 }
 
 #[test]
+fn phoenix_compatible_fanout_and_churn_run() {
+    // Every subscriber tracked, the member leaving and rejoining: what a Phoenix app can serve.
+    let v = run(&[
+        "fanout",
+        "--phoenix-compatible",
+        "--clients",
+        "50",
+        "--rounds",
+        "3",
+        "--interval-ms",
+        "50",
+    ]);
+    assert_eq!(v["phoenix_compatible"].as_bool(), Some(true), "{v}");
+    assert_eq!(v["delivery_us"]["count"].as_u64(), Some(49 * 3), "{v}");
+    let v = run(&[
+        "churn",
+        "--phoenix-compatible",
+        "--clients",
+        "50",
+        "--rate",
+        "50",
+        "--churners",
+        "5",
+        "--window-s",
+        "1",
+    ]);
+    assert_eq!(v["errors"].as_u64(), Some(0), "{v}");
+    assert!(v["achieved_rate"].as_f64().is_some_and(|r| r > 25.0), "{v}");
+    assert!(
+        v["join_seen_us"]["count"].as_u64().is_some_and(|c| c > 0),
+        "{v}"
+    );
+}
+
+#[test]
 fn reconnect_storm_scenario_runs() {
     let v = run(&[
         "reconnect-storm",

@@ -31,8 +31,9 @@ pub(crate) fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Res
             async move {
                 let part = Rc::new(RefCell::new(Part::new()));
                 let clients = connect_share(&t, e, e_count, n, conc, &part).await;
-                let subscribers = join_each(clients, &part, deadline, conc, |_| {
-                    json!(["1", "1", "room:churn", "phx_join", {"track": false}]).to_string()
+                let subscribers = join_each(clients, &part, deadline, conc, |i| {
+                    let payload = watcher_payload(json!({ "i": i }));
+                    json!(["1", "1", "room:churn", "phx_join", payload]).to_string()
                 })
                 .await;
                 if phase(&ready) && !is_worker() {
@@ -89,7 +90,12 @@ pub(crate) fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Res
     let (before, after) = *cpu.lock().map_err(|_| "lock")?;
     let cpu_share = before.zip(after).map(|(b, a)| (a - b) / window_s as f64);
     let achieved = extras["ops"].as_u64().unwrap_or(0) as f64 / window_s as f64;
-    println!("churn: {} subscribers of one topic; {churners} churners joining/leaving at {achieved:.0}/s (asked {rate}/s) for {window_s} s", p.ok);
+    let mode = if compatible() {
+        " (Phoenix-compatible: subscribers and churners all tracked, in full)"
+    } else {
+        ""
+    };
+    println!("churn{mode}: {} subscribers of one topic; {churners} churners joining/leaving at {achieved:.0}/s (asked {rate}/s) for {window_s} s", p.ok);
     p.print_errors();
     println!("  join -> seen by a subscriber us: {}", percentiles(&p.a));
     if let Some(share) = cpu_share {
@@ -100,7 +106,7 @@ pub(crate) fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Res
     }
     write_json(
         &c,
-        json!({"scenario": "churn", "subscribers": p.ok, "churners": churners, "rate": rate, "achieved_rate": achieved, "window_s": window_s,
+        json!({"scenario": "churn", "phoenix_compatible": compatible(), "subscribers": p.ok, "churners": churners, "rate": rate, "achieved_rate": achieved, "window_s": window_s,
         "errors": p.errors, "join_seen_us": json_percentiles(&p.a), "server_cpu_cores": cpu_share}),
     )
 }
@@ -135,7 +141,8 @@ async fn churn_loop(
         let frame = if joined[idx] {
             json!(["1", format!("l{k}"), "room:churn", "phx_leave", {}])
         } else {
-            json!(["1", format!("j{k}"), "room:churn", "phx_join", {"meta": {"sent_ns": mono_ns()}, "presence": "none"}])
+            let payload = member_payload(json!({ "sent_ns": mono_ns() }), "none");
+            json!(["1", format!("j{k}"), "room:churn", "phx_join", payload])
         };
         joined[idx] = !joined[idx];
         if let Err(err) = clients[idx].send(frame.to_string()).await {

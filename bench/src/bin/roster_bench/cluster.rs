@@ -57,6 +57,11 @@ struct Seen {
 }
 
 pub(crate) fn cluster(c: Common, o: Options) -> Result<(), String> {
+    if compatible() {
+        return Err(
+            "the cluster scenario reads roster's metrics: not with --phoenix-compatible".into(),
+        );
+    }
     let t = Target::parse(&c)?;
     let nodes = t.addrs.len();
     if nodes < 2 {

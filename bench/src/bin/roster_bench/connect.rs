@@ -8,6 +8,9 @@ pub(crate) fn connect(c: Common, topics: usize, mode: String, settle_s: u64) -> 
             "--presence must be full, count or none, not {mode}"
         ));
     }
+    if compatible() && mode != "full" {
+        return Err("--phoenix-compatible joins in full presence only".into());
+    }
     let worker = match &c.worker {
         Some(w) => {
             let (a, b) = w.split_once('/').ok_or("--worker W/N")?;
@@ -83,9 +86,14 @@ pub(crate) fn connect(c: Common, topics: usize, mode: String, settle_s: u64) -> 
                         };
                         let t1 = Instant::now();
                         let topic = format!("room:{}", i % topics);
-                        let frame =
-                        json!(["1", "1", topic, "phx_join", {"meta": {"i": i}, "presence": mode}])
-                            .to_string();
+                        let frame = json!([
+                            "1",
+                            "1",
+                            topic,
+                            "phx_join",
+                            member_payload(json!({"i": i}), &mode)
+                        ])
+                        .to_string();
                         if let Err(err) = client.send(frame).await {
                             return part.borrow_mut().error(err);
                         }

@@ -26,7 +26,7 @@ pub(crate) fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), S
                     let payload = if i == 0 {
                         json!({"meta": {"round": -1}})
                     } else {
-                        json!({"track": false})
+                        watcher_payload(json!({ "i": i }))
                     };
                     json!(["1", "1", "room:fanout", "phx_join", payload]).to_string()
                 })
@@ -45,9 +45,20 @@ pub(crate) fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), S
                             // The updater: one meta change per interval, stamped with its send time.
                             let updater = glommio::spawn_local(async move {
                                 for r in 0..rounds {
-                                    let ns = mono_ns();
-                                    let f = json!(["1", format!("u{r}"), "room:fanout", "presence_update", {"meta": {"round": r, "sent_ns": ns}}]).to_string();
-                                    if client.send(f).await.is_err() {
+                                    let meta = json!({"round": r, "sent_ns": mono_ns()});
+                                    let frames = if compatible() {
+                                        // A Phoenix app changes a meta by untracking and tracking.
+                                        let leave = json!(["1", format!("l{r}"), "room:fanout", "phx_leave", {}]);
+                                        let join = json!([format!("j{r}"), format!("j{r}"), "room:fanout", "phx_join", {"meta": meta}]);
+                                        vec![leave, join]
+                                    } else {
+                                        vec![json!(["1", format!("u{r}"), "room:fanout", "presence_update", {"meta": meta}])]
+                                    };
+                                    let mut sent = true;
+                                    for f in frames {
+                                        sent &= client.send(f.to_string()).await.is_ok();
+                                    }
+                                    if !sent {
                                         break;
                                     }
                                     glommio::timer::sleep(Duration::from_millis(interval_ms)).await;
@@ -100,7 +111,11 @@ pub(crate) fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), S
     {
         all_saw.record(m).ok();
     }
-    println!("fanout: 1 tracked member + {} subscribers, {rounds} updates {interval_ms} ms apart; {} clients saw every update", n - 1, p.ok);
+    if compatible() {
+        println!("fanout (Phoenix-compatible): {n} tracked members, one leaving and rejoining with a new meta {rounds} times {interval_ms} ms apart; {} clients saw every change", p.ok);
+    } else {
+        println!("fanout: 1 tracked member + {} subscribers, {rounds} updates {interval_ms} ms apart; {} clients saw every update", n - 1, p.ok);
+    }
     p.print_errors();
     println!("  update -> seen by one member us: {}", percentiles(&p.a));
     println!(
@@ -113,7 +128,7 @@ pub(crate) fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), S
     );
     write_json(
         &c,
-        json!({"scenario": "fanout", "members": n, "rounds": rounds, "errors": p.errors, "timeouts": p.timeouts,
+        json!({"scenario": "fanout", "phoenix_compatible": compatible(), "members": n, "rounds": rounds, "errors": p.errors, "timeouts": p.timeouts,
         "delivery_us": json_percentiles(&p.a), "all_members_us": json_percentiles(&all_saw), "server_cpu_pct": cpu}),
     )
 }
@@ -121,6 +136,9 @@ pub(crate) fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), S
 /// Fanout in count mode: the member leaves (count 0) and rejoins (count 1) in turns; each
 /// subscriber times every count change it sees from the latest round that produced that count.
 pub(crate) fn fanout_count(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String> {
+    if compatible() {
+        return Err("--presence count is a roster extension: not with --phoenix-compatible".into());
+    }
     let t = Target::parse(&c)?;
     let (n, e_count, conc) = (c.clients, c.executors, c.concurrency.max(1));
     if n < 2 {

@@ -95,6 +95,12 @@ pub(crate) struct Common {
     /// Servers close connections silent for their timeout (Phoenix's and roster's: 60 s).
     #[arg(long, default_value_t = 30)]
     pub(crate) heartbeat_s: u64,
+    /// Use only what an app written from the Phoenix guides does (every joiner tracked, an
+    /// update as a leave and a rejoin), none of roster's extensions (`track: false`, presence
+    /// modes, presence_update): for pointing roster-bench at a Phoenix app. Scenarios that
+    /// need an extension (fanout --presence count, cluster) refuse it.
+    #[arg(long)]
+    pub(crate) phoenix_compatible: bool,
     /// Internal: this process is worker W of N ("W/N"), run by a parent with --procs.
     #[arg(long, hide = true)]
     pub(crate) worker: Option<String>,
@@ -105,6 +111,7 @@ enum Scenario {
     /// N clients connect and sit idle; then each sends one large text frame (a heartbeat padded to
     /// --frame-bytes) and waits for its reply: the server's resident memory per connection idle,
     /// and idle again after the burst (read after --settle-s, past the server's 10 s heap trim).
+    /// Phoenix-compatible as it is (no join at all).
     IdleMemory {
         #[command(flatten)]
         common: Common,
@@ -114,7 +121,9 @@ enum Scenario {
         settle_s: u64,
     },
     /// N clients connect and join (tracked) one of T topics each: connects+joins per second, join
-    /// latency, the server's memory per connection.
+    /// latency, the server's memory per connection; then they are held --settle-s, reading and
+    /// sending heartbeats, and connections lost meanwhile are counted. `--presence` is roster's
+    /// (with --phoenix-compatible, full only).
     Connect {
         #[command(flatten)]
         common: Common,
@@ -128,6 +137,7 @@ enum Scenario {
         settle_s: u64,
     },
     /// N connected clients join one topic at once: time until every client's view holds all N.
+    /// Phoenix-compatible as it is (every joiner tracked).
     JoinStorm {
         #[command(flatten)]
         common: Common,
@@ -136,6 +146,8 @@ enum Scenario {
     /// interval: time until each subscriber saw each update, and until all had. With
     /// `--presence count` the subscribers get counts, and the member leaves and rejoins each
     /// round instead (an update changes no count): time until each saw each new count.
+    /// Uses roster's `track: false` and presence_update; with --phoenix-compatible every
+    /// subscriber is tracked and the member leaves and rejoins (count mode is roster's only).
     Fanout {
         #[command(flatten)]
         common: Common,
@@ -149,7 +161,10 @@ enum Scenario {
         presence: String,
     },
     /// N-1 subscribers of one topic while churners join and leave it at a steady rate: latency
-    /// from a join to each subscriber seeing it, and the server's CPU.
+    /// from a join to each subscriber seeing it, and the server's CPU. The churners run on an
+    /// executor of their own; the achieved rate is reported beside the asked one. Uses roster's
+    /// `track: false` (subscribers) and presence none (churners); with --phoenix-compatible
+    /// everyone is tracked in full.
     Churn {
         #[command(flatten)]
         common: Common,
@@ -165,7 +180,7 @@ enum Scenario {
     },
     /// N clients joined (full) across T topics; a fraction of them drop their connections at
     /// once and reconnect and rejoin: time until all are back, and how many presence changes the
-    /// clients that stayed saw meanwhile.
+    /// clients that stayed saw meanwhile. Phoenix-compatible as it is.
     ReconnectStorm {
         #[command(flatten)]
         common: Common,
@@ -207,6 +222,7 @@ fn main() {
         | Scenario::ReconnectStorm { common, .. }
         | Scenario::Cluster { common, .. } => common,
     };
+    let _ = workers::PHOENIX_COMPATIBLE.set(common.phoenix_compatible);
     roster_bench::client::set_heartbeat(
         (common.heartbeat_s > 0).then(|| Duration::from_secs(common.heartbeat_s)),
     );

@@ -14,6 +14,34 @@ pub(crate) fn is_worker() -> bool {
     split().1 > 1
 }
 
+/// `--phoenix-compatible`: the clients use only what an app written from the Phoenix guides
+/// does (every joiner tracked, an update as a leave and a rejoin), none of roster's extensions.
+pub(crate) static PHOENIX_COMPATIBLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+pub(crate) fn compatible() -> bool {
+    *PHOENIX_COMPATIBLE.get().unwrap_or(&false)
+}
+
+/// The join payload of a client that only needs to see the topic: roster's `track: false`, or,
+/// Phoenix-compatible, a member tracked with `meta` like any other.
+pub(crate) fn watcher_payload(meta: Value) -> Value {
+    if compatible() {
+        json!({ "meta": meta })
+    } else {
+        json!({ "track": false })
+    }
+}
+
+/// The join payload of a tracked member in roster's presence mode `mode` (full, count, none);
+/// Phoenix-compatible, always full (no mode sent).
+pub(crate) fn member_payload(meta: Value, mode: &str) -> Value {
+    if compatible() {
+        json!({ "meta": meta })
+    } else {
+        json!({ "meta": meta, "presence": mode })
+    }
+}
+
 /// A phase boundary: every executor of this process, and with --procs every worker process,
 /// gets here before any goes on. Returns true in one executor of this process.
 pub(crate) fn phase(b: &Barrier) -> bool {
