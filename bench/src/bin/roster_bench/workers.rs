@@ -377,20 +377,20 @@ pub(crate) async fn read_stamps(
     until: Instant,
     mut on: impl FnMut(u64, Option<u64>) -> bool,
 ) -> bool {
-    loop {
-        let wait = until.saturating_duration_since(Instant::now());
-        if wait.is_zero() {
-            return false;
-        }
-        let next = glommio::timer::timeout(wait, async { Ok(client.next_text().await) }).await;
-        let Ok(Some(text)) = next else { return false };
-        if !text.contains("\"presence_diff\"") {
-            continue;
-        }
-        for (sent, round) in roster_bench::stamps::joined_stamps(&text) {
-            if on(sent, round) {
-                return true;
+    // One timer for the whole read, not one per frame.
+    let wait = until.saturating_duration_since(Instant::now());
+    let read = async {
+        while let Some(text) = client.next_text().await {
+            if !text.contains("\"presence_diff\"") {
+                continue;
+            }
+            for (sent, round) in roster_bench::stamps::joined_stamps(&text) {
+                if on(sent, round) {
+                    return Ok(true);
+                }
             }
         }
-    }
+        Ok(false)
+    };
+    glommio::timer::timeout(wait, read).await.unwrap_or(false)
 }
