@@ -84,6 +84,16 @@ impl<K: Clone + Ord + Borrow<str>> NameCluster<K> {
         }
     }
 
+    /// Asks every node whose part is being fetched again, and has not come, once more,
+    /// directly; true if there was any (see `Retries`).
+    pub(crate) fn reask(&self, c: &ClusterConfig, name: &str, tx: &mut Outbox) -> bool {
+        let nodes = self.remote.awaiting();
+        for &node in &nodes {
+            tx.nats(ask(c, self.kind, name, c.subjects.node(node), self.epoch));
+        }
+        !nodes.is_empty()
+    }
+
     /// Presences of this node's own part.
     pub(crate) fn own_len(&self) -> usize {
         self.own.len()

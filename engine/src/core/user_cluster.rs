@@ -338,15 +338,8 @@ impl Users {
             return;
         };
         for key in uc.retries.due(env.now) {
-            let Some(side) = uc.sides.get(&key) else {
-                continue;
-            };
-            let nodes = side.part.remote.awaiting();
-            for &node in &nodes {
-                let subject = uc.config.subjects.node(node);
-                env.tx.nats(ask(&uc.config, &key, subject, side.part.epoch));
-            }
-            if !nodes.is_empty() {
+            let side = uc.sides.get(&key);
+            if side.is_some_and(|s| s.part.reask(&uc.config, key.as_str(), env.tx)) {
                 uc.retries.asked(&key, env.now, uc.config.fetch_timeout);
             }
         }

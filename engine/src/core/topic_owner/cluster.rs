@@ -69,14 +69,8 @@ impl TopicOwner {
             return;
         };
         for name in self.retries.due(env.now) {
-            let Some(tc) = self.topics.get(&name).and_then(|t| t.cluster()) else {
-                continue;
-            };
-            let nodes = tc.remote.awaiting();
-            for &node in &nodes {
-                env.tx.nats(ask(c, &name, c.subjects.node(node), tc.epoch));
-            }
-            if !nodes.is_empty() {
+            let tc = self.topics.get(&name).and_then(|t| t.cluster());
+            if tc.is_some_and(|tc| tc.reask(c, name.as_str(), env.tx)) {
                 self.retries.asked(&name, env.now, c.fetch_timeout);
             }
         }
