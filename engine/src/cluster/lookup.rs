@@ -157,7 +157,7 @@ impl<T> Lookups<T> {
         let presences = presences.map(|(key, phx_ref, meta)| Presence {
             key: key.to_owned(),
             phx_ref,
-            meta: meta.to_vec(),
+            meta: meta.bytes().to_vec(),
         });
         let found = Found {
             presences: presences.collect(),

@@ -10,6 +10,9 @@ use std::collections::BTreeMap;
 
 use crate::cluster::chain::{Chain, Fetch, Verdict};
 use crate::cluster::frame::{Delta, Origin, Part, Presence};
+// One allocation per remote presence, shared with the topic's table (or a watcher's list)
+// rather than copied into it.
+use crate::core::Meta;
 
 /// The incarnation of a holder named in an answer but not heard from yet.
 const UNKNOWN: u64 = 0;
@@ -20,13 +23,13 @@ pub enum Change {
     Join {
         key: String,
         phx_ref: u64,
-        meta: Vec<u8>,
+        meta: Meta,
     },
     /// With the meta it had (a watcher's diff shows it).
     Leave {
         key: String,
         phx_ref: u64,
-        meta: Vec<u8>,
+        meta: Meta,
     },
 }
 
@@ -42,7 +45,7 @@ pub struct Applied {
 #[derive(Debug)]
 struct RemotePart {
     chain: Chain,
-    presences: BTreeMap<(String, u64), Vec<u8>>,
+    presences: BTreeMap<(String, u64), Meta>,
     /// A re-fetch of this part in progress: chunks so far, and deltas that came meanwhile.
     refetch: Option<Chunks>,
 }
@@ -101,9 +104,11 @@ impl Chunks {
         Chain::at(self.origin, self.seq, self.floor)
     }
 
-    fn presences(&mut self) -> BTreeMap<(String, u64), Vec<u8>> {
+    fn presences(&mut self) -> BTreeMap<(String, u64), Meta> {
         let chunks = std::mem::take(&mut self.got).into_values().flatten();
-        chunks.map(|p| ((p.key, p.phx_ref), p.meta)).collect()
+        chunks
+            .map(|p| ((p.key, p.phx_ref), Meta::new(&p.meta)))
+            .collect()
     }
 }
 
@@ -303,10 +308,10 @@ impl RemoteParts {
     }
 
     /// Every remote presence held: (key, ref, meta).
-    pub fn presences(&self) -> impl Iterator<Item = (&str, u64, &[u8])> {
+    pub fn presences(&self) -> impl Iterator<Item = (&str, u64, &Meta)> {
         let parts = self.parts.values();
         let all = parts.flat_map(|rp| rp.presences.iter());
-        all.map(|((k, r), m)| (k.as_str(), *r, m.as_slice()))
+        all.map(|((k, r), m)| (k.as_str(), *r, m))
     }
 
     /// The holders this node knows of (for its own answers to part requests).
@@ -386,7 +391,7 @@ impl RemoteParts {
 impl RemotePart {
     fn new(
         chain: Chain,
-        presences: BTreeMap<(String, u64), Vec<u8>>,
+        presences: BTreeMap<(String, u64), Meta>,
         refetch: Option<Chunks>,
     ) -> RemotePart {
         RemotePart {
@@ -402,11 +407,12 @@ impl RemotePart {
     fn apply(&mut self, d: Delta, changes: &mut Vec<Change>) {
         for j in d.joins {
             let id = (j.key.clone(), j.phx_ref);
-            if self.presences.insert(id, j.meta.clone()).is_none() {
+            let meta = Meta::new(&j.meta);
+            if self.presences.insert(id, meta.clone()).is_none() {
                 changes.push(Change::Join {
                     key: j.key,
                     phx_ref: j.phx_ref,
-                    meta: j.meta,
+                    meta,
                 });
             }
         }
@@ -430,7 +436,7 @@ fn sorted(mut deltas: Vec<Delta>) -> Vec<Delta> {
     deltas
 }
 
-fn joins(presences: &BTreeMap<(String, u64), Vec<u8>>, changes: &mut Vec<Change>) {
+fn joins(presences: &BTreeMap<(String, u64), Meta>, changes: &mut Vec<Change>) {
     for ((key, phx_ref), meta) in presences {
         changes.push(Change::Join {
             key: key.clone(),
@@ -440,7 +446,7 @@ fn joins(presences: &BTreeMap<(String, u64), Vec<u8>>, changes: &mut Vec<Change>
     }
 }
 
-fn leaves(presences: &BTreeMap<(String, u64), Vec<u8>>, changes: &mut Vec<Change>) {
+fn leaves(presences: &BTreeMap<(String, u64), Meta>, changes: &mut Vec<Change>) {
     for ((key, phx_ref), meta) in presences {
         changes.push(Change::Leave {
             key: key.clone(),
@@ -452,8 +458,8 @@ fn leaves(presences: &BTreeMap<(String, u64), Vec<u8>>, changes: &mut Vec<Change
 
 /// What changed from `old` to `new` (a ref names one meta for good, so equal ids are equal).
 fn net_changes(
-    old: &BTreeMap<(String, u64), Vec<u8>>,
-    new: &BTreeMap<(String, u64), Vec<u8>>,
+    old: &BTreeMap<(String, u64), Meta>,
+    new: &BTreeMap<(String, u64), Meta>,
     changes: &mut Vec<Change>,
 ) {
     for ((key, phx_ref), meta) in old.iter().filter(|(id, _)| !new.contains_key(*id)) {
@@ -538,7 +544,7 @@ mod tests {
         Change::Join {
             key: key.into(),
             phx_ref,
-            meta: p(key, phx_ref).meta,
+            meta: Meta::new(&p(key, phx_ref).meta),
         }
     }
 
@@ -546,7 +552,7 @@ mod tests {
         Change::Leave {
             key: key.into(),
             phx_ref,
-            meta: p(key, phx_ref).meta,
+            meta: Meta::new(&p(key, phx_ref).meta),
         }
     }
 

@@ -4,7 +4,7 @@
 //! parts are keyed by user key; a user's (for watch lists) by topic name.
 
 use std::borrow::Borrow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use roster_proto::PhxRef;
 
@@ -177,38 +177,43 @@ impl<K: Clone + Ord + Borrow<str>> NameCluster<K> {
 /// a node that has forgotten the name since will not announce it.
 #[derive(Debug)]
 pub(crate) struct Retries<N> {
-    due: BTreeMap<N, Millis>,
+    /// In the order their times come (every wait is the same, and time only goes forward).
+    due: VecDeque<(Millis, N)>,
+    /// The names in `due`, each once: a gap may ask for thousands of names at once, and a
+    /// tick must not scan them all.
+    listed: BTreeSet<N>,
 }
 
 impl<N: Ord + Clone> Retries<N> {
     pub(crate) fn new() -> Retries<N> {
         Retries {
-            due: BTreeMap::new(),
+            due: VecDeque::new(),
+            listed: BTreeSet::new(),
         }
     }
 
     /// Some node was asked for `name`'s part again at `now`.
     pub(crate) fn asked(&mut self, name: &N, now: Millis, wait: Millis) {
-        let at = Millis(now.0.saturating_add(wait.0));
-        self.due.entry(name.clone()).or_insert(at);
+        if self.listed.insert(name.clone()) {
+            let at = Millis(now.0.saturating_add(wait.0));
+            debug_assert!(self.due.back().is_none_or(|b| b.0 <= at));
+            self.due.push_back((at, name.clone()));
+        }
     }
 
     /// Names whose retry time has come (taken off: ask again, and call `asked` again).
     pub(crate) fn due(&mut self, now: Millis) -> Vec<N> {
-        let due: Vec<N> = self
-            .due
-            .iter()
-            .filter(|(_, at)| at.0 <= now.0)
-            .map(|(n, _)| n.clone())
-            .collect();
-        for n in &due {
-            self.due.remove(n);
+        let mut due = Vec::new();
+        while self.due.front().is_some_and(|(at, _)| at.0 <= now.0) {
+            let (_, name) = self.due.pop_front().expect("front exists");
+            self.listed.remove(&name);
+            due.push(name);
         }
         due
     }
 
     pub(crate) fn next(&self) -> Option<Millis> {
-        self.due.values().min().copied()
+        self.due.front().map(|(at, _)| *at)
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -279,4 +284,24 @@ fn ref_of(meta: &Meta) -> u64 {
     let text = meta.ref_text();
     let text = std::str::from_utf8(&text).unwrap_or_default();
     PhxRef::parse(text).map_or(0, |r| r.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_come_due_in_order_once_per_name() {
+        let mut r = Retries::new();
+        let wait = Millis(100);
+        r.asked(&"a", Millis(0), wait);
+        r.asked(&"b", Millis(10), wait);
+        r.asked(&"a", Millis(20), wait); // already listed: its first time stands
+        assert_eq!(r.next(), Some(Millis(100)));
+        assert!(r.due(Millis(99)).is_empty());
+        assert_eq!(r.due(Millis(100)), ["a"]);
+        r.asked(&"a", Millis(100), wait);
+        assert_eq!(r.due(Millis(250)), ["b", "a"]);
+        assert!(r.is_empty() && r.next().is_none());
+    }
 }

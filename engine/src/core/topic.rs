@@ -393,10 +393,8 @@ impl Topic {
         (self.presences.len() as u32, self.metas)
     }
 
-    /// Nothing tracked, nobody subscribed, nothing to send, on no list: the topic can be
-    /// forgotten.
-    /// Nothing of this node's own here, and nobody of this node interested: the topic (and
-    /// any other node's part of it) can go.
+    /// Nothing of this node's own tracked, nobody subscribed, nothing to send, on no list: the
+    /// topic (and any other node's part of it) can be forgotten.
     pub(crate) fn is_idle(&self) -> bool {
         let own_empty = match self.cluster.as_deref() {
             Some(c) => c.own_is_empty(),

@@ -168,7 +168,7 @@ impl Users {
         let remote = self.cluster.as_deref().and_then(|uc| uc.sides.get(key));
         if let Some(side) = remote {
             for (topic, _, meta) in side.part.remote.presences() {
-                all.push((name(topic), Meta::new(meta)));
+                all.push((name(topic), meta.clone()));
             }
             all.sort_by(|a, b| a.0.cmp(&b.0));
         }
@@ -390,10 +390,10 @@ impl Users {
             match change {
                 Change::Join {
                     key: topic, meta, ..
-                } => joins.push((env.names.intern(&topic), Meta::new(&meta))),
+                } => joins.push((env.names.intern(&topic), meta)),
                 Change::Leave {
                     key: topic, meta, ..
-                } => leaves.push((env.names.intern(&topic), Meta::new(&meta))),
+                } => leaves.push((env.names.intern(&topic), meta)),
             }
         }
         if !joins.is_empty() || !leaves.is_empty() {

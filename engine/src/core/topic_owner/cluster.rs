@@ -12,7 +12,7 @@ use crate::cluster::parts::{Applied, Change};
 use crate::cluster::subject::Scope;
 use crate::core::outbox::{NatsOut, Outbox};
 use crate::core::part::{self, answer};
-use crate::core::{ClusterConfig, Meta, Millis, TopicName, UserKey};
+use crate::core::{ClusterConfig, Millis, TopicName, UserKey};
 
 impl TopicOwner {
     /// A topic was made here: subscribe to its deltas, and ask for the other nodes' parts (its
@@ -244,9 +244,7 @@ impl TopicOwner {
         let applied = input(&mut tc.remote);
         for change in applied.changes {
             match change {
-                Change::Join { key, meta, .. } => {
-                    t.track_remote(UserKey::new(&key), Meta::new(&meta))
-                }
+                Change::Join { key, meta, .. } => t.track_remote(UserKey::new(&key), meta),
                 Change::Leave { key, phx_ref, .. } => {
                     t.untrack_remote(&UserKey::new(&key), PhxRef(phx_ref));
                 }
