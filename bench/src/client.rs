@@ -1,5 +1,5 @@
 //! A lean Phoenix Channels V2 client for load generation: one glommio task per connection,
-//! tungstenite for framing (client role, masking) over the bytes we read, a 512-byte read buffer.
+//! tungstenite to write (client role, masking), `wire.rs` to read, 512 bytes read at a time.
 //! It binds to a chosen loopback source address so one process can open more connections than
 //! one address's ephemeral ports allow. While it reads it sends Phoenix heartbeats as phoenix.js
 //! does (every 30 s unless `set_heartbeat` says otherwise): servers close connections silent for
@@ -18,6 +18,8 @@ use serde_json::Value;
 use socket2::{Domain, Protocol, Socket, Type};
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 use tungstenite::Message;
+
+use crate::wire::{Event, Inbox};
 
 const READ_BUFFER: usize = 512;
 
@@ -48,16 +50,23 @@ pub fn heartbeat_text() -> String {
     })
 }
 
-fn heartbeat() -> Option<Duration> {
+/// Between a client's heartbeats (None: none are sent).
+pub fn heartbeat() -> Option<Duration> {
     *HEARTBEAT.get_or_init(|| Some(Duration::from_secs(30)))
+}
+
+/// What the next frame asks of the client.
+enum Step {
+    Text(String),
+    Pong(Vec<u8>),
+    Closed,
+    Read,
 }
 
 pub struct Client {
     stream: TcpStream,
     ws: WebSocketContext,
-    rbuf: Box<[u8]>,
-    rpos: usize,
-    rlen: usize,
+    inbox: Inbox,
     out: Vec<u8>,
     /// When the next heartbeat is due, and how many were sent (their refs).
     next_beat: Option<Instant>,
@@ -151,16 +160,12 @@ impl Client {
             .read_buffer_size(256)
             .max_message_size(Some(64 << 20))
             .max_frame_size(Some(64 << 20));
-        let mut rbuf = vec![0u8; READ_BUFFER].into_boxed_slice();
-        let extra = &head[body_start..];
-        rbuf[..extra.len().min(READ_BUFFER)]
-            .copy_from_slice(&extra[..extra.len().min(READ_BUFFER)]);
+        let mut inbox = Inbox::default();
+        inbox.push(&head[body_start..]);
         Ok(Client {
             stream,
             ws: WebSocketContext::new(Role::Client, Some(config)),
-            rbuf,
-            rpos: 0,
-            rlen: extra.len().min(READ_BUFFER),
+            inbox,
             out: Vec::new(),
             next_beat: heartbeat().map(|d| Instant::now() + d),
             beats: 0,
@@ -207,12 +212,6 @@ impl Client {
             .push((Instant::now() + after, topic.to_owned()));
     }
 
-    /// The first of the next heartbeat and the next rejoin.
-    fn next_due(&self) -> Option<Instant> {
-        let rejoin = self.rejoins.iter().map(|(at, _)| *at).min();
-        [self.next_beat, rejoin].into_iter().flatten().min()
-    }
-
     /// Heartbeats and rejoins whose time has come.
     async fn timers(&mut self) -> Result<(), String> {
         let now = Instant::now();
@@ -236,11 +235,15 @@ impl Client {
     }
 
     async fn write_text(&mut self, text: String) -> Result<(), String> {
+        self.write(Message::text(text)).await
+    }
+
+    async fn write(&mut self, message: Message) -> Result<(), String> {
         let mut io = Io {
             input: &[],
             output: &mut self.out,
         };
-        self.ws.write(&mut io, Message::text(text)).map_err(err)?;
+        self.ws.write(&mut io, message).map_err(err)?;
         self.ws.flush(&mut io).map_err(err)?;
         let r = self.stream.write_all(&self.out).await.map_err(err);
         self.out = Vec::new();
@@ -256,41 +259,45 @@ impl Client {
     /// The next text frame as it came; None when the connection ends.
     pub async fn next_text(&mut self) -> Option<String> {
         loop {
-            let mut io = Io {
-                input: &self.rbuf[self.rpos..self.rlen],
-                output: &mut self.out,
+            let step = match self.inbox.next_event() {
+                Ok(Some(Event::Text(t))) => Step::Text(String::from_utf8_lossy(t).into_owned()),
+                Ok(Some(Event::Ping(p))) => Step::Pong(p.to_vec()),
+                Ok(Some(Event::Close)) => Step::Closed,
+                Ok(None) => Step::Read,
+                Err(_) => return None,
             };
-            let before = io.input.len();
-            let r = self.ws.read(&mut io);
-            let consumed = before - io.input.len();
-            self.rpos += consumed;
-            if !self.out.is_empty() {
-                // Pongs and close replies.
-                let out = std::mem::take(&mut self.out);
-                self.stream.write_all(&out).await.ok()?;
-            }
-            match r {
-                Ok(Message::Text(t)) => {
+            match step {
+                Step::Text(t) => {
                     if t.contains("\"phx_error\"") {
                         self.crashed(&t);
                     }
-                    return Some(t.as_str().to_owned());
+                    return Some(t);
                 }
-                Ok(Message::Close(_)) => return None,
-                Ok(_) => continue,
-                Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
-                    let n = match self.next_due() {
-                        None => self.stream.read(&mut self.rbuf).await.ok()?,
+                Step::Pong(p) => self.write(Message::Pong(p.into())).await.ok()?,
+                Step::Closed => {
+                    let _ = self.write_close().await;
+                    return None;
+                }
+                Step::Read => {
+                    let (stream, inbox) = (&mut self.stream, &mut self.inbox);
+                    let space = inbox.spare(READ_BUFFER);
+                    let n = match self
+                        .next_beat
+                        .iter()
+                        .chain(self.rejoins.iter().map(|(at, _)| at))
+                        .min()
+                    {
+                        None => stream.read(space).await.unwrap_or(0),
                         Some(at) => {
                             // glommio's reads wait for readiness, then read: a read dropped by
                             // the timeout loses no bytes.
                             let wait = at.saturating_duration_since(Instant::now());
                             let read = glommio::timer::timeout(wait, async {
-                                Ok(self.stream.read(&mut self.rbuf).await)
+                                Ok(stream.read(space).await)
                             })
                             .await;
                             match read {
-                                Ok(r) => r.ok()?,
+                                Ok(r) => r.unwrap_or(0),
                                 Err(_) => {
                                     self.timers().await.ok()?;
                                     continue;
@@ -298,13 +305,11 @@ impl Client {
                             }
                         }
                     };
+                    inbox.commit(n);
                     if n == 0 {
                         return None;
                     }
-                    self.rpos = 0;
-                    self.rlen = n;
                 }
-                Err(_) => return None,
             }
         }
     }
@@ -334,6 +339,10 @@ impl Client {
     }
 
     pub async fn close(mut self) {
+        let _ = self.write_close().await;
+    }
+
+    async fn write_close(&mut self) -> Result<(), String> {
         let mut io = Io {
             input: &[],
             output: &mut self.out,
@@ -341,6 +350,22 @@ impl Client {
         let _ = self.ws.close(&mut io, None);
         let _ = self.ws.flush(&mut io);
         let out = std::mem::take(&mut self.out);
-        let _ = self.stream.write_all(&out).await;
+        self.stream.write_all(&out).await.map_err(err)
+    }
+
+    /// The connection's socket and the bytes read from it that are not yet a whole frame, for
+    /// another reader to go on from (the epoll receiver). The socket stays open until the
+    /// returned descriptor is closed.
+    pub fn into_socket(self) -> Result<(std::net::TcpStream, Vec<u8>), String> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: dup of a descriptor this client owns; the copy is owned by the TcpStream
+        // returned, the original closes with the glommio stream dropped here.
+        let fd = unsafe { libc::dup(self.stream.as_raw_fd()) };
+        if fd < 0 {
+            return Err(format!("dup: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let socket = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+        Ok((socket, self.inbox.into_pending()))
     }
 }

@@ -4,6 +4,8 @@
 
 pub mod alloc;
 pub mod client;
+pub mod receiver;
 pub mod report;
 pub mod stamps;
 pub mod view;
+pub mod wire;

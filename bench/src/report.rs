@@ -25,3 +25,9 @@ pub fn percentiles(h: &Histogram<u64>) -> String {
         h.max()
     )
 }
+
+/// The same figures as JSON, with the count.
+pub fn json_percentiles(h: &Histogram<u64>) -> serde_json::Value {
+    serde_json::json!({"count": h.len(), "p50": h.value_at_quantile(0.5), "p90": h.value_at_quantile(0.9),
+           "p99": h.value_at_quantile(0.99), "p999": h.value_at_quantile(0.999), "max": h.max()})
+}

@@ -33,6 +33,18 @@ pub fn joined_stamps(frame: &str) -> Vec<(u64, Option<u64>)> {
     out
 }
 
+/// Nanoseconds on CLOCK_MONOTONIC: the same clock in every process, so a receiver in one
+/// process can time stamps another process wrote.
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 fn number_after(s: &str) -> Option<u64> {
     let s = s.trim_start();
     let digits = s.bytes().take_while(u8::is_ascii_digit).count();

@@ -1,8 +1,10 @@
 //! floor: the kernel's floor for fan-out on this machine, to put beside roster-bench's `fanout`.
-//! No protocol and no parsing: one process writes one `--frame-bytes` frame (the size of a
-//! fanout diff) to each of `--clients` loopback sockets per round, a receiver process (this
-//! program again, so each side has its own descriptor limit) reads them with epoll and times
-//! each frame against the send time written in it (CLOCK_MONOTONIC, shared by both processes).
+//! No server: one process writes one `--frame-bytes` frame (a WebSocket text frame holding a
+//! presence_diff the size of a fanout diff) to each of `--clients` loopback sockets per round,
+//! with one write each; a receiver process (this program again, so each side has its own
+//! descriptor limit) reads and parses them with the epoll receiver roster-bench's fanout uses
+//! (`roster_bench::receiver`), timing each against the send time written in it
+//! (CLOCK_MONOTONIC, shared by both processes). So the ratio fanout/floor is the server's.
 //! Prints, as `fanout` does, the delivery to one client and the time until all had a round.
 //!
 //!   floor --clients 9999 --rounds 20 --interval-ms 250 [--source-addrs 127.0.0.2-127.0.0.21]
@@ -15,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hdrhistogram::Histogram;
-use mio::net::TcpStream as MioStream;
-use mio::{Events, Interest, Poll, Token};
-use roster_bench::report::percentiles;
+use roster_bench::receiver::{receive_rounds, Ended};
+use roster_bench::report::{json_percentiles, percentiles};
+use roster_bench::stamps::mono_ns;
 use socket2::{Domain, Protocol, Socket, Type};
 
 #[derive(Parser, Clone)]
@@ -30,28 +32,25 @@ struct Cli {
     rounds: usize,
     #[arg(long, default_value_t = 250)]
     interval_ms: u64,
-    /// Bytes written to each socket per round (a fanout diff is ~120).
-    #[arg(long, default_value_t = 120)]
+    /// Threads writing, each to its share of the sockets (as many as the server has shards).
+    #[arg(long, default_value_t = 1)]
+    writers: usize,
+    /// Bytes written to each socket per round: a fanout update's diff is ~260 (its join and
+    /// leave, each with a round, a send time and refs).
+    #[arg(long, default_value_t = 264)]
     frame_bytes: usize,
     /// Source addresses for the receivers' connections, e.g. 127.0.0.2-127.0.0.21.
     #[arg(long)]
     source_addrs: Option<String>,
+    /// Write the figures here as JSON (the keys of roster-bench fanout's --json).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
     /// Upper bound on the whole run.
     #[arg(long, default_value_t = 60)]
     duration_s: u64,
     /// Internal: receive from this port (the receiver process).
     #[arg(long, hide = true)]
     receive: Option<u16>,
-}
-
-fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn main() {
@@ -91,8 +90,8 @@ fn sources(cli: &Cli) -> Result<Vec<IpAddr>, String> {
 /// The sending side: accepts the receiver's connections, then writes each round's frame to
 /// every socket in turn, as a server's fan-out loop would.
 fn send(cli: &Cli) -> Result<(), String> {
-    if cli.frame_bytes < 16 {
-        return Err("--frame-bytes must be at least 16 (round and send time)".into());
+    if cli.frame_bytes < MIN_FRAME_BYTES {
+        return Err(format!("--frame-bytes must be at least {MIN_FRAME_BYTES} (a diff with a round and a send time)"));
     }
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
@@ -115,15 +114,29 @@ fn send(cli: &Cli) -> Result<(), String> {
     let mut ready = [0u8; 6];
     out.read_exact(&mut ready)
         .map_err(|e| format!("receiver: {e}"))?;
-    let mut frame = vec![b'x'; cli.frame_bytes];
     let mut write_ns = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
     for r in 0..cli.rounds {
         let t0 = mono_ns();
-        frame[..8].copy_from_slice(&(r as u64).to_le_bytes());
-        frame[8..16].copy_from_slice(&t0.to_le_bytes());
-        for s in &mut socks {
-            s.write_all(&frame).map_err(|e| format!("write: {e}"))?;
-        }
+        let frame = diff_frame(r, t0, cli.frame_bytes);
+        // One thread per writer, each with its share of the sockets, as a server's shards.
+        let share = socks.len().div_ceil(cli.writers.max(1));
+        std::thread::scope(|scope| {
+            let writers: Vec<_> = socks
+                .chunks_mut(share.max(1))
+                .map(|chunk| {
+                    let frame = &frame;
+                    scope.spawn(move || {
+                        chunk
+                            .iter_mut()
+                            .try_for_each(|s| s.write_all(frame))
+                            .map_err(|e| format!("write: {e}"))
+                    })
+                })
+                .collect();
+            writers
+                .into_iter()
+                .try_for_each(|w| w.join().map_err(|_| "a writer panicked".to_string())?)
+        })?;
         write_ns.record((mono_ns() - t0) / 1000).ok();
         std::thread::sleep(Duration::from_millis(cli.interval_ms));
     }
@@ -131,22 +144,54 @@ fn send(cli: &Cli) -> Result<(), String> {
     let mut report = String::new();
     out.read_to_string(&mut report).map_err(|e| e.to_string())?;
     println!(
-        "floor: {} loopback sockets, one {}-byte write each per round, {} rounds {} ms apart",
-        cli.clients, cli.frame_bytes, cli.rounds, cli.interval_ms
+        "floor: {} loopback sockets, one {}-byte write each per round from {} writer thread(s), {} rounds {} ms apart",
+        cli.clients, cli.frame_bytes, cli.writers, cli.rounds, cli.interval_ms
     );
     println!(
         "  writing a round to every socket us: {}",
         percentiles(&write_ns)
     );
-    print!("{report}");
+    for line in report.lines() {
+        match line.strip_prefix(JSON_LINE) {
+            Some(json) => {
+                if let Some(path) = &cli.json {
+                    std::fs::write(path, json).map_err(|e| format!("{}: {e}", path.display()))?;
+                }
+            }
+            None => println!("{line}"),
+        }
+    }
     Ok(())
 }
 
-/// The receiving side: connects `--clients` sockets, then reads every frame with epoll.
+/// Starts the receiver's figures as JSON, in what it reports to the sender.
+const JSON_LINE: &str = "json ";
+
+/// The smallest frame [`diff_frame`] makes: its JSON with a 20-digit stamp and no padding.
+const MIN_FRAME_BYTES: usize = 110;
+
+/// Round `r`'s frame, `bytes` long: a WebSocket text frame holding a presence_diff shaped as
+/// roster's fanout diff, whose one join carries the round and its send time, padded to size.
+/// The receiver parses it exactly as roster-bench parses roster's.
+fn diff_frame(r: usize, sent_ns: u64, bytes: usize) -> Vec<u8> {
+    let text = |pad: &str| {
+        format!(
+            r#"[null,null,"room:fanout","presence_diff",{{"joins":{{"u0":{{"metas":[{{"round":{r},"sent_ns":{sent_ns},"p":"{pad}"}}]}}}},"leaves":{{}}}}]"#
+        )
+    };
+    // Header: 2 bytes up to 125 payload bytes, 4 beyond.
+    let header = if bytes - 2 < 126 { 2 } else { 4 };
+    let pad = (bytes - header).saturating_sub(text("").len());
+    let mut out = Vec::with_capacity(bytes);
+    roster_engine::net::ws::write_text_frame(&mut out, text(&"x".repeat(pad)).as_bytes());
+    out
+}
+
+/// The receiving side: connects `--clients` sockets, then reads every frame with the epoll
+/// receiver roster-bench's fanout uses.
 fn receive(cli: &Cli, port: u16) -> Result<(), String> {
     let to = SocketAddr::from(([127, 0, 0, 1], port));
     let sources = sources(cli)?;
-    let mut poll = Poll::new().map_err(|e| e.to_string())?;
     let mut socks = Vec::with_capacity(cli.clients);
     for i in 0..cli.clients {
         let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
@@ -157,61 +202,26 @@ fn receive(cli: &Cli, port: u16) -> Result<(), String> {
         socket
             .connect(&to.into())
             .map_err(|e| format!("connect {i}: {e}"))?;
-        socket.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let std_stream: TcpStream = socket.into();
-        let mut stream = MioStream::from_std(std_stream);
-        poll.registry()
-            .register(&mut stream, Token(i), Interest::READABLE)
-            .map_err(|e| e.to_string())?;
-        socks.push((stream, Vec::with_capacity(cli.frame_bytes)));
+        socks.push((TcpStream::from(socket), Vec::new()));
     }
     std::io::stdout()
         .write_all(b"ready\n")
         .and_then(|_| std::io::stdout().flush())
         .map_err(|e| e.to_string())?;
-    let mut one = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
-    let mut round_max = vec![0u64; cli.rounds];
-    let mut got = 0usize;
-    let want = cli.clients * cli.rounds;
-    let deadline = Instant::now() + Duration::from_secs(cli.duration_s);
-    let mut events = Events::with_capacity(1024);
-    let mut buf = vec![0u8; 64 << 10];
-    while got < want && Instant::now() < deadline {
-        poll.poll(&mut events, Some(Duration::from_millis(100)))
-            .map_err(|e| e.to_string())?;
-        for ev in events.iter() {
-            let (stream, pending) = &mut socks[ev.token().0];
-            loop {
-                match stream.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        let now = mono_ns();
-                        pending.extend_from_slice(&buf[..n]);
-                        while pending.len() >= cli.frame_bytes {
-                            let r = u64::from_le_bytes(pending[..8].try_into().unwrap_or_default());
-                            let t0 =
-                                u64::from_le_bytes(pending[8..16].try_into().unwrap_or_default());
-                            let us = now.saturating_sub(t0) / 1000;
-                            one.record(us).ok();
-                            if let Some(m) = round_max.get_mut(r as usize) {
-                                *m = (*m).max(us);
-                            }
-                            pending.drain(..cli.frame_bytes);
-                            got += 1;
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(format!("read: {e}")),
-                }
-            }
-        }
-    }
+    let until = Instant::now() + Duration::from_secs(cli.duration_s);
+    let d = receive_rounds(socks, cli.rounds, until, None)?;
     let mut all = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
-    for m in round_max.into_iter().filter(|&m| m > 0) {
+    for m in d.round_max.into_iter().filter(|&m| m > 0) {
         all.record(m).ok();
     }
-    println!("  frames delivered: {got} of {want}");
-    println!("  write -> read by one socket us: {}", percentiles(&one));
+    let done = d.ended.iter().filter(|&&e| e == Ended::Done).count();
+    println!("  sockets that read every round: {done} of {}", cli.clients);
+    println!("  write -> read by one socket us: {}", percentiles(&d.one));
     println!("  write -> read by all sockets us: {}", percentiles(&all));
+    // For the sender's --json (the same keys as roster-bench fanout's).
+    let json = serde_json::json!({"scenario": "floor", "clients": cli.clients, "writers": cli.writers,
+        "frame_bytes": cli.frame_bytes, "rounds": cli.rounds, "saw_every_round": done,
+        "delivery_us": json_percentiles(&d.one), "all_members_us": json_percentiles(&all)});
+    println!("{JSON_LINE}{json}");
     Ok(())
 }

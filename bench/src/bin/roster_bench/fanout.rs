@@ -1,5 +1,8 @@
 //! Scenario `fanout`: one member updates, everyone else sees it (diffs or counts).
 
+use roster_bench::client::heartbeat;
+use roster_bench::receiver::{receive_rounds, Ended};
+
 use crate::prelude::*;
 
 pub(crate) fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), String> {
@@ -35,60 +38,68 @@ pub(crate) fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), S
                 if e == 0 {
                     cpu.start();
                 }
-                let tasks: Vec<_> = ready_members
-                .into_iter()
-                .map(|(i, mut client)| {
-                    let (part, round_max) = (part.clone(), round_max.clone());
+                // The updater stays a client task; the subscribers' sockets go to the epoll
+                // receiver, which `floor` reads with too (see roster_bench::receiver).
+                let mut updater = None;
+                let mut sockets = Vec::with_capacity(ready_members.len());
+                for (i, client) in ready_members {
+                    if i == 0 {
+                        updater = Some(client);
+                        continue;
+                    }
+                    match client.into_socket() {
+                        Ok(s) => sockets.push(s),
+                        Err(err) => part.borrow_mut().error(err),
+                    }
+                }
+                let updating = updater.map(|mut client| {
                     glommio::spawn_local(async move {
                         let mut view = View::default();
-                        if i == 0 {
-                            // The updater: one meta change per interval, stamped with its send time.
-                            let updater = glommio::spawn_local(async move {
-                                for r in 0..rounds {
-                                    let meta = json!({"round": r, "sent_ns": mono_ns()});
-                                    let frames = if compatible() {
-                                        // A Phoenix app changes a meta by untracking and tracking.
-                                        let leave = json!(["1", format!("l{r}"), "room:fanout", "phx_leave", {}]);
-                                        let join = json!([format!("j{r}"), format!("j{r}"), "room:fanout", "phx_join", {"meta": meta}]);
-                                        vec![leave, join]
-                                    } else {
-                                        vec![json!(["1", format!("u{r}"), "room:fanout", "presence_update", {"meta": meta}])]
-                                    };
-                                    let mut sent = true;
-                                    for f in frames {
-                                        sent &= client.send(f.to_string()).await.is_ok();
-                                    }
-                                    if !sent {
-                                        break;
-                                    }
-                                    glommio::timer::sleep(Duration::from_millis(interval_ms)).await;
-                                }
-                                client
-                            });
-                            let mut client = updater.await;
-                            // It reads its own diffs too, like every member.
-                            let _ = read_until(&mut client, &mut view, Instant::now() + Duration::from_millis(200), |_, _| false).await;
-                            return;
-                        }
-                        let mut seen = 0;
-                        let done = read_stamps(&mut client, deadline, |sent, round| {
-                            let Some(r) = round else { return false };
-                            let lat = mono_ns().saturating_sub(sent) / 1000;
-                            part.borrow_mut().a.record(lat).ok();
-                            if let Ok(mut rm) = round_max.lock() {
-                                if let Some(slot) = rm.get_mut(r as usize) {
-                                    *slot = (*slot).max(lat);
-                                }
+                        // One meta change per interval, stamped with its send time.
+                        for r in 0..rounds {
+                            let meta = json!({"round": r, "sent_ns": mono_ns()});
+                            let frames = if compatible() {
+                                // A Phoenix app changes a meta by untracking and tracking.
+                                let leave = json!(["1", format!("l{r}"), "room:fanout", "phx_leave", {}]);
+                                let join = json!([format!("j{r}"), format!("j{r}"), "room:fanout", "phx_join", {"meta": meta}]);
+                                vec![leave, join]
+                            } else {
+                                vec![json!(["1", format!("u{r}"), "room:fanout", "presence_update", {"meta": meta}])]
+                            };
+                            let mut sent = true;
+                            for f in frames {
+                                sent &= client.send(f.to_string()).await.is_ok();
                             }
-                            seen += 1;
-                            seen >= rounds
-                        })
-                        .await;
-                        part.borrow_mut().finished(done);
+                            if !sent {
+                                break;
+                            }
+                            glommio::timer::sleep(Duration::from_millis(interval_ms)).await;
+                        }
+                        // It reads its own diffs too, like every member.
+                        let _ = read_until(&mut client, &mut view, Instant::now() + Duration::from_millis(200), |_, _| false).await;
                     })
-                })
-                .collect();
-                join_all(tasks).await;
+                });
+                let received = glommio::executor()
+                    .spawn_blocking(move || receive_rounds(sockets, rounds, deadline, heartbeat()))
+                    .await;
+                if let Some(u) = updating {
+                    u.await;
+                }
+                match received {
+                    Ok(d) => {
+                        let mut p = part.borrow_mut();
+                        p.a.add(&d.one).ok();
+                        for ended in d.ended {
+                            p.finished(ended == Ended::Done);
+                        }
+                        if let Ok(mut rm) = round_max.lock() {
+                            for (slot, m) in rm.iter_mut().zip(d.round_max) {
+                                *slot = (*slot).max(m);
+                            }
+                        }
+                    }
+                    Err(err) => part.borrow_mut().error(err),
+                }
                 into_part(part)
             }
         })?;

@@ -29,7 +29,7 @@ mod prelude {
     pub(crate) use glommio::{LocalExecutorBuilder, Placement};
     pub(crate) use hdrhistogram::Histogram;
     pub(crate) use roster_bench::client::{heartbeat_text, Client};
-    pub(crate) use roster_bench::report::percentiles;
+    pub(crate) use roster_bench::report::{json_percentiles, percentiles};
     pub(crate) use roster_bench::view::View;
     pub(crate) use serde_json::{json, Value};
 

@@ -141,11 +141,6 @@ pub(crate) fn into_part(part: Rc<RefCell<Part>>) -> Part {
         .unwrap_or_else(|_| Part::new())
 }
 
-pub(crate) fn json_percentiles(h: &Histogram<u64>) -> Value {
-    json!({"count": h.len(), "p50": h.value_at_quantile(0.5), "p90": h.value_at_quantile(0.9),
-           "p99": h.value_at_quantile(0.99), "p999": h.value_at_quantile(0.999), "max": h.max()})
-}
-
 pub(crate) fn write_json(c: &Common, v: Value) -> Result<(), String> {
     if let Some(path) = &c.json {
         std::fs::write(

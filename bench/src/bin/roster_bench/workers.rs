@@ -57,17 +57,7 @@ pub(crate) fn phase(b: &Barrier) -> bool {
     leader
 }
 
-/// Nanoseconds on CLOCK_MONOTONIC: the same clock in every process, so worker processes can
-/// time stamps another process wrote.
-pub(crate) fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub(crate) use roster_bench::stamps::mono_ns;
 
 /// Merges scenario extras from workers: numbers add up, arrays of numbers take the larger
 /// element (per-round maxima).
