@@ -10,10 +10,10 @@ mkdir -p "$out"
 cargo build --release -q -p roster-engine -p roster-bench
 port=4790
 
-run() { # name, "server args", roster-bench args...
+run() { # name, "server args", roster-bench args... (the server: $server_bin, else this build's)
   local name=$1 server_args=$2; shift 2
   # shellcheck disable=SC2086 # server_args is a list of flags
-  ./target/release/roster --listen "127.0.0.1:$port" --shards "$shards" --admin-listen 127.0.0.1:0 \
+  "${server_bin:-./target/release/roster}" --listen "127.0.0.1:$port" --shards "$shards" --admin-listen 127.0.0.1:0 \
     $server_args \
     2>"$out/$name.server.log" &
   local pid=$!

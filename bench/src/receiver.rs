@@ -214,3 +214,70 @@ pub fn receive_rounds(
         ended,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn diff(round: usize, sent_ns: u64) -> Vec<u8> {
+        let text = format!(
+            r#"[null,null,"t","presence_diff",{{"joins":{{"u0":{{"metas":[{{"round":{round},"sent_ns":{sent_ns}}}]}}}},"leaves":{{}}}}]"#
+        );
+        let mut out = Vec::new();
+        roster_engine::net::ws::write_text_frame(&mut out, text.as_bytes());
+        out
+    }
+
+    /// Two sockets, one of them handed over with half a frame already read: both see every
+    /// round, a heartbeat goes out on each, and a third closed by its peer counts as closed.
+    #[test]
+    fn rounds_are_read_from_every_socket_and_heartbeats_go_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let clients: Vec<TcpStream> = (0..3)
+            .map(|_| TcpStream::connect(addr).expect("connect"))
+            .collect();
+        let mut servers: Vec<TcpStream> = (0..3)
+            .map(|_| listener.accept().expect("accept").0)
+            .collect();
+        let first = diff(0, mono_ns());
+        let (head, rest) = first.split_at(9);
+        let mut sockets: Vec<(TcpStream, Vec<u8>)> =
+            clients.into_iter().map(|c| (c, Vec::new())).collect();
+        sockets[0].1 = head.to_vec();
+        servers[0].write_all(rest).expect("write");
+        servers[1].write_all(&first).expect("write");
+        drop(servers.pop());
+        // The second round goes out once each socket's first heartbeat came.
+        let writer = std::thread::spawn(move || {
+            servers
+                .into_iter()
+                .map(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(4)))
+                        .expect("timeout");
+                    let mut b = [0u8; 64];
+                    let n = s.read(&mut b).unwrap_or(0);
+                    s.write_all(&diff(1, mono_ns())).expect("write");
+                    b[..n].to_vec()
+                })
+                .collect::<Vec<_>>()
+        });
+        let until = Instant::now() + Duration::from_secs(5);
+        let d =
+            receive_rounds(sockets, 2, until, Some(Duration::from_millis(50))).expect("receive");
+        assert_eq!(d.ended, [Ended::Done, Ended::Done, Ended::Closed]);
+        assert_eq!(d.one.len(), 4);
+        assert!(
+            d.round_max[1] > 0 && d.round_max[1] < 2_000_000,
+            "{:?}",
+            d.round_max
+        );
+        for got in writer.join().expect("writer") {
+            assert!(
+                got.len() > 6 && got[0] == 0x81 && got[1] & 0x80 != 0,
+                "{got:?}"
+            );
+        }
+    }
+}

@@ -50,7 +50,7 @@ pub async fn serve(rt: Rc<Runtime>, mut stream: TcpStream) {
         }
         let mut c = Conn {
             rt: rt.clone(),
-            conn: rt.open(identity),
+            conn: rt.open(identity, std::os::fd::AsRawFd::as_raw_fd(&stream)),
             ws: WebSocketContext::new(Role::Server, Some(ws::config(rt.config.max_frame_bytes))),
             wbuf: Vec::new(),
             written: 0,
@@ -67,7 +67,14 @@ pub async fn serve(rt: Rc<Runtime>, mut stream: TcpStream) {
         c
     };
     let conn = c.conn;
-    poll_fn(|cx| c.poll(cx, &mut stream)).await;
+    poll_fn(|cx| {
+        let r = c.poll(cx, &mut stream);
+        c.publish_direct(&stream);
+        r
+    })
+    .await;
+    // From here on only this task writes.
+    rt.set_direct(conn, None);
     if c.closing {
         Box::pin(close_phase(&mut c, &mut stream)).await;
     } else if c.read_closed {
@@ -290,10 +297,20 @@ impl Conn {
         Poll::Pending
     }
 
+    /// Tells the shard whether it may write this connection's frames to the socket itself
+    /// (`Runtime::write_listed`): not while bytes wait here (of frames taken earlier, a pong, a
+    /// close), which they would overtake. Called as each poll of the task ends: the shard's
+    /// writer runs only between polls.
+    fn publish_direct(&self, stream: &TcpStream) {
+        let owes = self.closing || self.big.is_some() || self.wbuf.len() > self.written;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
+        self.rt.set_direct(self.conn, (!owes).then_some(fd));
+    }
+
     /// Writes what the shard queued for this connection. While nothing is left over from an
-    /// earlier write, frames are built in the shard's shared write buffer and only what the socket
-    /// does not take at once is copied into this connection's own buffer: an idle connection
-    /// holds no buffer, and a delivered frame costs no allocation.
+    /// earlier write, frames are built in the shard's shared write buffer and only what the
+    /// socket does not take at once is copied into this connection's own buffer: an idle
+    /// connection holds no buffer, and a delivered frame costs no allocation.
     fn poll_outbound(
         &mut self,
         cx: &mut Context<'_>,

@@ -45,6 +45,12 @@ pub struct Runtime {
     pub scratch: RefCell<Vec<u8>>,
     /// Where a connection's queued frames are laid out for one write, shared the same way.
     pub write_scratch: RefCell<Vec<u8>>,
+    /// Connections whose queued frames `write_listed` writes, and the signal that runs it.
+    pub(super) to_write: RefCell<Vec<ConnId>>,
+    pub write_signal: Signal,
+    /// What sockets did not take of those writes, for their tasks to write first (rare: a
+    /// socket with room for part of the frames).
+    pub(super) partial_writes: RefCell<Vec<(ConnId, Vec<u8>)>>,
     pub stats: Stats,
     /// None in development mode.
     pub(super) verifier: Option<Verifier>,
@@ -146,6 +152,9 @@ impl Runtime {
             drained: Signal::default(),
             scratch: RefCell::new(vec![0; 64 << 10]),
             write_scratch: RefCell::new(Vec::with_capacity(64 << 10)),
+            to_write: RefCell::new(Vec::new()),
+            write_signal: Signal::default(),
+            partial_writes: RefCell::new(Vec::new()),
             stats: Stats::default(),
             verifier: config.secret.as_ref().map(|s| Verifier::new(&s.0)),
             admission: shared.admission,
@@ -175,9 +184,10 @@ impl Runtime {
         core
     }
 
-    /// A handshake completed: the connection gets an id (and in the core, a heartbeat deadline).
-    pub fn open(&self, identity: Identity) -> ConnId {
-        let conn = ConnId(self.conns.borrow_mut().insert(Slot::new()) as u32);
+    /// A handshake completed: the connection on socket `fd` gets an id (and in the core, a
+    /// heartbeat deadline).
+    pub fn open(&self, identity: Identity, fd: i32) -> ConnId {
+        let conn = ConnId(self.conns.borrow_mut().insert(Slot::new(fd)) as u32);
         self.core().open_with(conn, identity.key, identity.grants);
         self.dispatch();
         conn
@@ -222,6 +232,8 @@ impl Runtime {
     /// The connection's task is ending: its presences leave.
     pub fn closed(&self, conn: ConnId) {
         self.conns.borrow_mut().try_remove(conn.0 as usize);
+        // Its id will be another connection's.
+        self.partial_writes.borrow_mut().retain(|(c, _)| *c != conn);
         self.core().close(conn);
         self.dispatch();
         self.flush.notify();
@@ -376,6 +388,9 @@ impl Runtime {
                         let queued = match pushed {
                             Pushed::Queued => true,
                             Pushed::Overflowed { queued } => {
+                                // Its task says when it has drained (then it gets fresh
+                                // states), whoever writes what is left.
+                                slot.wake();
                                 if core.resync(conn) {
                                     let n = self.stats.slow_resyncs.get();
                                     self.stats.slow_resyncs.set(n + 1);
@@ -390,7 +405,16 @@ impl Runtime {
                             slot.queued_us = *now_us.get_or_insert_with(|| self.now_us()) as u32;
                         }
                         self.stats.frames_out.set(self.stats.frames_out.get() + 1);
-                        slot.wake();
+                        if slot.direct_fd < 0 {
+                            slot.wake();
+                        } else if slot.out.frames().len() == 1 {
+                            // Written by `write_listed`, not by waking the task.
+                            let mut list = self.to_write.borrow_mut();
+                            list.push(conn);
+                            if list.len() == 1 {
+                                self.write_signal.notify();
+                            }
+                        }
                     }
                     Output::Close { conn, code, reason } => {
                         if let Some(slot) = conns.get_mut(conn.0 as usize) {

@@ -9,6 +9,10 @@ use crate::core::{ConnId, Frame};
 use crate::net::runtime::Runtime;
 use crate::net::ws::{write_text_frame, write_text_frame_header};
 
+/// Frames from this size on always go through the connection's task (a big room's state is
+/// written from the shared frame, in pieces).
+const DIRECT_WRITE_MAX_BYTES: usize = 64 << 10;
+
 /// Why the server closes a connection: WebSocket close code and reason.
 pub type CloseReason = (u16, Cow<'static, str>);
 
@@ -21,6 +25,10 @@ pub struct Slot {
     waker: Option<Waker>,
     /// When the oldest frame in `out` was queued (µs, wrapping), for the delivery latency.
     pub(super) queued_us: u32,
+    /// The connection's socket while the shard may write its frames without its task (see
+    /// [`Runtime::write_listed`]); -1 while its task owes the socket bytes of frames queued
+    /// earlier, or is closing, so that nothing overtakes them.
+    pub(super) direct_fd: i32,
 }
 
 impl Slot {
@@ -38,17 +46,107 @@ impl Slot {
 }
 
 impl Slot {
-    pub(super) fn new() -> Slot {
+    pub(super) fn new(fd: i32) -> Slot {
         Slot {
             out: OutQueue::default(),
             close: None,
             waker: None,
             queued_us: 0,
+            direct_fd: fd,
         }
     }
 }
 
 impl Runtime {
+    /// Writes the frames queued for the connections listed in `to_write` straight to their
+    /// sockets, from one task: in a fan-out every subscriber's socket usually has room, and
+    /// waking one task per subscriber to write one frame (a wake, a poll, a copy into the write
+    /// buffer, its own borrow of the queue) costs more than the write. A connection is listed
+    /// only while its task owes the socket nothing (`direct_fd`), and the frames stay in its
+    /// queue until written, so their order is kept whoever writes them. What a socket does not
+    /// take is left to the connection's task, woken for it.
+    pub fn write_listed(&self) {
+        let listed = std::mem::take(&mut *self.to_write.borrow_mut());
+        let mut conns = self.conns.borrow_mut();
+        let mut buf = self.write_scratch.borrow_mut();
+        let now = self.now_us() as u32;
+        for conn in &listed {
+            let Some(slot) = conns.get_mut(conn.0 as usize) else {
+                continue;
+            };
+            if slot.out.is_empty() || slot.close.is_some() {
+                // Its task took the frames (or an overflow dropped them and woke it), or it was
+                // woken to close.
+                continue;
+            }
+            let fd = slot.direct_fd;
+            if fd < 0
+                || slot
+                    .out
+                    .frames()
+                    .iter()
+                    .any(|f| f.len() >= DIRECT_WRITE_MAX_BYTES)
+            {
+                slot.wake();
+                continue;
+            }
+            buf.clear();
+            for frame in slot.out.frames() {
+                write_text_frame(&mut buf, frame);
+            }
+            // SAFETY: `buf` is valid for `buf.len()` bytes, which the kernel only reads.
+            let sent = unsafe {
+                libc::send(
+                    fd,
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if sent <= 0 {
+                // Full (or failing): its task waits for the socket, or meets the error.
+                slot.wake();
+                continue;
+            }
+            self.delivery
+                .borrow_mut()
+                .record(now.wrapping_sub(slot.queued_us) as u64);
+            let n = slot.out.frames().len();
+            slot.out.consume(n);
+            let sent = sent as usize;
+            if self.core.borrow().is_resyncing(*conn) {
+                // A slow consumer that lost diffs gets its fresh states once it has drained, and
+                // its task is what says so (`drained`).
+                slot.wake();
+            }
+            if sent < buf.len() {
+                // The rest goes first when its task writes next.
+                slot.direct_fd = -1;
+                slot.queued_us = now;
+                self.partial_writes
+                    .borrow_mut()
+                    .push((*conn, buf[sent..].to_vec()));
+                slot.wake();
+            }
+        }
+        if buf.capacity() > 1 << 20 {
+            *buf = Vec::new();
+        }
+        let mut list = self.to_write.borrow_mut();
+        if list.is_empty() {
+            // Keep the list's capacity for the next fan-out.
+            *list = listed;
+            list.clear();
+        }
+    }
+
+    /// The task's side: whether the shard may write to `conn`'s socket directly now.
+    pub fn set_direct(&self, conn: ConnId, fd: Option<i32>) {
+        if let Some(slot) = self.conns.borrow_mut().get_mut(conn.0 as usize) {
+            slot.direct_fd = fd.unwrap_or(-1);
+        }
+    }
+
     /// Whether the connection must close (without taking its frames); registers the waker.
     /// If it must, the frames queued before the close are appended to `wbuf` first (an error
     /// reply queued just before a close still goes out).
@@ -87,6 +185,13 @@ impl Runtime {
             return (None, None);
         };
         slot.set_waker(waker);
+        // The rest of a direct write goes before anything queued after it.
+        if !self.partial_writes.borrow().is_empty() {
+            let mut partial = self.partial_writes.borrow_mut();
+            if let Some(i) = partial.iter().position(|(c, _)| *c == conn) {
+                wbuf.extend_from_slice(&partial.swap_remove(i).1);
+            }
+        }
         if !slot.out.is_empty() {
             let now = self.now_us() as u32;
             self.delivery
