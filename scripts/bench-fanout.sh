@@ -11,8 +11,9 @@
 source "$(dirname "$0")/bench-lib.sh"
 clients=${1:-10000}
 runs=${2:-3}
-# One process may hold ~19.9k descriptors here: past 18k the load generator uses two.
-procs=$(( clients > 18000 ? 2 : 1 ))
+# One process may hold ~19.9k descriptors here: past 19.5k the load generator uses two worker
+# processes (and so two receiver threads to floor's one).
+procs=$(( clients > 19500 ? 2 : 1 ))
 
 baseline=${ROSTER_BENCH_BASELINE:-}
 for r in $(seq "$runs"); do

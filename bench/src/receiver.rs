@@ -167,6 +167,31 @@ fn frames(i: usize, s: &mut Sock, on_text: &mut impl FnMut(usize, &[u8]) -> bool
     }
 }
 
+/// Reads every join's send stamp off presence_diffs until `until` (churn's subscribers: no
+/// socket is ever done), timing each against CLOCK_MONOTONIC.
+pub fn receive_joins(
+    sockets: Vec<(TcpStream, Vec<u8>)>,
+    until: Instant,
+    heartbeat: Option<Duration>,
+) -> Result<(Histogram<u64>, Vec<Ended>), String> {
+    let mut seen = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+    let ended = receive(sockets, until, heartbeat, |_, text| {
+        for (sent, _) in diff_stamps(text) {
+            seen.record(mono_ns().saturating_sub(sent) / 1000).ok();
+        }
+        false
+    })?;
+    Ok((seen, ended))
+}
+
+/// The joins' stamps of a presence_diff (none for any other message).
+fn diff_stamps(text: &[u8]) -> Vec<(u64, Option<u64>)> {
+    match std::str::from_utf8(text) {
+        Ok(text) if text.contains("\"presence_diff\"") => joined_stamps(text),
+        _ => Vec::new(),
+    }
+}
+
 /// What subscribers saw of `rounds` stamped changes (see [`receive_rounds`]).
 pub struct Deliveries {
     /// Send -> read, every delivery (µs).
@@ -190,14 +215,8 @@ pub fn receive_rounds(
     let mut round_max = vec![0u64; rounds];
     let mut seen = vec![0usize; sockets.len()];
     let ended = receive(sockets, until, heartbeat, |i, text| {
-        let Ok(text) = std::str::from_utf8(text) else {
-            return false;
-        };
-        if !text.contains("\"presence_diff\"") {
-            return false;
-        }
         let now = mono_ns();
-        for (sent, round) in joined_stamps(text) {
+        for (sent, round) in diff_stamps(text) {
             let Some(slot) = round.and_then(|r| round_max.get_mut(r as usize)) else {
                 continue;
             };

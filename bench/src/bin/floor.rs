@@ -211,7 +211,7 @@ fn receive(cli: &Cli, port: u16) -> Result<(), String> {
     let until = Instant::now() + Duration::from_secs(cli.duration_s);
     let d = receive_rounds(socks, cli.rounds, until, None)?;
     let mut all = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
-    for m in d.round_max.into_iter().filter(|&m| m > 0) {
+    for &m in d.round_max.iter().filter(|&&m| m > 0) {
         all.record(m).ok();
     }
     let done = d.ended.iter().filter(|&&e| e == Ended::Done).count();
@@ -221,7 +221,7 @@ fn receive(cli: &Cli, port: u16) -> Result<(), String> {
     // For the sender's --json (the same keys as roster-bench fanout's).
     let json = serde_json::json!({"scenario": "floor", "clients": cli.clients, "writers": cli.writers,
         "frame_bytes": cli.frame_bytes, "rounds": cli.rounds, "saw_every_round": done,
-        "delivery_us": json_percentiles(&d.one), "all_members_us": json_percentiles(&all)});
+        "delivery_us": json_percentiles(&d.one), "all_members_us": json_percentiles(&all), "round_max_us": d.round_max});
     println!("{JSON_LINE}{json}");
     Ok(())
 }

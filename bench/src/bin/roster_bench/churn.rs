@@ -1,5 +1,8 @@
 //! Scenario `churn`: members join and leave at a steady rate under N subscribers.
 
+use roster_bench::client::heartbeat;
+use roster_bench::receiver::{receive_joins, Ended};
+
 use crate::prelude::*;
 
 pub(crate) fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Result<(), String> {
@@ -20,6 +23,7 @@ pub(crate) fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Res
                 LocalExecutorBuilder::new(Placement::Unbound)
                     .name("bench-churn")
                     .io_memory(64 << 10)
+                    .ring_depth(RING_DEPTH)
                     .spawn(move || async move {
                         churn_loop(&t, n, churners, rate, window_s, &ready, &ops).await
                     })
@@ -42,22 +46,22 @@ pub(crate) fn churn(c: Common, rate: u64, churners: usize, window_s: u64) -> Res
                     }
                 }
                 let window_end = Instant::now() + Duration::from_secs(window_s);
-                let tasks: Vec<_> = subscribers
-                    .into_iter()
-                    .map(|(_, mut client)| {
-                        let part = part.clone();
-                        glommio::spawn_local(async move {
-                            read_stamps(&mut client, window_end, |sent, _| {
-                                let lat = mono_ns().saturating_sub(sent) / 1000;
-                                part.borrow_mut().a.record(lat).ok();
-                                false
-                            })
-                            .await;
-                            part.borrow_mut().ok += 1;
-                        })
-                    })
-                    .collect();
-                join_all(tasks).await;
+                // Read by the epoll receiver, as fanout's subscribers are.
+                let sockets = hand_over(subscribers, &part);
+                let received = glommio::executor()
+                    .spawn_blocking(move || receive_joins(sockets, window_end, heartbeat()))
+                    .await;
+                match received {
+                    Ok((seen, ended)) => {
+                        let mut p = part.borrow_mut();
+                        p.a.add(&seen).ok();
+                        for e in ended {
+                            // Held to the window's end: a socket the server closed failed.
+                            p.finished(e == Ended::TimedOut);
+                        }
+                    }
+                    Err(err) => part.borrow_mut().error(err),
+                }
                 if e == 0 && !is_worker() {
                     if let Ok(mut g) = cpu.lock() {
                         g.1 = pid.and_then(cpu_seconds);

@@ -35,22 +35,20 @@ pub(crate) fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), S
                 })
                 .await;
                 phase(&ready);
-                if e == 0 {
-                    cpu.start();
-                }
                 // The updater stays a client task; the subscribers' sockets go to the epoll
                 // receiver, which `floor` reads with too (see roster_bench::receiver).
-                let mut updater = None;
-                let mut sockets = Vec::with_capacity(ready_members.len());
-                for (i, client) in ready_members {
-                    if i == 0 {
-                        updater = Some(client);
-                        continue;
-                    }
-                    match client.into_socket() {
-                        Ok(s) => sockets.push(s),
-                        Err(err) => part.borrow_mut().error(err),
-                    }
+                let (updater, subscribers): (Vec<_>, Vec<_>) =
+                    ready_members.into_iter().partition(|(i, _)| *i == 0);
+                let updater = updater.into_iter().next().map(|(_, c)| c);
+                let sockets = hand_over(subscribers, &part);
+                let receiving = glommio::executor()
+                    .spawn_blocking(move || receive_rounds(sockets, rounds, deadline, heartbeat()));
+                // Handing over cancels each client's pending read in this executor's rings:
+                // let that work end before anything is timed (it took the first rounds' CPU).
+                glommio::timer::sleep(Duration::from_millis(500)).await;
+                phase(&ready);
+                if e == 0 {
+                    cpu.start();
                 }
                 let updating = updater.map(|mut client| {
                     glommio::spawn_local(async move {
@@ -79,9 +77,7 @@ pub(crate) fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), S
                         let _ = read_until(&mut client, &mut view, Instant::now() + Duration::from_millis(200), |_, _| false).await;
                     })
                 });
-                let received = glommio::executor()
-                    .spawn_blocking(move || receive_rounds(sockets, rounds, deadline, heartbeat()))
-                    .await;
+                let received = receiving.await;
                 if let Some(u) = updating {
                     u.await;
                 }
@@ -140,7 +136,7 @@ pub(crate) fn fanout(c: Common, rounds: usize, interval_ms: u64) -> Result<(), S
     write_json(
         &c,
         json!({"scenario": "fanout", "phoenix_compatible": compatible(), "members": n, "rounds": rounds, "errors": p.errors, "timeouts": p.timeouts,
-        "delivery_us": json_percentiles(&p.a), "all_members_us": json_percentiles(&all_saw), "server_cpu_pct": cpu}),
+        "delivery_us": json_percentiles(&p.a), "all_members_us": json_percentiles(&all_saw), "round_max_us": extras["round_max"], "server_cpu_pct": cpu}),
     )
 }
 

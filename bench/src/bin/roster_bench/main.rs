@@ -87,8 +87,8 @@ pub(crate) struct Common {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub(crate) json: Option<std::path::PathBuf>,
-    /// Worker processes to spread the clients over (`connect` only): one process may hold only
-    /// so many descriptors (~20k here), so a million clients need many.
+    /// Worker processes to spread the clients over (not `fanout --presence count`): one process
+    /// may hold only so many descriptors (~20k here), so a million clients need many.
     #[arg(long, default_value_t = 1)]
     pub(crate) procs: usize,
     /// Seconds between a client's Phoenix heartbeats while it reads (phoenix.js: 30; 0: none).
@@ -148,6 +148,7 @@ enum Scenario {
     /// round instead (an update changes no count): time until each saw each new count.
     /// Uses roster's `track: false` and presence_update; with --phoenix-compatible every
     /// subscriber is tracked and the member leaves and rejoins (count mode is roster's only).
+    /// The subscribers are read by one epoll thread per executor, the receiver `floor` uses.
     Fanout {
         #[command(flatten)]
         common: Common,
@@ -164,7 +165,7 @@ enum Scenario {
     /// from a join to each subscriber seeing it, and the server's CPU. The churners run on an
     /// executor of their own; the achieved rate is reported beside the asked one. Uses roster's
     /// `track: false` (subscribers) and presence none (churners); with --phoenix-compatible
-    /// everyone is tracked in full.
+    /// everyone is tracked in full. The subscribers are read by one epoll thread per executor.
     Churn {
         #[command(flatten)]
         common: Common,

@@ -187,6 +187,12 @@ pub(crate) fn distributed(
     Ok(Some((Part::merge(parts), extras)))
 }
 
+/// Entries of each io_uring ring of a client executor. As in the server (see its RING_DEPTH):
+/// glommio cancels on these rings all the time, and a cancel walks one bucket of the armed
+/// polls (one per client), which the kernel sizes by the ring: 128 entries left thousands of
+/// polls per bucket.
+pub(crate) const RING_DEPTH: usize = 4096;
+
 /// Runs `work(executor index)` on `n` glommio executors and collects what each returns.
 pub(crate) fn on_executors<F, Fut>(n: usize, work: F) -> Result<Vec<Part>, String>
 where
@@ -199,6 +205,7 @@ where
             LocalExecutorBuilder::new(Placement::Unbound)
                 .name(&format!("bench-{e}"))
                 .io_memory(64 << 10)
+                .ring_depth(RING_DEPTH)
                 .spawn(move || async move { work(e).await })
                 .map_err(|err| format!("executor {e}: {err}"))
         })
@@ -359,28 +366,21 @@ pub(crate) async fn read_until(
     }
 }
 
-/// Reads frames until `until`, handing `on` the send stamps (and rounds) of the metas that
-/// joined in each presence_diff, read off the text without parsing it (see
-/// `roster_bench::stamps`); stops early once `on` returns true. Returns whether it did.
-pub(crate) async fn read_stamps(
-    client: &mut Client,
-    until: Instant,
-    mut on: impl FnMut(u64, Option<u64>) -> bool,
-) -> bool {
-    // One timer for the whole read, not one per frame.
-    let wait = until.saturating_duration_since(Instant::now());
-    let read = async {
-        while let Some(text) = client.next_text().await {
-            if !text.contains("\"presence_diff\"") {
-                continue;
+/// Takes the clients' sockets for the epoll receiver (`roster_bench::receiver`), which the
+/// scenarios that time deliveries to thousands of subscribers read them with; a client that
+/// cannot be handed over counts as an error.
+pub(crate) fn hand_over(
+    clients: Vec<(usize, Client)>,
+    part: &Rc<RefCell<Part>>,
+) -> Vec<(std::net::TcpStream, Vec<u8>)> {
+    clients
+        .into_iter()
+        .filter_map(|(_, c)| match c.into_socket() {
+            Ok(s) => Some(s),
+            Err(err) => {
+                part.borrow_mut().error(err);
+                None
             }
-            for (sent, round) in roster_bench::stamps::joined_stamps(&text) {
-                if on(sent, round) {
-                    return Ok(true);
-                }
-            }
-        }
-        Ok(false)
-    };
-    glommio::timer::timeout(wait, read).await.unwrap_or(false)
+        })
+        .collect()
 }
