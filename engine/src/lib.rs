@@ -11,6 +11,7 @@
 //! - [`net`]: glommio executors, listeners, WebSocket connections, rings and timers.
 //! - [`config`]: the server's options.
 //! - [`identity`]: who a connection is (token verification at the handshake).
+//! - [`state_file`]: what a node writes on a graceful stop and its next start reads back.
 //!
 //! What it must not do: let I/O, time or threads leak into `core`, or make any decision in the I/O
 //! layer that the core should make (that would escape the simulation tests).
@@ -21,3 +22,4 @@ pub mod core;
 pub(crate) mod identity;
 pub mod mesh;
 pub mod net;
+pub mod state_file;
