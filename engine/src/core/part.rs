@@ -52,6 +52,11 @@ impl<K: Clone + Ord + Borrow<str>> NameCluster<K> {
         self.own.is_empty()
     }
 
+    /// This node's part: each presence's key and stored meta.
+    pub(crate) fn own(&self) -> impl Iterator<Item = (&K, &Meta)> {
+        self.own.iter().map(|((k, _), m)| (k, m))
+    }
+
     /// Whether `part` answers this interest's requests (or nobody's: a holder announcing its
     /// part), and not an interest given up since.
     pub(crate) fn takes(&self, part: &Part) -> bool {

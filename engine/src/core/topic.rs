@@ -503,6 +503,13 @@ impl Topic {
         self.count_dirty = false;
     }
 
+    /// Calls `f` with each presence's key and stored meta.
+    pub(crate) fn each_presence(&self, f: &mut impl FnMut(&UserKey, &Meta)) {
+        for (k, metas) in &self.presences {
+            metas.iter().for_each(|m| f(k, m));
+        }
+    }
+
     pub(crate) fn view(&self) -> TopicView {
         let mut presences: Vec<(UserKey, Vec<Meta>)> = self
             .presences

@@ -6,6 +6,7 @@ mod answers;
 mod client;
 mod join;
 mod leave;
+mod restart;
 #[cfg(test)]
 mod tests;
 mod watching;

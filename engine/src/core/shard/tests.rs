@@ -464,3 +464,98 @@ fn a_presence_held_taken_over_and_held_again_keeps_its_second_grace() {
     assert!(diff_of(&out[0])["leaves"]["u1"].is_object());
     assert_eq!(s.stats().grace_expired, 1);
 }
+
+/// A restart with a state file, in the core: what one run exports, the next takes back as held
+/// presences. The same key with an equal meta takes its presence over (same ref, nothing sent
+/// to anyone else); a changed meta is one update; an unclaimed one leaves when the grace ends.
+#[test]
+fn presences_of_a_previous_run_are_taken_back_or_leave_at_the_restart_grace() {
+    let mut before = Shard::new(ShardId(0), Config::default());
+    for (conn, key, meta) in [(1, "same", 1), (2, "changed", 2), (3, "gone", 3)] {
+        before.open(ConnId(conn), UserKey::new(key));
+        let join = format!(r#"["1","1","room","phx_join",{{"meta":{{"m":{meta}}}}}]"#);
+        before.frame(ConnId(conn), join.as_bytes());
+    }
+    texts(&mut before);
+    let conns = before.export_conns();
+    assert_eq!(conns.len(), 3);
+    assert!(conns.iter().all(|(_, held)| held.len() == 1));
+    let exported = before.export_presences();
+    assert_eq!(exported.len(), 3);
+    let ref_of = |key: &str| {
+        let (_, t) = exported
+            .iter()
+            .find(|(_, t)| t.key.as_str() == key)
+            .expect("exported");
+        t.phx_ref
+    };
+
+    // Each run has refs of its own (the server seeds them at random).
+    let config = Config {
+        ref_seed: 99,
+        ..Config::default()
+    };
+    let mut after = Shard::new(ShardId(0), config);
+    let until = Millis(30_000);
+    for (topic, t) in &exported {
+        assert!(after.restore(topic.as_str(), t.key.as_str(), t.meta.bytes(), until));
+    }
+    // What no file should hold is refused.
+    assert!(!after.restore("room", "x", br#"{"m":1}"#, until), "no ref");
+    assert!(!after.restore("room", "x", b"not json", until));
+    assert!(!after.restore("", "x", exported[0].1.meta.bytes(), until));
+    // An observer sees all three, with their old refs.
+    after.open(ConnId(10), UserKey::new("observer"));
+    after.frame(
+        ConnId(10),
+        br#"["1","1","room","phx_join",{"track":false}]"#,
+    );
+    let out = texts(&mut after);
+    let state: serde_json::Value = serde_json::from_str(&out[1]).expect("JSON");
+    for key in ["same", "changed", "gone"] {
+        let shown = &state[4][key]["metas"][0]["phx_ref"];
+        assert_eq!(shown, &ref_of(key).to_string(), "{key} in {}", out[1]);
+    }
+    // The same client comes back: its reply and state, nothing for the observer.
+    after.tick(Millis(1_000));
+    after.open(ConnId(11), UserKey::new("same"));
+    after.frame(
+        ConnId(11),
+        br#"["1","1","room","phx_join",{"meta":{"m":1}}]"#,
+    );
+    let out = texts(&mut after);
+    assert_eq!(out.len(), 2, "reply and state to the joiner only: {out:?}");
+    // One with a changed meta: one update diff.
+    after.open(ConnId(12), UserKey::new("changed"));
+    after.frame(
+        ConnId(12),
+        br#"["1","1","room","phx_join",{"meta":{"m":20}}]"#,
+    );
+    let out = texts(&mut after);
+    let diffs: Vec<_> = out.iter().filter(|f| f.contains("presence_diff")).collect();
+    assert_eq!(
+        diffs.len(),
+        3,
+        "one diff each to the observer, the client back before and the joiner: {out:?}"
+    );
+    let d = diff_of(diffs[0]);
+    assert_eq!(d["joins"]["changed"]["metas"][0]["m"], 20, "{d}");
+    assert_eq!(
+        d["leaves"]["changed"]["metas"][0]["phx_ref"],
+        ref_of("changed").to_string(),
+        "{d}"
+    );
+    // Nobody takes the third back: it leaves when the grace ends, not before.
+    after.tick(Millis(29_999));
+    assert!(texts(&mut after).is_empty());
+    after.tick(Millis(30_000));
+    let out = texts(&mut after);
+    assert_eq!(out.len(), 3, "one leave to each subscriber: {out:?}");
+    for f in &out {
+        let d = diff_of(f);
+        assert!(
+            d["leaves"]["gone"].is_object() && d["joins"] == serde_json::json!({}),
+            "{d}"
+        );
+    }
+}

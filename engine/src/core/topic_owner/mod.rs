@@ -4,6 +4,7 @@
 //! shard's outbox, and the time comes in with each call.
 
 mod cluster;
+mod restore;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -110,6 +111,9 @@ pub(crate) struct TopicOwner {
     windows: Vec<TopicName>,
     /// Presences held by the leave grace, in the order their grace ends.
     held: VecDeque<(Millis, TopicName, UserKey, PhxRef)>,
+    /// Presences of this node's previous run (its state file), held the same way until the
+    /// restart grace ends (a queue of its own: that grace is another length).
+    restored: VecDeque<(Millis, TopicName, UserKey, PhxRef)>,
     /// Topics with twins (unannounced joins, see `topic::Twin`), in the order their grace ends.
     twins_due: VecDeque<(Millis, TopicName)>,
     /// In a cluster: topics fetching the other nodes' parts, in the order their fetch times out.
@@ -138,6 +142,7 @@ impl TopicOwner {
             changed: Changed::default(),
             windows: Vec::new(),
             held: VecDeque::new(),
+            restored: VecDeque::new(),
             twins_due: VecDeque::new(),
             fetches: VecDeque::new(),
             retries: Retries::new(),
@@ -212,6 +217,7 @@ impl TopicOwner {
             .filter_map(|name| self.topics.get(name)?.window_until);
         let queued = [
             self.held.front().map(|h| h.0),
+            self.restored.front().map(|h| h.0),
             self.twins_due.front().map(|t| t.0),
             self.fetches.front().map(|f| f.0),
             self.retries.next(),
@@ -254,6 +260,7 @@ impl TopicOwner {
             && self.changed.to_count.is_empty()
             && self.windows.is_empty()
             && self.held.is_empty()
+            && self.restored.is_empty()
             && self.twins_due.is_empty()
             && self.fetches.is_empty()
             && self.retries.is_empty()
@@ -269,6 +276,10 @@ impl TopicOwner {
             }
         };
         sorted("held presences", self.held.iter().map(|h| h.0 .0).collect())?;
+        sorted(
+            "restored presences",
+            self.restored.iter().map(|h| h.0 .0).collect(),
+        )?;
         sorted("twins", self.twins_due.iter().map(|t| t.0 .0).collect())?;
         sorted("fetches", self.fetches.iter().map(|f| f.0 .0).collect())?;
         let Changed { to_flush, to_count } = &self.changed;
@@ -585,13 +596,27 @@ impl TopicOwner {
         }
     }
 
-    /// The leave grace of held presences ended: they leave now.
+    /// The leave grace of held presences, or the restart grace of restored ones, ended: they
+    /// leave now.
     fn expire_held(&mut self, env: &mut Env<'_>) {
-        while let Some((until, ..)) = self.held.front() {
+        let mut held = std::mem::take(&mut self.held);
+        self.expire(&mut held, env);
+        self.held = held;
+        let mut restored = std::mem::take(&mut self.restored);
+        self.expire(&mut restored, env);
+        self.restored = restored;
+    }
+
+    fn expire(
+        &mut self,
+        queue: &mut VecDeque<(Millis, TopicName, UserKey, PhxRef)>,
+        env: &mut Env<'_>,
+    ) {
+        while let Some((until, ..)) = queue.front() {
             if until.0 > env.now.0 {
                 break;
             }
-            let (until, topic, key, phx_ref) = self.held.pop_front().expect("front exists");
+            let (until, topic, key, phx_ref) = queue.pop_front().expect("front exists");
             let Some(t) = self.topics.get_mut(&topic) else {
                 continue;
             };
