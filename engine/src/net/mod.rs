@@ -9,6 +9,7 @@ pub(crate) mod handshake;
 mod listener;
 pub mod nats;
 mod report;
+mod restart;
 mod runtime;
 mod signal;
 mod slot;
@@ -44,6 +45,9 @@ const TICK: Duration = Duration::from_millis(50);
 /// ~1,250 polls per bucket at 10k connections (io_poll_find was 3.8% of the server's CPU in a
 /// 10k fan-out). At 4096: 256 buckets, ~1.2 MiB of rings per shard.
 const RING_DEPTH: usize = 4096;
+/// How long a stopping shard waits for the others to hand their presences over (for the
+/// state file) before it closes its connections anyway.
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections get this long to take their 1001 close before the shard exits anyway.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often freed heap is returned to the system.
@@ -121,6 +125,7 @@ pub fn run(launch: Launch) -> Result<(), String> {
         refs: fastrand::u64(..),
         hashing: fastrand::u64(..),
     };
+    let restart = restart::Restart::load(config.state_file.clone(), config.restart_grace);
     let mut handles = Vec::new();
     for (i, fd) in fds.into_iter().enumerate() {
         let placement = match &cpus {
@@ -141,6 +146,7 @@ pub fn run(launch: Launch) -> Result<(), String> {
         let shared = Shared {
             admission: admission.clone(),
             board: board.clone(),
+            restart: restart.clone(),
             // In a cluster the refs carry the node and its incarnation (unique in the cluster
             // as long as no two nodes' hashes collide).
             seeds: match &bridge {
@@ -175,6 +181,8 @@ pub fn run(launch: Launch) -> Result<(), String> {
     if let Some(b) = bridge {
         b.stop();
     }
+    // Every shard has handed its presences over and stopped.
+    restart.write();
     result
 }
 
@@ -271,7 +279,19 @@ async fn shard_main(
                 if rt.now_ms() < at && !stop.load(Ordering::Relaxed) {
                     continue; // A batch made an earlier deadline: sleep until that one.
                 }
-                if stop.load(Ordering::Relaxed) {
+                if stop.load(Ordering::Relaxed) && !rt.shutting_down.get() {
+                    if rt.restart.keeps_state() {
+                        // Every shard hands its presences over before any closes a connection:
+                        // a close takes presences away on the shards that own their topics.
+                        rt.hand_over_state();
+                        let shards = rt.config.shards as usize;
+                        let deadline = std::time::Instant::now() + HAND_OVER_TIMEOUT;
+                        while rt.restart.shards_handed() < shards
+                            && std::time::Instant::now() < deadline
+                        {
+                            glommio::timer::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
                     rt.shut_down();
                 }
                 rt.tick();
@@ -315,6 +335,18 @@ async fn shard_main(
             }
         })
         .detach();
+    }
+    // The previous run's presences are back before the first connection is accepted (those
+    // that came meanwhile wait in the backlog).
+    rt.restore_previous();
+    rt.restart.restored();
+    if rt.restart.previous.is_some() {
+        let shards = rt.config.shards as usize;
+        // Bounded: a shard that failed to start never gets here (and the process exits).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while rt.restart.shards_restored() < shards && std::time::Instant::now() < deadline {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
     }
     glommio::spawn_local(listener::accept_loop(rt.clone(), fd)).detach();
     tracing::info!(shard = id.0, "shard ready");

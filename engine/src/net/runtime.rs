@@ -24,6 +24,7 @@ use crate::net::admission::Admission;
 use crate::net::handshake::{Reject, Upgrade};
 use crate::net::nats::{FromBridge, ToBridge};
 pub use crate::net::report::Stats;
+use crate::net::restart::Restart;
 use crate::net::signal::Signal;
 pub use crate::net::slot::{CloseReason, Slot};
 
@@ -69,6 +70,8 @@ pub struct Runtime {
     pub rewake: Signal,
     /// The way to the NATS bridge, in a cluster.
     pub nats: Option<NatsLink>,
+    /// The previous run's presences, and where this run's go on a graceful stop.
+    pub restart: Arc<Restart>,
 }
 
 /// A shard's side of the NATS bridge: what its core asked for waits here until its task hands
@@ -91,6 +94,7 @@ pub struct ShardCluster {
 pub struct Shared {
     pub admission: Arc<Admission>,
     pub board: Arc<Board>,
+    pub restart: Arc<Restart>,
     pub seeds: CoreSeeds,
     pub cluster: Option<ShardCluster>,
 }
@@ -165,6 +169,7 @@ impl Runtime {
             wake_at: Cell::new(0),
             rewake: Signal::default(),
             nats,
+            restart: shared.restart,
             config,
         })
     }
@@ -263,6 +268,55 @@ impl Runtime {
         self.core().close(conn);
         self.dispatch();
         self.flush.notify();
+    }
+
+    /// Takes back the previous run's presences of the topics this shard owns (before it
+    /// accepts), held for the rest of the restart grace.
+    pub fn restore_previous(&self) {
+        let Some((state, _)) = &self.restart.previous else {
+            return;
+        };
+        let until = Millis(self.now_ms() + self.restart.held_for_ms());
+        let mut taken = 0usize;
+        {
+            let mut core = self.core();
+            for conn in &state.conns {
+                for p in &conn.presences {
+                    taken += usize::from(core.restore(&p.topic, &conn.key, &p.meta, until));
+                }
+            }
+        }
+        self.dispatch();
+        self.flush.notify();
+        tracing::debug!(shard = self.id.0, presences = taken, "presences taken back");
+    }
+
+    /// What this shard holds, for the state file, before any connection is closed.
+    pub fn hand_over_state(&self) {
+        let (conns, presences) = {
+            let core = self.core.borrow();
+            let conns = core
+                .export_conns()
+                .into_iter()
+                .map(|(key, tracked)| {
+                    let tracked = tracked
+                        .into_iter()
+                        .map(|(t, r)| (t.as_str().to_owned(), r.0))
+                        .collect();
+                    (key.as_str().to_owned(), tracked)
+                })
+                .collect();
+            let presences = core
+                .export_presences()
+                .into_iter()
+                .map(|(t, track)| {
+                    let (key, meta) = (track.key.as_str().to_owned(), track.meta.bytes().to_vec());
+                    (t.as_str().to_owned(), key, track.phx_ref.0, meta)
+                })
+                .collect();
+            (conns, presences)
+        };
+        self.restart.hand_over(conns, presences);
     }
 
     /// Asks the connection's task to close with this code; the core forgets it now.

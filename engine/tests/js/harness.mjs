@@ -36,9 +36,10 @@ export async function freePort() {
   });
 }
 
-/** Starts roster with 4 shards (so cross-shard paths run) plus `args`. */
-export async function startServer(args = []) {
-  const port = await freePort();
+/** Starts roster with 4 shards (so cross-shard paths run) plus `args`, on `port` if given (a
+ * restart on the same address), else on a free one. */
+export async function startServer(args = [], { port: fixed } = {}) {
+  const port = fixed ?? await freePort();
   // Servers run side by side: each admin listener takes a port of its own.
   const admin = args.includes('--admin-listen') ? [] : ['--admin-listen', '127.0.0.1:0'];
   const proc = spawn(bin, ['--listen', `127.0.0.1:${port}`, '--shards', '4', ...admin, ...args], {

@@ -1,0 +1,187 @@
+//! A restart that keeps presence, on the server's side (`--state-file`): the previous run's
+//! state file is read before the shards start and each shard takes back the presences of the
+//! topics it owns before it accepts; on SIGTERM every shard hands over what it holds before any
+//! connection is closed (a close would take presences away on other shards), and the file is
+//! written once every shard has stopped. The format is `state_file.rs`; taking presences back
+//! is the core's (`Shard::restore`).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::state_file::{self, HeldConn, HeldPresence, Refused, State};
+
+/// What one shard hands over on a graceful stop.
+#[derive(Default)]
+struct Handed {
+    /// Each connection's key and tracked (topic, ref).
+    conns: Vec<(String, Vec<(String, u64)>)>,
+    /// The presences of the topics it owns: (topic, key, ref, stored meta).
+    presences: Vec<(String, String, u64, Vec<u8>)>,
+}
+
+/// Shared by the shards and the thread that started them.
+pub struct Restart {
+    path: Option<PathBuf>,
+    grace: Duration,
+    /// The previous run's presences, and until when (ms since the epoch) they are held.
+    pub(super) previous: Option<(State, u64)>,
+    handed: Mutex<Handed>,
+    shards_handed: AtomicUsize,
+    /// Shards that have taken the previous run's presences back: none accepts before all have,
+    /// or a join could reach a topic's owner before its held presences.
+    shards_restored: AtomicUsize,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Restart {
+    /// Reads the previous run's state file, if one is set: a refused file is logged with its
+    /// reason and the node starts empty. A file taken is removed: its presences are this run's
+    /// now.
+    pub fn load(path: Option<PathBuf>, grace: Duration) -> Arc<Restart> {
+        let previous = path.as_ref().and_then(|p| {
+            let started = std::time::Instant::now();
+            match state_file::read(p, "", unix_ms(), grace.as_millis() as u64) {
+                Ok(state) => {
+                    let until = state.written_at_ms + grace.as_millis() as u64;
+                    tracing::info!(
+                        path = %p.display(),
+                        presences = state.presences(),
+                        connections = state.conns.len(),
+                        load_ms = started.elapsed().as_millis() as u64,
+                        "state file taken back: its presences are held for their clients"
+                    );
+                    if let Err(e) = std::fs::remove_file(p) {
+                        tracing::warn!(path = %p.display(), "cannot remove the state file: {e}");
+                    }
+                    Some((state, until))
+                }
+                Err(Refused::Missing) => {
+                    tracing::info!(path = %p.display(), "no state file: starting empty");
+                    None
+                }
+                Err(why) => {
+                    tracing::warn!(path = %p.display(), "state file ignored, starting empty: {why}");
+                    None
+                }
+            }
+        });
+        Arc::new(Restart {
+            path,
+            grace,
+            previous,
+            handed: Mutex::new(Handed::default()),
+            shards_handed: AtomicUsize::new(0),
+            shards_restored: AtomicUsize::new(0),
+        })
+    }
+
+    /// Whether a graceful stop writes a state file.
+    pub fn keeps_state(&self) -> bool {
+        self.path.is_some()
+    }
+
+    /// A shard's presences, as it stops.
+    pub(super) fn hand_over(
+        &self,
+        conns: Vec<(String, Vec<(String, u64)>)>,
+        presences: Vec<(String, String, u64, Vec<u8>)>,
+    ) {
+        if let Ok(mut h) = self.handed.lock() {
+            h.conns.extend(conns);
+            h.presences.extend(presences);
+        }
+        self.shards_handed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(super) fn restored(&self) {
+        self.shards_restored.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// How many shards have taken theirs back.
+    pub(super) fn shards_restored(&self) -> usize {
+        self.shards_restored.load(Ordering::Acquire)
+    }
+
+    /// How many shards have handed theirs over.
+    pub(super) fn shards_handed(&self) -> usize {
+        self.shards_handed.load(Ordering::Acquire)
+    }
+
+    /// Writes what the shards handed over, once they have all stopped: each connection's
+    /// presences with their metas, and presences no connection holds (held by the leave
+    /// grace, or taken back and not claimed yet) grouped by key.
+    pub fn write(&self) {
+        let Some(path) = &self.path else { return };
+        let Ok(handed) = self.handed.lock() else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        let mut metas: std::collections::HashMap<(&str, u64), (&str, &[u8])> = handed
+            .presences
+            .iter()
+            .map(|(t, k, r, m)| ((t.as_str(), *r), (k.as_str(), m.as_slice())))
+            .collect();
+        let mut conns = Vec::with_capacity(handed.conns.len());
+        for (key, tracked) in &handed.conns {
+            let presences: Vec<HeldPresence> = tracked
+                .iter()
+                .filter_map(|(topic, r)| {
+                    let (_, meta) = metas.remove(&(topic.as_str(), *r))?;
+                    Some(HeldPresence {
+                        topic: topic.clone(),
+                        phx_ref: *r,
+                        meta: meta.to_vec(),
+                    })
+                })
+                .collect();
+            if !presences.is_empty() {
+                conns.push(HeldConn {
+                    key: key.clone(),
+                    presences,
+                });
+            }
+        }
+        let mut by_key: std::collections::BTreeMap<&str, Vec<HeldPresence>> = Default::default();
+        for ((topic, r), (key, meta)) in metas {
+            by_key.entry(key).or_default().push(HeldPresence {
+                topic: topic.to_owned(),
+                phx_ref: r,
+                meta: meta.to_vec(),
+            });
+        }
+        conns.extend(by_key.into_iter().map(|(key, presences)| HeldConn {
+            key: key.to_owned(),
+            presences,
+        }));
+        let state = State {
+            written_at_ms: unix_ms(),
+            node: String::new(),
+            conns,
+        };
+        match state_file::write(path, &state) {
+            Ok(()) => tracing::info!(
+                path = %path.display(),
+                presences = state.presences(),
+                connections = state.conns.len(),
+                write_ms = started.elapsed().as_millis() as u64,
+                grace_ms = self.grace.as_millis() as u64,
+                "state file written"
+            ),
+            Err(e) => tracing::error!(path = %path.display(), "cannot write the state file: {e}"),
+        }
+    }
+
+    /// How long from now (ms) the previous run's presences are held.
+    pub(super) fn held_for_ms(&self) -> u64 {
+        self.previous
+            .as_ref()
+            .map_or(0, |(_, until)| until.saturating_sub(unix_ms()))
+    }
+}
