@@ -113,33 +113,27 @@ pub(crate) fn reconnect_storm(
                                 }
                             };
                             match again.await {
-                                Ok(c) => {
+                                Ok(mut c) => {
                                     {
                                         let mut p = part.borrow_mut();
                                         p.a.record(storm.elapsed().as_micros() as u64).ok();
                                         p.ok += 1;
                                     }
-                                    // Stay until the window ends: leaving now would be counted as
-                                    // a storm change by the others.
-                                    glommio::timer::sleep(window_end.saturating_duration_since(Instant::now())).await;
+                                    // Stay until the window ends (leaving now would be counted as
+                                    // a storm change by the others), counting the changes seen
+                                    // after its own rejoin: across a restart everyone reconnects,
+                                    // and these are what the storm shows its members.
+                                    let changes = count_changes(&mut c, window_end).await;
+                                    if restarting {
+                                        seen.fetch_add(changes, std::sync::atomic::Ordering::Relaxed);
+                                        part.borrow_mut().b.record(changes).ok();
+                                    }
                                     drop(c);
                                 }
                                 Err(err) => part.borrow_mut().error(err),
                             }
                         } else {
-                            let mut view = View::default();
-                            let mut changes = 0u64;
-                            read_until(&mut client, &mut view, window_end, |_, f| {
-                                if f[3] == "presence_diff" {
-                                    for side in ["joins", "leaves"] {
-                                        for (_, p) in f[4][side].as_object().into_iter().flatten() {
-                                            changes += p["metas"].as_array().map_or(0, |m| m.len() as u64);
-                                        }
-                                    }
-                                }
-                                false
-                            })
-                            .await;
+                            let changes = count_changes(&mut client, window_end).await;
                             seen.fetch_add(changes, std::sync::atomic::Ordering::Relaxed);
                             part.borrow_mut().b.record(changes).ok();
                         }
@@ -174,10 +168,37 @@ pub(crate) fn reconnect_storm(
     p.print_errors();
     println!("  drop -> rejoined us: {}", percentiles(&p.a));
     println!("  all back after: {:.3} s", p.a.max() as f64 / 1e6);
-    println!("  presence changes seen by the {} that stayed, in {window_s} s: {total} in all; per client {}", p.b.len(), percentiles(&p.b));
+    let who = if restarting {
+        "by every client once back"
+    } else {
+        "by the clients that stayed"
+    };
+    println!(
+        "  presence changes seen {who} ({}), in {window_s} s: {total} in all; per client {}",
+        p.b.len(),
+        percentiles(&p.b)
+    );
     write_json(
         &c,
         json!({"scenario": "reconnect-storm", "clients": n, "topics": topics, "reconnected": p.ok, "dropped": reconnecting,
         "errors": p.errors, "rejoin_us": json_percentiles(&p.a), "changes_seen_total": total, "changes_seen_per_stayer": json_percentiles(&p.b)}),
     )
+}
+
+/// Presence changes (metas joining or leaving) in the diffs `client` gets until `until`.
+async fn count_changes(client: &mut Client, until: Instant) -> u64 {
+    let mut view = View::default();
+    let mut changes = 0u64;
+    read_until(client, &mut view, until, |_, f| {
+        if f[3] == "presence_diff" {
+            for side in ["joins", "leaves"] {
+                for (_, p) in f[4][side].as_object().into_iter().flatten() {
+                    changes += p["metas"].as_array().map_or(0, |m| m.len() as u64);
+                }
+            }
+        }
+        false
+    })
+    .await;
+    changes
 }
