@@ -115,55 +115,46 @@ impl Restart {
     }
 
     /// Writes what the shards handed over, once they have all stopped: each connection's
-    /// presences with their metas, and presences no connection holds (held by the leave
-    /// grace, or taken back and not claimed yet) grouped by key.
+    /// presences with their metas, and each presence no connection holds (held by the leave
+    /// grace, or taken back and not claimed yet) on its own.
     pub fn write(&self) {
         let Some(path) = &self.path else { return };
-        let Ok(handed) = self.handed.lock() else {
+        let Ok(mut handed) = self.handed.lock() else {
             return;
         };
         let started = std::time::Instant::now();
-        let mut metas: std::collections::HashMap<(&str, u64), (&str, &[u8])> = handed
-            .presences
-            .iter()
-            .map(|(t, k, r, m)| ((t.as_str(), *r), (k.as_str(), m.as_slice())))
-            .collect();
-        let mut conns = Vec::with_capacity(handed.conns.len());
-        for (key, tracked) in &handed.conns {
-            let presences: Vec<HeldPresence> = tracked
-                .iter()
-                .filter_map(|(topic, r)| {
-                    let (_, meta) = metas.remove(&(topic.as_str(), *r))?;
-                    Some(HeldPresence {
-                        topic: topic.clone(),
-                        phx_ref: *r,
-                        meta: meta.to_vec(),
-                    })
-                })
-                .collect();
-            if !presences.is_empty() {
-                conns.push(HeldConn {
-                    key: key.clone(),
-                    presences,
-                });
-            }
-        }
-        let mut by_key: std::collections::BTreeMap<&str, Vec<HeldPresence>> = Default::default();
-        for ((topic, r), (key, meta)) in metas {
-            by_key.entry(key).or_default().push(HeldPresence {
-                topic: topic.to_owned(),
-                phx_ref: r,
-                meta: meta.to_vec(),
+        // Moved, not copied, and joined by ref (unique per presence on a node): at a million
+        // presences every copy or string-keyed table costs a second.
+        let Handed { conns, presences } = std::mem::take(&mut *handed);
+        let mut conn_of: std::collections::HashMap<u64, usize> = Default::default();
+        let mut held: Vec<HeldConn> = Vec::with_capacity(conns.len());
+        for (i, (key, tracked)) in conns.into_iter().enumerate() {
+            conn_of.extend(tracked.into_iter().map(|(_, r)| (r, i)));
+            held.push(HeldConn {
+                key,
+                presences: Vec::new(),
             });
         }
-        conns.extend(by_key.into_iter().map(|(key, presences)| HeldConn {
-            key: key.to_owned(),
-            presences,
-        }));
+        for (topic, key, phx_ref, meta) in presences {
+            let p = HeldPresence {
+                topic,
+                phx_ref,
+                meta,
+            };
+            match conn_of.get(&phx_ref) {
+                Some(&i) => held[i].presences.push(p),
+                // Held with no connection (leave grace, or a restart's not taken back yet).
+                None => held.push(HeldConn {
+                    key,
+                    presences: vec![p],
+                }),
+            }
+        }
+        held.retain(|c| !c.presences.is_empty());
         let state = State {
             written_at_ms: unix_ms(),
             node: String::new(),
-            conns,
+            conns: held,
         };
         match state_file::write(path, &state) {
             Ok(()) => tracing::info!(
