@@ -339,9 +339,9 @@ async fn shard_main(
     // The previous run's presences are back before the first connection is accepted (those
     // that came meanwhile wait in the backlog).
     rt.restore_previous();
-    rt.restart.restored();
-    if rt.restart.previous.is_some() {
-        let shards = rt.config.shards as usize;
+    let shards = rt.config.shards as usize;
+    rt.restart.restored(shards);
+    if rt.restart.had_previous {
         // Bounded: a shard that failed to start never gets here (and the process exits).
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while rt.restart.shards_restored() < shards && std::time::Instant::now() < deadline {

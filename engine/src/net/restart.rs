@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::state_file::{self, HeldConn, HeldPresence, Refused, State};
@@ -25,8 +25,11 @@ struct Handed {
 pub struct Restart {
     path: Option<PathBuf>,
     grace: Duration,
-    /// The previous run's presences, and until when (ms since the epoch) they are held.
-    pub(super) previous: Option<(State, u64)>,
+    /// The previous run's presences, and until when (ms since the epoch) they are held; freed
+    /// once every shard has taken its own back (a million presences are ~130 MB).
+    previous: RwLock<Option<(State, u64)>>,
+    /// Whether there was one: the shards wait for each other only then.
+    pub(super) had_previous: bool,
     handed: Mutex<Handed>,
     shards_handed: AtomicUsize,
     /// Shards that have taken the previous run's presences back: none accepts before all have,
@@ -34,7 +37,7 @@ pub struct Restart {
     shards_restored: AtomicUsize,
 }
 
-fn unix_ms() -> u64 {
+pub(super) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -75,7 +78,8 @@ impl Restart {
         Arc::new(Restart {
             path,
             grace,
-            previous,
+            had_previous: previous.is_some(),
+            previous: RwLock::new(previous),
             handed: Mutex::new(Handed::default()),
             shards_handed: AtomicUsize::new(0),
             shards_restored: AtomicUsize::new(0),
@@ -100,8 +104,22 @@ impl Restart {
         self.shards_handed.fetch_add(1, Ordering::AcqRel);
     }
 
-    pub(super) fn restored(&self) {
-        self.shards_restored.fetch_add(1, Ordering::AcqRel);
+    /// Calls `take(state, until)` with the previous run's presences, if there are any.
+    pub(super) fn with_previous(&self, take: impl FnOnce(&State, u64)) {
+        if let Ok(guard) = self.previous.read() {
+            if let Some((state, until)) = guard.as_ref() {
+                take(state, *until);
+            }
+        }
+    }
+
+    /// One more shard of `shards` has taken its presences back; the last frees them.
+    pub(super) fn restored(&self, shards: usize) {
+        if self.shards_restored.fetch_add(1, Ordering::AcqRel) + 1 == shards {
+            if let Ok(mut guard) = self.previous.write() {
+                *guard = None;
+            }
+        }
     }
 
     /// How many shards have taken theirs back.
@@ -167,12 +185,5 @@ impl Restart {
             ),
             Err(e) => tracing::error!(path = %path.display(), "cannot write the state file: {e}"),
         }
-    }
-
-    /// How long from now (ms) the previous run's presences are held.
-    pub(super) fn held_for_ms(&self) -> u64 {
-        self.previous
-            .as_ref()
-            .map_or(0, |(_, until)| until.saturating_sub(unix_ms()))
     }
 }

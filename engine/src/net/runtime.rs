@@ -273,19 +273,17 @@ impl Runtime {
     /// Takes back the previous run's presences of the topics this shard owns (before it
     /// accepts), held for the rest of the restart grace.
     pub fn restore_previous(&self) {
-        let Some((state, _)) = &self.restart.previous else {
-            return;
-        };
-        let until = Millis(self.now_ms() + self.restart.held_for_ms());
         let mut taken = 0usize;
-        {
+        self.restart.with_previous(|state, until_unix_ms| {
+            let left = until_unix_ms.saturating_sub(crate::net::restart::unix_ms());
+            let until = Millis(self.now_ms() + left);
             let mut core = self.core();
             for conn in &state.conns {
                 for p in &conn.presences {
                     taken += usize::from(core.restore(&p.topic, &conn.key, &p.meta, until));
                 }
             }
-        }
+        });
         self.dispatch();
         self.flush.notify();
         tracing::debug!(shard = self.id.0, presences = taken, "presences taken back");
