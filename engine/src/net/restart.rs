@@ -137,6 +137,11 @@ impl Restart {
     /// grace, or taken back and not claimed yet) on its own.
     pub fn write(&self) {
         let Some(path) = &self.path else { return };
+        if self.shards_handed() == 0 {
+            // Not a graceful stop (a shard failed to start): nothing was handed over, and an
+            // empty file would say there was nobody.
+            return;
+        }
         let Ok(mut handed) = self.handed.lock() else {
             return;
         };
