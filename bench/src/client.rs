@@ -156,10 +156,9 @@ impl Client {
             .into_owned();
             return Err(format!("handshake refused: {line}"));
         }
-        let config = WebSocketConfig::default()
-            .read_buffer_size(256)
-            .max_message_size(Some(64 << 20))
-            .max_frame_size(Some(64 << 20));
+        // tungstenite only writes here (`wire.rs` reads): its read buffer, allocated up front,
+        // would be unused memory in every client.
+        let config = WebSocketConfig::default().read_buffer_size(0);
         let mut inbox = Inbox::default();
         inbox.push(&head[body_start..]);
         Ok(Client {

@@ -176,19 +176,20 @@ pub fn receive_joins(
 ) -> Result<(Histogram<u64>, Vec<Ended>), String> {
     let mut seen = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
     let ended = receive(sockets, until, heartbeat, |_, text| {
-        for (sent, _) in diff_stamps(text) {
+        diff_stamps(text, |sent, _| {
             seen.record(mono_ns().saturating_sub(sent) / 1000).ok();
-        }
+        });
         false
     })?;
     Ok((seen, ended))
 }
 
-/// The joins' stamps of a presence_diff (none for any other message).
-fn diff_stamps(text: &[u8]) -> Vec<(u64, Option<u64>)> {
-    match std::str::from_utf8(text) {
-        Ok(text) if text.contains("\"presence_diff\"") => joined_stamps(text),
-        _ => Vec::new(),
+/// The joins' stamps of a presence_diff, to `on` (none for any other message).
+fn diff_stamps(text: &[u8], on: impl FnMut(u64, Option<u64>)) {
+    if let Ok(text) = std::str::from_utf8(text) {
+        if text.contains("\"presence_diff\"") {
+            joined_stamps(text, on);
+        }
     }
 }
 
@@ -216,15 +217,15 @@ pub fn receive_rounds(
     let mut seen = vec![0usize; sockets.len()];
     let ended = receive(sockets, until, heartbeat, |i, text| {
         let now = mono_ns();
-        for (sent, round) in diff_stamps(text) {
+        diff_stamps(text, |sent, round| {
             let Some(slot) = round.and_then(|r| round_max.get_mut(r as usize)) else {
-                continue;
+                return;
             };
             let us = now.saturating_sub(sent) / 1000;
             one.record(us).ok();
             *slot = (*slot).max(us);
             seen[i] += 1;
-        }
+        });
         seen[i] >= rounds
     })?;
     Ok(Deliveries {

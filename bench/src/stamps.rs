@@ -5,16 +5,16 @@
 
 /// The numbers `"sent_ns":N` of the metas in the `joins` half of a presence_diff (leaves carry
 /// old metas with old stamps), with the meta's `"round":R` when it has one. Roster and Phoenix
-/// both write `joins` before `leaves`.
-pub fn joined_stamps(frame: &str) -> Vec<(u64, Option<u64>)> {
+/// both write `joins` before `leaves`. Handed to `on` one by one: a receiver calls this for
+/// every frame it reads, and a list per frame would be an allocation per delivery.
+pub fn joined_stamps(frame: &str, mut on: impl FnMut(u64, Option<u64>)) {
     let Some(start) = frame.find("\"joins\":") else {
-        return Vec::new();
+        return;
     };
     let end = frame[start..]
         .find("\"leaves\":")
         .map_or(frame.len(), |e| start + e);
     let joins = &frame[start..end];
-    let mut out = Vec::new();
     let mut at = 0;
     while let Some(i) = joins[at..].find("\"sent_ns\":") {
         let pos = at + i;
@@ -27,10 +27,9 @@ pub fn joined_stamps(frame: &str) -> Vec<(u64, Option<u64>)> {
         let round = joins[open..close]
             .find("\"round\":")
             .and_then(|r| number_after(&joins[open + r + "\"round\":".len()..close]));
-        out.push((ns, round));
+        on(ns, round);
         at = pos + 1;
     }
-    out
 }
 
 /// Nanoseconds on CLOCK_MONOTONIC: the same clock in every process, so a receiver in one
@@ -58,10 +57,15 @@ mod tests {
     #[test]
     fn stamps_of_joins_only_with_their_rounds() {
         let diff = r#"[null,null,"room:fanout","presence_diff",{"joins":{"u0":{"metas":[{"round":7,"sent_ns":123,"phx_ref":"x","phx_ref_prev":"w"}]},"u9":{"metas":[{"sent_ns": 456,"phx_ref":"y"}]}},"leaves":{"u0":{"metas":[{"round":6,"sent_ns":100,"phx_ref":"w"}]}}}]"#;
-        assert_eq!(joined_stamps(diff), [(123, Some(7)), (456, None)]);
-        assert!(joined_stamps(r#"[null,null,"t","presence_state",{}]"#).is_empty());
+        let all = |frame: &str| {
+            let mut v = Vec::new();
+            joined_stamps(frame, |ns, round| v.push((ns, round)));
+            v
+        };
+        assert_eq!(all(diff), [(123, Some(7)), (456, None)]);
+        assert!(all(r#"[null,null,"t","presence_state",{}]"#).is_empty());
         let phoenix_order =
             r#"{"joins":{"a":{"metas":[{"phx_ref":"F","sent_ns":5,"round":2}]}},"leaves":{}}"#;
-        assert_eq!(joined_stamps(phoenix_order), [(5, Some(2))]);
+        assert_eq!(all(phoenix_order), [(5, Some(2))]);
     }
 }

@@ -64,6 +64,16 @@ impl State {
     pub fn presences(&self) -> usize {
         self.conns.iter().map(|c| c.presences.len()).sum()
     }
+
+    /// Every presence as `(topic, key, stored meta)`, as `Shard::restore` takes them.
+    pub fn each_presence(&self) -> impl Iterator<Item = (&str, &str, &[u8])> {
+        self.conns.iter().flat_map(|c| {
+            let key = c.key.as_str();
+            c.presences
+                .iter()
+                .map(move |p| (p.topic.as_str(), key, p.meta.as_slice()))
+        })
+    }
 }
 
 /// Why a state file was not loaded. Each is logged by the caller; the node then starts empty.

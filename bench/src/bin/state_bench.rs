@@ -85,11 +85,8 @@ fn main() {
         // Each shard scans the whole file and takes its own topics' presences, as the server's
         // shards do (there in parallel, one core each: this is their sum).
         for shard in &mut shards {
-            for c in &back.conns {
-                for p in &c.presences {
-                    taken += usize::from(shard.restore(&p.topic, &c.key, &p.meta, Millis(30_000)));
-                }
-            }
+            let presences = back.each_presence();
+            taken += shard.restore(presences, Millis(30_000));
             let _ = shard.outputs().count();
         }
         restore.push(t.elapsed().as_secs_f64() * 1e3);

@@ -30,8 +30,9 @@ const BURSTS_PER_POLL: usize = 16;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes owed to a client past which it is not read from until they are written.
 const MAX_UNSENT_BYTES: usize = 64 << 10;
-/// Frames from this size on are written from the shared frame, not copied per connection.
-const BIG_FRAME_BYTES: usize = 64 << 10;
+/// Frames from this size on are written from the shared frame, not copied per connection,
+/// and always by the connection's task (never by `Runtime::write_listed`).
+pub(super) const BIG_FRAME_BYTES: usize = 64 << 10;
 
 pub async fn serve(rt: Rc<Runtime>, mut stream: TcpStream) {
     // The handshake and closing phases are boxed: a task's future is allocated at the size of its

@@ -32,6 +32,7 @@ use crate::net::admin::{Admin, Board};
 use crate::net::admission::Admission;
 use crate::net::nats::{Bridge, ToBridge};
 use crate::net::runtime::{CoreSeeds, ShardCluster, Shared};
+use crate::net::signal::Signal;
 use runtime::Runtime;
 
 /// The longest a shard sleeps between ticks: heartbeat deadlines, slow consumers, shutdown
@@ -186,6 +187,20 @@ pub fn run(launch: Launch) -> Result<(), String> {
     result
 }
 
+/// A task that runs `work` each time `signal` is notified, once every task woken by the same
+/// batch has had its turn (so that it takes their work too).
+fn on_signal(rt: &Rc<Runtime>, signal: fn(&Runtime) -> &Signal, work: fn(&Runtime)) {
+    let rt = rt.clone();
+    glommio::spawn_local(async move {
+        loop {
+            signal(&rt).wait().await;
+            futures_lite::future::yield_now().await;
+            work(&rt);
+        }
+    })
+    .detach();
+}
+
 async fn shard_main(
     id: ShardId,
     config: ServerConfig,
@@ -241,31 +256,10 @@ async fn shard_main(
         })
         .detach();
     }
-    {
-        let rt = rt.clone();
-        glommio::spawn_local(async move {
-            loop {
-                rt.write_signal.wait().await;
-                // A fan-out's messages for the other shards go onto the rings first (their
-                // tasks were woken by the same batch), so that every shard writes at once.
-                futures_lite::future::yield_now().await;
-                rt.write_listed();
-            }
-        })
-        .detach();
-    }
-    {
-        let rt = rt.clone();
-        glommio::spawn_local(async move {
-            loop {
-                rt.flush.wait().await;
-                // Let every task that is ready now add its changes to this batch first.
-                futures_lite::future::yield_now().await;
-                rt.flush_core();
-            }
-        })
-        .detach();
-    }
+    // A fan-out's messages for the other shards go onto the rings before the writer runs (their
+    // tasks were woken by the same batch), so that every shard writes at once.
+    on_signal(&rt, |rt| &rt.write_signal, Runtime::write_listed);
+    on_signal(&rt, |rt| &rt.flush, Runtime::flush_core);
     {
         let rt = rt.clone();
         glommio::spawn_local(async move {

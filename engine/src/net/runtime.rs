@@ -277,12 +277,8 @@ impl Runtime {
         self.restart.with_previous(|state, until_unix_ms| {
             let left = until_unix_ms.saturating_sub(crate::net::restart::unix_ms());
             let until = Millis(self.now_ms() + left);
-            let mut core = self.core();
-            for conn in &state.conns {
-                for p in &conn.presences {
-                    taken += usize::from(core.restore(&p.topic, &conn.key, &p.meta, until));
-                }
-            }
+            let presences = state.each_presence();
+            taken = self.core().restore(presences, until);
         });
         self.dispatch();
         self.flush.notify();

@@ -6,12 +6,9 @@ use std::task::Waker;
 
 use crate::core::outbound::OutQueue;
 use crate::core::{ConnId, Frame};
+use crate::net::conn::BIG_FRAME_BYTES;
 use crate::net::runtime::Runtime;
 use crate::net::ws::{write_text_frame, write_text_frame_header};
-
-/// Frames from this size on always go through the connection's task (a big room's state is
-/// written from the shared frame, in pieces).
-const DIRECT_WRITE_MAX_BYTES: usize = 64 << 10;
 
 /// Why the server closes a connection: WebSocket close code and reason.
 pub type CloseReason = (u16, Cow<'static, str>);
@@ -80,13 +77,7 @@ impl Runtime {
                 continue;
             }
             let fd = slot.direct_fd;
-            if fd < 0
-                || slot
-                    .out
-                    .frames()
-                    .iter()
-                    .any(|f| f.len() >= DIRECT_WRITE_MAX_BYTES)
-            {
+            if fd < 0 || slot.out.frames().iter().any(|f| f.len() >= BIG_FRAME_BYTES) {
                 slot.wake();
                 continue;
             }
@@ -113,12 +104,9 @@ impl Runtime {
                 .record(now.wrapping_sub(slot.queued_us) as u64);
             let n = slot.out.frames().len();
             slot.out.consume(n);
+            // A slow consumer's task was woken by its overflow: it reports `drained` (for the
+            // fresh states) on its next poll, whoever wrote the frames.
             let sent = sent as usize;
-            if self.core.borrow().is_resyncing(*conn) {
-                // A slow consumer that lost diffs gets its fresh states once it has drained, and
-                // its task is what says so (`drained`).
-                slot.wake();
-            }
             if sent < buf.len() {
                 // The rest goes first when its task writes next.
                 slot.direct_fd = -1;

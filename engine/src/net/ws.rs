@@ -135,25 +135,16 @@ pub fn write_text_frame(out: &mut Vec<u8>, payload: &[u8]) {
 
 /// Appends the header of a text frame whose `len` payload bytes the caller writes next.
 pub fn write_text_frame_header(out: &mut Vec<u8>, len: usize) {
-    let (head, n) = text_frame_header(len);
-    out.extend_from_slice(&head[..n]);
-}
-
-/// The header of an unmasked, final text frame of `len` payload bytes: its first `.1` bytes.
-pub fn text_frame_header(len: usize) -> ([u8; 10], usize) {
     const FIN_TEXT: u8 = 0x81;
-    let mut head = [FIN_TEXT, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    out.push(FIN_TEXT);
     if len < 126 {
-        head[1] = len as u8;
-        (head, 2)
+        out.push(len as u8);
     } else if len <= u16::MAX as usize {
-        head[1] = 126;
-        head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-        (head, 4)
+        out.push(126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
     } else {
-        head[1] = 127;
-        head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
-        (head, 10)
+        out.push(127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
     }
 }
 

@@ -31,44 +31,56 @@ impl Shard {
         self.owner.export()
     }
 
-    /// Takes back a presence of this node's previous run (its state file): held until `until`
-    /// for a client of `key` to take over with an equal meta (same ref, no diff; a changed meta
-    /// is one update), leaving then if nobody does. Watchers and counts see it as present
-    /// meanwhile. For the topics this shard owns, before it takes connections; false (and
-    /// nothing done) for another shard's topic, or a presence the file should not hold: a
-    /// topic or meta over this node's limits, a meta without its ref.
-    pub fn restore(&mut self, topic: &str, key: &str, stored_meta: &[u8], until: Millis) -> bool {
+    /// Takes back presences of this node's previous run (its state file), each `(topic, key,
+    /// stored meta)`: held until `until` for a client of `key` to take over with an equal meta
+    /// (same ref, no diff; a changed meta is one update), leaving then if nobody does. Watchers
+    /// and counts see them as present meanwhile. Only the topics this shard owns are taken,
+    /// before it takes connections; a presence the file should not hold (a topic or meta over
+    /// this node's limits, a meta that is not an object with its ref) is skipped. Returns how
+    /// many were taken.
+    pub fn restore<'a>(
+        &mut self,
+        presences: impl IntoIterator<Item = (&'a str, &'a str, &'a [u8])>,
+        until: Millis,
+    ) -> usize {
+        let mut taken = 0;
+        for (topic, key, stored_meta) in presences {
+            let Some(track) = self.restorable(topic, key, stored_meta) else {
+                continue;
+            };
+            let (owner, mut env) = self.owner_env();
+            owner.restore(topic, track, until, &mut env);
+            taken += 1;
+        }
+        // One batch: what they tell the user owners, and the topics' changes.
+        self.drain_local();
+        self.flush();
+        taken
+    }
+
+    /// The presence to restore, if it is this shard's and one the file may hold.
+    fn restorable(&self, topic: &str, key: &str, stored_meta: &[u8]) -> Option<Track> {
         if self.router.topic_owner(topic) != self.id
             || topic.is_empty()
             || topic.len() > self.config.max_topic_bytes
             // The stored meta is the client's plus the ref fields.
             || stored_meta.len() > self.config.max_meta_bytes + 64
         {
-            return false;
+            return None;
         }
         // Frames splice stored metas in as they are: only a JSON object may come back.
         let object = stored_meta.first() == Some(&b'{')
             && serde_json::from_slice::<serde::de::IgnoredAny>(stored_meta).is_ok();
         if !object {
-            return false;
+            return None;
         }
         let meta = Meta::new(stored_meta);
         let text = meta.ref_text();
-        let Some(phx_ref) = std::str::from_utf8(&text).ok().and_then(PhxRef::parse) else {
-            return false;
-        };
-        if !meta.is_ref(phx_ref) {
-            return false;
-        }
-        let track = Track {
+        let phx_ref = std::str::from_utf8(&text).ok().and_then(PhxRef::parse)?;
+        meta.is_ref(phx_ref).then(|| Track {
             key: UserKey::new(key),
             phx_ref,
             meta,
-        };
-        let (owner, mut env) = self.owner_env();
-        owner.restore(topic, track, until, &mut env);
-        self.drain_local();
-        self.flush();
-        true
+        })
     }
 }

@@ -497,13 +497,19 @@ fn presences_of_a_previous_run_are_taken_back_or_leave_at_the_restart_grace() {
     };
     let mut after = Shard::new(ShardId(0), config);
     let until = Millis(30_000);
-    for (topic, t) in &exported {
-        assert!(after.restore(topic.as_str(), t.key.as_str(), t.meta.bytes(), until));
-    }
+    let all = exported
+        .iter()
+        .map(|(topic, t)| (topic.as_str(), t.key.as_str(), t.meta.bytes()));
+    assert_eq!(after.restore(all, until), 3);
     // What no file should hold is refused.
-    assert!(!after.restore("room", "x", br#"{"m":1}"#, until), "no ref");
-    assert!(!after.restore("room", "x", b"not json", until));
-    assert!(!after.restore("", "x", exported[0].1.meta.bytes(), until));
+    let bad: [(&str, &str, &[u8]); 3] = [
+        ("room", "x", br#"{"m":1}"#), // no ref
+        ("room", "x", b"not json"),
+        ("", "x", exported[0].1.meta.bytes()),
+    ];
+    for b in bad {
+        assert_eq!(after.restore([b], until), 0, "{b:?}");
+    }
     // An observer sees all three, with their old refs.
     after.open(ConnId(10), UserKey::new("observer"));
     after.frame(
