@@ -8,6 +8,13 @@ use roster_proto::PhxRef;
 use crate::core::shard::Shard;
 use crate::core::{Meta, Millis, TopicName, Track, UserKey};
 
+/// Presences restored between two flushes. What they tell the user owners and the topics'
+/// changes are carried out in batches: a flush per presence cost 5% more instructions over
+/// the whole of `state-bench --presences 30000` (callgrind: 420.2M against 398.8M at 1024, the
+/// same as one flush at the end), and one flush at the end would first queue a message per
+/// presence (half a million per shard at 1M).
+const RESTORE_BATCH: usize = 1024;
+
 impl Shard {
     /// Which of their presences each of this shard's connections holds: its key, and the
     /// topic and ref of each tracked join.
@@ -51,8 +58,11 @@ impl Shard {
             let (owner, mut env) = self.owner_env();
             owner.restore(topic, track, until, &mut env);
             taken += 1;
+            if taken % RESTORE_BATCH == 0 {
+                self.drain_local();
+                self.flush();
+            }
         }
-        // One batch: what they tell the user owners, and the topics' changes.
         self.drain_local();
         self.flush();
         taken
