@@ -275,6 +275,8 @@ pub struct NodeConfig {
     pub heartbeat: Duration,
     pub timeout: Duration,
     pub isolation_grace: Duration,
+    /// The node's `--leave-grace-ms`: a dead node's presences are held that long here too.
+    pub leave_grace: Duration,
     pub prefix: String,
     pub creds: Option<PathBuf>,
 }
@@ -486,6 +488,8 @@ impl ServerConfig {
                         .or(file.isolation_grace_ms)
                         .unwrap_or(10_000),
                 ),
+                // Set from the node's own leave grace below.
+                leave_grace: Duration::ZERO,
                 prefix: cli
                     .nats_prefix
                     .or(file.nats_prefix)
@@ -518,12 +522,9 @@ impl ServerConfig {
         if c.max_frame_bytes < 1024 {
             return Err("max_frame_bytes must be at least 1024".into());
         }
-        if c.state_file.is_some() && c.cluster.is_some() {
-            // Other nodes would see the stop's leaves and the restart's joins: holding a
-            // stopping node's parts for the restart grace is not built yet.
-            return Err(
-                "state_file is for a single node in this version, not with nats_url".into(),
-            );
+        let leave_grace = c.leave_grace;
+        if let Some(node) = c.cluster.as_mut() {
+            node.leave_grace = leave_grace;
         }
         Ok(c)
     }
@@ -536,9 +537,10 @@ mod tests {
     /// A state file keeps a single node's presence across a restart; a cluster node is refused
     /// one rather than given half of the feature (its peers would see the stop's leaves).
     #[test]
-    fn a_state_file_is_for_a_single_node() {
+    fn a_state_file_and_the_leave_grace_reach_a_cluster_node() {
         let cli = |nats: bool| Cli {
             state_file: Some("/tmp/roster-state".into()),
+            leave_grace_ms: Some(7_000),
             nats_url: if nats {
                 vec!["nats://127.0.0.1:4222".into()]
             } else {
@@ -548,8 +550,10 @@ mod tests {
         };
         let single = ServerConfig::resolve(cli(false), 2).unwrap();
         assert_eq!(single.restart_grace, Duration::from_secs(30));
-        let err = ServerConfig::resolve(cli(true), 2).unwrap_err();
-        assert!(err.contains("single node"), "{err}");
+        let node = ServerConfig::resolve(cli(true), 2).unwrap();
+        assert!(node.state_file.is_some());
+        let leave_grace = node.cluster.map(|n| n.leave_grace);
+        assert_eq!(leave_grace, Some(Duration::from_secs(7)));
     }
 
     /// `--help` states each default in words; the values come from `resolve` (and, for the

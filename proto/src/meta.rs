@@ -250,6 +250,15 @@ pub fn restamp_prev(stored: &[u8], prev: PhxRef, out: &mut Vec<u8>) {
     out.extend_from_slice(tail);
 }
 
+/// A stored meta with the same client fields under another `phx_ref`, and no `phx_ref_prev`:
+/// the same presence made anew (a second connection that took over the same presence).
+pub fn restamp_ref(stored: &[u8], r: PhxRef, out: &mut Vec<u8>) {
+    out.extend_from_slice(stored_body(stored));
+    out.extend_from_slice(b"\"phx_ref\":\"");
+    out.extend_from_slice(&r.text());
+    out.extend_from_slice(b"\"}");
+}
+
 /// A stored meta with `"topic"` added as its last field (watch lists say where a user is). Last,
 /// so that a client field of the same name cannot hide it.
 pub(crate) fn write_with_topic(stored: &[u8], topic: &str, out: &mut Vec<u8>) {

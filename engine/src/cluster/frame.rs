@@ -17,7 +17,7 @@ use crate::cluster::subject::Scope;
 /// The first bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"RSTR";
 /// The format of the bytes after the envelope.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// magic (4), version (2, little-endian), reserved (2).
 pub const ENVELOPE: usize = 8;
 
@@ -129,8 +129,17 @@ pub enum Frame {
     PartRequest(PartRequest),
     Part(Part),
     Heartbeat(Heartbeat),
-    /// The node stops gracefully: its parts leave now.
-    Goodbye(Origin),
+    /// The node stops gracefully.
+    Goodbye(Goodbye),
+}
+
+/// A graceful stop. `hold_ms` 0: the node's parts leave now. Otherwise it wrote a state file
+/// and its next incarnation takes its presences back: the others hold its parts that long (its
+/// restart grace), and joins anywhere may take its presences over meanwhile.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Goodbye {
+    pub origin: Origin,
+    pub hold_ms: u64,
 }
 
 /// Why bytes from NATS were not a frame.
@@ -368,7 +377,10 @@ mod tests {
                 name: "node-a".into(),
                 beat: 99,
             }),
-            Frame::Goodbye(origin()),
+            Frame::Goodbye(Goodbye {
+                origin: origin(),
+                hold_ms: 30_000,
+            }),
         ]
     }
 
@@ -388,8 +400,12 @@ mod tests {
             Err(FrameError::NotAFrame)
         );
         let mut other = every_kind()[0].encode();
-        other[4] = 2;
-        assert_eq!(Frame::decode(&other), Err(FrameError::Version(2)));
+        other[4] = 1;
+        assert_eq!(
+            Frame::decode(&other),
+            Err(FrameError::Version(1)),
+            "the first release's"
+        );
         // Truncated at every length, and every single byte flipped: refused or read, never a
         // panic (a panic fails this test).
         for f in every_kind() {

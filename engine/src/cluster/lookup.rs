@@ -154,7 +154,7 @@ impl<T> Lookups<T> {
         }
         let open = self.open.remove(&id)?;
         let presences = open.parts.presences();
-        let presences = presences.map(|(key, phx_ref, meta)| Presence {
+        let presences = presences.into_iter().map(|(key, phx_ref, meta)| Presence {
             key: key.to_owned(),
             phx_ref,
             meta: meta.bytes().to_vec(),

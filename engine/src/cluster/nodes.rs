@@ -30,6 +30,10 @@ pub enum NodeEvent {
     Gap(Origin),
     /// Gone: its parts leave.
     Down(Origin, DownReason),
+    /// Gone, but its parts stay for a grace (a leave grace after a death, the restart grace
+    /// its goodbye named): joins may take its presences over meanwhile. `Down` follows at the
+    /// grace's end, unless it is heard again first (`Back`).
+    Held(Origin, DownReason),
     /// Another live process uses this node's name: this one must not run.
     NameClash { name: String, theirs: Origin },
 }
@@ -42,6 +46,10 @@ pub enum DownReason {
     Silent,
     /// This node's own NATS connection was down for the whole isolation grace.
     Isolated,
+    /// Its restart came with another incarnation before it was found silent.
+    Restarted,
+    /// The grace it was held for ended.
+    GraceEnded,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -52,6 +60,8 @@ pub struct Timing {
     pub timeout: Millis,
     /// How long an isolated node keeps the others' parts (`--isolation-grace-ms`).
     pub isolation_grace: Millis,
+    /// How long a dead node's presences are held (`--leave-grace-ms`; 0: they leave at once).
+    pub leave_grace: Millis,
 }
 
 #[derive(Debug)]
@@ -69,6 +79,8 @@ pub struct Nodes {
     peers: BTreeMap<u64, Peer>,
     /// Incarnations declared down for silence, which may come back.
     gone: BTreeMap<u64, Origin>,
+    /// Ended incarnations whose parts are held, and until when.
+    holds: BTreeMap<Origin, (Millis, DownReason)>,
     beat: u64,
     next_beat: Millis,
     /// Since when this node's own NATS connection has been down.
@@ -85,6 +97,7 @@ impl Nodes {
             timing,
             peers: BTreeMap::new(),
             gone: BTreeMap::new(),
+            holds: BTreeMap::new(),
             beat: 0,
             next_beat: now,
             isolated_since: None,
@@ -136,6 +149,7 @@ impl Nodes {
                 },
             );
             let back = self.gone.remove(&o.node) == Some(o);
+            self.holds.remove(&o);
             return vec![if back {
                 NodeEvent::Back(o)
             } else {
@@ -149,6 +163,13 @@ impl Nodes {
                 beat: hb.beat,
                 heard: now,
             };
+            if self.timing.leave_grace.0 > 0 {
+                // A crash and a restart within the node timeout: the old incarnation's clients
+                // are reconnecting, and it is held like any dead node.
+                let until = Millis(now.0 + self.timing.leave_grace.0);
+                self.holds.insert(old, (until, DownReason::Restarted));
+                return vec![NodeEvent::Held(old, DownReason::Restarted)];
+            }
             return vec![NodeEvent::Restarted { old, new: o }];
         }
         if hb.beat <= peer.beat {
@@ -164,19 +185,48 @@ impl Nodes {
         }
     }
 
-    /// A node stops gracefully.
-    pub fn goodbye(&mut self, origin: Origin) -> Vec<NodeEvent> {
+    /// A node stops gracefully; with a hold, its parts stay that long (it restarts and takes
+    /// its presences back).
+    pub fn goodbye(&mut self, origin: Origin, hold: Millis, now: Millis) -> Vec<NodeEvent> {
         match self.peers.get(&origin.node) {
             Some(p) if p.origin == origin => {
                 self.peers.remove(&origin.node);
+                if hold.0 > 0 {
+                    let until = Millis(now.0.saturating_add(hold.0));
+                    self.holds.insert(origin, (until, DownReason::Goodbye));
+                    return vec![NodeEvent::Held(origin, DownReason::Goodbye)];
+                }
                 vec![NodeEvent::Down(origin, DownReason::Goodbye)]
             }
             _ => Vec::new(),
         }
     }
 
+    /// Holds whose grace ended: those nodes are down now.
+    fn holds_ended(&mut self, now: Millis) -> Vec<NodeEvent> {
+        let ended: Vec<Origin> = self
+            .holds
+            .iter()
+            .filter(|(_, (until, _))| until.0 <= now.0)
+            .map(|(o, _)| *o)
+            .collect();
+        for o in &ended {
+            self.holds.remove(o);
+        }
+        ended
+            .into_iter()
+            .map(|o| NodeEvent::Down(o, DownReason::GraceEnded))
+            .collect()
+    }
+
     /// Time passed: silent nodes are down, unless this node is the one cut off.
     pub fn tick(&mut self, now: Millis) -> Vec<NodeEvent> {
+        let mut events = self.holds_ended(now);
+        events.extend(self.silences(now));
+        events
+    }
+
+    fn silences(&mut self, now: Millis) -> Vec<NodeEvent> {
         if let Some(since) = self.isolated_since {
             if now.0.saturating_sub(since.0) < self.timing.isolation_grace.0 {
                 return Vec::new();
@@ -202,8 +252,19 @@ impl Nodes {
             .map(|p| p.origin)
             .collect();
         self.gone.extend(down.iter().map(|o| (o.node, *o)));
+        let grace = self.timing.leave_grace;
+        if grace.0 == 0 {
+            return down
+                .into_iter()
+                .map(|o| NodeEvent::Down(o, DownReason::Silent))
+                .collect();
+        }
+        let until = Millis(now.0 + grace.0);
+        for o in &down {
+            self.holds.insert(*o, (until, DownReason::Silent));
+        }
         down.into_iter()
-            .map(|o| NodeEvent::Down(o, DownReason::Silent))
+            .map(|o| NodeEvent::Held(o, DownReason::Silent))
             .collect()
     }
 
@@ -232,8 +293,9 @@ impl Nodes {
             return Millis(since.0 + self.timing.isolation_grace.0);
         }
         let timeout = self.timing.timeout.0;
-        let silent = self.peers.values().map(|p| p.heard.0 + timeout).min();
-        Millis(silent.map_or(self.next_beat.0, |s| s.min(self.next_beat.0)))
+        let silent = self.peers.values().map(|p| p.heard.0 + timeout);
+        let held = self.holds.values().map(|(until, _)| until.0);
+        Millis(silent.chain(held).fold(self.next_beat.0, u64::min))
     }
 
     /// The other nodes up now.
@@ -250,6 +312,7 @@ mod tests {
         heartbeat: Millis(500),
         timeout: Millis(3_000),
         isolation_grace: Millis(10_000),
+        leave_grace: Millis(0),
     };
 
     fn o(node: u64, incarnation: u64) -> Origin {
@@ -321,11 +384,11 @@ mod tests {
             }]
         );
         assert!(
-            n.goodbye(o(2, 7)).is_empty(),
+            n.goodbye(o(2, 7), Millis(0), Millis(100)).is_empty(),
             "the old incarnation's goodbye"
         );
         assert_eq!(
-            n.goodbye(o(2, 8)),
+            n.goodbye(o(2, 8), Millis(0), Millis(100)),
             [NodeEvent::Down(o(2, 8), DownReason::Goodbye)]
         );
         assert_eq!(

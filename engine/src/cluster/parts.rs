@@ -33,12 +33,23 @@ pub enum Change {
     },
 }
 
-/// What an input did: changes to apply, and origins whose parts must be fetched again
-/// (directly from them).
+/// A live node's part took in a presence that another part (a held one, or another live
+/// node's) shows already: a takeover. Nothing changes for clients; the owner checks it against
+/// its own part (two nodes may take one held presence over at once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub key: String,
+    pub phx_ref: u64,
+    pub node: u64,
+}
+
+/// What an input did: changes to apply, origins whose parts must be fetched again (directly
+/// from them), and takeovers seen.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Applied {
     pub changes: Vec<Change>,
     pub refetch: Vec<Origin>,
+    pub claims: Vec<Claim>,
 }
 
 /// One origin's part: (key, ref) -> meta, and the last delta applied.
@@ -120,10 +131,19 @@ struct Fetching {
     buffered: Vec<Delta>,
 }
 
+/// Presences by (key, ref).
+type Presences = BTreeMap<(String, u64), Meta>;
+
+/// Clients see the union of the parts by ref: a presence taken over by another node (or by a
+/// node's next incarnation) is in two parts for a while, and shows once. A change to one part
+/// is a change for clients only where no other part (held or live) shows the presence.
 #[derive(Debug)]
 pub struct RemoteParts {
     me: u64,
     parts: BTreeMap<u64, RemotePart>,
+    /// Parts of incarnations that ended (a node dead or stopped under a grace, or restarted)
+    /// and still show until the node's down is final: `node_down` takes them away.
+    held: BTreeMap<Origin, Presences>,
     fetching: Option<Fetching>,
 }
 
@@ -133,6 +153,7 @@ impl RemoteParts {
         RemoteParts {
             me,
             parts: BTreeMap::new(),
+            held: BTreeMap::new(),
             fetching: Some(Fetching {
                 fetch: Fetch::new(me),
                 parts: BTreeMap::new(),
@@ -189,6 +210,7 @@ impl RemoteParts {
             chunks.take(part);
             return self.finish_fetch(Vec::new());
         }
+        let mut applied = Applied::default();
         let Some(rp) = self.parts.get_mut(&node) else {
             // A part nobody asked for (or of a node dropped since): taken as it is.
             let mut chunks = Chunks::new(&part);
@@ -196,30 +218,41 @@ impl RemoteParts {
                 let presences = BTreeMap::new();
                 let rp = RemotePart::new(Chain::at(chunks.origin, 0, 0), presences, Some(chunks));
                 self.parts.insert(node, rp);
-                return Applied::default();
+                return applied;
             }
             let presences = chunks.presences();
-            let mut applied = Applied::default();
-            joins(&presences, &mut applied.changes);
-            let rp = RemotePart::new(chunks.chain(), presences, None);
-            self.parts.insert(node, rp);
+            let mut changes = Vec::new();
+            joins(&presences, &mut changes);
+            self.parts
+                .insert(node, RemotePart::new(chunks.chain(), presences, None));
+            self.show(Some(node), changes, &mut applied);
+            self.unhold(chunks.origin, &mut applied);
             return applied;
         };
         if rp.refetch.is_none() && part.origin == rp.chain.origin && part.floor < rp.chain.seq {
             // Older than deltas applied since: an answer overtaken by the origin's deltas
             // (answers come through the inbox, not in order with them).
-            return Applied::default();
+            return applied;
         }
         let chunks = rp.refetch.get_or_insert_with(|| Chunks::new(&part));
         if !chunks.take(part) {
-            return Applied::default();
+            return applied;
         }
         let mut chunks = rp.refetch.take().expect("taken above");
-        let mut applied = Applied::default();
         let fresh = chunks.presences();
-        net_changes(&rp.presences, &fresh, &mut applied.changes);
-        rp.presences = fresh;
+        let old = std::mem::replace(&mut rp.presences, fresh);
+        let was = rp.chain.origin;
         rp.chain = chunks.chain();
+        let mut changes = Vec::new();
+        if was.incarnation != chunks.origin.incarnation && was.incarnation != UNKNOWN {
+            // A new incarnation's part: the old one's shows until its end is known.
+            self.hold(was, old);
+            joins(&self.parts[&node].presences, &mut changes);
+        } else {
+            net_changes(&old, &self.parts[&node].presences, &mut changes);
+        }
+        self.show(Some(node), changes, &mut applied);
+        self.unhold(chunks.origin, &mut applied);
         // Deltas of another incarnation than the part's are of a process that has ended (or
         // will show again in a later gap): applying them would ask again and again.
         let buffered = std::mem::take(&mut chunks.buffered);
@@ -246,29 +279,30 @@ impl RemoteParts {
         applied
     }
 
-    /// That incarnation of a node is down (it died, or restarted): its part leaves. A part of
-    /// its next incarnation stays: it may have come in before the news of the restart.
+    /// That incarnation of a node is down for good (it died, stopped, or restarted, and any
+    /// grace for it ended): its part leaves, live or held. A part of its next incarnation
+    /// stays: it may have come in before the news of the restart.
     pub fn node_down(&mut self, origin: Origin) -> Applied {
-        let node = origin.node;
-        let mut applied = Applied::default();
-        if let Some(f) = self.fetching.as_mut() {
-            if f.parts.get(&node).is_none_or(|c| c.origin == origin) {
-                f.fetch.node_down(node);
-                f.parts.remove(&node);
-            }
-            f.buffered.retain(|d| d.origin != origin);
-            applied = self.finish_fetch(Vec::new());
+        let mut applied = self.drop_from_fetch(origin, false);
+        let mut changes = Vec::new();
+        if let Some(rp) = self.take_part_of(origin) {
+            leaves(&rp.presences, &mut changes);
         }
-        let of = |o: Origin| {
-            o == origin
-                || o == Origin {
-                    node,
-                    incarnation: UNKNOWN,
-                }
-        };
-        if self.parts.get(&node).is_some_and(|rp| of(rp.chain.origin)) {
-            let rp = self.parts.remove(&node).expect("checked above");
-            leaves(&rp.presences, &mut applied.changes);
+        if let Some(held) = self.held.remove(&origin) {
+            leaves(&held, &mut changes);
+        }
+        self.show(None, changes, &mut applied);
+        applied
+    }
+
+    /// That incarnation of a node ended but its presences stay for a grace (it died under a
+    /// leave grace, or stopped to restart): its part is held as it is, nothing changes for
+    /// clients, and presences of it may be taken over (see [`RemoteParts::adoptable`]) until
+    /// [`RemoteParts::node_down`].
+    pub fn node_held(&mut self, origin: Origin) -> Applied {
+        let applied = self.drop_from_fetch(origin, true);
+        if let Some(rp) = self.take_part_of(origin) {
+            self.hold(origin, rp.presences);
         }
         applied
     }
@@ -307,11 +341,43 @@ impl RemoteParts {
             .collect()
     }
 
-    /// Every remote presence held: (key, ref, meta).
-    pub fn presences(&self) -> impl Iterator<Item = (&str, u64, &Meta)> {
-        let parts = self.parts.values();
-        let all = parts.flat_map(|rp| rp.presences.iter());
-        all.map(|((k, r), m)| (k.as_str(), *r, m))
+    /// Every remote presence clients see: (key, ref, meta), each ref once.
+    pub fn presences(&self) -> Vec<(&str, u64, &Meta)> {
+        let live = self.parts.values().map(|rp| &rp.presences);
+        let all = live.chain(self.held.values());
+        let mut seen = std::collections::BTreeSet::new();
+        let mut out = Vec::new();
+        for ((k, r), m) in all.flat_map(|p| p.iter()) {
+            if seen.insert((k.as_str(), *r)) {
+                out.push((k.as_str(), *r, m));
+            }
+        }
+        out
+    }
+
+    /// Whether some part, live or held, shows presence `phx_ref` of `key`.
+    pub fn holds(&self, key: &str, phx_ref: u64) -> bool {
+        if self.parts.is_empty() && self.held.is_empty() {
+            return false;
+        }
+        self.shown_except(None, &(key.to_owned(), phx_ref))
+    }
+
+    /// A presence of `key` that only held parts show (no live node has taken it over) and that
+    /// `fits`: what a join of `key` here may take over, with its stored meta.
+    pub fn adoptable(&self, key: &str, fits: impl Fn(u64, &Meta) -> bool) -> Option<(u64, Meta)> {
+        if self.held.is_empty() {
+            return None;
+        }
+        let (from, to) = ((key.to_owned(), 0), (key.to_owned(), u64::MAX));
+        let held = self
+            .held
+            .values()
+            .flat_map(|h| h.range(from.clone()..=to.clone()));
+        let mut candidates = held.filter(|(id, m)| {
+            !self.parts.values().any(|rp| rp.presences.contains_key(*id)) && fits(id.1, m)
+        });
+        candidates.next().map(|((_, r), m)| (*r, m.clone()))
     }
 
     /// The holders this node knows of (for its own answers to part requests).
@@ -331,11 +397,21 @@ impl RemoteParts {
             return applied;
         }
         let f = self.fetching.take().expect("checked above");
+        // Parts held during the fetch were never shown: they show now, each ref once.
+        for (k, r, m) in self.presences() {
+            applied.changes.push(Change::Join {
+                key: k.to_owned(),
+                phx_ref: r,
+                meta: m.clone(),
+            });
+        }
         for (node, mut chunks) in f.parts {
             let presences = chunks.presences();
-            joins(&presences, &mut applied.changes);
-            let rp = RemotePart::new(chunks.chain(), presences, None);
-            self.parts.insert(node, rp);
+            let mut changes = Vec::new();
+            joins(&presences, &mut changes);
+            self.parts
+                .insert(node, RemotePart::new(chunks.chain(), presences, None));
+            self.show(Some(node), changes, &mut applied);
         }
         for origin in silent {
             let awaiting = Some(Chunks::awaiting(origin));
@@ -362,21 +438,32 @@ impl RemoteParts {
                 return;
             }
             let mut rp = RemotePart::new(Chain::at(d.origin, 0, 0), BTreeMap::new(), None);
-            rp.apply(d, &mut applied.changes);
+            let mut changes = Vec::new();
+            let left = rp.apply(d, &mut changes);
             self.parts.insert(node, rp);
+            self.leave_held(node, left, &mut changes);
+            self.show(Some(node), changes, applied);
             return;
         };
         if let Some(chunks) = rp.refetch.as_mut() {
             chunks.buffered.push(d);
             return;
         }
+        let mut changes = Vec::new();
         match rp.chain.verdict(d.origin, d.seq, d.prev) {
-            Verdict::Apply => rp.apply(d, &mut applied.changes),
+            Verdict::Apply => {
+                let left = rp.apply(d, &mut changes);
+                self.leave_held(node, left, &mut changes);
+            }
             Verdict::Duplicate => {}
             Verdict::Replace => {
-                leaves(&rp.presences, &mut applied.changes);
-                rp.presences.clear();
-                rp.apply(d, &mut applied.changes);
+                // The node's next incarnation: the old one's part shows until its end is
+                // known (then `node_down`), and what the new one takes back of it is unseen.
+                let old = std::mem::take(&mut rp.presences);
+                let was = rp.chain.origin;
+                let left = rp.apply(d, &mut changes);
+                self.hold(was, old);
+                self.leave_held(node, left, &mut changes);
             }
             Verdict::Gap => {
                 let mut chunks = Chunks::awaiting(d.origin);
@@ -385,6 +472,135 @@ impl RemoteParts {
                 rp.refetch = Some(chunks);
             }
         }
+        self.show(Some(node), changes, applied);
+    }
+
+    /// Leaves of `node`'s that its live part did not have: presences of its previous
+    /// incarnation, which it took back on restart (its state file) without a client claiming
+    /// them yet, leave from what is held of that incarnation.
+    fn leave_held(&mut self, node: u64, left: Vec<(String, u64)>, changes: &mut Vec<Change>) {
+        for id in left {
+            let held = self.held.iter_mut().filter(|(o, _)| o.node == node);
+            for (_, h) in held {
+                if let Some(meta) = h.remove(&id) {
+                    let (key, phx_ref) = id.clone();
+                    changes.push(Change::Leave { key, phx_ref, meta });
+                }
+            }
+        }
+        self.held.retain(|_, h| !h.is_empty());
+    }
+
+    /// A presence this node's own part takes over (a join here): it is no longer held for an
+    /// ended node. True if some part showed it (clients see it already).
+    pub fn claim(&mut self, key: &str, phx_ref: u64) -> bool {
+        if self.parts.is_empty() && self.held.is_empty() {
+            return false;
+        }
+        let id = (key.to_owned(), phx_ref);
+        let shown = self.shown_except(None, &id);
+        for h in self.held.values_mut() {
+            h.remove(&id);
+        }
+        self.held.retain(|_, h| !h.is_empty());
+        shown
+    }
+
+    /// Keeps `presences` of an ended incarnation showing (nothing changes for clients).
+    fn hold(&mut self, origin: Origin, presences: Presences) {
+        if !presences.is_empty() && origin.incarnation != UNKNOWN {
+            self.held.entry(origin).or_default().extend(presences);
+        }
+    }
+
+    /// `origin`'s live part came in full: what was held of that incarnation (it was taken for
+    /// dead and is heard again) goes, where the fresh part does not show it.
+    fn unhold(&mut self, origin: Origin, applied: &mut Applied) {
+        if let Some(held) = self.held.remove(&origin) {
+            let mut changes = Vec::new();
+            leaves(&held, &mut changes);
+            self.show(None, changes, applied);
+        }
+    }
+
+    /// Takes `origin`'s live part off the table, if the part is of that incarnation (or of one
+    /// not heard from yet).
+    fn take_part_of(&mut self, origin: Origin) -> Option<RemotePart> {
+        let of = |o: Origin| {
+            o == origin
+                || o == Origin {
+                    node: origin.node,
+                    incarnation: UNKNOWN,
+                }
+        };
+        let rp = self.parts.get(&origin.node)?;
+        if !of(rp.chain.origin) {
+            return None;
+        }
+        self.parts.remove(&origin.node)
+    }
+
+    /// A first fetch stops waiting for `origin`; what came of it in full is held if `keep`.
+    fn drop_from_fetch(&mut self, origin: Origin, keep: bool) -> Applied {
+        let node = origin.node;
+        let Some(f) = self.fetching.as_mut() else {
+            return Applied::default();
+        };
+        if f.parts.get(&node).is_none_or(|c| c.origin == origin) {
+            f.fetch.node_down(node);
+            if let Some(mut c) = f.parts.remove(&node) {
+                if keep && c.got.len() as u32 == c.of {
+                    let presences = c.presences();
+                    self.hold(origin, presences);
+                }
+            }
+        }
+        if let Some(f) = self.fetching.as_mut() {
+            f.buffered.retain(|d| d.origin != origin);
+        }
+        self.finish_fetch(Vec::new())
+    }
+
+    /// Changes already made to live part `of` (or to a part taken away: None), as clients
+    /// see them: only where no other part shows the presence. A join of a presence shown
+    /// elsewhere is a takeover (a claim).
+    /// A presence a live part claims leaves what is held of ended nodes: it is that node's now
+    /// (its leave is seen when it leaves that part).
+    fn show(&mut self, of: Option<u64>, changes: Vec<Change>, applied: &mut Applied) {
+        let mut claimed = false;
+        for change in changes {
+            let (key, phx_ref, join) = match &change {
+                Change::Join { key, phx_ref, .. } => (key, *phx_ref, true),
+                Change::Leave { key, phx_ref, .. } => (key, *phx_ref, false),
+            };
+            let id = (key.clone(), phx_ref);
+            if !self.shown_except(of, &id) {
+                applied.changes.push(change);
+                continue;
+            }
+            let (true, Some(node)) = (join, of) else {
+                continue;
+            };
+            for h in self.held.values_mut() {
+                claimed |= h.remove(&id).is_some();
+            }
+            applied.claims.push(Claim {
+                key: id.0,
+                phx_ref,
+                node,
+            });
+        }
+        if claimed {
+            self.held.retain(|_, h| !h.is_empty());
+        }
+    }
+
+    /// Whether a part other than `except`'s (every held part counts) shows presence `id`.
+    fn shown_except(&self, except: Option<u64>, id: &(String, u64)) -> bool {
+        let live = self.parts.iter().filter(|(n, _)| Some(**n) != except);
+        live.map(|(_, rp)| &rp.presences)
+            .chain(self.held.values())
+            .any(|p| p.contains_key(id))
     }
 }
 
@@ -403,8 +619,9 @@ impl RemotePart {
 
     /// Applies the next delta: its joins, then its leaves. A ref joins once and leaves once,
     /// so a presence that joined and left between two deltas nets out; an update is a join and
-    /// a leave of two refs.
-    fn apply(&mut self, d: Delta, changes: &mut Vec<Change>) {
+    /// a leave of two refs. Returns the leaves of presences the part did not have.
+    fn apply(&mut self, d: Delta, changes: &mut Vec<Change>) -> Vec<(String, u64)> {
+        let mut missing = Vec::new();
         for j in d.joins {
             let id = (j.key.clone(), j.phx_ref);
             let meta = Meta::new(&j.meta);
@@ -417,26 +634,29 @@ impl RemotePart {
             }
         }
         for l in d.leaves {
-            if let Some(meta) = self.presences.remove(&(l.key.clone(), l.phx_ref)) {
-                changes.push(Change::Leave {
-                    key: l.key,
-                    phx_ref: l.phx_ref,
+            let id = (l.key, l.phx_ref);
+            match self.presences.remove(&id) {
+                Some(meta) => changes.push(Change::Leave {
+                    key: id.0,
+                    phx_ref: id.1,
                     meta,
-                });
+                }),
+                None => missing.push(id),
             }
         }
         self.chain.applied(d.origin, d.seq);
+        missing
     }
 }
 
 /// Deltas in the order to apply them: by origin, then seq (their relative order across origins
-/// does not matter, as parts are disjoint).
+/// does not matter: a presence in two parts shows once).
 fn sorted(mut deltas: Vec<Delta>) -> Vec<Delta> {
     deltas.sort_by_key(|d| (d.origin.node, d.origin.incarnation, d.seq));
     deltas
 }
 
-fn joins(presences: &BTreeMap<(String, u64), Meta>, changes: &mut Vec<Change>) {
+fn joins(presences: &Presences, changes: &mut Vec<Change>) {
     for ((key, phx_ref), meta) in presences {
         changes.push(Change::Join {
             key: key.clone(),
@@ -446,7 +666,7 @@ fn joins(presences: &BTreeMap<(String, u64), Meta>, changes: &mut Vec<Change>) {
     }
 }
 
-fn leaves(presences: &BTreeMap<(String, u64), Meta>, changes: &mut Vec<Change>) {
+fn leaves(presences: &Presences, changes: &mut Vec<Change>) {
     for ((key, phx_ref), meta) in presences {
         changes.push(Change::Leave {
             key: key.clone(),
@@ -457,11 +677,7 @@ fn leaves(presences: &BTreeMap<(String, u64), Meta>, changes: &mut Vec<Change>) 
 }
 
 /// What changed from `old` to `new` (a ref names one meta for good, so equal ids are equal).
-fn net_changes(
-    old: &BTreeMap<(String, u64), Meta>,
-    new: &BTreeMap<(String, u64), Meta>,
-    changes: &mut Vec<Change>,
-) {
+fn net_changes(old: &Presences, new: &Presences, changes: &mut Vec<Change>) {
     for ((key, phx_ref), meta) in old.iter().filter(|(id, _)| !new.contains_key(*id)) {
         changes.push(Change::Leave {
             key: key.clone(),
@@ -535,7 +751,11 @@ mod tests {
     }
 
     fn held(r: &RemoteParts) -> Vec<(String, u64)> {
-        let mut v: Vec<(String, u64)> = r.presences().map(|(k, r, _)| (k.to_owned(), r)).collect();
+        let mut v: Vec<(String, u64)> = r
+            .presences()
+            .into_iter()
+            .map(|(k, r, _)| (k.to_owned(), r))
+            .collect();
         v.sort();
         v
     }
@@ -603,8 +823,8 @@ mod tests {
         assert_eq!(
             gap,
             Applied {
-                changes: vec![],
-                refetch: vec![a]
+                refetch: vec![a],
+                ..Applied::default()
             }
         );
         // 4 comes while the part is on its way, in two chunks.
@@ -634,10 +854,11 @@ mod tests {
         let mut r = RemoteParts::fetching(1);
         r.part(part(a, 5, vec![p("ann", 10)], &[], (0, 1)));
         let restarted = r.delta(delta(a2, 1, vec![p("ann", 99)], &[]));
-        assert_eq!(restarted.changes, [leave("ann", 10), join("ann", 99)]);
-        // The news of the restart may come after the new incarnation's delta: the old
-        // incarnation's death leaves the new one's part alone.
-        assert_eq!(r.node_down(a), Applied::default());
+        // The news of the restart may come after the new incarnation's delta: the old part
+        // shows until that news, which leaves the new one's part alone.
+        assert_eq!(restarted.changes, [join("ann", 99)]);
+        assert_eq!(held(&r), [("ann".into(), 10), ("ann".into(), 99)]);
+        assert_eq!(r.node_down(a).changes, [leave("ann", 10)]);
         let down = r.node_down(a2);
         assert_eq!(down.changes, [leave("ann", 99)]);
         assert!(held(&r).is_empty());
@@ -703,5 +924,89 @@ mod tests {
         assert_eq!(f.awaiting(), [4]);
         f.node_down(o(4, 40));
         assert!(f.awaiting().is_empty());
+    }
+
+    #[test]
+    fn a_held_part_shows_until_down_and_its_presences_can_be_claimed_once_each() {
+        let (a, b, c) = (o(2, 20), o(3, 30), o(4, 40));
+        let mut r = RemoteParts::fetching(1);
+        r.no_responders();
+        r.delta(delta(
+            a,
+            1,
+            vec![p("ann", 10), p("ann", 11), p("al", 12)],
+            &[],
+        ));
+        // a dies under a grace: nothing changes, its presences may be taken over.
+        assert_eq!(r.node_held(a), Applied::default());
+        assert_eq!(held(&r).len(), 3);
+        let fits = |r: u64, _: &Meta| r != 10;
+        assert_eq!(r.adoptable("ann", fits).map(|(r, _)| r), Some(11));
+        assert_eq!(r.adoptable("bob", |_, _| true), None);
+        // b claims ann's 10, then c claims it too: claims, no change; it shows once.
+        let got = r.delta(delta(b, 1, vec![p("ann", 10)], &[]));
+        assert!(got.changes.is_empty());
+        let claim = |node| Claim {
+            key: "ann".into(),
+            phx_ref: 10,
+            node,
+        };
+        assert_eq!(got.claims, [claim(3)]);
+        assert_eq!(r.adoptable("ann", |_, _| true).map(|(r, _)| r), Some(11));
+        let twice = r.delta(delta(c, 1, vec![p("ann", 10)], &[]));
+        assert!(twice.changes.is_empty());
+        assert_eq!(twice.claims, [claim(4)]);
+        assert_eq!(held(&r).len(), 3, "each ref once");
+        // b's leave is not seen while c holds it; c's is.
+        assert!(r
+            .delta(delta(b, 2, vec![], &[("ann", 10)]))
+            .changes
+            .is_empty());
+        let gone = r.delta(delta(c, 2, vec![], &[("ann", 10)]));
+        assert_eq!(gone.changes, [leave("ann", 10)]);
+        // This node claims 11 for a join of its own: a claimed presence is held no more.
+        assert!(r.claim("ann", 11));
+        assert!(!r.holds("ann", 11));
+        // The grace ends: what nobody claimed leaves.
+        assert_eq!(r.node_down(a).changes, [leave("al", 12)]);
+        assert!(held(&r).is_empty());
+    }
+
+    #[test]
+    fn a_restarted_node_speaks_for_what_is_held_of_its_last_run() {
+        let (a, a2) = (o(2, 20), o(2, 21));
+        let mut r = RemoteParts::fetching(1);
+        // Held while this node was fetching: shown when the fetch completes.
+        r.part(part(a, 1, vec![p("ann", 10), p("amy", 11)], &[2], (0, 1)));
+        let mut f = RemoteParts::fetching(1);
+        f.part(part(
+            a,
+            1,
+            vec![p("ann", 10), p("amy", 11)],
+            &[2, 3],
+            (0, 1),
+        ));
+        assert_eq!(f.node_held(a), Applied::default(), "still fetching");
+        let done = f.part(part(o(3, 30), 1, vec![], &[], (0, 1)));
+        assert_eq!(done.changes, [join("amy", 11), join("ann", 10)]);
+        r.node_held(a);
+        // The next incarnation took its presences back (its state file): a client claims ann
+        // there (unseen), and amy, claimed by nobody, leaves when the restart grace ends.
+        assert!(r
+            .delta(delta(a2, 1, vec![p("ann", 10)], &[]))
+            .changes
+            .is_empty());
+        let expired = r.delta(delta(a2, 2, vec![], &[("amy", 11)]));
+        assert_eq!(expired.changes, [leave("amy", 11)]);
+        assert_eq!(r.node_down(a), Applied::default());
+        assert_eq!(held(&r), [("ann".into(), 10)]);
+        // A held incarnation heard again (a partition healed): its fresh part replaces what
+        // was held, by the net change.
+        let b = o(3, 30);
+        r.delta(delta(b, 1, vec![p("bob", 30), p("bea", 31)], &[]));
+        r.node_held(b);
+        assert!(r.refetch(b));
+        let back = r.part(part(b, 2, vec![p("bob", 30)], &[], (0, 1)));
+        assert_eq!(back.changes, [leave("bea", 31)]);
     }
 }

@@ -21,6 +21,17 @@ pub struct ConnAddr {
     pub conn: ConnId,
 }
 
+/// Refs are unique per process run: shard id in the top 16 bits, a per-shard counter below,
+/// scrambled by the run's seed (xor keeps them distinct). A shard's connections count from 1;
+/// its topic owner, when it must give a presence a ref of its own, from [`OWNER_REFS`].
+pub(crate) fn next_ref(shard: ShardId, counter: &mut u64, seed: u64) -> PhxRef {
+    *counter += 1;
+    PhxRef(((shard.0 as u64) << 48 | (*counter & ((1 << 48) - 1))) ^ seed)
+}
+
+/// Where a topic owner's refs start: far above what a shard's connections reach (2^47 joins).
+pub(crate) const OWNER_REFS: u64 = 1 << 47;
+
 /// Milliseconds on the driver's monotonic clock. The core never reads a clock itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct Millis(pub u64);

@@ -52,11 +52,6 @@ impl<K: Clone + Ord + Borrow<str>> NameCluster<K> {
         self.own.is_empty()
     }
 
-    /// This node's part: each presence's key and stored meta.
-    pub(crate) fn own(&self) -> impl Iterator<Item = (&K, &Meta)> {
-        self.own.iter().map(|((k, _), m)| (k, m))
-    }
-
     /// Whether `part` answers this interest's requests (or nobody's: a holder announcing its
     /// part), and not an interest given up since.
     pub(crate) fn takes(&self, part: &Part) -> bool {
@@ -97,6 +92,16 @@ impl<K: Clone + Ord + Borrow<str>> NameCluster<K> {
             tx.nats(ask(c, self.kind, name, c.subjects.node(node), self.epoch));
         }
         !nodes.is_empty()
+    }
+
+    /// Whether this node's part has presence `r` of `key`.
+    pub(crate) fn owns(&self, key: &K, r: u64) -> bool {
+        self.own.contains_key(&(key.clone(), r))
+    }
+
+    /// The stored meta of this node's presence `r` of `key`.
+    pub(crate) fn own_meta(&self, key: &K, r: u64) -> Option<&Meta> {
+        self.own.get(&(key.clone(), r))
     }
 
     /// Presences of this node's own part.
@@ -285,7 +290,7 @@ fn presence<K: Borrow<str>>((key, phx_ref, meta): (K, u64, Meta)) -> Presence {
 }
 
 /// The ref a stored meta carries (its tail).
-fn ref_of(meta: &Meta) -> u64 {
+pub(crate) fn ref_of(meta: &Meta) -> u64 {
     let text = meta.ref_text();
     let text = std::str::from_utf8(&text).unwrap_or_default();
     PhxRef::parse(text).map_or(0, |r| r.0)

@@ -14,7 +14,7 @@ use smallvec::SmallVec;
 
 use crate::cluster::frame::Kind;
 use crate::core::hash::{Map, Seeds};
-use crate::core::part::TopicCluster;
+use crate::core::part::{ref_of, TopicCluster};
 use crate::core::{ConnAddr, ConnId, Meta, Millis, Track, UserKey};
 use crate::mesh::ShardId;
 
@@ -158,12 +158,31 @@ impl Topic {
         })
     }
 
-    /// A presence of this node's own.
+    /// A presence of this node's own. One another node's part shows already (taken over from
+    /// a node that died or restarted) joins this node's part only: clients see it already.
     pub(crate) fn track(&mut self, key: UserKey, meta: Meta) {
         if let Some(c) = self.cluster.as_deref_mut() {
             c.joined(&key, &meta);
+            if c.remote.claim(key.as_str(), ref_of(&meta)) {
+                return;
+            }
         }
         self.track_remote(key, meta);
+    }
+
+    /// A presence shown here and not in this node's part yet (one of this node's previous run,
+    /// taken back from its state file: the other nodes hold it for the restart grace) is
+    /// claimed by a connection here: it goes into this node's part.
+    pub(crate) fn publish_held(&mut self, key: &UserKey, r: PhxRef) {
+        let Some(meta) = self.meta(key, r).cloned() else {
+            return;
+        };
+        if let Some(c) = self.cluster.as_deref_mut() {
+            if !c.owns(key, r.0) {
+                c.joined(key, &meta);
+                c.remote.claim(key.as_str(), r.0);
+            }
+        }
     }
 
     /// A presence of another node's part (in what clients see, not in this node's part).
@@ -177,8 +196,16 @@ impl Topic {
         self.count_dirty = true;
     }
 
-    /// Removes this node's presence `phx_ref` of `key`; `None` if it is not here.
+    /// Removes this node's presence `phx_ref` of `key`; `None` if it is not here. One that
+    /// another node's part shows too (it took the presence over as well) leaves this node's
+    /// part only.
     pub(crate) fn untrack(&mut self, key: &UserKey, phx_ref: PhxRef) -> Option<Meta> {
+        if let Some(c) = self.cluster.as_deref_mut() {
+            if c.owns(key, phx_ref.0) && c.remote.holds(key.as_str(), phx_ref.0) {
+                c.left(key, phx_ref);
+                return self.meta(key, phx_ref).cloned();
+            }
+        }
         let gone = self.untrack_remote(key, phx_ref)?;
         if let Some(c) = self.cluster.as_deref_mut() {
             c.left(key, phx_ref);
@@ -309,6 +336,35 @@ impl Topic {
         }
         self.shrink_held();
         true
+    }
+
+    /// Whether presence `r` of `key` is held by a grace (its connection closed, or it is of
+    /// this node's previous run): no connection of this node has it.
+    pub(crate) fn is_held(&self, key: &UserKey, r: PhxRef) -> bool {
+        let held = self.held.as_ref().and_then(|h| h.by_key.get(key));
+        held.is_some_and(|refs| refs.iter().any(|(h, _)| *h == r))
+    }
+
+    /// Presence `r` of `key` is held no longer, whatever its grace (another node claimed it).
+    pub(crate) fn unhold(&mut self, key: &UserKey, r: PhxRef) {
+        let Some(refs) = self.held.as_mut().and_then(|h| h.by_key.get_mut(key)) else {
+            return;
+        };
+        refs.retain(|(h, _)| *h != r);
+        if refs.is_empty() {
+            self.held.as_mut().map(|h| h.by_key.remove(key));
+        }
+        self.shrink_held();
+    }
+
+    /// This node's presence `old` is now `new` (see `TopicOwner::reclaim`): messages of its
+    /// connection that name `old`, or an alias of it, mean `new`.
+    pub(crate) fn realias(&mut self, old: PhxRef, new: PhxRef) {
+        let held = self.held_mut();
+        for to in held.aliases.values_mut().filter(|to| **to == old) {
+            *to = new;
+        }
+        held.aliases.insert(old, new);
     }
 
     pub(crate) fn add_alias(&mut self, alias: PhxRef, adopted: PhxRef) {
@@ -536,7 +592,7 @@ fn take_one(
 }
 
 /// Two stored metas with the same client fields, whatever their refs.
-fn same_meta(a: &Meta, b: &Meta) -> bool {
+pub(crate) fn same_meta(a: &Meta, b: &Meta) -> bool {
     stored_body(a.bytes()) == stored_body(b.bytes())
 }
 

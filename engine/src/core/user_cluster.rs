@@ -167,8 +167,12 @@ impl Users {
         let mut all = self.presences(key);
         let remote = self.cluster.as_deref().and_then(|uc| uc.sides.get(key));
         if let Some(side) = remote {
-            for (topic, _, meta) in side.part.remote.presences() {
-                all.push((name(topic), meta.clone()));
+            for (topic, r, meta) in side.part.remote.presences() {
+                let topic = name(topic);
+                // Taken over by this node: listed among its own already.
+                if !side.part.owns(&topic, r) {
+                    all.push((topic, meta.clone()));
+                }
             }
             all.sort_by(|a, b| a.0.cmp(&b.0));
         }
@@ -264,6 +268,26 @@ impl Users {
         for key in keys {
             self.on_remote(&key, env, |r| r.node_down(origin));
         }
+    }
+
+    /// A node ended under a grace: its parts stay until `user_node_down`; its late frames are
+    /// dropped.
+    pub(crate) fn user_node_held(&mut self, origin: Origin, env: &mut Env<'_>) {
+        let Some(uc) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        uc.dead.insert(origin);
+        let keys: Vec<UserKey> = uc.sides.keys().cloned().collect();
+        for key in keys {
+            self.on_remote(&key, env, |r| r.node_held(origin));
+        }
+    }
+
+    /// Whether another node's part of `key` (live or held) shows its presence `r` in `topic`:
+    /// then a change of this node's own to it is no change for watchers (a takeover).
+    pub(crate) fn remote_shows(&self, key: &UserKey, topic: &TopicName, r: PhxRef) -> bool {
+        let side = self.cluster.as_deref().and_then(|uc| uc.sides.get(key));
+        side.is_some_and(|s| s.part.remote.holds(topic.as_str(), r.0))
     }
 
     pub(crate) fn user_node_up(&mut self, origin: Origin) {
@@ -387,13 +411,28 @@ impl Users {
         };
         let (mut joins, mut leaves) = (Vec::new(), Vec::new());
         for change in applied.changes {
+            // What this node's own part shows too is no change for watchers.
             match change {
                 Change::Join {
-                    key: topic, meta, ..
-                } => joins.push((env.names.intern(&topic), meta)),
+                    key: topic,
+                    meta,
+                    phx_ref,
+                } => {
+                    let topic = env.names.intern(&topic);
+                    if !side.part.owns(&topic, phx_ref) {
+                        joins.push((topic, meta));
+                    }
+                }
                 Change::Leave {
-                    key: topic, meta, ..
-                } => leaves.push((env.names.intern(&topic), meta)),
+                    key: topic,
+                    meta,
+                    phx_ref,
+                } => {
+                    let topic = env.names.intern(&topic);
+                    if !side.part.owns(&topic, phx_ref) {
+                        leaves.push((topic, meta));
+                    }
+                }
             }
         }
         if !joins.is_empty() || !leaves.is_empty() {

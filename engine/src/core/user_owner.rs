@@ -12,8 +12,10 @@ impl Users {
         let tx = &mut *env.tx;
         match msg {
             MeshMsg::UserTracked { topic, track } => {
+                // A presence taken over from another node shows already.
+                let shown = self.remote_shows(&track.key, &topic, track.phx_ref);
                 self.cluster_tracked(&track.key, &topic, &track.meta, env);
-                if self.watchers(track.key.as_str()).is_empty() {
+                if shown || self.watchers(track.key.as_str()).is_empty() {
                     self.tracked(track.key, topic, track.meta);
                 } else {
                     self.tracked(track.key.clone(), topic.clone(), track.meta.clone());
@@ -27,7 +29,9 @@ impl Users {
             } => {
                 if let Some(meta) = self.untracked(&key, &topic, phx_ref) {
                     self.cluster_untracked(&key, &topic, phx_ref);
-                    self.tell_watchers(&key, Vec::new(), vec![(topic, meta)], tx);
+                    if !self.remote_shows(&key, &topic, phx_ref) {
+                        self.tell_watchers(&key, Vec::new(), vec![(topic, meta)], tx);
+                    }
                 }
             }
             MeshMsg::UserUpdated { topic, old, track } => {
@@ -35,10 +39,20 @@ impl Users {
                 if left.is_some() {
                     self.cluster_untracked(&track.key, &topic, old);
                 }
+                // Either side may be a presence another node shows too (a takeover).
+                let left = left.filter(|_| !self.remote_shows(&track.key, &topic, old));
+                let shown = self.remote_shows(&track.key, &topic, track.phx_ref);
                 self.cluster_tracked(&track.key, &topic, &track.meta, env);
                 self.tracked(track.key.clone(), topic.clone(), track.meta.clone());
                 let leaves = left.map(|m| vec![(topic.clone(), m)]).unwrap_or_default();
-                self.tell_watchers(&track.key, vec![(topic, track.meta)], leaves, env.tx);
+                let joins = if shown {
+                    Vec::new()
+                } else {
+                    vec![(topic, track.meta)]
+                };
+                if !joins.is_empty() || !leaves.is_empty() {
+                    self.tell_watchers(&track.key, joins, leaves, env.tx);
+                }
             }
             MeshMsg::Watch { key, from, seq } if self.cluster.is_some() => {
                 self.watch(key.clone(), from);

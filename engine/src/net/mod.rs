@@ -126,7 +126,9 @@ pub fn run(launch: Launch) -> Result<(), String> {
         refs: fastrand::u64(..),
         hashing: fastrand::u64(..),
     };
-    let restart = restart::Restart::load(config.state_file.clone(), config.restart_grace);
+    let node_name = config.cluster.as_ref().map_or("", |n| n.name.as_str());
+    let restart =
+        restart::Restart::load(config.state_file.clone(), config.restart_grace, node_name);
     let mut handles = Vec::new();
     for (i, fd) in fds.into_iter().enumerate() {
         let placement = match &cpus {
@@ -179,11 +181,16 @@ pub fn run(launch: Launch) -> Result<(), String> {
             Err(e) => result = Err(format!("shard {i} failed: {e}")),
         }
     }
+    // Every shard has handed its presences over and stopped. In a cluster the goodbye goes
+    // out after the file is written: only then may the other nodes hold this node's parts.
+    let kept = restart.write();
     if let Some(b) = bridge {
-        b.stop();
+        b.stop(if kept {
+            config.restart_grace
+        } else {
+            Duration::ZERO
+        });
     }
-    // Every shard has handed its presences over and stopped.
-    restart.write();
     result
 }
 
@@ -284,6 +291,11 @@ async fn shard_main(
                             && std::time::Instant::now() < deadline
                         {
                             glommio::timer::sleep(Duration::from_millis(1)).await;
+                        }
+                        if let Some(nats) = &rt.nats {
+                            // The closes that follow must not reach the other nodes: they
+                            // hold this node's parts for its next run instead.
+                            let _ = nats.tx.send_async(ToBridge::Quiet).await;
                         }
                     }
                     rt.shut_down();

@@ -18,10 +18,10 @@ use async_nats::connection::State;
 use async_nats::{Client, ConnectOptions, Event, Message, ServerAddr, StatusCode, Subscriber};
 use futures_util::StreamExt;
 
-use crate::cluster::frame::{Frame, Kind, Origin};
+use crate::cluster::frame::{Frame, Goodbye, Kind, Origin};
 use crate::cluster::inbox::Inbox;
 use crate::cluster::lookup::{Ask, Found, Lookups, To};
-use crate::cluster::nodes::{NodeEvent, Nodes, Timing};
+use crate::cluster::nodes::{DownReason, NodeEvent, Nodes, Timing};
 use crate::cluster::subject::{name_hash, Subjects};
 use crate::config::NodeConfig;
 use crate::core::{Millis, NatsOut};
@@ -33,8 +33,13 @@ pub enum ToBridge {
     /// The admin API asks for every other node's presences of a name this node holds nothing
     /// of (`cluster::lookup`).
     Lookup(Kind, String, LookupReply),
-    /// The shards have stopped: say goodbye and end.
-    Stop,
+    /// A graceful stop that keeps presence has begun (the shards handed their presences
+    /// over): nothing more is published, so that closing the clients is not seen by the other
+    /// nodes, who hold this node's parts for the restart grace instead.
+    Quiet,
+    /// The shards have stopped: say goodbye (asking the others to hold this node's parts for
+    /// that long, if not zero) and end.
+    Stop(Duration),
 }
 
 /// Where a lookup's answer goes.
@@ -50,6 +55,8 @@ pub enum FromBridge {
     NodeUp(Origin),
     NodeBack(Origin),
     NodeDown(Origin),
+    /// It ended, but its presences stay for a grace (`cluster::nodes::NodeEvent::Held`).
+    NodeHeld(Origin),
     NodeGap(Origin),
     /// Requests to this node may have been lost: publish its own parts.
     Announce,
@@ -166,9 +173,10 @@ impl Bridge {
         })
     }
 
-    /// Says goodbye to the cluster (after the shards have stopped) and waits for the thread.
-    pub fn stop(self) {
-        let _ = self.to_bridge.send(ToBridge::Stop);
+    /// Says goodbye to the cluster (after the shards have stopped), asking the other nodes to
+    /// hold this node's parts for `hold` (its state file is written), and waits for the thread.
+    pub fn stop(self, hold: Duration) {
+        let _ = self.to_bridge.send(ToBridge::Stop(hold));
         let _ = self.thread.join();
     }
 }
@@ -259,6 +267,7 @@ impl Setup {
             heartbeat: millis(node.heartbeat),
             timeout: millis(node.timeout),
             isolation_grace: millis(node.isolation_grace),
+            leave_grace: millis(node.leave_grace),
         };
         // Listen before speaking: a live node of this name beats within a heartbeat.
         let listen = node.heartbeat * 2 + Duration::from_millis(100);
@@ -280,6 +289,8 @@ impl Setup {
             epoch,
             connected: true,
             stats: self.stats,
+            quiet: false,
+            hold: Millis(0),
         };
         let until = tokio::time::Instant::from_std(epoch + listen);
         loop {
@@ -420,6 +431,10 @@ struct Running {
     epoch: Instant,
     connected: bool,
     stats: Arc<ClusterStats>,
+    /// A stop that keeps presence is on: the shards' frames are not published (`Quiet`).
+    quiet: bool,
+    /// What the goodbye asks the others to hold this node's parts for.
+    hold: Millis,
 }
 
 impl Running {
@@ -448,7 +463,12 @@ impl Running {
                         let ask = self.lookups.start(kind, &name, self.now(), LOOKUP_WAIT, reply);
                         self.lookup_ask(ask).await;
                     }
-                    Ok(ToBridge::Stop) | Err(_) => break,
+                    Ok(ToBridge::Quiet) => self.quiet = true,
+                    Ok(ToBridge::Stop(hold)) => {
+                        self.hold = millis(hold);
+                        break;
+                    }
+                    Err(_) => break,
                 },
                 Some(m) = self.heartbeats.next() => {
                     self.heartbeat(&m, false);
@@ -482,6 +502,9 @@ impl Running {
     }
 
     async fn outs(&mut self, shard: ShardId, outs: Vec<NatsOut>) {
+        if self.quiet {
+            return;
+        }
         for out in outs {
             match out {
                 NatsOut::Subscribe(s) => self.subscribe(s).await,
@@ -596,7 +619,7 @@ impl Running {
         let now = self.now();
         let events = match self.deliver.decode(m)? {
             Frame::Heartbeat(hb) => self.nodes.heard(&hb, now),
-            Frame::Goodbye(o) => self.nodes.goodbye(o),
+            Frame::Goodbye(g) => self.nodes.goodbye(g.origin, Millis(g.hold_ms), now),
             _ => {
                 ClusterStats::add(&self.stats.bad_frames, 1);
                 return None;
@@ -626,9 +649,20 @@ impl Running {
                     self.deliver.everyone(|| FromBridge::NodeGap(o));
                 }
                 NodeEvent::Down(o, reason) => {
-                    ClusterStats::add(&self.stats.nodes_down, 1);
+                    if reason != DownReason::GraceEnded {
+                        ClusterStats::add(&self.stats.nodes_down, 1);
+                    }
                     tracing::warn!(node = format_args!("{:016x}", o.node), ?reason, "node down");
                     self.deliver.everyone(|| FromBridge::NodeDown(o));
+                }
+                NodeEvent::Held(o, reason) => {
+                    ClusterStats::add(&self.stats.nodes_down, 1);
+                    tracing::warn!(
+                        node = format_args!("{:016x}", o.node),
+                        ?reason,
+                        "node down: its presences are held for their clients to reconnect"
+                    );
+                    self.deliver.everyone(|| FromBridge::NodeHeld(o));
                 }
                 NodeEvent::NameClash { name, theirs } => {
                     let msg = format!(
@@ -689,7 +723,11 @@ impl Running {
     /// A graceful stop: the other nodes drop this node's parts now rather than after the node
     /// timeout.
     async fn goodbye(mut self) {
-        let frame = Frame::Goodbye(self.me).encode();
+        let goodbye = Goodbye {
+            origin: self.me,
+            hold_ms: self.hold.0,
+        };
+        let frame = Frame::Goodbye(goodbye).encode();
         self.publish(self.subjects.heartbeats(), None, frame).await;
         let flushed = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
         if !matches!(flushed, Ok(Ok(()))) {

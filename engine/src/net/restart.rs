@@ -24,6 +24,8 @@ struct Handed {
 /// Shared by the shards and the thread that started them.
 pub struct Restart {
     path: Option<PathBuf>,
+    /// The node's name in a cluster ("" on a single node): a file of another node is refused.
+    node: String,
     grace: Duration,
     /// The previous run's presences, and until when (ms since the epoch) they are held; freed
     /// once every shard has taken its own back (a million presences are ~130 MB).
@@ -47,10 +49,10 @@ impl Restart {
     /// Reads the previous run's state file, if one is set: a refused file is logged with its
     /// reason and the node starts empty. A file taken is removed: its presences are this run's
     /// now.
-    pub fn load(path: Option<PathBuf>, grace: Duration) -> Arc<Restart> {
+    pub fn load(path: Option<PathBuf>, grace: Duration, node: &str) -> Arc<Restart> {
         let previous = path.as_ref().and_then(|p| {
             let started = std::time::Instant::now();
-            match state_file::read(p, "", unix_ms(), grace.as_millis() as u64) {
+            match state_file::read(p, node, unix_ms(), grace.as_millis() as u64) {
                 Ok(state) => {
                     let until = state.written_at_ms + grace.as_millis() as u64;
                     tracing::info!(
@@ -77,6 +79,7 @@ impl Restart {
         });
         Arc::new(Restart {
             path,
+            node: node.to_owned(),
             grace,
             had_previous: previous.is_some(),
             previous: RwLock::new(previous),
@@ -134,16 +137,18 @@ impl Restart {
 
     /// Writes what the shards handed over, once they have all stopped: each connection's
     /// presences with their metas, and each presence no connection holds (held by the leave
-    /// grace, or taken back and not claimed yet) on its own.
-    pub fn write(&self) {
-        let Some(path) = &self.path else { return };
+    /// grace, or taken back and not claimed yet) on its own. True if the file is written.
+    pub fn write(&self) -> bool {
+        let Some(path) = &self.path else {
+            return false;
+        };
         if self.shards_handed() == 0 {
             // Not a graceful stop (a shard failed to start): nothing was handed over, and an
             // empty file would say there was nobody.
-            return;
+            return false;
         }
         let Ok(mut handed) = self.handed.lock() else {
-            return;
+            return false;
         };
         let started = std::time::Instant::now();
         // Moved, not copied, and joined by ref (unique per presence on a node): at a million
@@ -176,19 +181,25 @@ impl Restart {
         held.retain(|c| !c.presences.is_empty());
         let state = State {
             written_at_ms: unix_ms(),
-            node: String::new(),
+            node: self.node.clone(),
             conns: held,
         };
         match state_file::write(path, &state) {
-            Ok(()) => tracing::info!(
-                path = %path.display(),
-                presences = state.presences(),
-                connections = state.conns.len(),
-                write_ms = started.elapsed().as_millis() as u64,
-                grace_ms = self.grace.as_millis() as u64,
-                "state file written"
-            ),
-            Err(e) => tracing::error!(path = %path.display(), "cannot write the state file: {e}"),
+            Ok(()) => {
+                tracing::info!(
+                    path = %path.display(),
+                    presences = state.presences(),
+                    connections = state.conns.len(),
+                    write_ms = started.elapsed().as_millis() as u64,
+                    grace_ms = self.grace.as_millis() as u64,
+                    "state file written"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), "cannot write the state file: {e}");
+                false
+            }
         }
     }
 }

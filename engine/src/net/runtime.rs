@@ -337,6 +337,7 @@ impl Runtime {
                     FromBridge::NodeUp(o) => core.node_up(o),
                     FromBridge::NodeBack(o) => core.node_back(o),
                     FromBridge::NodeDown(o) => core.node_down(o),
+                    FromBridge::NodeHeld(o) => core.node_held(o),
                     FromBridge::NodeGap(o) => core.node_gap(o),
                     FromBridge::Announce => core.announce(),
                 }

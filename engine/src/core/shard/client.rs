@@ -1,8 +1,9 @@
 //! A connection's messages: each is checked and dispatched, and answered with a reply or an
 //! error; a connection that broke the protocol is closed.
 
-use super::join::{forced, next_ref, stored_meta};
+use super::join::{forced, stored_meta};
 use super::*;
+use crate::core::ids::next_ref;
 
 impl Shard {
     pub(super) fn client_message(&mut self, conn: ConnId, msg: ClientMessage<'_>) {

@@ -2,6 +2,7 @@
 //! count), and takeovers of held presences.
 
 use super::*;
+use crate::core::ids::next_ref;
 
 impl Shard {
     pub(super) fn join(
@@ -203,13 +204,6 @@ pub(super) fn count_frame(
 ) {
     buf.clear();
     encode::presence_count(buf, jr, topic, keys.into(), metas.into());
-}
-
-/// Refs are unique per process run: shard id in the top 16 bits, a per-shard counter below,
-/// scrambled by the run's seed (xor keeps them distinct).
-pub(super) fn next_ref(shard: ShardId, counter: &mut u64, seed: u64) -> PhxRef {
-    *counter += 1;
-    PhxRef(((shard.0 as u64) << 48 | (*counter & ((1 << 48) - 1))) ^ seed)
 }
 
 pub(super) fn stored_meta(

@@ -131,7 +131,7 @@ impl Shard {
             id,
             router: Router::new(config.shards),
             conns: seeds.map(),
-            owner: TopicOwner::new(&config, seeds),
+            owner: TopicOwner::new(&config, seeds, id),
             users: Users::new(seeds, config.cluster.clone()),
             subs: LocalSubs::new(seeds),
             watches: Watches::new(seeds),
@@ -358,6 +358,16 @@ impl Shard {
         owner.node_down(origin, &mut env);
         let (users, mut env) = self.users_env();
         users.user_node_down(origin, &mut env);
+        self.drain_local();
+    }
+
+    /// A node ended under a grace (it died with a leave grace set, or stopped to restart):
+    /// its parts stay, and joins here may take its presences over, until `node_down`.
+    pub fn node_held(&mut self, origin: Origin) {
+        let (owner, mut env) = self.owner_env();
+        owner.node_held(origin, &mut env);
+        let (users, mut env) = self.users_env();
+        users.user_node_held(origin, &mut env);
         self.drain_local();
     }
 

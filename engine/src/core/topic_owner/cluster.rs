@@ -11,8 +11,12 @@ use crate::cluster::frame::{Frame, Kind, Origin};
 use crate::cluster::parts::{Applied, Change};
 use crate::cluster::subject::Scope;
 use crate::core::outbox::{NatsOut, Outbox};
-use crate::core::part::{self, answer};
-use crate::core::{ClusterConfig, Millis, TopicName, UserKey};
+use roster_proto::meta::restamp_ref;
+
+use crate::core::ids::next_ref;
+use crate::core::part::{self, answer, ref_of};
+use crate::core::topic::same_meta;
+use crate::core::{ClusterConfig, MeshMsg, Meta, Millis, TopicName, Track, UserKey};
 
 impl TopicOwner {
     /// A topic was made here: subscribe to its deltas, and ask for the other nodes' parts (its
@@ -180,6 +184,54 @@ impl TopicOwner {
         }
     }
 
+    /// A node ended under a grace (it died with a leave grace set, or stopped to restart): its
+    /// parts stay as they are, and its presences may be taken over by joins here, until
+    /// `node_down`. What it sent before it ended and still comes in is dropped.
+    pub(crate) fn node_held(&mut self, origin: Origin, env: &mut Env<'_>) {
+        self.dead.insert(origin);
+        let names: Vec<TopicName> = self
+            .topics
+            .iter()
+            .filter(|(_, t)| t.cluster().is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            self.on_remote(&name, env, |r| r.node_held(origin));
+        }
+    }
+
+    /// This node's presence `r` of `key`, a live connection's, was taken over from an ended
+    /// node at the same time as a node ranked first (lower id) took it: the connection moves
+    /// to another presence of that node with the same meta that nobody has taken (unseen), or
+    /// to a presence of its own (one join). Everywhere else the winner's claim stands, and the
+    /// presence shows once.
+    fn reclaim(&mut self, name: &TopicName, key: UserKey, r: PhxRef, env: &mut Env<'_>) {
+        let Some(t) = self.topics.get_mut(name) else {
+            return;
+        };
+        let Some(tc) = t.cluster() else {
+            return;
+        };
+        let Some(meta) = tc.own_meta(&key, r.0).cloned() else {
+            return;
+        };
+        let fits = |other: u64, m: &Meta| same_meta(m, &meta) && !tc.owns(&key, other);
+        let meta = match tc.remote.adoptable(key.as_str(), fits) {
+            Some((_, other)) => other,
+            None => {
+                let fresh = next_ref(self.shard, &mut self.minted, self.config.ref_seed);
+                env.buf.clear();
+                restamp_ref(meta.bytes(), fresh, env.buf);
+                Meta::new(env.buf)
+            }
+        };
+        let phx_ref = PhxRef(ref_of(&meta));
+        t.realias(r, phx_ref);
+        self.stats.reclaims += 1;
+        let track = Track { key, phx_ref, meta };
+        self.replace(name, r, track, env);
+    }
+
     /// Frames of `origin` may have been lost: its part of every topic with interest here is
     /// asked for again (see `RemoteParts::refetch`).
     pub(crate) fn node_gap(&mut self, origin: Origin, env: &mut Env<'_>) {
@@ -242,16 +294,55 @@ impl TopicOwner {
             return;
         };
         let applied = input(&mut tc.remote);
+        // What this node's own part shows too is not a change for its clients.
+        let own =
+            |t: &super::Topic, key: &UserKey, r: u64| t.cluster().is_some_and(|c| c.owns(key, r));
+        let mut released = Vec::new();
         for change in applied.changes {
             match change {
-                Change::Join { key, meta, .. } => t.track_remote(UserKey::new(&key), meta),
+                Change::Join { key, meta, phx_ref } => {
+                    let key = UserKey::new(&key);
+                    let r = PhxRef(phx_ref);
+                    if own(t, &key, phx_ref) {
+                    } else if t.meta(&key, r).is_some() {
+                        // One of this node's previous run that no client claimed here: a
+                        // client that reconnected to another node did. It shows as that
+                        // node's from now on.
+                        t.unhold(&key, r);
+                        released.push((key, r));
+                    } else {
+                        t.track_remote(key, meta);
+                    }
+                }
                 Change::Leave { key, phx_ref, .. } => {
-                    t.untrack_remote(&UserKey::new(&key), PhxRef(phx_ref));
+                    let key = UserKey::new(&key);
+                    if !own(t, &key, phx_ref) {
+                        t.untrack_remote(&key, PhxRef(phx_ref));
+                    }
                 }
             }
         }
+        // Two nodes took one presence over at once, and this one's claim loses: its connection
+        // gets a presence of its own (see `reclaim`).
+        let lost: Vec<(UserKey, PhxRef)> = applied
+            .claims
+            .into_iter()
+            .map(|c| (UserKey::new(&c.key), PhxRef(c.phx_ref), c.node))
+            .filter(|(key, r, node)| *node < c.me.node && own(t, key, r.0) && !t.is_held(key, *r))
+            .map(|(key, r, _)| (key, r))
+            .collect();
         let epoch = t.cluster().map_or(0, |tc| tc.epoch);
         self.changed.note(name, t);
+        for (key, phx_ref) in released {
+            let user_owner = self.router.user_owner(key.as_str());
+            let topic = name.clone();
+            let msg = MeshMsg::UserUntracked {
+                topic,
+                key,
+                phx_ref,
+            };
+            env.tx.mesh(user_owner, msg);
+        }
         for origin in &applied.refetch {
             env.tx
                 .nats(ask(c, name, c.subjects.node(origin.node), epoch));
@@ -259,12 +350,24 @@ impl TopicOwner {
         if !applied.refetch.is_empty() {
             self.retries.asked(name, env.now, c.fetch_timeout);
         }
-        let Some(t) = self.topics.get_mut(name) else {
+        let fetched = self
+            .topics
+            .get(name)
+            .is_some_and(|t| was_fetching && !t.fetching());
+        if fetched {
+            self.fetch_done(name, env);
+        }
+        for (key, r) in lost {
+            self.reclaim(name, key, r, env);
+        }
+    }
+
+    /// The topic's first fetch is complete: this node answers part requests, and the joiners
+    /// that waited get their state (after the window, if one is open).
+    fn fetch_done(&mut self, name: &TopicName, env: &mut Env<'_>) {
+        let (Some(c), Some(t)) = (&self.config.cluster, self.topics.get_mut(name)) else {
             return;
         };
-        if !was_fetching || t.fetching() {
-            return;
-        }
         if let Some(tc) = t.cluster() {
             tc.fetched(c, name.as_str(), self.delta_seq, env.tx);
         }

@@ -13,10 +13,11 @@ use roster_proto::meta::restamp_prev;
 use roster_proto::{PhxRef, PresenceMode};
 
 use crate::core::hash::{Map, Seeds};
+use crate::core::ids::OWNER_REFS;
 use crate::core::names::Names;
 use crate::core::outbox::Outbox;
 use crate::core::part::Retries;
-use crate::core::topic::{Topic, TopicView, Twin, Waiter};
+use crate::core::topic::{same_meta, Topic, TopicView, Twin, Waiter};
 use crate::core::{
     Config, ConnAddr, JoinMsg, JoinedReply, MeshMsg, Meta, Millis, TopicName, Track, UserKey,
 };
@@ -38,6 +39,8 @@ pub(crate) struct OwnerStats {
     pub(crate) diffs_sent: u64,
     pub(crate) diffs_coalesced: u64,
     pub(crate) takeovers: u64,
+    /// Takeovers lost to another node's claim of the same presence (see `reclaim`).
+    pub(crate) reclaims: u64,
     pub(crate) twins: u64,
     pub(crate) grace_expired: u64,
 }
@@ -73,9 +76,20 @@ struct Sink<'a> {
 }
 
 impl Sink<'_> {
+    /// Tracks a presence this node's part does not have (one of its previous run, see
+    /// `restore`) and tells the user owner.
+    fn announce_unpublished(&mut self, t: &mut Topic, name: &TopicName, track: Track) {
+        t.track_remote(track.key.clone(), track.meta.clone());
+        self.tell_tracked(t, name, track);
+    }
+
     /// Tracks a presence and tells everyone.
     fn announce(&mut self, t: &mut Topic, name: &TopicName, track: Track) {
         t.track(track.key.clone(), track.meta.clone());
+        self.tell_tracked(t, name, track);
+    }
+
+    fn tell_tracked(&mut self, t: &mut Topic, name: &TopicName, track: Track) {
         let user_owner = self.router.user_owner(track.key.as_str());
         let msg = MeshMsg::UserTracked {
             topic: name.clone(),
@@ -103,6 +117,9 @@ impl Sink<'_> {
 /// The topics this shard owns, and every deadline about them.
 pub(crate) struct TopicOwner {
     config: Config,
+    /// The shard this owner is, and its last ref of its own (see `ids::next_ref`).
+    shard: ShardId,
+    minted: u64,
     router: Router,
     seeds: Seeds,
     topics: Map<TopicName, Topic>,
@@ -133,8 +150,10 @@ pub(crate) struct TopicOwner {
 }
 
 impl TopicOwner {
-    pub(crate) fn new(config: &Config, seeds: Seeds) -> Self {
+    pub(crate) fn new(config: &Config, seeds: Seeds, shard: ShardId) -> Self {
         TopicOwner {
+            shard,
+            minted: OWNER_REFS,
             config: config.clone(),
             router: Router::new(config.shards),
             seeds,
@@ -400,9 +419,11 @@ impl TopicOwner {
         let grace = self.config.leave_grace;
         let t = self.topics.get_mut(name).expect("caller made it");
         let taken = t.take_held(&track.key, &track.meta);
-        self.stats.takeovers += u64::from(taken.is_some());
+        let adopt = taken.is_none().then(|| adoptable(t, &track)).flatten();
+        self.stats.takeovers += u64::from(taken.is_some() || adopt.is_some());
         match taken {
             Some((held, true)) => {
+                t.publish_held(&track.key, held);
                 t.add_alias(track.phx_ref, held);
                 Some(Box::new((track.phx_ref, held)))
             }
@@ -416,6 +437,25 @@ impl TopicOwner {
                 };
                 self.replace(name, held, track, env);
                 None
+            }
+            None if adopt.is_some() => {
+                // A presence of a node that ended (died under a leave grace, or restarts) that
+                // no live node has taken over: this joiner takes it, unseen.
+                let (r, meta) = adopt.expect("checked above");
+                let own = track.phx_ref;
+                t.add_alias(own, PhxRef(r));
+                let track = Track {
+                    phx_ref: PhxRef(r),
+                    meta,
+                    ..track
+                };
+                let mut sink = Sink {
+                    router: &self.router,
+                    tx: env.tx,
+                    changed: &mut self.changed,
+                };
+                sink.announce(t, name, track);
+                Some(Box::new((own, PhxRef(r))))
             }
             None if grace.0 > 0 && t.has_same(&track.key, &track.meta) => {
                 let until = Millis(env.now.0.saturating_add(grace.0));
@@ -793,6 +833,14 @@ impl TopicOwner {
     }
 }
 
+/// A presence of another node's ended incarnation, of `track`'s key and with its client meta,
+/// that this node may take over for `track`'s joiner: (its ref, its stored meta).
+fn adoptable(t: &Topic, track: &Track) -> Option<(u64, Meta)> {
+    let c = t.cluster()?;
+    let fits = |r: u64, m: &Meta| same_meta(m, &track.meta) && !c.owns(&track.key, r);
+    c.remote.adoptable(track.key.as_str(), fits)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -800,7 +848,7 @@ mod tests {
     #[test]
     fn broken_invariants_are_named() {
         let config = Config::default();
-        let mut o = TopicOwner::new(&config, Seeds::new(0));
+        let mut o = TopicOwner::new(&config, Seeds::new(0), ShardId(0));
         assert_eq!(o.check(), Ok(()));
         let (t, k) = (TopicName::new("t"), UserKey::new("k"));
         o.held

@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 
+use crate::core::part::ref_of;
 use crate::core::topic_owner::{Env, Sink, TopicOwner};
 use crate::core::{Millis, TopicName, Track, UserKey};
 use roster_proto::PhxRef;
@@ -25,7 +26,14 @@ impl TopicOwner {
                 }
             };
             match t.cluster() {
-                Some(c) => c.own().for_each(|(k, m)| push(k, m)),
+                // This node's part, and what it took back of its previous run that no client
+                // claimed yet (shown here, in no part: see `restore`).
+                Some(c) => t.each_presence(&mut |k, m| {
+                    let r = PhxRef(ref_of(m));
+                    if c.owns(k, r.0) || (t.is_held(k, r) && !c.remote.holds(k.as_str(), r.0)) {
+                        push(k, m);
+                    }
+                }),
                 None => t.each_presence(&mut push),
             }
         }
@@ -46,7 +54,14 @@ impl TopicOwner {
             tx: env.tx,
             changed: &mut self.changed,
         };
-        sink.announce(t, &name, track);
+        if t.cluster().is_some() {
+            // Not in this node's part until a client claims it: the other nodes hold it as
+            // part of this node's previous run (its goodbye said so) and drop it at the same
+            // grace's end, and a client that reconnected to another node may claim it there.
+            sink.announce_unpublished(t, &name, track);
+        } else {
+            sink.announce(t, &name, track);
+        }
         t.hold(&key, phx_ref, until);
         push_sorted(&mut self.restored, (until, name, key, phx_ref));
     }
