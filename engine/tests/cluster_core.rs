@@ -183,6 +183,8 @@ impl Cluster {
                     }),
                     // Distinct refs per node, as each process picks its own seed.
                     ref_seed: node.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                    // Each settle lets 2 s pass, and these clients send no heartbeats.
+                    heartbeat_timeout: Millis(3_600_000),
                     ..Config::default()
                 };
                 Shard::new(ShardId(0), config)
@@ -468,6 +470,130 @@ fn a_dead_nodes_presences_leave() {
     c.nodes[0].node_down(dead);
     c.settle();
     assert_eq!(c.sees(0, 1), who(&[("ann", 1)]));
+}
+
+/// Node 3 dies under a leave grace: the others hold its part; its clients come back to node 1
+/// (which had the room) and to node 2 (which had not: it learns of the held presences from the
+/// others' answers) and take their presences over, unseen by anyone; the one who never comes
+/// back leaves when the grace ends.
+#[test]
+fn a_dead_nodes_clients_take_their_presences_over_on_other_nodes_unseen() {
+    let mut c = Cluster::new(4);
+    c.join(0, 1, "obs", 1);
+    c.join(1, 1, "obs1", 2);
+    for (conn, key) in [(1, "ann"), (2, "bob"), (3, "cy")] {
+        c.join(3, conn, key, 10 + conn);
+    }
+    let all = who(&[
+        ("ann", 11),
+        ("bob", 12),
+        ("cy", 13),
+        ("obs", 1),
+        ("obs1", 2),
+    ]);
+    assert_eq!(c.sees(0, 1), all);
+    let dead = Origin {
+        node: c.ids[3],
+        incarnation: c.ids[3] * 7,
+    };
+    let refs = |c: &Cluster, node: usize, conn: u32| {
+        let view = &c.views[&(node, conn)];
+        let refs = view.iter().flat_map(|(k, ms)| {
+            let refs = ms.iter().map(|m| m["phx_ref"].as_str().unwrap().to_owned());
+            refs.map(move |r| format!("{k}:{r}"))
+        });
+        refs.collect::<BTreeSet<String>>()
+    };
+    let before = refs(&c, 0, 1);
+    c.nats.gone(3);
+    for i in 0..3 {
+        c.nodes[i].node_held(dead);
+    }
+    c.settle();
+    let seen = |c: &Cluster| c.frames[&(0, 1)].len() + c.frames[&(1, 1)].len();
+    let quiet = seen(&c);
+    c.join(1, 2, "ann", 11);
+    c.join(2, 1, "bob", 12);
+    assert_eq!(
+        seen(&c),
+        quiet,
+        "no diff for the takeovers: {:?}",
+        c.frames[&(0, 1)]
+    );
+    for (node, conn) in [(0, 1), (1, 1), (1, 2), (2, 1)] {
+        assert_eq!(c.sees(node, conn), all, "node {node}");
+        assert_eq!(refs(&c, node, conn), before, "the same refs on node {node}");
+    }
+    // The grace ends: cy leaves, once; ann and bob are their new nodes' now.
+    for i in 0..3 {
+        c.nodes[i].node_down(dead);
+    }
+    c.settle();
+    let rest = who(&[("ann", 11), ("bob", 12), ("obs", 1), ("obs1", 2)]);
+    for (node, conn) in [(0, 1), (1, 1), (1, 2), (2, 1)] {
+        assert_eq!(c.sees(node, conn), rest, "node {node}");
+    }
+    assert_eq!(seen(&c), quiet + 2, "one diff each");
+    c.close(2, 1);
+    assert_eq!(c.sees(0, 1), who(&[("ann", 11), ("obs", 1), ("obs1", 2)]));
+}
+
+/// Two clients of one key come back to two nodes at once and both take the same held
+/// presence over: the node ranked first (lower id) keeps it, the other moves its client to the
+/// key's other held presence of the same meta (unseen) or, when there is none, to a presence
+/// of its own (one join, as a second tab is).
+#[test]
+fn two_nodes_claiming_one_held_presence_agree_on_one_winner() {
+    for tabs in [2, 1] {
+        let mut c = Cluster::new(4);
+        c.join(0, 1, "obs", 1);
+        for conn in 1..=tabs {
+            c.join(3, conn, "tab", 7);
+        }
+        c.join(1, 9, "obs1", 2);
+        c.join(2, 9, "obs2", 3);
+        let dead = Origin {
+            node: c.ids[3],
+            incarnation: c.ids[3] * 7,
+        };
+        let metas = |c: &Cluster, node: usize, conn: u32| {
+            let view = &c.views[&(node, conn)];
+            let tab = view.iter().find(|(k, _)| k.as_str() == "tab");
+            let refs = tab.into_iter().flat_map(|(_, ms)| ms.iter());
+            let refs = refs.map(|m| m["phx_ref"].as_str().unwrap().to_owned());
+            refs.collect::<BTreeSet<String>>()
+        };
+        let before = metas(&c, 0, 1);
+        assert_eq!(before.len(), tabs as usize);
+        c.nats.gone(3);
+        for i in 0..3 {
+            c.nodes[i].node_held(dead);
+        }
+        c.settle();
+        let quiet = c.frames[&(0, 1)].len();
+        // Both joins reach their nodes before either node hears of the other's.
+        c.join_unsettled(1, 1, "tab", 7);
+        c.join_unsettled(2, 1, "tab", 7);
+        c.settle();
+        for i in 0..3 {
+            c.nodes[i].node_down(dead);
+        }
+        c.settle();
+        let after = metas(&c, 0, 1);
+        assert_eq!(after.len(), 2, "two clients, two metas");
+        for (node, conn) in [(1, 1), (2, 1), (1, 9), (2, 9)] {
+            assert_eq!(metas(&c, node, conn), after, "node {node} agrees");
+        }
+        let diffs = &c.frames[&(0, 1)][quiet..];
+        if tabs == 2 {
+            assert_eq!(after, before, "the held ones, taken over");
+            assert!(diffs.is_empty(), "unseen: {diffs:?}");
+        } else {
+            assert!(after.is_superset(&before), "the held one stays");
+            assert_eq!(diffs.len(), 1, "one join: {diffs:?}");
+            assert_eq!(diffs[0][4]["leaves"], serde_json::json!({}));
+        }
+    }
 }
 
 /// Node 1's leave is lost, node 0 hears of a gap and asks node 1 again, and that request is

@@ -53,12 +53,14 @@ impl From<Scope> for Kind {
 }
 
 /// One presence of a part: its key, its ref (unique in the cluster), and its stored meta
-/// (JSON, the same `phx_ref` in it).
+/// (JSON, the same `phx_ref` in it). `held`: no connection has it (the node took it back from
+/// its state file and no client claimed it yet), so a join on any node may take it over.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Presence {
     pub key: String,
     pub phx_ref: u64,
     pub meta: Vec<u8>,
+    pub held: bool,
 }
 
 /// A presence that left a part.
@@ -112,6 +114,10 @@ pub struct Part {
     /// This chunk's place, from 0, and how many there are.
     pub chunk: u32,
     pub chunks: u32,
+    /// Not the answering node's own part: what it holds of `origin`, a node that ended under
+    /// a grace (its presences all `held`). A node that took an interest in the name after the
+    /// end learns of them this way, so that its clients see them and may take them over.
+    pub relayed: bool,
 }
 
 /// A node is alive. `beat` counts heartbeats of this incarnation: a gap says frames may have
@@ -314,6 +320,7 @@ fn part_header(part: &Part) -> Part {
         ask: part.ask,
         chunk: u32::MAX - 1,
         chunks: u32::MAX,
+        relayed: part.relayed,
     }
 }
 
@@ -337,6 +344,7 @@ mod tests {
                 "x".repeat(meta_bytes)
             )
             .into_bytes(),
+            held: i % 2 == 1,
         }
     }
 
@@ -371,6 +379,7 @@ mod tests {
                 ask: 3,
                 chunk: 0,
                 chunks: 1,
+                relayed: true,
             }),
             Frame::Heartbeat(Heartbeat {
                 origin: origin(),
@@ -449,6 +458,7 @@ mod tests {
                 key: "k".into(),
                 phx_ref: 1,
                 meta: b"[1,2]".to_vec(),
+                held: false,
             }],
             leaves: vec![],
         });
@@ -496,6 +506,7 @@ mod tests {
             ask: 0,
             chunk: 0,
             chunks: 1,
+            relayed: false,
         };
         let max = 64 << 10;
         let frames = part_frames(part, max);

@@ -158,6 +158,7 @@ impl<T> Lookups<T> {
             key: key.to_owned(),
             phx_ref,
             meta: meta.bytes().to_vec(),
+            held: false,
         });
         let found = Found {
             presences: presences.collect(),
@@ -193,12 +194,14 @@ mod tests {
                     key: (*k).into(),
                     phx_ref: node * 100 + i as u64,
                     meta: b"{}".to_vec(),
+                    held: false,
                 })
                 .collect(),
             holders: holders.to_vec(),
             ask: 1,
             chunk,
             chunks,
+            relayed: false,
         }
     }
 

@@ -34,13 +34,16 @@ pub enum Change {
 }
 
 /// A live node's part took in a presence that another part (a held one, or another live
-/// node's) shows already: a takeover. Nothing changes for clients; the owner checks it against
-/// its own part (two nodes may take one held presence over at once).
+/// node's) shows already: a takeover, or its own restart taking its presence back (`held`: no
+/// connection has it there); or a presence of its part held so far is a connection's now.
+/// Nothing changes for clients; the owner checks it against its own part (two nodes may take
+/// one held presence over at once).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
     pub key: String,
     pub phx_ref: u64,
     pub node: u64,
+    pub held: bool,
 }
 
 /// What an input did: changes to apply, origins whose parts must be fetched again (directly
@@ -57,6 +60,8 @@ pub struct Applied {
 struct RemotePart {
     chain: Chain,
     presences: BTreeMap<(String, u64), Meta>,
+    /// Those of its presences no connection has (see `Presence::held`); mostly none.
+    held: Flags,
     /// A re-fetch of this part in progress: chunks so far, and deltas that came meanwhile.
     refetch: Option<Chunks>,
 }
@@ -115,11 +120,18 @@ impl Chunks {
         Chain::at(self.origin, self.seq, self.floor)
     }
 
-    fn presences(&mut self) -> BTreeMap<(String, u64), Meta> {
+    fn presences(&mut self) -> (Presences, Flags) {
         let chunks = std::mem::take(&mut self.got).into_values().flatten();
-        chunks
-            .map(|p| ((p.key, p.phx_ref), Meta::new(&p.meta)))
-            .collect()
+        let mut flags = Flags::new();
+        let presences = chunks
+            .map(|p| {
+                if p.held {
+                    flags.insert((p.key.clone(), p.phx_ref));
+                }
+                ((p.key, p.phx_ref), Meta::new(&p.meta))
+            })
+            .collect();
+        (presences, flags)
     }
 }
 
@@ -133,6 +145,8 @@ struct Fetching {
 
 /// Presences by (key, ref).
 type Presences = BTreeMap<(String, u64), Meta>;
+/// Some presences, by (key, ref).
+type Flags = std::collections::BTreeSet<(String, u64)>;
 
 /// Clients see the union of the parts by ref: a presence taken over by another node (or by a
 /// node's next incarnation) is in two parts for a while, and shows once. A change to one part
@@ -198,11 +212,15 @@ impl RemoteParts {
         self.finish_fetch(Vec::new())
     }
 
-    /// A chunk of some origin's part: an answer to the first fetch, or to a re-fetch.
+    /// A chunk of some origin's part: an answer to the first fetch, or to a re-fetch; or what
+    /// the answering node holds of an ended one (`relayed`).
     pub fn part(&mut self, part: Part) -> Applied {
         let node = part.origin.node;
         if node == self.me {
             return Applied::default();
+        }
+        if part.relayed {
+            return self.relayed(part);
         }
         if let Some(f) = self.fetching.as_mut() {
             f.fetch.answer(node, &part.holders, part.chunk, part.chunks);
@@ -220,11 +238,11 @@ impl RemoteParts {
                 self.parts.insert(node, rp);
                 return applied;
             }
-            let presences = chunks.presences();
+            let (presences, flags) = chunks.presences();
             let mut changes = Vec::new();
             joins(&presences, &mut changes);
-            self.parts
-                .insert(node, RemotePart::new(chunks.chain(), presences, None));
+            let rp = RemotePart::new(chunks.chain(), presences, None).flagged(flags);
+            self.parts.insert(node, rp);
             self.show(Some(node), changes, &mut applied);
             self.unhold(chunks.origin, &mut applied);
             return applied;
@@ -239,8 +257,9 @@ impl RemoteParts {
             return applied;
         }
         let mut chunks = rp.refetch.take().expect("taken above");
-        let fresh = chunks.presences();
+        let (fresh, flags) = chunks.presences();
         let old = std::mem::replace(&mut rp.presences, fresh);
+        rp.held = flags;
         let was = rp.chain.origin;
         rp.chain = chunks.chain();
         let mut changes = Vec::new();
@@ -366,18 +385,41 @@ impl RemoteParts {
     /// A presence of `key` that only held parts show (no live node has taken it over) and that
     /// `fits`: what a join of `key` here may take over, with its stored meta.
     pub fn adoptable(&self, key: &str, fits: impl Fn(u64, &Meta) -> bool) -> Option<(u64, Meta)> {
-        if self.held.is_empty() {
+        let flagged = self.parts.values().any(|rp| !rp.held.is_empty());
+        if self.held.is_empty() && !flagged {
             return None;
         }
         let (from, to) = ((key.to_owned(), 0), (key.to_owned(), u64::MAX));
-        let held = self
+        let ended = self
             .held
             .values()
             .flat_map(|h| h.range(from.clone()..=to.clone()));
-        let mut candidates = held.filter(|(id, m)| {
-            !self.parts.values().any(|rp| rp.presences.contains_key(*id)) && fits(id.1, m)
+        // Presences a restarted node took back and no client claimed there yet.
+        let parts = self.parts.values();
+        let unclaimed = parts.flat_map(|rp| {
+            let flags = rp.held.range(from.clone()..=to.clone());
+            flags.filter_map(|id| rp.presences.get_key_value(id))
         });
+        let live = |id: &(String, u64)| {
+            let mut parts = self.parts.values();
+            parts.any(|rp| rp.presences.contains_key(id) && !rp.held.contains(id))
+        };
+        let mut candidates = ended
+            .chain(unclaimed)
+            .filter(|(id, m)| !live(id) && fits(id.1, m));
         candidates.next().map(|((_, r), m)| (*r, m.clone()))
+    }
+
+    /// The live node whose part shows presence `phx_ref` of `key`, and whether no connection
+    /// has it there (a connection's first, if several show it).
+    pub fn claimant(&self, key: &str, phx_ref: u64) -> Option<(u64, bool)> {
+        let id = (key.to_owned(), phx_ref);
+        let showing = self
+            .parts
+            .iter()
+            .filter(|(_, rp)| rp.presences.contains_key(&id));
+        let all: Vec<(u64, bool)> = showing.map(|(n, rp)| (*n, rp.held.contains(&id))).collect();
+        all.iter().find(|(_, held)| !held).or(all.first()).copied()
     }
 
     /// The holders this node knows of (for its own answers to part requests).
@@ -406,12 +448,14 @@ impl RemoteParts {
             });
         }
         for (node, mut chunks) in f.parts {
-            let presences = chunks.presences();
+            let (presences, flags) = chunks.presences();
             let mut changes = Vec::new();
             joins(&presences, &mut changes);
-            self.parts
-                .insert(node, RemotePart::new(chunks.chain(), presences, None));
+            let rp = RemotePart::new(chunks.chain(), presences, None).flagged(flags);
+            self.parts.insert(node, rp);
             self.show(Some(node), changes, &mut applied);
+            // Relayed as ended by some node, yet it answered: it speaks for itself.
+            self.unhold(chunks.origin, &mut applied);
         }
         for origin in silent {
             let awaiting = Some(Chunks::awaiting(origin));
@@ -439,7 +483,7 @@ impl RemoteParts {
             }
             let mut rp = RemotePart::new(Chain::at(d.origin, 0, 0), BTreeMap::new(), None);
             let mut changes = Vec::new();
-            let left = rp.apply(d, &mut changes);
+            let (left, _) = rp.apply(d, &mut changes);
             self.parts.insert(node, rp);
             self.leave_held(node, left, &mut changes);
             self.show(Some(node), changes, applied);
@@ -452,8 +496,17 @@ impl RemoteParts {
         let mut changes = Vec::new();
         match rp.chain.verdict(d.origin, d.seq, d.prev) {
             Verdict::Apply => {
-                let left = rp.apply(d, &mut changes);
+                let (left, claimed) = rp.apply(d, &mut changes);
                 self.leave_held(node, left, &mut changes);
+                for (key, phx_ref) in claimed {
+                    let held = false;
+                    applied.claims.push(Claim {
+                        key,
+                        phx_ref,
+                        node,
+                        held,
+                    });
+                }
             }
             Verdict::Duplicate => {}
             Verdict::Replace => {
@@ -461,7 +514,7 @@ impl RemoteParts {
                 // known (then `node_down`), and what the new one takes back of it is unseen.
                 let old = std::mem::take(&mut rp.presences);
                 let was = rp.chain.origin;
-                let left = rp.apply(d, &mut changes);
+                let (left, _) = rp.apply(d, &mut changes);
                 self.hold(was, old);
                 self.leave_held(node, left, &mut changes);
             }
@@ -504,6 +557,52 @@ impl RemoteParts {
         }
         self.held.retain(|_, h| !h.is_empty());
         shown
+    }
+
+    /// Another node's answer says what it holds of `part.origin`, which ended under a grace:
+    /// held here too (unless a live part of that incarnation is here: it speaks for itself).
+    /// Several nodes may say it; what shows already is not shown twice.
+    fn relayed(&mut self, part: Part) -> Applied {
+        let mut applied = Applied::default();
+        let origin = part.origin;
+        if self
+            .parts
+            .get(&origin.node)
+            .is_some_and(|rp| rp.chain.origin == origin)
+        {
+            return applied;
+        }
+        for p in part.presences {
+            let id = (p.key, p.phx_ref);
+            if self.parts.values().any(|rp| rp.presences.contains_key(&id)) {
+                continue; // Claimed by a live node since.
+            }
+            let shown = self.shown_except(None, &id);
+            let meta = Meta::new(&p.meta);
+            let held = self.held.entry(origin).or_default();
+            if held.insert(id.clone(), meta.clone()).is_none() && !shown && self.fetching.is_none()
+            {
+                let (key, phx_ref) = id;
+                applied.changes.push(Change::Join { key, phx_ref, meta });
+            }
+        }
+        applied
+    }
+
+    /// What this node holds of ended nodes, as presences of a part (all `held`), for its
+    /// answers to part requests.
+    pub fn ended_parts(&self) -> Vec<(Origin, Vec<Presence>)> {
+        let held = self.held.iter();
+        let parts = held.map(|(o, h)| {
+            let presences = h.iter().map(|((key, phx_ref), meta)| Presence {
+                key: key.clone(),
+                phx_ref: *phx_ref,
+                meta: meta.bytes().to_vec(),
+                held: true,
+            });
+            (*o, presences.collect())
+        });
+        parts.collect()
     }
 
     /// Keeps `presences` of an ended incarnation showing (nothing changes for clients).
@@ -550,7 +649,7 @@ impl RemoteParts {
             f.fetch.node_down(node);
             if let Some(mut c) = f.parts.remove(&node) {
                 if keep && c.got.len() as u32 == c.of {
-                    let presences = c.presences();
+                    let (presences, _) = c.presences();
                     self.hold(origin, presences);
                 }
             }
@@ -584,10 +683,15 @@ impl RemoteParts {
             for h in self.held.values_mut() {
                 claimed |= h.remove(&id).is_some();
             }
+            let held = self
+                .parts
+                .get(&node)
+                .is_some_and(|rp| rp.held.contains(&id));
             applied.claims.push(Claim {
                 key: id.0,
                 phx_ref,
                 node,
+                held,
             });
         }
         if claimed {
@@ -613,28 +717,45 @@ impl RemotePart {
         RemotePart {
             chain,
             presences,
+            held: Flags::new(),
             refetch,
         }
     }
 
+    fn flagged(mut self, held: Flags) -> RemotePart {
+        self.held = held;
+        self
+    }
+
     /// Applies the next delta: its joins, then its leaves. A ref joins once and leaves once,
     /// so a presence that joined and left between two deltas nets out; an update is a join and
-    /// a leave of two refs. Returns the leaves of presences the part did not have.
-    fn apply(&mut self, d: Delta, changes: &mut Vec<Change>) -> Vec<(String, u64)> {
-        let mut missing = Vec::new();
+    /// a leave of two refs. A join of a presence the part has changes its `held` flag only.
+    /// Returns the leaves of presences the part did not have, and the presences held so far
+    /// that a connection has now.
+    fn apply(&mut self, d: Delta, changes: &mut Vec<Change>) -> (Vec<(String, u64)>, Flags) {
+        let (mut missing, mut claimed) = (Vec::new(), Flags::new());
         for j in d.joins {
             let id = (j.key.clone(), j.phx_ref);
+            let was_held = if j.held {
+                self.held.insert(id.clone());
+                false
+            } else {
+                self.held.remove(&id)
+            };
             let meta = Meta::new(&j.meta);
-            if self.presences.insert(id, meta.clone()).is_none() {
+            if self.presences.insert(id.clone(), meta.clone()).is_none() {
                 changes.push(Change::Join {
                     key: j.key,
                     phx_ref: j.phx_ref,
                     meta,
                 });
+            } else if was_held && !j.held {
+                claimed.insert(id);
             }
         }
         for l in d.leaves {
             let id = (l.key, l.phx_ref);
+            self.held.remove(&id);
             match self.presences.remove(&id) {
                 Some(meta) => changes.push(Change::Leave {
                     key: id.0,
@@ -645,7 +766,7 @@ impl RemotePart {
             }
         }
         self.chain.applied(d.origin, d.seq);
-        missing
+        (missing, claimed)
     }
 }
 
@@ -708,6 +829,7 @@ mod tests {
             key: key.into(),
             phx_ref,
             meta: format!(r#"{{"r":{phx_ref}}}"#).into_bytes(),
+            held: false,
         }
     }
 
@@ -747,6 +869,7 @@ mod tests {
             ask: 0,
             chunk: chunk.0,
             chunks: chunk.1,
+            relayed: false,
         }
     }
 
@@ -950,6 +1073,7 @@ mod tests {
             key: "ann".into(),
             phx_ref: 10,
             node,
+            held: false,
         };
         assert_eq!(got.claims, [claim(3)]);
         assert_eq!(r.adoptable("ann", |_, _| true).map(|(r, _)| r), Some(11));

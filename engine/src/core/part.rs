@@ -13,7 +13,7 @@ use crate::cluster::frame::{
 };
 use crate::cluster::parts::RemoteParts;
 use crate::core::outbox::{NatsOut, Outbox};
-use crate::core::{ClusterConfig, Meta, Millis, TopicName, UserKey};
+use crate::core::{ClusterConfig, ConnAddr, Meta, Millis, TopicName, Track, UserKey};
 
 /// A topic's cluster side: its presences by user key.
 pub(crate) type TopicCluster = NameCluster<UserKey>;
@@ -28,10 +28,16 @@ pub(crate) struct NameCluster<K> {
     pub(crate) remote: RemoteParts,
     /// This node's part: what it answers part requests with.
     own: BTreeMap<(K, u64), Meta>,
-    joins: Vec<(K, u64, Meta)>,
+    /// Those of its presences no connection has: taken back from the state file and not
+    /// claimed by a client yet (see `Presence::held`).
+    own_held: BTreeSet<(K, u64)>,
+    joins: Vec<(K, u64, Meta, bool)>,
     leaves: Vec<(K, u64)>,
     /// The seq of this node's last delta on this topic since interest started (0: none).
     last: u64,
+    /// Presences of joins made while the first fetch is on (a topic's): tracked once it is
+    /// complete, so that a join can take over a presence that only the fetch shows.
+    pub(crate) deferred: Vec<(Track, ConnAddr)>,
 }
 
 impl<K: Clone + Ord + Borrow<str>> NameCluster<K> {
@@ -42,14 +48,23 @@ impl<K: Clone + Ord + Borrow<str>> NameCluster<K> {
             epoch,
             remote: RemoteParts::fetching(me),
             own: BTreeMap::new(),
+            own_held: BTreeSet::new(),
             joins: Vec::new(),
             leaves: Vec::new(),
             last: 0,
+            deferred: Vec::new(),
         }
     }
 
+    /// Nothing of this node's part, and no presence waiting to join it.
     pub(crate) fn own_is_empty(&self) -> bool {
-        self.own.is_empty()
+        self.own.is_empty() && self.deferred.is_empty()
+    }
+
+    /// Takes the deferred presence of ref `r` (its connection left or changed it first).
+    pub(crate) fn take_deferred(&mut self, r: PhxRef) -> Option<(Track, ConnAddr)> {
+        let at = self.deferred.iter().position(|(t, _)| t.phx_ref == r)?;
+        Some(self.deferred.swap_remove(at))
     }
 
     /// Whether `part` answers this interest's requests (or nobody's: a holder announcing its
@@ -104,6 +119,11 @@ impl<K: Clone + Ord + Borrow<str>> NameCluster<K> {
         self.own.get(&(key.clone(), r))
     }
 
+    /// Whether this node's part changed since its last delta.
+    pub(crate) fn has_delta(&self) -> bool {
+        !self.joins.is_empty() || !self.leaves.is_empty()
+    }
+
     /// Presences of this node's own part.
     pub(crate) fn own_len(&self) -> usize {
         self.own.len()
@@ -113,7 +133,31 @@ impl<K: Clone + Ord + Borrow<str>> NameCluster<K> {
     pub(crate) fn joined(&mut self, key: &K, meta: &Meta) {
         let r = ref_of(meta);
         self.own.insert((key.clone(), r), meta.clone());
-        self.joins.push((key.clone(), r, meta.clone()));
+        self.joins.push((key.clone(), r, meta.clone(), false));
+    }
+
+    /// A presence of this node's previous run, taken back with no connection yet: any node
+    /// may take it over for a client of its key that comes back there.
+    pub(crate) fn joined_held(&mut self, key: &K, meta: &Meta) {
+        let r = ref_of(meta);
+        self.own.insert((key.clone(), r), meta.clone());
+        self.own_held.insert((key.clone(), r));
+        self.joins.push((key.clone(), r, meta.clone(), true));
+    }
+
+    /// A held presence of this node's part is a connection's now: joined again, unheld.
+    pub(crate) fn claimed(&mut self, key: &K, r: u64) {
+        let id = (key.clone(), r);
+        if self.own_held.remove(&id) {
+            if let Some(meta) = self.own.get(&id) {
+                self.joins.push((id.0, r, meta.clone(), false));
+            }
+        }
+    }
+
+    /// Whether this node's presence `r` of `key` is one no connection has claimed yet.
+    pub(crate) fn owns_held(&self, key: &K, r: u64) -> bool {
+        !self.own_held.is_empty() && self.own_held.contains(&(key.clone(), r))
     }
 
     /// A presence of this node left. Its leave goes out even if its join has not yet: a part
@@ -121,6 +165,9 @@ impl<K: Clone + Ord + Borrow<str>> NameCluster<K> {
     /// leaves, so the pair nets out where the join was not seen).
     pub(crate) fn left(&mut self, key: &K, r: PhxRef) {
         self.own.remove(&(key.clone(), r.0));
+        if !self.own_held.is_empty() {
+            self.own_held.remove(&(key.clone(), r.0));
+        }
         self.leaves.push((key.clone(), r.0));
     }
 
@@ -164,7 +211,10 @@ impl<K: Clone + Ord + Borrow<str>> NameCluster<K> {
     /// `ask`: the request's, or 0 when nobody asked.
     pub(crate) fn own_part(&self, name: &str, origin: Origin, floor: u64, ask: u64) -> Part {
         let own = self.own.iter();
-        let presences = own.map(|((k, r), m)| presence((k.clone(), *r, m.clone())));
+        let presences = own.map(|((k, r), m)| {
+            let held = self.owns_held(k, *r);
+            presence((k.clone(), *r, m.clone(), held))
+        });
         let mut holders = self.remote.holders();
         holders.push(origin.node);
         Part {
@@ -178,6 +228,7 @@ impl<K: Clone + Ord + Borrow<str>> NameCluster<K> {
             ask,
             chunk: 0,
             chunks: 1,
+            relayed: false,
         }
     }
 }
@@ -273,19 +324,45 @@ pub(crate) fn answer<K: Clone + Ord + Borrow<str>>(
             ask: q.ask,
             chunk: 0,
             chunks: 1,
+            relayed: false,
         },
     };
+    // What this node holds of ended nodes first: the asker's fetch may complete with this
+    // node's own part, and replies to one inbox come in order.
+    let ended = held
+        .map(|side| side.remote.ended_parts())
+        .unwrap_or_default();
+    for (origin, presences) in ended {
+        let relayed = Part {
+            kind: q.kind,
+            name: q.name.clone(),
+            origin,
+            seq: 0,
+            floor: 0,
+            presences,
+            holders: Vec::new(),
+            ask: q.ask,
+            chunk: 0,
+            chunks: 1,
+            relayed: true,
+        };
+        for frame in part_frames(relayed, c.max_payload) {
+            let to = to.to_owned();
+            tx.nats(NatsOut::Reply { to, frame });
+        }
+    }
     for frame in part_frames(part, c.max_payload) {
         let to = to.to_owned();
         tx.nats(NatsOut::Reply { to, frame });
     }
 }
 
-fn presence<K: Borrow<str>>((key, phx_ref, meta): (K, u64, Meta)) -> Presence {
+fn presence<K: Borrow<str>>((key, phx_ref, meta, held): (K, u64, Meta, bool)) -> Presence {
     Presence {
         key: key.borrow().to_owned(),
         phx_ref,
         meta: meta.bytes().to_vec(),
+        held,
     }
 }
 

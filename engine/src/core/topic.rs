@@ -170,18 +170,23 @@ impl Topic {
         self.track_remote(key, meta);
     }
 
-    /// A presence shown here and not in this node's part yet (one of this node's previous run,
-    /// taken back from its state file: the other nodes hold it for the restart grace) is
-    /// claimed by a connection here: it goes into this node's part.
-    pub(crate) fn publish_held(&mut self, key: &UserKey, r: PhxRef) {
-        let Some(meta) = self.meta(key, r).cloned() else {
-            return;
-        };
+    /// A presence of this node's previous run (its state file), which no connection has: in
+    /// this node's part as held, so that a client coming back to any node may take it over.
+    pub(crate) fn track_restored(&mut self, key: UserKey, meta: Meta) {
         if let Some(c) = self.cluster.as_deref_mut() {
-            if !c.owns(key, r.0) {
-                c.joined(key, &meta);
-                c.remote.claim(key.as_str(), r.0);
+            c.joined_held(&key, &meta);
+            if c.remote.claim(key.as_str(), ref_of(&meta)) {
+                return;
             }
+        }
+        self.track_remote(key, meta);
+    }
+
+    /// A connection here took over held presence `r` of `key`: in a cluster, other nodes
+    /// learn that a connection has it now.
+    pub(crate) fn claim_held(&mut self, key: &UserKey, r: PhxRef) {
+        if let Some(c) = self.cluster.as_deref_mut() {
+            c.claimed(key, r.0);
         }
     }
 

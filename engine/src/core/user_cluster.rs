@@ -35,6 +35,8 @@ pub(crate) struct UserClusters {
     delta_seq: u64,
     /// Incarnations declared down: their late frames are dropped.
     dead: BTreeSet<Origin>,
+    /// Those of them held for a grace: what other nodes hold of them is taken.
+    ended: BTreeSet<Origin>,
     /// Interests taken up so far (see `PartRequest::ask`).
     asks: u64,
 }
@@ -56,6 +58,7 @@ impl UserClusters {
             touched: Vec::new(),
             delta_seq: 0,
             dead: BTreeSet::new(),
+            ended: BTreeSet::new(),
             asks: 0,
         }
     }
@@ -234,7 +237,9 @@ impl Users {
                 let key = UserKey::new(&d.name);
                 self.on_remote(&key, env, |r| r.delta(d));
             }
-            Frame::Part(p) if !uc.dead.contains(&p.origin) => {
+            Frame::Part(p)
+                if !uc.dead.contains(&p.origin) || (p.relayed && uc.ended.contains(&p.origin)) =>
+            {
                 let key = UserKey::new(&p.name);
                 if !uc.sides.get(&key).is_some_and(|s| s.part.takes(&p)) {
                     return; // A late answer to an interest this node has given up since.
@@ -264,6 +269,7 @@ impl Users {
             return;
         };
         uc.dead.insert(origin);
+        uc.ended.remove(&origin);
         let keys: Vec<UserKey> = uc.sides.keys().cloned().collect();
         for key in keys {
             self.on_remote(&key, env, |r| r.node_down(origin));
@@ -277,6 +283,7 @@ impl Users {
             return;
         };
         uc.dead.insert(origin);
+        uc.ended.insert(origin);
         let keys: Vec<UserKey> = uc.sides.keys().cloned().collect();
         for key in keys {
             self.on_remote(&key, env, |r| r.node_held(origin));
@@ -293,6 +300,7 @@ impl Users {
     pub(crate) fn user_node_up(&mut self, origin: Origin) {
         if let Some(uc) = self.cluster.as_deref_mut() {
             uc.dead.remove(&origin);
+            uc.ended.remove(&origin);
         }
     }
 
@@ -300,6 +308,7 @@ impl Users {
     pub(crate) fn user_node_back(&mut self, origin: Origin, now: Millis, tx: &mut Outbox) {
         if let Some(uc) = self.cluster.as_deref_mut() {
             uc.dead.remove(&origin);
+            uc.ended.remove(&origin);
         }
         self.user_node_gap(origin, now, tx);
     }

@@ -228,12 +228,12 @@ export async function startNats() {
   return nats;
 }
 
-/** A roster node of a cluster on `nats`, named `name`. */
-export async function startNode(nats, name, args = []) {
+/** A roster node of a cluster on `nats`, named `name` (on `opts.port`, or a free one). */
+export async function startNode(nats, name, args = [], opts = {}) {
   const adminPort = await freePort();
   const node = await startServer([
     '--nats-url', nats.url, '--node-name', name, '--admin-listen', `127.0.0.1:${adminPort}`, ...args,
-  ]);
+  ], opts);
   node.admin = `http://127.0.0.1:${adminPort}`;
   /** The sum over shards of a metric of /metrics. */
   node.metric = async (name) => {

@@ -115,6 +115,7 @@ impl TopicOwner {
     /// A node declared down is heard again (a partition healed): its frames count again.
     pub(crate) fn node_up(&mut self, origin: Origin) {
         self.dead.remove(&origin);
+        self.ended.remove(&origin);
     }
 
     /// A frame from NATS about a topic (already validated); `reply` is where a request wants
@@ -126,6 +127,8 @@ impl TopicOwner {
         let me = c.me;
         let from = match &frame {
             Frame::Delta(d) => Some(d.origin),
+            // What another node holds of an ended one counts until that one's grace ends here.
+            Frame::Part(p) if p.relayed && self.ended.contains(&p.origin) => None,
             Frame::Part(p) => Some(p.origin),
             _ => None,
         };
@@ -173,6 +176,7 @@ impl TopicOwner {
     /// still comes in is dropped (until it is heard again: a partition healed).
     pub(crate) fn node_down(&mut self, origin: Origin, env: &mut Env<'_>) {
         self.dead.insert(origin);
+        self.ended.remove(&origin);
         let names: Vec<TopicName> = self
             .topics
             .iter()
@@ -189,6 +193,7 @@ impl TopicOwner {
     /// `node_down`. What it sent before it ended and still comes in is dropped.
     pub(crate) fn node_held(&mut self, origin: Origin, env: &mut Env<'_>) {
         self.dead.insert(origin);
+        self.ended.insert(origin);
         let names: Vec<TopicName> = self
             .topics
             .iter()
@@ -200,11 +205,9 @@ impl TopicOwner {
         }
     }
 
-    /// This node's presence `r` of `key`, a live connection's, was taken over from an ended
-    /// node at the same time as a node ranked first (lower id) took it: the connection moves
-    /// to another presence of that node with the same meta that nobody has taken (unseen), or
-    /// to a presence of its own (one join). Everywhere else the winner's claim stands, and the
-    /// presence shows once.
+    /// This node's presence `r` of `key`, a connection's, was claimed by a connection of a
+    /// node ranked first too (see `contest`): the connection moves to another presence with
+    /// the same meta that no connection has (unseen), or to a presence of its own (one join).
     fn reclaim(&mut self, name: &TopicName, key: UserKey, r: PhxRef, env: &mut Env<'_>) {
         let Some(t) = self.topics.get_mut(name) else {
             return;
@@ -268,6 +271,7 @@ impl TopicOwner {
     /// and its next delta may be far off.
     pub(crate) fn node_back(&mut self, origin: Origin, env: &mut Env<'_>) {
         self.dead.remove(&origin);
+        self.ended.remove(&origin);
         self.node_gap(origin, env);
     }
 
@@ -294,24 +298,21 @@ impl TopicOwner {
             return;
         };
         let applied = input(&mut tc.remote);
-        // What this node's own part shows too is not a change for its clients.
+        // What this node's own part shows too is not a change for its clients, but another
+        // node's claim on it (see `contest`).
         let own =
             |t: &super::Topic, key: &UserKey, r: u64| t.cluster().is_some_and(|c| c.owns(key, r));
-        let mut released = Vec::new();
+        let mut contests = Vec::new();
         for change in applied.changes {
             match change {
                 Change::Join { key, meta, phx_ref } => {
                     let key = UserKey::new(&key);
-                    let r = PhxRef(phx_ref);
-                    if own(t, &key, phx_ref) {
-                    } else if t.meta(&key, r).is_some() {
-                        // One of this node's previous run that no client claimed here: a
-                        // client that reconnected to another node did. It shows as that
-                        // node's from now on.
-                        t.unhold(&key, r);
-                        released.push((key, r));
-                    } else {
+                    if !own(t, &key, phx_ref) {
                         t.track_remote(key, meta);
+                    } else if let Some(c) = t.cluster() {
+                        if let Some((node, held)) = c.remote.claimant(key.as_str(), phx_ref) {
+                            contests.push((key, PhxRef(phx_ref), node, held));
+                        }
                     }
                 }
                 Change::Leave { key, phx_ref, .. } => {
@@ -322,27 +323,14 @@ impl TopicOwner {
                 }
             }
         }
-        // Two nodes took one presence over at once, and this one's claim loses: its connection
-        // gets a presence of its own (see `reclaim`).
-        let lost: Vec<(UserKey, PhxRef)> = applied
-            .claims
-            .into_iter()
-            .map(|c| (UserKey::new(&c.key), PhxRef(c.phx_ref), c.node))
-            .filter(|(key, r, node)| *node < c.me.node && own(t, key, r.0) && !t.is_held(key, *r))
-            .map(|(key, r, _)| (key, r))
-            .collect();
+        for claim in applied.claims {
+            let key = UserKey::new(&claim.key);
+            if own(t, &key, claim.phx_ref) {
+                contests.push((key, PhxRef(claim.phx_ref), claim.node, claim.held));
+            }
+        }
         let epoch = t.cluster().map_or(0, |tc| tc.epoch);
         self.changed.note(name, t);
-        for (key, phx_ref) in released {
-            let user_owner = self.router.user_owner(key.as_str());
-            let topic = name.clone();
-            let msg = MeshMsg::UserUntracked {
-                topic,
-                key,
-                phx_ref,
-            };
-            env.tx.mesh(user_owner, msg);
-        }
         for origin in &applied.refetch {
             env.tx
                 .nats(ask(c, name, c.subjects.node(origin.node), epoch));
@@ -357,7 +345,40 @@ impl TopicOwner {
         if fetched {
             self.fetch_done(name, env);
         }
-        for (key, r) in lost {
+        for (key, r, node, held) in contests {
+            self.contest(name, key, r, (node, held), env);
+        }
+    }
+
+    /// Presence `r` of `key`, in this node's part, shows in `node`'s part too: both nodes took
+    /// it over from an ended node (or its next run took it back), or a client of this node
+    /// that closed (its presence held by the leave grace) came back there. A connection's
+    /// claim beats a presence no connection has (here: held by a grace; there: `held`, taken
+    /// back from a state file); between two connections, the node ranked first (lower id)
+    /// keeps it and the other moves its connection (`reclaim`). Every node decides the same,
+    /// and clients see the presence once meanwhile.
+    fn contest(
+        &mut self,
+        name: &TopicName,
+        key: UserKey,
+        r: PhxRef,
+        (node, theirs_held): (u64, bool),
+        env: &mut Env<'_>,
+    ) {
+        let Some(me) = self.config.cluster.as_ref().map(|c| c.me.node) else {
+            return;
+        };
+        let Some(t) = self.topics.get_mut(name) else {
+            return;
+        };
+        if theirs_held {
+            return;
+        }
+        if t.is_held(&key, r) {
+            // Their client took it: this node's copy goes from its part, unseen.
+            t.unhold(&key, r);
+            self.untrack(name, key, r, env.tx);
+        } else if node < me {
             self.reclaim(name, key, r, env);
         }
     }
@@ -365,6 +386,21 @@ impl TopicOwner {
     /// The topic's first fetch is complete: this node answers part requests, and the joiners
     /// that waited get their state (after the window, if one is open).
     fn fetch_done(&mut self, name: &TopicName, env: &mut Env<'_>) {
+        let deferred = self.topics.get_mut(name).and_then(|t| t.cluster_mut());
+        let deferred = deferred.map(|c| std::mem::take(&mut c.deferred));
+        for (track, from) in deferred.unwrap_or_default() {
+            if let Some(adopted) = self.track(name, track, from, env) {
+                let (alias, adopted) = *adopted;
+                let topic = name.clone();
+                let msg = MeshMsg::Adopt {
+                    topic,
+                    conn: from.conn,
+                    alias,
+                    adopted,
+                };
+                env.tx.mesh(from.shard, msg);
+            }
+        }
         let (Some(c), Some(t)) = (&self.config.cluster, self.topics.get_mut(name)) else {
             return;
         };

@@ -56,7 +56,9 @@ struct Changed {
 
 impl Changed {
     fn note(&mut self, name: &TopicName, t: &mut Topic) {
-        if t.has_pending() && !t.listed_for_flush {
+        // A takeover changes this node's part (its next delta) and nothing clients see.
+        let delta = || t.cluster().is_some_and(|c| c.has_delta());
+        if (t.has_pending() || delta()) && !t.listed_for_flush {
             t.listed_for_flush = true;
             self.to_flush.push(name.clone());
         }
@@ -76,10 +78,9 @@ struct Sink<'a> {
 }
 
 impl Sink<'_> {
-    /// Tracks a presence this node's part does not have (one of its previous run, see
-    /// `restore`) and tells the user owner.
-    fn announce_unpublished(&mut self, t: &mut Topic, name: &TopicName, track: Track) {
-        t.track_remote(track.key.clone(), track.meta.clone());
+    /// Tracks a presence of this node's previous run (see `restore`) and tells the user owner.
+    fn announce_restored(&mut self, t: &mut Topic, name: &TopicName, track: Track) {
+        t.track_restored(track.key.clone(), track.meta.clone());
         self.tell_tracked(t, name, track);
     }
 
@@ -143,6 +144,8 @@ pub(crate) struct TopicOwner {
     asks: u64,
     /// Incarnations declared down: what they sent before dying is dropped.
     dead: std::collections::BTreeSet<crate::cluster::frame::Origin>,
+    /// Those of them held for a grace (see `node_held`).
+    ended: std::collections::BTreeSet<crate::cluster::frame::Origin>,
     /// The earliest count push due among `to_count[..count_scanned]` (see `poll_timeout`).
     count_wake: Option<Millis>,
     count_scanned: usize,
@@ -166,6 +169,7 @@ impl TopicOwner {
             fetches: VecDeque::new(),
             retries: Retries::new(),
             dead: std::collections::BTreeSet::new(),
+            ended: std::collections::BTreeSet::new(),
             delta_seq: 0,
             asks: 0,
             count_wake: None,
@@ -342,11 +346,18 @@ impl TopicOwner {
         }
     }
 
-    fn join(&mut self, j: JoinMsg, env: &mut Env<'_>) {
+    fn join(&mut self, mut j: JoinMsg, env: &mut Env<'_>) {
         let name = self.owned_name(&j.topic, env);
         let t = self.topics.get_mut(&name).expect("created above");
         if !j.resync {
             t.subscribe(j.from.shard, j.mode);
+        }
+        if let (true, Some(c)) = (t.fetching(), t.cluster_mut()) {
+            // Tracked when the other nodes' parts are in (see `fetch_done`): it may take one
+            // of their presences over.
+            if let Some(track) = j.track.take() {
+                c.deferred.push((track, j.from));
+            }
         }
         // In a window, or while the other nodes' parts are fetched.
         let in_window = t.window_until.is_some() || t.fetching();
@@ -423,7 +434,7 @@ impl TopicOwner {
         self.stats.takeovers += u64::from(taken.is_some() || adopt.is_some());
         match taken {
             Some((held, true)) => {
-                t.publish_held(&track.key, held);
+                t.claim_held(&track.key, held);
                 t.add_alias(track.phx_ref, held);
                 Some(Box::new((track.phx_ref, held)))
             }
@@ -529,6 +540,13 @@ impl TopicOwner {
             // Never announced: the new meta is simply a join.
             return self.announce(&name, new, env.tx);
         }
+        if let Some(c) = t.cluster_mut() {
+            if let Some((_, from)) = c.take_deferred(old) {
+                // Not tracked yet: the new meta waits in its place.
+                c.deferred.push((new, from));
+                return;
+            }
+        }
         let old = t.resolve(old);
         self.replace(&name, old, new, env);
     }
@@ -566,6 +584,13 @@ impl TopicOwner {
             return;
         };
         t.unsubscribe(from, mode);
+        let deferred = |t: &mut Topic, r: PhxRef| t.cluster_mut()?.take_deferred(r);
+        if let Some((_, r)) = &tracked {
+            if deferred(t, *r).is_some() {
+                // Never tracked: nothing to take away.
+                return self.forget_if_idle(&topic, env.tx);
+            }
+        }
         match tracked {
             Some((key, phx_ref)) if graced || t.in_grace() => {
                 self.leave_presence(&topic, key, phx_ref, graced, env)

@@ -26,11 +26,9 @@ impl TopicOwner {
                 }
             };
             match t.cluster() {
-                // This node's part, and what it took back of its previous run that no client
-                // claimed yet (shown here, in no part: see `restore`).
+                // This node's part (what it took back of its previous run included).
                 Some(c) => t.each_presence(&mut |k, m| {
-                    let r = PhxRef(ref_of(m));
-                    if c.owns(k, r.0) || (t.is_held(k, r) && !c.remote.holds(k.as_str(), r.0)) {
+                    if c.owns(k, ref_of(m)) {
                         push(k, m);
                     }
                 }),
@@ -54,14 +52,7 @@ impl TopicOwner {
             tx: env.tx,
             changed: &mut self.changed,
         };
-        if t.cluster().is_some() {
-            // Not in this node's part until a client claims it: the other nodes hold it as
-            // part of this node's previous run (its goodbye said so) and drop it at the same
-            // grace's end, and a client that reconnected to another node may claim it there.
-            sink.announce_unpublished(t, &name, track);
-        } else {
-            sink.announce(t, &name, track);
-        }
+        sink.announce_restored(t, &name, track);
         t.hold(&key, phx_ref, until);
         push_sorted(&mut self.restored, (until, name, key, phx_ref));
     }
