@@ -166,6 +166,11 @@ struct Cluster {
 
 impl Cluster {
     fn new(n: usize) -> Cluster {
+        Cluster::with(n, Millis(0))
+    }
+
+    /// With a leave grace on every node.
+    fn with(n: usize, leave_grace: Millis) -> Cluster {
         let subjects = Subjects::new("roster").unwrap();
         let ids: Vec<u64> = (0..n as u64).map(|i| 100 + i).collect();
         let nodes = ids
@@ -185,6 +190,7 @@ impl Cluster {
                     ref_seed: node.wrapping_mul(0x9e37_79b9_7f4a_7c15),
                     // Each settle lets 2 s pass, and these clients send no heartbeats.
                     heartbeat_timeout: Millis(3_600_000),
+                    leave_grace,
                     ..Config::default()
                 };
                 Shard::new(ShardId(0), config)
@@ -536,6 +542,47 @@ fn a_dead_nodes_clients_take_their_presences_over_on_other_nodes_unseen() {
     assert_eq!(seen(&c), quiet + 2, "one diff each");
     c.close(2, 1);
     assert_eq!(c.sees(0, 1), who(&[("ann", 11), ("obs", 1), ("obs1", 2)]));
+}
+
+/// A killed node's client reconnects to another node before anyone has found the node dead:
+/// with a leave grace its join is a twin of the presence it had (held back, not announced),
+/// and once the node is found dead it takes that presence over, unseen.
+#[test]
+fn a_reconnect_before_the_death_is_known_takes_over_once_it_is() {
+    let mut c = Cluster::with(3, Millis(60_000));
+    c.join(0, 1, "obs", 1);
+    c.join(1, 9, "obs1", 2);
+    c.join(2, 1, "ann", 5);
+    let before = c.views[&(0, 1)].clone();
+    let dead = Origin {
+        node: c.ids[2],
+        incarnation: c.ids[2] * 7,
+    };
+    c.nats.gone(2);
+    let quiet = c.frames[&(0, 1)].len();
+    c.join(1, 1, "ann", 5);
+    assert_eq!(c.frames[&(0, 1)].len(), quiet, "a twin: not announced");
+    for i in 0..2 {
+        c.nodes[i].node_held(dead);
+    }
+    c.settle();
+    for i in 0..2 {
+        c.nodes[i].node_down(dead);
+    }
+    c.settle();
+    assert_eq!(
+        c.frames[&(0, 1)].len(),
+        quiet,
+        "nothing seen: {:?}",
+        &c.frames[&(0, 1)][quiet..]
+    );
+    assert_eq!(c.views[&(0, 1)], before, "ann's presence, her ref");
+    assert_eq!(c.views[&(1, 1)], before);
+    // She is node 1's now: her leave is seen (a leave, not a close: a close is held).
+    c.nodes[1].frame(ConnId(1), br#"["1","2","room","phx_leave",{}]"#);
+    c.collect(1);
+    c.settle();
+    assert_eq!(c.sees(0, 1), who(&[("obs", 1), ("obs1", 2)]));
 }
 
 /// Two clients of one key come back to two nodes at once and both take the same held

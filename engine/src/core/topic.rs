@@ -419,6 +419,16 @@ impl Topic {
         self.take_twin_where(|t| &t.track.key == key && same_meta(&t.track.meta, meta))
     }
 
+    /// Every twin, oldest first.
+    pub(crate) fn take_twins(&mut self) -> Vec<Twin> {
+        let Some(held) = self.held.as_mut() else {
+            return Vec::new();
+        };
+        let twins = std::mem::take(&mut held.twins);
+        self.shrink_held();
+        twins
+    }
+
     /// The twin whose own ref is `r`, if `r` is one.
     pub(crate) fn remove_twin(&mut self, r: PhxRef) -> Option<Twin> {
         self.take_twin_where(|t| t.track.phx_ref == r)

@@ -16,7 +16,7 @@ use roster_proto::meta::restamp_ref;
 use crate::core::ids::next_ref;
 use crate::core::part::{self, answer, ref_of};
 use crate::core::topic::same_meta;
-use crate::core::{ClusterConfig, MeshMsg, Meta, Millis, TopicName, Track, UserKey};
+use crate::core::{ClusterConfig, Meta, Millis, TopicName, Track, UserKey};
 
 impl TopicOwner {
     /// A topic was made here: subscribe to its deltas, and ask for the other nodes' parts (its
@@ -202,6 +202,7 @@ impl TopicOwner {
             .collect();
         for name in names {
             self.on_remote(&name, env, |r| r.node_held(origin));
+            self.twins_take_over(&name, env);
         }
     }
 
@@ -389,16 +390,8 @@ impl TopicOwner {
         let deferred = self.topics.get_mut(name).and_then(|t| t.cluster_mut());
         let deferred = deferred.map(|c| std::mem::take(&mut c.deferred));
         for (track, from) in deferred.unwrap_or_default() {
-            if let Some(adopted) = self.track(name, track, from, env) {
-                let (alias, adopted) = *adopted;
-                let topic = name.clone();
-                let msg = MeshMsg::Adopt {
-                    topic,
-                    conn: from.conn,
-                    alias,
-                    adopted,
-                };
-                env.tx.mesh(from.shard, msg);
+            if let Some(taken) = self.track(name, track, from, env) {
+                super::tell_adopted(name, from, *taken, env.tx);
             }
         }
         let (Some(c), Some(t)) = (&self.config.cluster, self.topics.get_mut(name)) else {

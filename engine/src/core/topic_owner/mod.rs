@@ -453,20 +453,7 @@ impl TopicOwner {
                 // A presence of a node that ended (died under a leave grace, or restarts) that
                 // no live node has taken over: this joiner takes it, unseen.
                 let (r, meta) = adopt.expect("checked above");
-                let own = track.phx_ref;
-                t.add_alias(own, PhxRef(r));
-                let track = Track {
-                    phx_ref: PhxRef(r),
-                    meta,
-                    ..track
-                };
-                let mut sink = Sink {
-                    router: &self.router,
-                    tx: env.tx,
-                    changed: &mut self.changed,
-                };
-                sink.announce(t, name, track);
-                Some(Box::new((own, PhxRef(r))))
+                Some(self.take_over(name, track, (PhxRef(r), meta), env))
             }
             None if grace.0 > 0 && t.has_same(&track.key, &track.meta) => {
                 let until = Millis(env.now.0.saturating_add(grace.0));
@@ -487,6 +474,50 @@ impl TopicOwner {
                 sink.announce(t, name, track);
                 None
             }
+        }
+    }
+
+    /// `track`'s connection takes over presence `held` of an ended node: its own ref is an
+    /// alias of that one from now on. Returns (its own ref, the one it took).
+    fn take_over(
+        &mut self,
+        name: &TopicName,
+        track: Track,
+        (held, meta): (PhxRef, Meta),
+        env: &mut Env<'_>,
+    ) -> Box<(PhxRef, PhxRef)> {
+        let own = track.phx_ref;
+        if let Some(t) = self.topics.get_mut(name) {
+            t.add_alias(own, held);
+        }
+        let track = Track {
+            phx_ref: held,
+            meta,
+            ..track
+        };
+        self.announce(name, track, env.tx);
+        Box::new((own, held))
+    }
+
+    /// Twins are joins with the key and meta of a presence already shown, held back for the
+    /// leave grace: some were reconnects of a node's clients that came before the node was
+    /// found dead. Now that its presences are held, those take them over, unseen.
+    fn twins_take_over(&mut self, name: &TopicName, env: &mut Env<'_>) {
+        let Some(t) = self.topics.get_mut(name) else {
+            return;
+        };
+        for twin in t.take_twins() {
+            let Some(t) = self.topics.get_mut(name) else {
+                return;
+            };
+            let Some((r, meta)) = adoptable(t, &twin.track) else {
+                t.add_twin(twin);
+                continue;
+            };
+            self.stats.takeovers += 1;
+            let from = twin.from;
+            let taken = self.take_over(name, twin.track, (PhxRef(r), meta), env);
+            tell_adopted(name, from, *taken, env.tx);
         }
     }
 
@@ -637,13 +668,7 @@ impl TopicOwner {
                 // The reconnect arrived before its old connection was seen closing.
                 self.stats.takeovers += 1;
                 t.add_alias(twin.track.phx_ref, phx_ref);
-                let msg = MeshMsg::Adopt {
-                    topic: name,
-                    conn: twin.from.conn,
-                    alias: twin.track.phx_ref,
-                    adopted: phx_ref,
-                };
-                env.tx.mesh(twin.from.shard, msg);
+                tell_adopted(&name, twin.from, (twin.track.phx_ref, phx_ref), env.tx);
             }
             _ if graced => {
                 let until = Millis(env.now.0.saturating_add(grace.0));
@@ -856,6 +881,23 @@ impl TopicOwner {
             self.topics.remove(name);
         }
     }
+}
+
+/// Tells connection `from`, whose presence was tracked as `alias`, that it has `adopted`
+/// instead (after its join was answered).
+fn tell_adopted(
+    name: &TopicName,
+    from: ConnAddr,
+    (alias, adopted): (PhxRef, PhxRef),
+    tx: &mut Outbox,
+) {
+    let msg = MeshMsg::Adopt {
+        topic: name.clone(),
+        conn: from.conn,
+        alias,
+        adopted,
+    };
+    tx.mesh(from.shard, msg);
 }
 
 /// A presence of another node's ended incarnation, of `track`'s key and with its client meta,
