@@ -50,7 +50,7 @@ use crate::connect::connect;
 use crate::fanout::{fanout, fanout_count};
 use crate::idle_memory::idle_memory;
 use crate::join_storm::join_storm;
-use crate::reconnect_storm::reconnect_storm;
+use crate::reconnect_storm::{reconnect_storm, Storm};
 use crate::workers::SPLIT;
 
 #[derive(Parser)]
@@ -198,6 +198,16 @@ enum Scenario {
         /// connection end and reconnects (retrying while the server is down).
         #[arg(long)]
         restart_cmd: Option<String>,
+        /// Where the dropped clients reconnect (comma-separated, client i to URL i mod N), as a
+        /// load balancer sends a dead node's clients to the others [default: --url].
+        #[arg(long)]
+        reconnect_url: Option<String>,
+        /// Extra clients that join the same topics on --observer-url before the storm and stay,
+        /// counting the presence changes they see (e.g. on the nodes that survive a kill).
+        #[arg(long, default_value_t = 0)]
+        observers: usize,
+        #[arg(long)]
+        observer_url: Option<String>,
     },
     /// roster nodes of one cluster, one --url each (in node order): remote join latency (a
     /// prober per node joins and leaves, a watcher per node times each join), idle and while
@@ -266,12 +276,20 @@ fn main() {
             reconnect_fraction,
             window_s,
             restart_cmd,
+            reconnect_url,
+            observers,
+            observer_url,
         } => reconnect_storm(
             common,
             topics.max(1),
             reconnect_fraction,
             window_s,
-            restart_cmd,
+            Storm {
+                restart_cmd,
+                reconnect_url,
+                observers,
+                observer_url,
+            },
         ),
         Scenario::Cluster { common, options } => cluster(common, options),
         Scenario::Fanout {

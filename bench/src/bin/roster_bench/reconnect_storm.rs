@@ -12,35 +12,58 @@ pub(crate) fn run_restart(cmd: String) {
     });
 }
 
+/// What the storm is: a restart (or a kill) by command, where the clients come back to, and
+/// who watches from elsewhere.
+pub(crate) struct Storm {
+    pub(crate) restart_cmd: Option<String>,
+    pub(crate) reconnect_url: Option<String>,
+    pub(crate) observers: usize,
+    pub(crate) observer_url: Option<String>,
+}
+
 pub(crate) fn reconnect_storm(
     c: Common,
     topics: usize,
     fraction: f64,
     window_s: u64,
-    restart_cmd: Option<String>,
+    storm: Storm,
 ) -> Result<(), String> {
+    let restart_cmd = storm.restart_cmd;
     let restarting = restart_cmd.is_some();
     let fraction = if restarting { 1.0 } else { fraction };
-    let t = Target::parse(&c)?;
     let (n, e_count, conc) = (c.clients, c.executors, c.concurrency.max(1));
+    // Clients 0..n are the storm's; n.. are the observers, on their own URLs.
+    let observers = storm.observers;
+    let base = Target::parse(&c)?;
+    let t = match &storm.observer_url {
+        Some(urls) => base.others_to(n, urls)?,
+        None => base.clone(),
+    };
+    let rt = match &storm.reconnect_url {
+        Some(urls) => base.to(urls)?,
+        None => base,
+    };
+    let total = n + observers;
     // Every k-th member of each topic reconnects, so each topic has some of both. (Client i is
     // member i / topics of topic i % topics: choosing by i itself would, with an even topic
     // count, put all reconnecting clients in the even topics, and the stayers would see none
     // of the storm.)
     let every = (1.0 / fraction.clamp(0.01, 1.0)).round().max(1.0) as usize;
-    let reconnects = move |i: usize| (i / topics.max(1)).is_multiple_of(every);
+    let reconnects = move |i: usize| i < n && (i / topics.max(1)).is_multiple_of(every);
     let ready = Arc::new(Barrier::new(e_count));
     let deadline = Instant::now() + Duration::from_secs(c.duration_s);
     let parent_restart = restart_cmd.clone();
     let local = move || {
         let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let seen2 = seen.clone();
+        let watched = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (seen2, watched2) = (seen.clone(), watched.clone());
         let parts = on_executors(e_count, move |e| {
-            let (t, ready, seen, restart_cmd) =
-                (t.clone(), ready.clone(), seen2.clone(), restart_cmd.clone());
+            let (t, rt, ready, restart_cmd) =
+                (t.clone(), rt.clone(), ready.clone(), restart_cmd.clone());
+            let (seen, watched) = (seen2.clone(), watched2.clone());
             async move {
                 let part = Rc::new(RefCell::new(Part::new()));
-                let clients = connect_share(&t, e, e_count, n, conc, &part).await;
+                let clients = connect_share(&t, e, e_count, total, conc, &part).await;
                 let members = join_each(clients, &part, deadline, conc, move |i| {
                     json!(["1", "1", format!("room:{}", i % topics), "phx_join", {"meta": {"i": i}}]).to_string()
                 })
@@ -81,7 +104,7 @@ pub(crate) fn reconnect_storm(
                 let tasks: Vec<_> = members
                 .into_iter()
                 .map(|(i, mut client)| {
-                    let (t, part, seen) = (t.clone(), part.clone(), seen.clone());
+                    let (t, part, seen, watched) = (rt.clone(), part.clone(), seen.clone(), watched.clone());
                     glommio::spawn_local(async move {
                         if reconnects(i) {
                             if restarting {
@@ -135,6 +158,9 @@ pub(crate) fn reconnect_storm(
                         } else {
                             let changes = count_changes(&mut client, window_end).await;
                             seen.fetch_add(changes, std::sync::atomic::Ordering::Relaxed);
+                            if i >= n {
+                                watched.fetch_add(changes, std::sync::atomic::Ordering::Relaxed);
+                            }
                             part.borrow_mut().b.record(changes).ok();
                         }
                     })
@@ -145,7 +171,11 @@ pub(crate) fn reconnect_storm(
             }
         })?;
         let total = seen.load(std::sync::atomic::Ordering::Relaxed);
-        Ok((Part::merge(parts), json!({"seen": total})))
+        let watched = watched.load(std::sync::atomic::Ordering::Relaxed);
+        Ok((
+            Part::merge(parts),
+            json!({"seen": total, "watched": watched}),
+        ))
     };
     let on_phase = |k: usize| {
         if k == 1 {
@@ -158,7 +188,8 @@ pub(crate) fn reconnect_storm(
         return Ok(());
     };
     let total = extras["seen"].as_u64().unwrap_or(0);
-    let reconnecting = (0..n).filter(|&i| i.is_multiple_of(every)).count();
+    let watched = extras["watched"].as_u64().unwrap_or(0);
+    let reconnecting = (0..n).filter(|&i| reconnects(i)).count();
     let how = if restarting {
         "lost their connection to a server restart"
     } else {
@@ -168,6 +199,20 @@ pub(crate) fn reconnect_storm(
     p.print_errors();
     println!("  drop -> rejoined us: {}", percentiles(&p.a));
     println!("  all back after: {:.3} s", p.a.max() as f64 / 1e6);
+    // Across a restart the first one back is about when the new process accepts.
+    let (first, last) = (p.a.min() as f64 / 1e6, p.a.max() as f64 / 1e6);
+    let spread = last - first;
+    let rate = if spread > 0.0 {
+        p.ok as f64 / spread
+    } else {
+        0.0
+    };
+    println!(
+        "  first back after: {first:.3} s; all back {spread:.3} s after it ({rate:.0} rejoins/s)"
+    );
+    if observers > 0 {
+        println!("  presence changes seen by the {observers} observers: {watched}");
+    }
     let who = if restarting {
         "by every client once back"
     } else {
@@ -181,7 +226,8 @@ pub(crate) fn reconnect_storm(
     write_json(
         &c,
         json!({"scenario": "reconnect-storm", "clients": n, "topics": topics, "reconnected": p.ok, "dropped": reconnecting,
-        "errors": p.errors, "rejoin_us": json_percentiles(&p.a), "changes_seen_total": total, "changes_seen_per_stayer": json_percentiles(&p.b)}),
+        "errors": p.errors, "rejoin_us": json_percentiles(&p.a), "first_back_s": first, "all_back_after_first_s": spread,
+        "changes_seen_total": total, "changes_seen_per_stayer": json_percentiles(&p.b), "observers": observers, "changes_seen_by_observers": watched}),
     )
 }
 
