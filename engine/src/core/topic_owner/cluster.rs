@@ -231,7 +231,6 @@ impl TopicOwner {
         };
         let phx_ref = PhxRef(ref_of(&meta));
         t.realias(r, phx_ref);
-        self.stats.reclaims += 1;
         let track = Track { key, phx_ref, meta };
         self.replace(name, r, track, env);
     }

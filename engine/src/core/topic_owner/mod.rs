@@ -39,8 +39,6 @@ pub(crate) struct OwnerStats {
     pub(crate) diffs_sent: u64,
     pub(crate) diffs_coalesced: u64,
     pub(crate) takeovers: u64,
-    /// Takeovers lost to another node's claim of the same presence (see `reclaim`).
-    pub(crate) reclaims: u64,
     pub(crate) twins: u64,
     pub(crate) grace_expired: u64,
 }
