@@ -428,4 +428,69 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn under_a_grace_an_ended_node_is_held_until_the_grace_ends_or_it_is_heard_again() {
+        let timing = Timing {
+            leave_grace: Millis(5_000),
+            ..TIMING
+        };
+        let mut n = Nodes::new(o(1, 100), "node-1", timing, Millis(0));
+        n.heard(&hb(o(2, 7), 1), Millis(0));
+        n.heard(&hb(o(3, 9), 1), Millis(0));
+        n.heard(&hb(o(4, 5), 1), Millis(0));
+        // 3 says goodbye with a hold (it wrote a state file); 4 without: it is down at once.
+        assert_eq!(
+            n.goodbye(o(3, 9), Millis(30_000), Millis(100)),
+            [NodeEvent::Held(o(3, 9), DownReason::Goodbye)]
+        );
+        assert_eq!(
+            n.goodbye(o(4, 5), Millis(0), Millis(100)),
+            [NodeEvent::Down(o(4, 5), DownReason::Goodbye)]
+        );
+        // 2 falls silent: held for the leave grace, then down.
+        assert_eq!(
+            n.tick(Millis(3_000)),
+            [NodeEvent::Held(o(2, 7), DownReason::Silent)]
+        );
+        n.heartbeat_due(Millis(7_900));
+        assert_eq!(
+            n.poll_timeout(),
+            Millis(8_000),
+            "the hold's end, before our next beat"
+        );
+        assert!(n.tick(Millis(7_999)).is_empty());
+        assert_eq!(
+            n.tick(Millis(8_000)),
+            [NodeEvent::Down(o(2, 7), DownReason::GraceEnded)]
+        );
+        // 3's next run is up (a new incarnation): the old one stays held for its hold.
+        assert_eq!(
+            n.heard(&hb(o(3, 10), 1), Millis(9_000)),
+            [NodeEvent::Up(o(3, 10))]
+        );
+        n.heard(&hb(o(3, 10), 2), Millis(30_000));
+        assert_eq!(
+            n.tick(Millis(30_100)),
+            [NodeEvent::Down(o(3, 9), DownReason::GraceEnded)]
+        );
+        // A held node heard again (a partition healed) is back, and its hold ends.
+        let mut p = Nodes::new(o(1, 100), "node-1", timing, Millis(0));
+        p.heard(&hb(o(2, 7), 1), Millis(0));
+        p.tick(Millis(3_000));
+        assert_eq!(
+            p.heard(&hb(o(2, 7), 9), Millis(4_000)),
+            [NodeEvent::Back(o(2, 7))]
+        );
+        p.heard(&hb(o(2, 7), 10), Millis(7_000));
+        assert!(
+            p.tick(Millis(8_000)).is_empty(),
+            "no down at the grace's end"
+        );
+        // A restart heard before the old incarnation fell silent: the old one is held.
+        assert_eq!(
+            p.heard(&hb(o(2, 8), 1), Millis(8_500)),
+            [NodeEvent::Held(o(2, 7), DownReason::Restarted)]
+        );
+    }
 }

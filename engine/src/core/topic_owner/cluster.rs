@@ -4,16 +4,15 @@
 //! answers and change what this node's clients see. On a single node (`Config::cluster` None)
 //! every function here does nothing. Watch lists across nodes are `core/user_cluster.rs`.
 
+use roster_proto::meta::restamp_ref;
 use roster_proto::PhxRef;
 
 use super::{Env, TopicOwner};
 use crate::cluster::frame::{Frame, Kind, Origin};
 use crate::cluster::parts::{Applied, Change};
 use crate::cluster::subject::Scope;
-use crate::core::outbox::{NatsOut, Outbox};
-use roster_proto::meta::restamp_ref;
-
 use crate::core::ids::next_ref;
+use crate::core::outbox::{NatsOut, Outbox};
 use crate::core::part::{self, answer, ref_of};
 use crate::core::topic::same_meta;
 use crate::core::{ClusterConfig, Meta, Millis, TopicName, Track, UserKey};
