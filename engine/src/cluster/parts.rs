@@ -418,8 +418,14 @@ impl RemoteParts {
             .parts
             .iter()
             .filter(|(_, rp)| rp.presences.contains_key(&id));
-        let all: Vec<(u64, bool)> = showing.map(|(n, rp)| (*n, rp.held.contains(&id))).collect();
-        all.iter().find(|(_, held)| !held).or(all.first()).copied()
+        let mut first = None;
+        for (node, rp) in showing {
+            if !rp.held.contains(&id) {
+                return Some((*node, false));
+            }
+            first.get_or_insert((*node, true));
+        }
+        first
     }
 
     /// The holders this node knows of (for its own answers to part requests).
@@ -552,10 +558,12 @@ impl RemoteParts {
         }
         let id = (key.to_owned(), phx_ref);
         let shown = self.shown_except(None, &id);
-        for h in self.held.values_mut() {
-            h.remove(&id);
+        if shown && !self.held.is_empty() {
+            for h in self.held.values_mut() {
+                h.remove(&id);
+            }
+            self.held.retain(|_, h| !h.is_empty());
         }
-        self.held.retain(|_, h| !h.is_empty());
         shown
     }
 

@@ -129,20 +129,15 @@ impl<K: Clone + Ord + Borrow<str>> NameCluster<K> {
         self.own.len()
     }
 
-    /// A presence of this node joined.
-    pub(crate) fn joined(&mut self, key: &K, meta: &Meta) {
+    /// A presence of this node joined. `held`: one of its previous run, taken back with no
+    /// connection yet, which any node may take over for a client of its key that comes back.
+    pub(crate) fn joined(&mut self, key: &K, meta: &Meta, held: bool) {
         let r = ref_of(meta);
         self.own.insert((key.clone(), r), meta.clone());
-        self.joins.push((key.clone(), r, meta.clone(), false));
-    }
-
-    /// A presence of this node's previous run, taken back with no connection yet: any node
-    /// may take it over for a client of its key that comes back there.
-    pub(crate) fn joined_held(&mut self, key: &K, meta: &Meta) {
-        let r = ref_of(meta);
-        self.own.insert((key.clone(), r), meta.clone());
-        self.own_held.insert((key.clone(), r));
-        self.joins.push((key.clone(), r, meta.clone(), true));
+        if held {
+            self.own_held.insert((key.clone(), r));
+        }
+        self.joins.push((key.clone(), r, meta.clone(), held));
     }
 
     /// A held presence of this node's part is a connection's now: joined again, unheld.

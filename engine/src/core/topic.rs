@@ -161,20 +161,18 @@ impl Topic {
     /// A presence of this node's own. One another node's part shows already (taken over from
     /// a node that died or restarted) joins this node's part only: clients see it already.
     pub(crate) fn track(&mut self, key: UserKey, meta: Meta) {
-        if let Some(c) = self.cluster.as_deref_mut() {
-            c.joined(&key, &meta);
-            if c.remote.claim(key.as_str(), ref_of(&meta)) {
-                return;
-            }
-        }
-        self.track_remote(key, meta);
+        self.track_own(key, meta, false);
     }
 
     /// A presence of this node's previous run (its state file), which no connection has: in
     /// this node's part as held, so that a client coming back to any node may take it over.
     pub(crate) fn track_restored(&mut self, key: UserKey, meta: Meta) {
+        self.track_own(key, meta, true);
+    }
+
+    fn track_own(&mut self, key: UserKey, meta: Meta, held: bool) {
         if let Some(c) = self.cluster.as_deref_mut() {
-            c.joined_held(&key, &meta);
+            c.joined(&key, &meta, held);
             if c.remote.claim(key.as_str(), ref_of(&meta)) {
                 return;
             }

@@ -106,7 +106,9 @@ impl Users {
         let Some(uc) = self.cluster.as_deref_mut() else {
             return;
         };
-        uc.interest(key, env.now, env.tx).part.joined(topic, meta);
+        uc.interest(key, env.now, env.tx)
+            .part
+            .joined(topic, meta, false);
         uc.touched.push(key.clone());
     }
 
@@ -265,28 +267,32 @@ impl Users {
 
     /// A node is down: its parts leave every key's watchers.
     pub(crate) fn user_node_down(&mut self, origin: Origin, env: &mut Env<'_>) {
-        let Some(uc) = self.cluster.as_deref_mut() else {
-            return;
-        };
-        uc.dead.insert(origin);
-        uc.ended.remove(&origin);
-        let keys: Vec<UserKey> = uc.sides.keys().cloned().collect();
-        for key in keys {
-            self.on_remote(&key, env, |r| r.node_down(origin));
-        }
+        self.node_ended(origin, false, env);
     }
 
-    /// A node ended under a grace: its parts stay until `user_node_down`; its late frames are
-    /// dropped.
+    /// A node ended under a grace: its parts stay until `user_node_down`.
     pub(crate) fn user_node_held(&mut self, origin: Origin, env: &mut Env<'_>) {
+        self.node_ended(origin, true, env);
+    }
+
+    /// Its late frames are dropped; what other nodes relay of it is taken while it is `held`.
+    fn node_ended(&mut self, origin: Origin, held: bool, env: &mut Env<'_>) {
         let Some(uc) = self.cluster.as_deref_mut() else {
             return;
         };
         uc.dead.insert(origin);
-        uc.ended.insert(origin);
+        if held {
+            uc.ended.insert(origin);
+        } else {
+            uc.ended.remove(&origin);
+        }
         let keys: Vec<UserKey> = uc.sides.keys().cloned().collect();
         for key in keys {
-            self.on_remote(&key, env, |r| r.node_held(origin));
+            if held {
+                self.on_remote(&key, env, |r| r.node_held(origin));
+            } else {
+                self.on_remote(&key, env, |r| r.node_down(origin));
+            }
         }
     }
 
@@ -420,28 +426,14 @@ impl Users {
         };
         let (mut joins, mut leaves) = (Vec::new(), Vec::new());
         for change in applied.changes {
+            let (list, topic, meta, phx_ref) = match change {
+                Change::Join { key, meta, phx_ref } => (&mut joins, key, meta, phx_ref),
+                Change::Leave { key, meta, phx_ref } => (&mut leaves, key, meta, phx_ref),
+            };
+            let topic = env.names.intern(&topic);
             // What this node's own part shows too is no change for watchers.
-            match change {
-                Change::Join {
-                    key: topic,
-                    meta,
-                    phx_ref,
-                } => {
-                    let topic = env.names.intern(&topic);
-                    if !side.part.owns(&topic, phx_ref) {
-                        joins.push((topic, meta));
-                    }
-                }
-                Change::Leave {
-                    key: topic,
-                    meta,
-                    phx_ref,
-                } => {
-                    let topic = env.names.intern(&topic);
-                    if !side.part.owns(&topic, phx_ref) {
-                        leaves.push((topic, meta));
-                    }
-                }
+            if !side.part.owns(&topic, phx_ref) {
+                list.push((topic, meta));
             }
         }
         if !joins.is_empty() || !leaves.is_empty() {

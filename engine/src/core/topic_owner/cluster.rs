@@ -176,15 +176,16 @@ impl TopicOwner {
     pub(crate) fn node_down(&mut self, origin: Origin, env: &mut Env<'_>) {
         self.dead.insert(origin);
         self.ended.remove(&origin);
-        let names: Vec<TopicName> = self
-            .topics
-            .iter()
-            .filter(|(_, t)| t.cluster().is_some())
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in names {
+        for name in self.cluster_topics() {
             self.on_remote(&name, env, |r| r.node_down(origin));
         }
+    }
+
+    /// The topics with a cluster side here.
+    fn cluster_topics(&self) -> Vec<TopicName> {
+        let topics = self.topics.iter();
+        let clustered = topics.filter(|(_, t)| t.cluster().is_some());
+        clustered.map(|(n, _)| n.clone()).collect()
     }
 
     /// A node ended under a grace (it died with a leave grace set, or stopped to restart): its
@@ -193,13 +194,7 @@ impl TopicOwner {
     pub(crate) fn node_held(&mut self, origin: Origin, env: &mut Env<'_>) {
         self.dead.insert(origin);
         self.ended.insert(origin);
-        let names: Vec<TopicName> = self
-            .topics
-            .iter()
-            .filter(|(_, t)| t.cluster().is_some())
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in names {
+        for name in self.cluster_topics() {
             self.on_remote(&name, env, |r| r.node_held(origin));
             self.twins_take_over(&name, env);
         }
