@@ -7,7 +7,13 @@
 /// old metas with old stamps), with the meta's `"round":R` when it has one. Roster and Phoenix
 /// both write `joins` before `leaves`. Handed to `on` one by one: a receiver calls this for
 /// every frame it reads, and a list per frame would be an allocation per delivery.
-pub fn joined_stamps(frame: &str, mut on: impl FnMut(u64, Option<u64>)) {
+pub fn joined_stamps(frame: &str, on: impl FnMut(u64, Option<u64>)) {
+    joined_stamps_with(frame, "\"round\":", on)
+}
+
+/// [`joined_stamps`] with the number after `tag` (`"node":`, say: the key and its colon, so
+/// that no string is built per frame) instead of the round.
+pub fn joined_stamps_with(frame: &str, tag: &str, mut on: impl FnMut(u64, Option<u64>)) {
     let Some(start) = frame.find("\"joins\":") else {
         return;
     };
@@ -25,8 +31,8 @@ pub fn joined_stamps(frame: &str, mut on: impl FnMut(u64, Option<u64>)) {
         let open = joins[..pos].rfind('{').unwrap_or(0);
         let close = joins[pos..].find('}').map_or(joins.len(), |c| pos + c);
         let round = joins[open..close]
-            .find("\"round\":")
-            .and_then(|r| number_after(&joins[open + r + "\"round\":".len()..close]));
+            .find(tag)
+            .and_then(|r| number_after(&joins[open + r + tag.len()..close]));
         on(ns, round);
         at = pos + 1;
     }

@@ -2,6 +2,9 @@
 //! scripts/bench.sh writes): latency percentiles per scenario, and the server's memory per
 //! connection against the number of connections.
 //!
+//! A folder holding a `million` result (scripts/million.sh) gets that run's chart instead: the
+//! ramp (clients joined over time) and the memory per connection, by where it is held.
+//!
 //! `roster-chart DIR` writes DIR/chart.svg.
 
 use std::path::{Path, PathBuf};
@@ -58,6 +61,9 @@ fn draw(dir: &Path) -> Result<PathBuf, String> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, font)
         .map_err(|_| "bad font file")?;
     let results = load(dir)?;
+    if let Some((_, v)) = results.iter().find(|(_, v)| v["scenario"] == "million") {
+        return draw_million(dir, v);
+    }
     let lat: Vec<Latency> = results.iter().filter_map(|(n, v)| latency(n, v)).collect();
     let mut mem: Vec<(f64, f64, String)> = results
         .iter()
@@ -178,6 +184,100 @@ fn draw(dir: &Path) -> Result<PathBuf, String> {
         .border_style(BLACK)
         .draw()
         .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// A million run: clients joined against seconds, and bytes per connection by holder.
+fn draw_million(dir: &Path, v: &Value) -> Result<PathBuf, String> {
+    let per_s: Vec<f64> = v["ramp"]["joined_per_s"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default();
+    let mut total = 0.0;
+    let ramp: Vec<(f64, f64)> = per_s
+        .iter()
+        .enumerate()
+        .map(|(s, k)| {
+            total += k;
+            ((s + 1) as f64, total)
+        })
+        .collect();
+    let hold = &v["hold"];
+    let bytes = |k: &str| hold[k].as_f64().unwrap_or(0.0);
+    let n = v["ramp"]["joined"].as_f64().unwrap_or(1.0).max(1.0);
+    let bars = [
+        ("servers", bytes("server_bytes_per_connection"), RED),
+        ("load generator", bytes("client_bytes_per_connection"), BLUE),
+        (
+            "kernel (both ends)",
+            bytes("kernel_bytes_per_connection"),
+            GREEN,
+        ),
+        ("nats-server", bytes("nats_bytes") / n, MAGENTA),
+    ];
+    let out = dir.join("chart.svg");
+    let target = out.clone();
+    let root = SVGBackend::new(&target, (1200, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let (left, right) = root.split_horizontally(650);
+    let secs = ramp.len().max(1) as f64;
+    let mut chart = ChartBuilder::on(&left)
+        .caption(
+            format!(
+                "ramp: {} clients over {} nodes joined",
+                total,
+                v["nodes"].as_u64().unwrap_or(0)
+            ),
+            ("sans-serif", 18),
+        )
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..secs, 0f64..(total.max(1.0) * 1.05))
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc("clients joined and watching")
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .draw()
+        .map_err(|e| e.to_string())?;
+    chart
+        .draw_series(LineSeries::new(ramp, RED.stroke_width(2)))
+        .map_err(|e| e.to_string())?;
+    let top = bars.iter().map(|b| b.1).fold(1.0, f64::max) * 1.2;
+    let labels: Vec<String> = bars.iter().map(|b| b.0.to_owned()).collect();
+    let mut chart = ChartBuilder::on(&right)
+        .caption("bytes per connection, held idle", ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.5f64..(bars.len() as f64 - 0.5), 0f64..top)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_labels(bars.len())
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 {
+                labels.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .draw()
+        .map_err(|e| e.to_string())?;
+    for (i, (_, b, color)) in bars.iter().enumerate() {
+        let x = i as f64;
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(x - 0.3, 0.0), (x + 0.3, *b)],
+                color.filled(),
+            )))
+            .map_err(|e| e.to_string())?;
+    }
     root.present().map_err(|e| e.to_string())?;
     Ok(out)
 }

@@ -15,7 +15,6 @@
 //! Needs roster's cluster metrics for the traffic and memory figures; the latencies need
 //! nothing engine-specific.
 
-use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::prelude::*;
@@ -79,7 +78,7 @@ pub(crate) fn cluster(c: Common, o: Options) -> Result<(), String> {
         ));
     }
     for a in &admins {
-        admin_addr(a)?;
+        http_addr(a)?;
     }
     let deadline = Instant::now() + Duration::from_secs(c.duration_s);
     let churn_on = Arc::new(AtomicBool::new(false));
@@ -480,33 +479,10 @@ async fn kill_and_time(t: &Target, cmd: &str, deadline: Instant) -> Result<u128,
     Ok(killed.elapsed().as_millis())
 }
 
-/// host:port of an http://host:port admin URL, on loopback.
-fn admin_addr(url: &str) -> Result<SocketAddr, String> {
-    let host = url
-        .strip_prefix("http://")
-        .ok_or("--admin-urls: only http:// URLs")?
-        .trim_end_matches('/');
-    let addr = host
-        .to_socket_addrs()
-        .map_err(|e| format!("{url}: {e}"))?
-        .next()
-        .ok_or("no address")?;
-    if !addr.ip().is_loopback() {
-        return Err(format!("{addr} is not a loopback address"));
-    }
-    Ok(addr)
-}
-
 /// The sum over series of metric `name` on an admin listener (a blocking read: the admin
 /// listener answers at once, and the measurements around it wait anyway).
-fn metric(url: &str, name: &str) -> Option<f64> {
-    let addr = admin_addr(url).ok()?;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: roster\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
+pub(crate) fn metric(url: &str, name: &str) -> Option<f64> {
+    let body = http_get(url, "/metrics")?;
     let series = body
         .lines()
         .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")));

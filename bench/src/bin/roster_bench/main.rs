@@ -12,6 +12,7 @@ mod connect;
 mod fanout;
 mod idle_memory;
 mod join_storm;
+mod million;
 mod part;
 mod probes;
 mod reconnect_storm;
@@ -50,6 +51,7 @@ use crate::connect::connect;
 use crate::fanout::{fanout, fanout_count};
 use crate::idle_memory::idle_memory;
 use crate::join_storm::join_storm;
+use crate::million::million;
 use crate::reconnect_storm::{reconnect_storm, Storm};
 use crate::workers::SPLIT;
 
@@ -220,6 +222,18 @@ enum Scenario {
         #[command(flatten)]
         options: cluster::Options,
     },
+    /// A large run against a cluster's nodes (one --url each), on the same clients throughout:
+    /// ramp (connect, join a small topic in full presence or a large one in count presence,
+    /// watch a few users), hold (idle: memory, CPU and NATS traffic read off the machine),
+    /// churn (clients leave and rejoin at --churn-rate; join-to-seen latency on other nodes),
+    /// failover (--kill-cmd ends a node; time until its clients are back on the others, and
+    /// presence changes everyone else saw). Needs --procs; see scripts/million.sh.
+    Million {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        options: million::Options,
+    },
 }
 
 fn main() {
@@ -231,7 +245,8 @@ fn main() {
         | Scenario::Fanout { common, .. }
         | Scenario::Churn { common, .. }
         | Scenario::ReconnectStorm { common, .. }
-        | Scenario::Cluster { common, .. } => common,
+        | Scenario::Cluster { common, .. }
+        | Scenario::Million { common, .. } => common,
     };
     let _ = workers::PHOENIX_COMPATIBLE.set(common.phoenix_compatible);
     roster_bench::client::set_heartbeat(
@@ -292,6 +307,7 @@ fn main() {
             },
         ),
         Scenario::Cluster { common, options } => cluster(common, options),
+        Scenario::Million { common, options } => million(common, options),
         Scenario::Fanout {
             common,
             rounds,

@@ -10,6 +10,9 @@ pub(crate) fn hist() -> Histogram<u64> {
 pub(crate) struct Part {
     pub(crate) a: Histogram<u64>,
     pub(crate) b: Histogram<u64>,
+    /// Two more, for scenarios that time more than two things (`million`).
+    pub(crate) c: Histogram<u64>,
+    pub(crate) d: Histogram<u64>,
     pub(crate) ok: usize,
     pub(crate) errors: usize,
     pub(crate) timeouts: usize,
@@ -37,6 +40,8 @@ impl Part {
         Part {
             a: hist(),
             b: hist(),
+            c: hist(),
+            d: hist(),
             ok: 0,
             errors: 0,
             timeouts: 0,
@@ -63,7 +68,7 @@ impl Part {
             );
             buf.iter().map(|b| format!("{b:02x}")).collect::<String>()
         };
-        json!({"a": hex(&self.a), "b": hex(&self.b), "ok": self.ok, "errors": self.errors,
+        json!({"a": hex(&self.a), "b": hex(&self.b), "c": hex(&self.c), "d": hex(&self.d), "ok": self.ok, "errors": self.errors,
                "timeouts": self.timeouts, "first_error": self.first_error, "client_bytes": self.client_bytes,
                "lost": self.lost, "crashed": self.crashed_all()})
         .to_string()
@@ -86,6 +91,8 @@ impl Part {
         Ok(Part {
             a: hist("a")?,
             b: hist("b")?,
+            c: hist("c")?,
+            d: hist("d")?,
             ok: count("ok"),
             errors: count("errors"),
             timeouts: count("timeouts"),
@@ -120,6 +127,8 @@ impl Part {
         for p in parts {
             all.a.add(&p.a).ok();
             all.b.add(&p.b).ok();
+            all.c.add(&p.c).ok();
+            all.d.add(&p.d).ok();
             all.ok += p.ok;
             all.errors += p.errors;
             all.timeouts += p.timeouts;

@@ -90,3 +90,56 @@ pub(crate) fn print_cpu(window: &Value, what: &str) -> Option<f64> {
     println!("  server CPU from {what}: {cpu:.2} s in {wall:.2} s ({pct:.1}% of one core)");
     Some(pct)
 }
+
+/// host:port of an http://host:port URL, on loopback.
+pub(crate) fn http_addr(url: &str) -> Result<SocketAddr, String> {
+    let host = url
+        .strip_prefix("http://")
+        .ok_or(format!("{url}: only http:// URLs"))?
+        .trim_end_matches('/');
+    let addr = host
+        .to_socket_addrs()
+        .map_err(|e| format!("{url}: {e}"))?
+        .next()
+        .ok_or("no address")?;
+    if !addr.ip().is_loopback() {
+        return Err(format!("{addr} is not a loopback address"));
+    }
+    Ok(addr)
+}
+
+/// The body of GET `path` on a loopback HTTP listener (an admin or monitoring port: blocking,
+/// as what is measured around it waits anyway).
+pub(crate) fn http_get(url: &str, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let addr = http_addr(url).ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (_, body) = text.split_once("\r\n\r\n")?;
+    Some(body.to_owned())
+}
+
+/// The processes whose parent is `pid` (a load generator's workers).
+pub(crate) fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+                return false;
+            };
+            // The parent is the second field after the command name (which may hold spaces).
+            stat.get(stat.rfind(')').map_or(0, |i| i + 2)..)
+                .and_then(|rest| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                == Some(pid)
+        })
+        .collect()
+}

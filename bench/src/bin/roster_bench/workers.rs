@@ -59,8 +59,9 @@ pub(crate) fn phase(b: &Barrier) -> bool {
 
 pub(crate) use roster_bench::stamps::mono_ns;
 
-/// Merges scenario extras from workers: numbers add up, arrays of numbers take the larger
-/// element (per-round maxima).
+/// Merges scenario extras from workers: numbers add up; arrays of numbers take the larger
+/// element (per-round maxima), except under keys ending in `_sum`, which add up element by
+/// element (counts per second or per node).
 pub(crate) fn merge_extras(into: &mut Value, from: &Value) {
     let (Some(into), Some(from)) = (into.as_object_mut(), from.as_object()) else {
         return;
@@ -68,9 +69,11 @@ pub(crate) fn merge_extras(into: &mut Value, from: &Value) {
     for (k, v) in from {
         match (into.get_mut(k), v) {
             (Some(Value::Array(a)), Value::Array(b)) => {
+                let sum = k.ends_with("_sum");
                 for (i, x) in b.iter().enumerate() {
                     let x = x.as_u64().unwrap_or(0);
                     match a.get_mut(i) {
+                        Some(y) if sum => *y = json!(y.as_u64().unwrap_or(0) + x),
                         Some(y) => *y = json!(y.as_u64().unwrap_or(0).max(x)),
                         None => a.push(json!(x)),
                     }
