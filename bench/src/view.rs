@@ -15,6 +15,10 @@ impl View {
         self.keys.len()
     }
 
+    pub fn has(&self, key: &str) -> bool {
+        self.keys.contains_key(key)
+    }
+
     pub fn state(&mut self, state: &Value) {
         self.keys.clear();
         self.join(state);

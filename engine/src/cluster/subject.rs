@@ -87,10 +87,54 @@ impl Subjects {
         format!("{}.n.{node:016x}", self.prefix)
     }
 
+    /// A subject nobody subscribes to, for a request whose "no responders" tells this node
+    /// that nats-server has what it sent before (a subscription).
+    pub fn probe(&self, node: u64) -> String {
+        format!("{}.probe.{node:016x}", self.prefix)
+    }
+
     /// Every node's heartbeats and goodbyes.
     pub fn heartbeats(&self) -> String {
         format!("{}.hb", self.prefix)
     }
+}
+
+/// Which of a name's two subjects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// [`Subjects::deltas`]
+    Deltas,
+    /// [`Subjects::parts`]
+    Parts,
+}
+
+/// A name's subject as the stem its two subjects share and which of them it is, so that a
+/// node wanting both subscribes once, to [`both`]: a subscription costs memory in the client
+/// and in nats-server, and a node holds one or two per name it has an interest in.
+pub fn split_name_subject(subject: &str) -> Option<(&str, Side)> {
+    let (stem, last) = subject.rsplit_once('.')?;
+    let side = match last {
+        "d" => Side::Deltas,
+        "q" => Side::Parts,
+        _ => return None,
+    };
+    let (rest, hash) = stem.rsplit_once('.')?;
+    let (_, scope) = rest.rsplit_once('.')?;
+    let hash_ok = hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit());
+    (hash_ok && (scope == "t" || scope == "u")).then_some((stem, side))
+}
+
+/// The subject of `side` under a stem of [`split_name_subject`].
+pub fn name_subject(stem: &str, side: Side) -> String {
+    match side {
+        Side::Deltas => format!("{stem}.d"),
+        Side::Parts => format!("{stem}.q"),
+    }
+}
+
+/// The one subscription that gets both subjects of a stem (they are the only ones under it).
+pub fn both(stem: &str) -> String {
+    format!("{stem}.*")
 }
 
 /// The stable hash of a name in subjects.
@@ -123,6 +167,32 @@ mod tests {
                 .unwrap()
                 .deltas(Scope::Topic, "room:1")
         );
+    }
+
+    #[test]
+    fn a_names_two_subjects_share_a_stem_and_nothing_else_does() {
+        let s = Subjects::new("acme.roster").unwrap();
+        for scope in [Scope::Topic, Scope::User] {
+            let (d, q) = (s.deltas(scope, "room:1"), s.parts(scope, "room:1"));
+            let (stem, side) = split_name_subject(&d).unwrap();
+            assert_eq!(side, Side::Deltas);
+            assert_eq!(split_name_subject(&q), Some((stem, Side::Parts)));
+            assert_eq!(name_subject(stem, Side::Deltas), d);
+            assert_eq!(name_subject(stem, Side::Parts), q);
+            assert_eq!(both(stem), format!("{stem}.*"));
+            assert_ne!(
+                split_name_subject(&s.deltas(scope, "room:2")).unwrap().0,
+                stem
+            );
+        }
+        for other in [
+            s.heartbeats(),
+            s.node(7),
+            "acme.roster.t.12.d".into(),
+            "d".into(),
+        ] {
+            assert_eq!(split_name_subject(&other), None, "{other}");
+        }
     }
 
     #[test]

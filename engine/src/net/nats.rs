@@ -22,7 +22,7 @@ use crate::cluster::frame::{Frame, Goodbye, Kind, Origin};
 use crate::cluster::inbox::Inbox;
 use crate::cluster::lookup::{Ask, Found, Lookups, To};
 use crate::cluster::nodes::{DownReason, NodeEvent, Nodes, Timing};
-use crate::cluster::subject::{name_hash, Subjects};
+use crate::cluster::subject::{both, name_hash, name_subject, split_name_subject, Side, Subjects};
 use crate::config::NodeConfig;
 use crate::core::{Millis, NatsOut};
 use crate::mesh::{Router, ShardId};
@@ -286,6 +286,7 @@ impl Setup {
             lookups: Lookups::new(self.me),
             deliver,
             subs: HashMap::new(),
+            names: HashMap::new(),
             epoch,
             connected: true,
             stats: self.stats,
@@ -399,18 +400,119 @@ impl Deliver {
     }
 }
 
-/// Forwards one subscription's messages until it is unsubscribed (the task is aborted, which
-/// drops the subscriber, which unsubscribes).
-async fn forward(mut sub: Subscriber, deliver: Arc<Deliver>) {
-    while let Some(m) = sub.next().await {
-        deliver.by_name(m);
+/// Identifies a message among those of one subject's overlap (frames carry their origin and
+/// seq, so two distinct frames never have equal bytes).
+fn message_hash(m: &Message) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(
+        &m.payload,
+        xxhash_rust::xxh3::xxh3_64(m.subject.as_bytes()),
+    )
+}
+
+/// Ends a forwarding task when dropped; sending it a channel instead makes the task hand its
+/// subscriber over (with what it has not yet forwarded) to a successor.
+type Stop = tokio::sync::oneshot::Sender<tokio::sync::oneshot::Sender<Subscriber>>;
+
+/// A subscription that takes over from another: the one before it, and how to be sure the
+/// server has this one (a request nobody answers, see `forward`).
+struct Succession {
+    before: Stop,
+    client: Client,
+    probe: String,
+}
+
+/// Forwards one subscription's messages until stopped. When it follows another (a
+/// subscription of the same name it replaces), that one goes only once the server is known to
+/// have this one: until then a message may be routed to it alone. So: a request to a subject
+/// nobody serves, whose "no responders" the server writes behind everything it routed to this
+/// connection before, which is after this subscription; then the old one is unsubscribed and
+/// drained (its messages came first). Messages published while both were subscribed come to
+/// both; the copies are skipped (a part a node announced, applied again after a later delta,
+/// would take that delta back).
+async fn forward(
+    succession: Option<Succession>,
+    mut sub: Subscriber,
+    deliver: Arc<Deliver>,
+    mut stop: tokio::sync::oneshot::Receiver<tokio::sync::oneshot::Sender<Subscriber>>,
+) {
+    let mut drained = std::collections::HashSet::new();
+    if let Some(Succession {
+        before,
+        client,
+        probe,
+    }) = succession
+    {
+        // Err(no responders) is the expected answer; any answer (or a timeout) will do.
+        let _ = client.request(probe, Default::default()).await;
+        let (give, take) = tokio::sync::oneshot::channel();
+        if before.send(give).is_ok() {
+            if let Ok(mut old) = take.await {
+                let _ = old.unsubscribe().await;
+                while let Some(m) = old.next().await {
+                    drained.insert(message_hash(&m));
+                    deliver.by_name(m);
+                }
+            }
+        }
+    }
+    loop {
+        tokio::select! {
+            // A stop first, as an abort would: nothing of an interest that ended (its own
+            // requests echoed back, say) may reach the shard after it.
+            biased;
+            successor = &mut stop => {
+                // Dropped (the interest ended): dropping the subscriber unsubscribes it.
+                if let Ok(give) = successor {
+                    let _ = give.send(sub);
+                }
+                return;
+            }
+            m = sub.next() => match m {
+                // The overlap is this subscription's first messages: once one was not drained,
+                // none after it was.
+                Some(m) if !drained.is_empty() && drained.remove(&message_hash(&m)) => {}
+                Some(m) => {
+                    drained.clear();
+                    deliver.by_name(m);
+                }
+                None => return,
+            },
+        }
     }
 }
 
 struct Subscription {
     /// Shards' subscriptions to the subject (two names may share one).
     count: u32,
-    task: tokio::task::AbortHandle,
+    /// Held for its drop, which ends the forwarding.
+    _stop: Stop,
+}
+
+/// One name's subjects as this node subscribes to them: its deltas alone while its first fetch
+/// is on, then deltas and part requests as one wildcard (`subject::both`). Half the
+/// subscriptions: each costs ~6.5 KiB here (async-nats gives it a channel whose first block
+/// holds 32 messages) and ~1 KiB in nats-server, and a node has one or two per topic and user
+/// its clients touch.
+#[derive(Default)]
+struct NameSubs {
+    /// Shards' subscriptions to the name's deltas and to its part requests.
+    deltas: u32,
+    parts: u32,
+    sub: Option<(Side, Stop)>,
+}
+
+impl NameSubs {
+    /// The subscription wanted: both subjects (`Side::Parts` stands for the wildcard), the
+    /// deltas only, or none.
+    fn wanted(&self) -> Option<Side> {
+        if self.parts > 0 {
+            Some(Side::Parts)
+        } else if self.deltas > 0 {
+            Some(Side::Deltas)
+        } else {
+            None
+        }
+    }
 }
 
 struct Running {
@@ -428,6 +530,8 @@ struct Running {
     lookups: Lookups<LookupReply>,
     deliver: Arc<Deliver>,
     subs: HashMap<String, Subscription>,
+    /// Subscriptions of names' subjects, by stem (`subject::split_name_subject`).
+    names: HashMap<String, NameSubs>,
     epoch: Instant,
     connected: bool,
     stats: Arc<ClusterStats>,
@@ -507,16 +611,8 @@ impl Running {
         }
         for out in outs {
             match out {
-                NatsOut::Subscribe(s) => self.subscribe(s).await,
-                NatsOut::Unsubscribe(s) => {
-                    if let Some(sub) = self.subs.get_mut(&s) {
-                        sub.count -= 1;
-                        if sub.count == 0 {
-                            sub.task.abort();
-                            self.subs.remove(&s);
-                        }
-                    }
-                }
+                NatsOut::Subscribe(s) => self.interest(s, true).await,
+                NatsOut::Unsubscribe(s) => self.interest(s, false).await,
                 NatsOut::Publish { subject, frame } => self.publish(subject, None, frame).await,
                 NatsOut::Request {
                     subject,
@@ -542,20 +638,92 @@ impl Running {
         self.publish(subject, Some(reply), ask.frame).await;
     }
 
-    async fn subscribe(&mut self, subject: String) {
-        if let Some(sub) = self.subs.get_mut(&subject) {
-            sub.count += 1;
+    /// A shard's interest in `subject` starts (`up`) or ends.
+    async fn interest(&mut self, subject: String, up: bool) {
+        let Some((stem, side)) = split_name_subject(&subject) else {
+            return self.exact(subject, up).await;
+        };
+        let e = self.names.entry(stem.to_owned()).or_default();
+        let count = match side {
+            Side::Deltas => &mut e.deltas,
+            Side::Parts => &mut e.parts,
+        };
+        *count = if up {
+            *count + 1
+        } else {
+            count.saturating_sub(1)
+        };
+        let want = e.wanted();
+        if want == e.sub.as_ref().map(|(s, _)| *s) {
+            if want.is_none() {
+                self.names.remove(stem);
+            }
             return;
         }
+        // The new subscription takes over from the old one (see `forward`); none: the old
+        // one's stop is dropped, which ends it.
+        let before = e.sub.take().map(|(_, stop)| stop);
+        let stop = match want {
+            Some(Side::Parts) => self.forwarding(both(stem), before).await,
+            Some(Side::Deltas) => {
+                self.forwarding(name_subject(stem, Side::Deltas), before)
+                    .await
+            }
+            None => None,
+        };
+        match (self.names.get_mut(stem), want.zip(stop)) {
+            (Some(e), Some(sub)) => e.sub = Some(sub),
+            _ => {
+                self.names.remove(stem);
+            }
+        }
+    }
+
+    /// A subject that is not a name's (none the shards send today): counted as it is.
+    async fn exact(&mut self, subject: String, up: bool) {
+        if let Some(sub) = self.subs.get_mut(&subject) {
+            if up {
+                sub.count += 1;
+            } else {
+                sub.count -= 1;
+                if sub.count == 0 {
+                    self.subs.remove(&subject);
+                }
+            }
+            return;
+        }
+        if up {
+            if let Some(stop) = self.forwarding(subject.clone(), None).await {
+                self.subs.insert(
+                    subject,
+                    Subscription {
+                        count: 1,
+                        _stop: stop,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Subscribes to `subject`, its messages handed on by a task of their own (after those of
+    /// the subscription `before` it replaces) until its stop is dropped.
+    async fn forwarding(&mut self, subject: String, before: Option<Stop>) -> Option<Stop> {
         // While disconnected, async-nats queues the SUB and sends it on reconnect.
         match self.client.subscribe(subject.clone()).await {
             Ok(sub) => {
-                let task = tokio::spawn(forward(sub, self.deliver.clone())).abort_handle();
-                self.subs.insert(subject, Subscription { count: 1, task });
+                let (stop, stopped) = tokio::sync::oneshot::channel();
+                let succession = before.map(|before| Succession {
+                    before,
+                    client: self.client.clone(),
+                    probe: self.subjects.probe(self.me.node),
+                });
+                tokio::spawn(forward(succession, sub, self.deliver.clone(), stopped));
+                Some(stop)
             }
             Err(e) => {
                 // Only when the client is closed: nothing more will flow anyway.
                 tracing::warn!(%subject, "cannot subscribe: {e}");
+                None
             }
         }
     }

@@ -176,6 +176,8 @@ struct Ctx {
     joined_per_s: RefCell<Vec<u64>>,
     joined_per_node: RefCell<Vec<u64>>,
     churn_ops: Cell<u64>,
+    /// Clients whose watch view lacked a watched user once the churn was over.
+    incomplete: Cell<u64>,
     /// Presence changes seen in the failover: counts, topic diffs' metas, watch lists' metas.
     changes: Cell<[u64; 3]>,
     change_samples: Cell<u64>,
@@ -230,7 +232,12 @@ fn join_frame(ctx: &Ctx, i: usize, join_ref: u64, sent_ns: Option<u64>) -> Strin
 
 /// Connects client i to `t`, joins its topic (with the meta it last joined with: `stamp`, as
 /// phoenix.js rejoins with a channel's params) and its watch list, and waits for both views.
-async fn setup(ctx: &Ctx, i: usize, t: &Target, stamp: Option<u64>) -> Result<Client, String> {
+async fn setup(
+    ctx: &Ctx,
+    i: usize,
+    t: &Target,
+    stamp: Option<u64>,
+) -> Result<(Client, View), String> {
     let until = Instant::now() + ctx.join_timeout;
     let mut client = open(t, i).await?;
     let (topic, large) = ctx.layout.topic(i);
@@ -241,12 +248,23 @@ async fn setup(ctx: &Ctx, i: usize, t: &Target, stamp: Option<u64>) -> Result<Cl
         "presence_state"
     };
     wait_for(&mut client, &topic, want, until).await?;
+    let mut watching = View::default();
     if ctx.layout.watch > 0 {
         let frame = json!(["2", "2", "watch:w", "phx_join", {"users": ctx.layout.watched(i)}]);
         client.send(frame.to_string()).await?;
-        wait_for(&mut client, "watch:w", "presence_state", until).await?;
+        let state = wait_for(&mut client, "watch:w", "presence_state", until).await?;
+        watching.state(&state[4]);
     }
-    Ok(client)
+    Ok((client, watching))
+}
+
+/// Keeps the watch list's view (phoenix.js Presence's way) from a frame read.
+fn watch_frame(view: &mut View, text: &str) {
+    if text.contains("\"watch:w\"") && text.contains("\"presence_diff\"") {
+        if let Ok(f) = serde_json::from_str::<Value>(text) {
+            view.diff(&f[4]);
+        }
+    }
 }
 
 async fn wait_for(
@@ -254,7 +272,7 @@ async fn wait_for(
     topic: &str,
     event: &str,
     until: Instant,
-) -> Result<(), String> {
+) -> Result<Value, String> {
     loop {
         let wait = until.saturating_duration_since(Instant::now());
         let next = glommio::timer::timeout(wait, async { Ok(client.next().await) }).await;
@@ -270,7 +288,7 @@ async fn wait_for(
             return Err(format!("join refused: {f}"));
         }
         if f[3] == event {
-            return Ok(());
+            return Ok(f);
         }
     }
 }
@@ -321,11 +339,18 @@ async fn next_before(
     .await
 }
 
-/// Reads (and drops) frames, heartbeats going, until the stage is at least `stage`.
-async fn hold_until(ctx: &Ctx, i: usize, client: &mut Client, stage: Stage) -> Held {
+/// Reads frames (keeping the watch list's view), heartbeats going, until the stage is at least
+/// `stage`.
+async fn hold_until(
+    ctx: &Ctx,
+    i: usize,
+    client: &mut Client,
+    view: &mut View,
+    stage: Stage,
+) -> Held {
     loop {
         match next_before(ctx, i, client, stage).await {
-            Some(Some(_)) => {}
+            Some(Some(text)) => watch_frame(view, &text),
             Some(None) => return Held::Ended,
             None => return Held::Reached,
         }
@@ -335,7 +360,13 @@ async fn hold_until(ctx: &Ctx, i: usize, client: &mut Client, stage: Stage) -> H
 /// The churn, for one client: a churner leaves and rejoins its topic every cycle (its join
 /// stamped; the last stamp kept in `stamp`); everyone times the stamped joins it sees from
 /// other nodes.
-async fn churn(ctx: &Ctx, i: usize, client: &mut Client, stamp: &mut Option<u64>) -> Held {
+async fn churn(
+    ctx: &Ctx,
+    i: usize,
+    client: &mut Client,
+    view: &mut View,
+    stamp: &mut Option<u64>,
+) -> Held {
     let me = ctx.layout.node(i) as u64;
     let churner = ctx.churns(i);
     let start = ctx.churn_at.get().unwrap_or_else(Instant::now);
@@ -374,6 +405,7 @@ async fn churn(ctx: &Ctx, i: usize, client: &mut Client, stamp: &mut Option<u64>
         .await;
         match read {
             Some(Some(text)) if text.contains("\"presence_diff\"") => {
+                watch_frame(view, &text);
                 let now_ns = mono_ns();
                 let watcher = text.contains("\"watch:w\"");
                 let mut p = ctx.part.borrow_mut();
@@ -405,6 +437,9 @@ async fn count_changes(ctx: &Ctx, i: usize, client: &mut Client) -> Held {
                     continue;
                 };
                 let k = if f[2] == "watch:w" { 2 } else { 1 };
+                if std::env::var_os("ROSTER_BENCH_SHOW_CHANGES").is_some() {
+                    eprintln!("client {i} saw: {text}");
+                }
                 for side in ["joins", "leaves"] {
                     for (_, p) in f[4][side].as_object().into_iter().flatten() {
                         seen[k] += p["metas"].as_array().map_or(0, |m| m.len() as u64);
@@ -442,14 +477,11 @@ async fn come_back(ctx: &Ctx, i: usize, stamp: Option<u64>) {
             return;
         }
         match setup(ctx, i, t, stamp).await {
-            Ok(mut client) => {
-                ctx.part
-                    .borrow_mut()
-                    .d
-                    .record(at.elapsed().as_micros() as u64)
-                    .ok();
+            Ok((mut client, mut view)) => {
+                let back = at.elapsed().as_micros() as u64;
+                ctx.part.borrow_mut().d.record(back).ok();
                 // Stay until the end: leaving now would be a change the others see.
-                let _ = hold_until(ctx, i, &mut client, Stage::Done).await;
+                let _ = hold_until(ctx, i, &mut client, &mut view, Stage::Done).await;
                 return;
             }
             // A refused or failed attempt: again, as phoenix.js would (its first retry is
@@ -460,12 +492,30 @@ async fn come_back(ctx: &Ctx, i: usize, stamp: Option<u64>) {
 }
 
 /// The rest of a client's life after the ramp.
-async fn life(ctx: Rc<Ctx>, i: usize, mut client: Client) {
+async fn life(ctx: Rc<Ctx>, i: usize, mut client: Client, mut view: View) {
     let mut stamp = None;
-    let ended = match hold_until(&ctx, i, &mut client, Stage::Churn).await {
+    let ended = match hold_until(&ctx, i, &mut client, &mut view, Stage::Churn).await {
         Held::Ended => true,
-        Held::Reached => matches!(churn(&ctx, i, &mut client, &mut stamp).await, Held::Ended),
+        Held::Reached => {
+            let churned = churn(&ctx, i, &mut client, &mut view, &mut stamp).await;
+            matches!(churned, Held::Ended)
+        }
     };
+    // Everyone is connected and the churn is over: a watch list shows every user on it.
+    if !ended {
+        let missing: Vec<String> = ctx
+            .layout
+            .watched(i)
+            .into_iter()
+            .filter(|k| !view.has(k))
+            .collect();
+        if !missing.is_empty() {
+            ctx.incomplete.set(ctx.incomplete.get() + 1);
+            if std::env::var_os("ROSTER_BENCH_SHOW_CHANGES").is_some() {
+                eprintln!("client {i} watch view lacks {missing:?}");
+            }
+        }
+    }
     let killed = ctx.killed == Some(ctx.layout.node(i));
     if ended {
         if killed && ctx.stage() >= Stage::Watch {
@@ -476,7 +526,7 @@ async fn life(ctx: Rc<Ctx>, i: usize, mut client: Client) {
     }
     if killed {
         // Until the kill ends this connection (read and dropped meanwhile).
-        if let Held::Reached = hold_until(&ctx, i, &mut client, Stage::Done).await {
+        if let Held::Reached = hold_until(&ctx, i, &mut client, &mut view, Stage::Done).await {
             return;
         }
         drop(client); // abrupt, as the dead node left it
@@ -518,6 +568,18 @@ struct Reading {
     kernel: Option<(usize, usize)>,
     varz: Value,
     remote_presences: Option<f64>,
+    /// Over all nodes: gaps seen in other nodes' frames, and part requests sent.
+    gaps: Option<f64>,
+    part_requests: Option<f64>,
+}
+
+/// The sum of a metric over the nodes' admin listeners.
+fn over_nodes(o: &Options, metric: &str) -> Option<f64> {
+    o.admin_urls
+        .as_deref()?
+        .split(',')
+        .map(|u| crate::cluster::metric(u, metric))
+        .sum()
 }
 
 fn read_machine(o: &Options, pids: &[u32], remote: bool) -> Reading {
@@ -541,13 +603,10 @@ fn read_machine(o: &Options, pids: &[u32], remote: bool) -> Reading {
             .and_then(|b| serde_json::from_str(&b).ok())
             .unwrap_or(Value::Null),
         remote_presences: remote
-            .then(|| {
-                let urls = o.admin_urls.as_deref()?;
-                urls.split(',')
-                    .map(|u| crate::cluster::metric(u, "roster_cluster_remote_presences"))
-                    .sum::<Option<f64>>()
-            })
+            .then(|| over_nodes(o, "roster_cluster_remote_presences"))
             .flatten(),
+        gaps: over_nodes(o, "roster_cluster_gaps_total"),
+        part_requests: over_nodes(o, "roster_cluster_part_requests_total"),
     }
 }
 
@@ -558,6 +617,7 @@ fn window(a: &Reading, b: &Reading) -> Value {
         _ => return Value::Null,
     };
     let share = |x: f64, y: f64| 100.0 * (y - x) / secs;
+    let grew = |x: Option<f64>, y: Option<f64>| Some(y? - x?);
     let nodes: Vec<f64> = a
         .node_cpu
         .iter()
@@ -578,6 +638,8 @@ fn window(a: &Reading, b: &Reading) -> Value {
         "nats_out_msgs_per_s": rate("out_msgs"),
         "nats_in_bytes_per_s": rate("in_bytes"),
         "nats_out_bytes_per_s": rate("out_bytes"),
+        "gaps": grew(a.gaps, b.gaps),
+        "part_requests": grew(a.part_requests, b.part_requests),
     })
 }
 
@@ -705,6 +767,7 @@ fn worker(
                     joined_per_s: RefCell::new(Vec::new()),
                     joined_per_node: RefCell::new(vec![0; layout.nodes]),
                     churn_ops: Cell::new(0),
+                    incomplete: Cell::new(0),
                     changes: Cell::new([0; 3]),
                     change_samples: Cell::new(0),
                 });
@@ -716,9 +779,10 @@ fn worker(
                         async move {
                             let t0 = Instant::now();
                             match setup(&ctx, i, &ctx.target, None).await {
-                                Ok(client) => {
+                                Ok((client, view)) => {
                                     ctx.joined(i, t0.elapsed());
-                                    let task = glommio::spawn_local(life(ctx.clone(), i, client));
+                                    let life = life(ctx.clone(), i, client, view);
+                                    let task = glommio::spawn_local(life);
                                     lives.borrow_mut().push(task);
                                 }
                                 Err(e) if e.starts_with("timeout") => {
@@ -754,6 +818,7 @@ fn worker(
                     "joined_per_s_sum": *ctx.joined_per_s.borrow(),
                     "joined_per_node_sum": *ctx.joined_per_node.borrow(),
                     "churn_ops": ctx.churn_ops.get(),
+                    "incomplete_views": ctx.incomplete.get(),
                     "changes_sum": ctx.changes.get(),
                     "change_samples": ctx.change_samples.get(),
                 });
@@ -835,6 +900,14 @@ fn report(
     if let Some(e) = &p.first_error {
         println!("\nfirst error: {e}");
     }
+    let ramp_window = window(idle, ramped);
+    println!(
+        "\nover the ramp: {} part requests, {} gaps (all nodes); NATS {:.0} messages/s in, {:.0} out",
+        ramp_window["part_requests"],
+        ramp_window["gaps"],
+        ramp_window["nats_in_msgs_per_s"].as_f64().unwrap_or(0.0),
+        ramp_window["nats_out_msgs_per_s"].as_f64().unwrap_or(0.0)
+    );
 
     let sum = |v: &[usize]| v.iter().sum::<usize>() as f64;
     let servers = sum(&held.node_rss);
@@ -935,19 +1008,26 @@ fn report(
     }
     println!(
         "\nCPU during churn: nodes {:.1}% of one core in all, nats-server {:.1}%, load generator {:.1}%; \
-         NATS {:.0} messages/s in, {:.0} out, {:.1} MB/s out",
+         NATS {:.0} messages/s in, {:.0} out, {:.1} MB/s out; {} part requests, {} gaps",
         f(&churn["nodes_cpu_pct_total"]),
         f(&churn["nats_cpu_pct"]),
         f(&churn["workers_cpu_pct"]),
         f(&churn["nats_in_msgs_per_s"]),
         f(&churn["nats_out_msgs_per_s"]),
-        f(&churn["nats_out_bytes_per_s"]) / 1e6
+        f(&churn["nats_out_bytes_per_s"]) / 1e6,
+        churn["part_requests"],
+        churn["gaps"]
     );
 
     let kinds: Vec<u64> = (0..3)
         .map(|k| extras["changes_sum"][k].as_u64().unwrap_or(0))
         .collect();
     let changes: u64 = kinds.iter().sum();
+    let incomplete = extras["incomplete_views"].as_u64().unwrap_or(0);
+    println!(
+        "\nwatch lists lacking a watched user (all are online) once the churn was over: {incomplete} of {}",
+        p.ok
+    );
     let watchers = extras["change_samples"].as_u64().unwrap_or(0);
     let dropped = killed.map_or(0, |k| per_node.get(k).copied().unwrap_or(0));
     if let Some(k) = killed {
@@ -978,7 +1058,8 @@ fn report(
             "clients": c.clients, "nodes": layout.nodes, "workers": c.procs,
             "ramp": {"joined": p.ok, "errors": p.errors, "timeouts": p.timeouts, "first_error": p.first_error,
                      "seconds": ramp_s, "connects_joins_per_s": rate, "per_node_joined": per_node,
-                     "per_node_per_s": node_rates, "joined_per_s": per_s, "join_us": pct(&p.a)},
+                     "per_node_per_s": node_rates, "joined_per_s": per_s, "join_us": pct(&p.a),
+                     "window": ramp_window},
             "hold": {"seconds": o.hold_s, "servers_bytes": servers, "servers_idle_bytes": servers_idle,
                      "server_bytes_per_connection": servers / n,
                      "server_bytes_per_connection_above_idle": (servers - servers_idle) / n,
@@ -996,6 +1077,7 @@ fn report(
                          "back_us": pct(&p.d), "changes_seen": changes, "counts_changed": kinds[0],
                          "topic_diff_metas": kinds[1], "watch_diff_metas": kinds[2], "observers": watchers},
             "lost": p.lost,
+            "incomplete_watch_views": incomplete,
         }),
     )
 }
