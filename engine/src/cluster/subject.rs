@@ -87,12 +87,6 @@ impl Subjects {
         format!("{}.n.{node:016x}", self.prefix)
     }
 
-    /// A subject nobody subscribes to, for a request whose "no responders" tells this node
-    /// that nats-server has what it sent before (a subscription).
-    pub fn probe(&self, node: u64) -> String {
-        format!("{}.probe.{node:016x}", self.prefix)
-    }
-
     /// Every node's heartbeats and goodbyes.
     pub fn heartbeats(&self) -> String {
         format!("{}.hb", self.prefix)

@@ -400,84 +400,27 @@ impl Deliver {
     }
 }
 
-/// Identifies a message among those of one subject's overlap (frames carry their origin and
-/// seq, so two distinct frames never have equal bytes).
-fn message_hash(m: &Message) -> u64 {
-    xxhash_rust::xxh3::xxh3_64_with_seed(
-        &m.payload,
-        xxhash_rust::xxh3::xxh3_64(m.subject.as_bytes()),
-    )
-}
+/// Ends a forwarding task when dropped (it aborts the task).
+struct Stop(tokio::task::AbortHandle);
 
-/// Ends a forwarding task when dropped; sending it a channel instead makes the task hand its
-/// subscriber over (with what it has not yet forwarded) to a successor.
-type Stop = tokio::sync::oneshot::Sender<tokio::sync::oneshot::Sender<Subscriber>>;
-
-/// A subscription that takes over from another: the one before it, and how to be sure the
-/// server has this one (a request nobody answers, see `forward`).
-struct Succession {
-    before: Stop,
-    client: Client,
-    probe: String,
-}
-
-/// Forwards one subscription's messages until stopped. When it follows another (a
-/// subscription of the same name it replaces), that one goes only once the server is known to
-/// have this one: until then a message may be routed to it alone. So: a request to a subject
-/// nobody serves, whose "no responders" the server writes behind everything it routed to this
-/// connection before, which is after this subscription; then the old one is unsubscribed and
-/// drained (its messages came first). Messages published while both were subscribed come to
-/// both; the copies are skipped (a part a node announced, applied again after a later delta,
-/// would take that delta back).
-async fn forward(
-    succession: Option<Succession>,
-    mut sub: Subscriber,
-    deliver: Arc<Deliver>,
-    mut stop: tokio::sync::oneshot::Receiver<tokio::sync::oneshot::Sender<Subscriber>>,
-) {
-    let mut drained = std::collections::HashSet::new();
-    if let Some(Succession {
-        before,
-        client,
-        probe,
-    }) = succession
-    {
-        // Err(no responders) is the expected answer; any answer (or a timeout) will do.
-        let _ = client.request(probe, Default::default()).await;
-        let (give, take) = tokio::sync::oneshot::channel();
-        if before.send(give).is_ok() {
-            if let Ok(mut old) = take.await {
-                let _ = old.unsubscribe().await;
-                while let Some(m) = old.next().await {
-                    drained.insert(message_hash(&m));
-                    deliver.by_name(m);
-                }
-            }
-        }
+impl Drop for Stop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
-    loop {
-        tokio::select! {
-            // A stop first, as an abort would: nothing of an interest that ended (its own
-            // requests echoed back, say) may reach the shard after it.
-            biased;
-            successor = &mut stop => {
-                // Dropped (the interest ended): dropping the subscriber unsubscribes it.
-                if let Ok(give) = successor {
-                    let _ = give.send(sub);
-                }
-                return;
-            }
-            m = sub.next() => match m {
-                // The overlap is this subscription's first messages: once one was not drained,
-                // none after it was.
-                Some(m) if !drained.is_empty() && drained.remove(&message_hash(&m)) => {}
-                Some(m) => {
-                    drained.clear();
-                    deliver.by_name(m);
-                }
-                None => return,
-            },
-        }
+}
+
+/// How long a name's old subscription stays after a new one replaced it: until then a message
+/// may be routed to the old one alone (the server may not have the new one yet), after it to
+/// both. Messages that come twice are harmless: a delta is dropped as a duplicate by its seq, a
+/// part is the same part again. Closing the old one at once lost messages under load (a
+/// watcher missing a user that was online).
+const SWAP_OVERLAP: Duration = Duration::from_secs(1);
+
+/// Forwards one subscription's messages until it is unsubscribed (the task is aborted, which
+/// drops the subscriber, which unsubscribes).
+async fn forward(mut sub: Subscriber, deliver: Arc<Deliver>) {
+    while let Some(m) = sub.next().await {
+        deliver.by_name(m);
     }
 }
 
@@ -660,17 +603,19 @@ impl Running {
             }
             return;
         }
-        // The new subscription takes over from the old one (see `forward`); none: the old
-        // one's stop is dropped, which ends it.
         let before = e.sub.take().map(|(_, stop)| stop);
         let stop = match want {
-            Some(Side::Parts) => self.forwarding(both(stem), before).await,
-            Some(Side::Deltas) => {
-                self.forwarding(name_subject(stem, Side::Deltas), before)
-                    .await
-            }
+            Some(Side::Parts) => self.forwarding(both(stem)).await,
+            Some(Side::Deltas) => self.forwarding(name_subject(stem, Side::Deltas)).await,
             None => None,
         };
+        // The old one ends at once if nothing replaces it, else after the overlap.
+        if let (Some(before), Some(_)) = (before, &stop) {
+            tokio::spawn(async move {
+                tokio::time::sleep(SWAP_OVERLAP).await;
+                drop(before);
+            });
+        }
         match (self.names.get_mut(stem), want.zip(stop)) {
             (Some(e), Some(sub)) => e.sub = Some(sub),
             _ => {
@@ -693,7 +638,7 @@ impl Running {
             return;
         }
         if up {
-            if let Some(stop) = self.forwarding(subject.clone(), None).await {
+            if let Some(stop) = self.forwarding(subject.clone()).await {
                 self.subs.insert(
                     subject,
                     Subscription {
@@ -705,21 +650,14 @@ impl Running {
         }
     }
 
-    /// Subscribes to `subject`, its messages handed on by a task of their own (after those of
-    /// the subscription `before` it replaces) until its stop is dropped.
-    async fn forwarding(&mut self, subject: String, before: Option<Stop>) -> Option<Stop> {
+    /// Subscribes to `subject`, its messages handed on by a task of their own until its stop
+    /// is dropped.
+    async fn forwarding(&mut self, subject: String) -> Option<Stop> {
         // While disconnected, async-nats queues the SUB and sends it on reconnect.
         match self.client.subscribe(subject.clone()).await {
-            Ok(sub) => {
-                let (stop, stopped) = tokio::sync::oneshot::channel();
-                let succession = before.map(|before| Succession {
-                    before,
-                    client: self.client.clone(),
-                    probe: self.subjects.probe(self.me.node),
-                });
-                tokio::spawn(forward(succession, sub, self.deliver.clone(), stopped));
-                Some(stop)
-            }
+            Ok(sub) => Some(Stop(
+                tokio::spawn(forward(sub, self.deliver.clone())).abort_handle(),
+            )),
             Err(e) => {
                 // Only when the client is closed: nothing more will flow anyway.
                 tracing::warn!(%subject, "cannot subscribe: {e}");
