@@ -476,7 +476,11 @@ async fn come_back(ctx: &Ctx, i: usize, stamp: Option<u64>) {
             ctx.part.borrow_mut().timeouts += 1;
             return;
         }
-        match setup(ctx, i, t, stamp).await {
+        // Bounded: a node busy taking the others back may accept and not answer for a while.
+        let attempt = glommio::timer::timeout(ctx.join_timeout, async {
+            Ok(setup(ctx, i, t, stamp).await)
+        });
+        match attempt.await.unwrap_or_else(|_| Err("timeout".into())) {
             Ok((mut client, mut view)) => {
                 let back = at.elapsed().as_micros() as u64;
                 ctx.part.borrow_mut().d.record(back).ok();
@@ -778,7 +782,10 @@ fn worker(
                         let (ctx, lives) = (ctx.clone(), lives.clone());
                         async move {
                             let t0 = Instant::now();
-                            match setup(&ctx, i, &ctx.target, None).await {
+                            let attempt = glommio::timer::timeout(ctx.join_timeout, async {
+                                Ok(setup(&ctx, i, &ctx.target, None).await)
+                            });
+                            match attempt.await.unwrap_or_else(|_| Err("timeout".into())) {
                                 Ok((client, view)) => {
                                     ctx.joined(i, t0.elapsed());
                                     let life = life(ctx.clone(), i, client, view);
