@@ -11,7 +11,8 @@
 //!    everyone else counts the presence changes they see in `--window-s`.
 //!
 //! Needs `--procs` (the workers are where the clients live; the parent measures the machine at
-//! the phase boundaries).
+//! the phase boundaries). With ROSTER_BENCH_SHOW_CHANGES set, the workers print each change a
+//! client sees in the failover and each watch view that lacks a user.
 
 use crate::prelude::*;
 use roster_bench::stamps::{joined_stamps_with, mono_ns};
