@@ -52,6 +52,16 @@ fn latency(name: &str, v: &Value) -> Option<Latency> {
     Some((name.to_owned(), ms("p50")?, ms("p90")?, ms("p99")?))
 }
 
+/// Bars are centred on whole numbers; only those ticks get a bar's name.
+fn bar_label(labels: &[String], x: f64) -> String {
+    let i = x.round();
+    if (x - i).abs() < 1e-6 && i >= 0.0 {
+        labels.get(i as usize).cloned().unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
 fn draw(dir: &Path) -> Result<PathBuf, String> {
     let font: &'static [u8] = Box::leak(
         std::fs::read(FONT)
@@ -102,15 +112,7 @@ fn draw(dir: &Path) -> Result<PathBuf, String> {
     chart
         .configure_mesh()
         .x_labels(lat.len().max(1))
-        // Bars are centred on whole numbers; only those ticks get a scenario's name.
-        .x_label_formatter(&|x| {
-            let i = x.round();
-            if (x - i).abs() < 1e-6 && i >= 0.0 {
-                labels.get(i as usize).cloned().unwrap_or_default()
-            } else {
-                String::new()
-            }
-        })
+        .x_label_formatter(&|x| bar_label(&labels, *x))
         .x_label_style(
             ("sans-serif", 12)
                 .into_font()
@@ -258,14 +260,7 @@ fn draw_million(dir: &Path, v: &Value) -> Result<PathBuf, String> {
     chart
         .configure_mesh()
         .x_labels(bars.len())
-        .x_label_formatter(&|x| {
-            let i = x.round();
-            if (x - i).abs() < 1e-6 && i >= 0.0 {
-                labels.get(i as usize).cloned().unwrap_or_default()
-            } else {
-                String::new()
-            }
-        })
+        .x_label_formatter(&|x| bar_label(&labels, *x))
         .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()
         .map_err(|e| e.to_string())?;

@@ -285,7 +285,6 @@ impl Setup {
             inbox,
             lookups: Lookups::new(self.me),
             deliver,
-            subs: HashMap::new(),
             names: HashMap::new(),
             epoch,
             connected: true,
@@ -424,13 +423,6 @@ async fn forward(mut sub: Subscriber, deliver: Arc<Deliver>) {
     }
 }
 
-struct Subscription {
-    /// Shards' subscriptions to the subject (two names may share one).
-    count: u32,
-    /// Held for its drop, which ends the forwarding.
-    _stop: Stop,
-}
-
 /// One name's subjects as this node subscribes to them: its deltas alone while its first fetch
 /// is on, then deltas and part requests as one wildcard (`subject::both`). Half the
 /// subscriptions: each costs ~6.5 KiB here (async-nats gives it a channel whose first block
@@ -472,7 +464,6 @@ struct Running {
     inbox: Inbox,
     lookups: Lookups<LookupReply>,
     deliver: Arc<Deliver>,
-    subs: HashMap<String, Subscription>,
     /// Subscriptions of names' subjects, by stem (`subject::split_name_subject`).
     names: HashMap<String, NameSubs>,
     epoch: Instant,
@@ -584,7 +575,10 @@ impl Running {
     /// A shard's interest in `subject` starts (`up`) or ends.
     async fn interest(&mut self, subject: String, up: bool) {
         let Some((stem, side)) = split_name_subject(&subject) else {
-            return self.exact(subject, up).await;
+            // Shards only subscribe to names' subjects (`Subjects::deltas`, `Subjects::parts`).
+            debug_assert!(false, "not a name's subject: {subject}");
+            tracing::warn!(%subject, "not a name's subject: ignored");
+            return;
         };
         let e = self.names.entry(stem.to_owned()).or_default();
         let count = match side {
@@ -620,32 +614,6 @@ impl Running {
             (Some(e), Some(sub)) => e.sub = Some(sub),
             _ => {
                 self.names.remove(stem);
-            }
-        }
-    }
-
-    /// A subject that is not a name's (none the shards send today): counted as it is.
-    async fn exact(&mut self, subject: String, up: bool) {
-        if let Some(sub) = self.subs.get_mut(&subject) {
-            if up {
-                sub.count += 1;
-            } else {
-                sub.count -= 1;
-                if sub.count == 0 {
-                    self.subs.remove(&subject);
-                }
-            }
-            return;
-        }
-        if up {
-            if let Some(stop) = self.forwarding(subject.clone()).await {
-                self.subs.insert(
-                    subject,
-                    Subscription {
-                        count: 1,
-                        _stop: stop,
-                    },
-                );
             }
         }
     }
