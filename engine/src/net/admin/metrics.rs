@@ -132,8 +132,7 @@ fn cluster(registry: &mut Registry, c: &crate::net::nats::ClusterStats) {
         "Other nodes of the cluster heard from within the node timeout",
         nodes,
     );
-    let nats = c.nats.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let read = |f: fn(&async_nats::Statistics) -> u64| nats.as_deref().map_or(0, f);
+    let read = |f: fn(&crate::net::nats::Counters) -> u64| f(&c.nats);
     let counters: [(&str, &str, u64); 10] = [
         ("roster_cluster_messages_in", "NATS messages received", read(|s| s.in_messages.load(Relaxed))),
         ("roster_cluster_messages_out", "NATS messages sent", read(|s| s.out_messages.load(Relaxed))),

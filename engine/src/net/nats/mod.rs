@@ -1,22 +1,25 @@
-//! The NATS bridge: one OS thread running async-nats (tokio-only) on a current-thread tokio
-//! runtime, between the glommio shards and NATS. Shards hand it batches of what their cores
+//! The NATS bridge: one OS thread running roster's NATS client (`link`, `wire`) on a
+//! current-thread tokio runtime, between the glommio shards and NATS. Shards hand it batches of what their cores
 //! asked for (`NatsOut`) on one bounded channel and never wait on it; it hands each shard the
 //! frames about the names that shard owns (decoded and validated here, off the shards' cores),
 //! the answers to its requests, and what heartbeats say about the other nodes (`cluster::nodes`,
 //! driven here: it is the node's, not a shard's).
 //!
 //! Must not: block a shard; pass on bytes that are not a valid frame; publish while its NATS
-//! connection is down (async-nats would queue, then block the thread): such frames are dropped
-//! and the next heartbeat skips a number, so the other nodes fetch this node's parts again.
+//! connection is down or its backlog is full: such frames are dropped and the next heartbeat
+//! skips a number, so the other nodes fetch this node's parts again.
 
-use std::collections::{BTreeSet, HashMap};
+mod link;
+mod wire;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::connection::State;
-use async_nats::{Client, ConnectOptions, Event, Message, ServerAddr, StatusCode, Subscriber};
-use futures_util::StreamExt;
+pub use link::Counters;
+use link::{Creds, Event, Link, Server};
+use wire::Msg;
 
 use crate::cluster::frame::{Frame, Goodbye, Kind, Origin};
 use crate::cluster::inbox::Inbox;
@@ -76,8 +79,8 @@ pub struct ClusterStats {
     /// Gaps in other nodes' heartbeats or this node's reconnects: parts fetched again.
     pub gaps: AtomicU64,
     pub nodes_down: AtomicU64,
-    /// The client's own counters: messages and bytes each way, connects.
-    pub nats: Mutex<Option<Arc<async_nats::Statistics>>>,
+    /// The NATS connection's own counters: messages and bytes each way, connects.
+    pub nats: Arc<Counters>,
 }
 
 impl ClusterStats {
@@ -104,8 +107,8 @@ const BRIDGE_QUEUE: usize = 4096;
 /// Frames waiting in one shard's input queue past which frames are dropped (their origins are
 /// then fetched again). Node events are never dropped.
 const SHARD_QUEUE: usize = 65_536;
-/// Messages async-nats keeps for each subscription and commands for the connection.
-const NATS_CAPACITY: usize = 65_536;
+/// "No responders", as NATS says it in a reply's status.
+const NO_RESPONDERS: u16 = 503;
 /// How long a request's record is kept for NATS's "no responders" (which comes at once).
 const REQUEST_KEEP: Millis = Millis(30_000);
 /// How long a lookup waits for holders (the admin API's own wait for an answer is longer).
@@ -149,7 +152,7 @@ impl Bridge {
                 rt.block_on(async move {
                     match setup.connect().await {
                         Ok(bridge) => {
-                            let _ = ready_tx.send(Ok(bridge.client.max_payload()));
+                            let _ = ready_tx.send(Ok(bridge.link.max_payload()));
                             bridge.run().await;
                         }
                         Err(e) => {
@@ -193,69 +196,44 @@ struct Setup {
 impl Setup {
     async fn connect(self) -> Result<Running, String> {
         let node = &self.node;
-        let urls: Vec<ServerAddr> = node
+        let servers: Vec<Server> = node
             .nats_urls
             .iter()
-            .map(|u| {
-                u.parse::<ServerAddr>()
-                    .map_err(|e| format!("--nats-url {u}: {e}"))
-            })
+            .map(|u| Server::parse(u).map_err(|e| format!("--nats-url {e}")))
             .collect::<Result<_, _>>()?;
-        let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
-        let mut options = ConnectOptions::new()
-            .name(format!("roster {}", node.name))
-            // async-nats's 60 s default would notice a dead server after minutes.
-            .ping_interval(Duration::from_secs(1))
-            .client_capacity(NATS_CAPACITY)
-            .subscription_capacity(NATS_CAPACITY)
-            .connection_timeout(Duration::from_secs(5))
-            .max_reconnects(None)
-            // Back soon after a NATS restart, well within the isolation grace.
-            .reconnect_delay_callback(|attempts| {
-                Duration::from_millis((attempts as u64 * 200).min(2_000))
-            })
-            .event_callback(move |event| {
-                let tx = events_tx.clone();
-                async move {
-                    let _ = tx.send(event);
-                }
-            });
-        // Credentials in the URL, as operators write them: user:password@ or token@.
-        if let Some(u) = urls.first().filter(|u| u.has_user_pass()) {
-            let user = u.username().unwrap_or_default().to_owned();
-            options = match u.password() {
-                Some(pass) => options.user_and_password(user, pass.to_owned()),
-                None => options.token(user),
-            };
-        }
-        if let Some(path) = &node.creds {
-            options = options
-                .credentials_file(path)
-                .await
-                .map_err(|e| format!("--nats-creds {}: {e}", path.display()))?;
-        }
-        let shown: Vec<String> = urls
+        let creds = match &node.creds {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("--nats-creds {}: {e}", path.display()))?;
+                Some(
+                    Creds::parse(&text)
+                        .map_err(|e| format!("--nats-creds {}: {e}", path.display()))?,
+                )
+            }
+            None => None,
+        };
+        let shown: Vec<String> = servers
             .iter()
-            .map(|u| format!("{}:{}", u.host(), u.port()))
+            .map(|s| format!("{}:{}", s.host, s.port))
             .collect();
-        let client = options
-            .connect(urls)
+        let options = link::Options {
+            servers,
+            name: format!("roster {}", node.name),
+            creds,
+            // Notices a dead server within seconds.
+            ping_interval: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(5),
+        };
+        let mut link = Link::connect(options, self.stats.nats.clone())
             .await
             .map_err(|e| format!("cannot connect to NATS at {}: {e}", shown.join(",")))?;
-        *self.stats.nats.lock().unwrap_or_else(|e| e.into_inner()) = Some(client.statistics());
-        let sub = |s: String| {
-            let client = client.clone();
-            async move {
-                client
-                    .subscribe(s.clone())
-                    .await
-                    .map_err(|e| format!("cannot subscribe to {s}: {e}"))
-            }
+        let inbox = Inbox::new(link.new_inbox(), self.shards.len() as u16, REQUEST_KEEP);
+        let sids = Sids {
+            heartbeats: link.subscribe(self.subjects.heartbeats()),
+            answers: link.subscribe(inbox.subscription()),
         };
-        let heartbeats = sub(self.subjects.heartbeats()).await?;
-        let directed = sub(self.subjects.node(self.me.node)).await?;
-        let inbox = Inbox::new(client.new_inbox(), self.shards.len() as u16, REQUEST_KEEP);
-        let answers = sub(inbox.subscription()).await?;
+        // Requests to this node alone; its frames are handled by name, as names' are.
+        link.subscribe(self.subjects.node(self.me.node));
         let deliver = Arc::new(Deliver {
             router: Router::new(self.shards.len() as u16),
             shards: self.shards,
@@ -273,19 +251,17 @@ impl Setup {
         let listen = node.heartbeat * 2 + Duration::from_millis(100);
         let mut running = Running {
             nodes: Nodes::new(self.me, &node.name, timing, millis(listen)),
-            client,
+            link,
+            sids,
             me: self.me,
             subjects: self.subjects,
             name: node.name.clone(),
             commands: self.commands,
-            events,
-            heartbeats,
-            directed,
-            answers,
             inbox,
             lookups: Lookups::new(self.me),
             deliver,
             names: HashMap::new(),
+            retiring: VecDeque::new(),
             epoch,
             connected: true,
             stats: self.stats,
@@ -295,9 +271,9 @@ impl Setup {
         let until = tokio::time::Instant::from_std(epoch + listen);
         loop {
             tokio::select! {
-                m = running.heartbeats.next() => {
-                    let Some(m) = m else { break };
-                    if let Some(clash) = running.heartbeat(&m, true) {
+                e = running.link.next() => {
+                    let Some(e) = e else { break };
+                    if let Some(clash) = running.link_event(e, true) {
                         return Err(clash);
                     }
                 }
@@ -308,7 +284,7 @@ impl Setup {
             node = %running.name,
             id = format_args!("{:016x}", running.me.node),
             peers = running.nodes.up().count(),
-            max_payload = running.client.max_payload(),
+            max_payload = running.link.max_payload(),
             "joined the cluster"
         );
         Ok(running)
@@ -330,7 +306,7 @@ struct Deliver {
 }
 
 impl Deliver {
-    fn decode(&self, m: &Message) -> Option<Frame> {
+    fn decode(&self, m: &Msg) -> Option<Frame> {
         match Frame::decode(&m.payload) {
             Ok(f) => Some(f),
             Err(e) => {
@@ -342,7 +318,7 @@ impl Deliver {
     }
 
     /// A frame on a topic's subject or this node's own: to the owner of its name.
-    fn by_name(&self, m: Message) {
+    fn by_name(&self, m: Msg) {
         let Some(frame) = self.decode(&m) else {
             return;
         };
@@ -356,8 +332,7 @@ impl Deliver {
             Kind::Topic => self.router.topic_owner(name),
             Kind::User => self.router.user_owner(name),
         };
-        let reply = m.reply.map(|r| r.to_string());
-        self.frame(shard, frame, reply);
+        self.frame(shard, frame, m.reply);
     }
 
     fn frame(&self, shard: ShardId, frame: Frame, reply: Option<String>) {
@@ -399,15 +374,6 @@ impl Deliver {
     }
 }
 
-/// Ends a forwarding task when dropped (it aborts the task).
-struct Stop(tokio::task::AbortHandle);
-
-impl Drop for Stop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// How long a name's old subscription stays after a new one replaced it: until then a message
 /// may be routed to the old one alone (the server may not have the new one yet), after it to
 /// both. Messages that come twice are harmless: a delta is dropped as a duplicate by its seq, a
@@ -415,25 +381,17 @@ impl Drop for Stop {
 /// watcher missing a user that was online).
 const SWAP_OVERLAP: Duration = Duration::from_secs(1);
 
-/// Forwards one subscription's messages until it is unsubscribed (the task is aborted, which
-/// drops the subscriber, which unsubscribes).
-async fn forward(mut sub: Subscriber, deliver: Arc<Deliver>) {
-    while let Some(m) = sub.next().await {
-        deliver.by_name(m);
-    }
-}
-
 /// One name's subjects as this node subscribes to them: its deltas alone while its first fetch
 /// is on, then deltas and part requests as one wildcard (`subject::both`). Half the
-/// subscriptions: each costs ~6.5 KiB here (async-nats gives it a channel whose first block
-/// holds 32 messages) and ~1 KiB in nats-server, and a node has one or two per topic and user
+/// subscriptions: each costs ~1 KiB in nats-server, and a node has one or two per topic and user
 /// its clients touch.
 #[derive(Default)]
 struct NameSubs {
     /// Shards' subscriptions to the name's deltas and to its part requests.
     deltas: u32,
     parts: u32,
-    sub: Option<(Side, Stop)>,
+    /// The subscription's kind and id.
+    sub: Option<(Side, u64)>,
 }
 
 impl NameSubs {
@@ -450,22 +408,28 @@ impl NameSubs {
     }
 }
 
+/// The subscriptions that are the bridge's own, not names'.
+#[derive(Clone, Copy)]
+struct Sids {
+    heartbeats: u64,
+    answers: u64,
+}
+
 struct Running {
-    client: Client,
+    link: Link,
+    sids: Sids,
     me: Origin,
     name: String,
     subjects: Subjects,
     nodes: Nodes,
     commands: flume::Receiver<ToBridge>,
-    events: tokio::sync::mpsc::UnboundedReceiver<Event>,
-    heartbeats: Subscriber,
-    directed: Subscriber,
-    answers: Subscriber,
     inbox: Inbox,
     lookups: Lookups<LookupReply>,
     deliver: Arc<Deliver>,
     /// Subscriptions of names' subjects, by stem (`subject::split_name_subject`).
     names: HashMap<String, NameSubs>,
+    /// Subscriptions replaced by another, and when they end (`SWAP_OVERLAP`).
+    retiring: VecDeque<(Instant, u64)>,
     epoch: Instant,
     connected: bool,
     stats: Arc<ClusterStats>,
@@ -485,16 +449,18 @@ impl Running {
             let next = self.nodes.poll_timeout();
             let next = self.lookups.next_wake().map_or(next, |l| l.min(next));
             let wake = self.epoch + Duration::from_millis(next.0);
+            let wake = self.retiring.front().map_or(wake, |&(at, _)| at.min(wake));
             let wake = tokio::time::Instant::from_std(wake.max(Instant::now()));
             // Not biased: a flood of the shards' batches must not starve the other nodes'
             // heartbeats (they would be taken for dead). Heartbeats and silences are checked
             // after every branch, as a busy loop may never reach the sleep.
             tokio::select! {
-                e = self.events.recv() => {
-                    if let Some(e) = e {
-                        self.nats_event(e);
+                e = self.link.next() => match e {
+                    Some(e) => {
+                        self.link_event(e, false);
                     }
-                }
+                    None => break,
+                },
                 c = self.commands.recv_async() => match c {
                     Ok(ToBridge::Batch(shard, outs)) => self.outs(shard, outs).await,
                     Ok(ToBridge::Lookup(kind, name, reply)) => {
@@ -508,11 +474,6 @@ impl Running {
                     }
                     Err(_) => break,
                 },
-                Some(m) = self.heartbeats.next() => {
-                    self.heartbeat(&m, false);
-                }
-                Some(m) = self.answers.next() => self.answer(m),
-                Some(m) = self.directed.next() => self.deliver.by_name(m),
                 _ = tokio::time::sleep_until(wake) => {}
             }
             self.tick().await;
@@ -520,8 +481,13 @@ impl Running {
         self.goodbye().await;
     }
 
-    /// Heartbeats due, nodes silent too long, and lookups due.
+    /// Heartbeats due, nodes silent too long, lookups due, and replaced subscriptions' ends.
     async fn tick(&mut self) {
+        let at = Instant::now();
+        while let Some(&(_, sid)) = self.retiring.front().filter(|(end, _)| *end <= at) {
+            self.link.unsubscribe(sid);
+            self.retiring.pop_front();
+        }
         let now = self.now();
         let events = self.nodes.tick(now);
         self.node_events(events, false);
@@ -597,20 +563,21 @@ impl Running {
             }
             return;
         }
-        let before = e.sub.take().map(|(_, stop)| stop);
-        let stop = match want {
-            Some(Side::Parts) => self.forwarding(both(stem)).await,
-            Some(Side::Deltas) => self.forwarding(name_subject(stem, Side::Deltas)).await,
+        let before = e.sub.take().map(|(_, sid)| sid);
+        let sid = match want {
+            Some(Side::Parts) => Some(self.link.subscribe(both(stem))),
+            Some(Side::Deltas) => Some(self.link.subscribe(name_subject(stem, Side::Deltas))),
             None => None,
         };
         // The old one ends at once if nothing replaces it, else after the overlap.
-        if let (Some(before), Some(_)) = (before, &stop) {
-            tokio::spawn(async move {
-                tokio::time::sleep(SWAP_OVERLAP).await;
-                drop(before);
-            });
+        match (before, sid) {
+            (Some(before), Some(_)) => self
+                .retiring
+                .push_back((Instant::now() + SWAP_OVERLAP, before)),
+            (Some(before), None) => self.link.unsubscribe(before),
+            _ => {}
         }
-        match (self.names.get_mut(stem), want.zip(stop)) {
+        match (self.names.get_mut(stem), want.zip(sid)) {
             (Some(e), Some(sub)) => e.sub = Some(sub),
             _ => {
                 self.names.remove(stem);
@@ -618,47 +585,17 @@ impl Running {
         }
     }
 
-    /// Subscribes to `subject`, its messages handed on by a task of their own until its stop
-    /// is dropped.
-    async fn forwarding(&mut self, subject: String) -> Option<Stop> {
-        // While disconnected, async-nats queues the SUB and sends it on reconnect.
-        match self.client.subscribe(subject.clone()).await {
-            Ok(sub) => Some(Stop(
-                tokio::spawn(forward(sub, self.deliver.clone())).abort_handle(),
-            )),
-            Err(e) => {
-                // Only when the client is closed: nothing more will flow anyway.
-                tracing::warn!(%subject, "cannot subscribe: {e}");
-                None
-            }
-        }
-    }
-
     async fn publish(&mut self, subject: String, reply: Option<String>, frame: Vec<u8>) {
-        if !self.connected || self.client.connection_state() != State::Connected {
+        if !self.connected || !self.link.publish(subject, reply, frame) {
             ClusterStats::add(&self.stats.dropped_out, 1);
             self.nodes.lost_frames();
-            return;
-        }
-        let sent = match reply {
-            Some(r) => {
-                self.client
-                    .publish_with_reply(subject, r, frame.into())
-                    .await
-            }
-            None => self.client.publish(subject, frame.into()).await,
-        };
-        if let Err(e) = sent {
-            ClusterStats::add(&self.stats.dropped_out, 1);
-            self.nodes.lost_frames();
-            tracing::debug!("publish failed: {e}");
         }
     }
 
     /// An answer to one of this node's requests, or NATS saying nobody could answer it.
-    fn answer(&mut self, m: Message) {
+    fn answer(&mut self, m: Msg) {
         if let Some(id) = self.inbox.lookup_of(&m.subject) {
-            let done = if m.status == Some(StatusCode::NO_RESPONDERS) {
+            let done = if m.status == Some(NO_RESPONDERS) {
                 self.lookups.no_responders(id)
             } else {
                 match self.deliver.decode(&m) {
@@ -671,7 +608,7 @@ impl Running {
             }
             return;
         }
-        if m.status == Some(StatusCode::NO_RESPONDERS) {
+        if m.status == Some(NO_RESPONDERS) {
             if let Some((shard, kind, name)) = self.inbox.no_responders(&m.subject) {
                 let answer = FromBridge::NoResponders(kind, name);
                 let _ = self.deliver.shards[shard.index()].send(answer);
@@ -689,7 +626,7 @@ impl Running {
 
     /// A heartbeat or a goodbye. While `probing` (before this node speaks), a live node of this
     /// node's name is an error to start with.
-    fn heartbeat(&mut self, m: &Message, probing: bool) -> Option<String> {
+    fn heartbeat(&mut self, m: &Msg, probing: bool) -> Option<String> {
         let now = self.now();
         let events = match self.deliver.decode(m)? {
             Frame::Heartbeat(hb) => self.nodes.heard(&hb, now),
@@ -758,9 +695,14 @@ impl Running {
         clash
     }
 
-    fn nats_event(&mut self, e: Event) {
+    /// What the NATS connection says; a name clash while `probing`.
+    fn link_event(&mut self, e: Event, probing: bool) -> Option<String> {
         let now = self.now();
         match e {
+            Event::Msg(m) if m.sid == self.sids.heartbeats => return self.heartbeat(&m, probing),
+            Event::Msg(m) if m.sid == self.sids.answers => self.answer(m),
+            // The node's own subject and names' subscriptions: by the name in the frame.
+            Event::Msg(m) => self.deliver.by_name(m),
             Event::Disconnected => {
                 tracing::warn!(
                     "NATS connection lost: other nodes' presences are kept for the isolation grace"
@@ -776,11 +718,11 @@ impl Running {
                     self.node_events(events, false);
                 }
             }
-            Event::SlowConsumer(sid) => {
-                // async-nats dropped messages of a subscription: everyone's parts again.
+            Event::Dropped => {
+                // Messages were dropped before the bridge took them: everyone's parts again.
                 tracing::warn!(
-                    sid,
-                    "NATS slow consumer: fetching the other nodes' parts again"
+                    "the NATS bridge fell behind and dropped messages: fetching the other nodes' \
+                     parts again"
                 );
                 // Requests for this node's parts may have been among them: it announces them.
                 let up: Vec<Origin> = self.nodes.up().collect();
@@ -790,8 +732,9 @@ impl Running {
                 }
                 self.deliver.everyone(|| FromBridge::Announce);
             }
-            other => tracing::warn!("NATS: {other}"),
+            Event::ServerError(e) => tracing::warn!("NATS: {e}"),
         }
+        None
     }
 
     /// A graceful stop: the other nodes drop this node's parts now rather than after the node
@@ -803,10 +746,11 @@ impl Running {
         };
         let frame = Frame::Goodbye(goodbye).encode();
         self.publish(self.subjects.heartbeats(), None, frame).await;
-        let flushed = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
-        if !matches!(flushed, Ok(Ok(()))) {
+        let flushed = tokio::time::timeout(Duration::from_secs(2), self.link.flush()).await;
+        if !matches!(flushed, Ok(true)) {
             tracing::warn!("could not flush the goodbye to NATS");
         }
+        self.link.close();
         tracing::info!(node = %self.name, "left the cluster");
     }
 }
