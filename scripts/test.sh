@@ -11,14 +11,18 @@ python3 -c 'import prometheus_client' 2>/dev/null ||
   python3 -m pip install --quiet --disable-pip-version-check prometheus-client
 
 # The cluster tests run real nats-server processes (Debian's package), each on a free loopback
-# port.
-if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+# port; the TLS one makes its certificates with openssl.
+install() {
   if [ "$(id -u)" = 0 ]; then
-    apt-get install -y nats-server >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y nats-server; }
+    apt-get install -y "$1" >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y "$1"; }
   else
-    sudo apt-get install -y nats-server
+    sudo apt-get install -y "$1"
   fi
+}
+if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+  install nats-server
 fi
+command -v openssl >/dev/null 2>&1 || install openssl
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

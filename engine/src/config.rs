@@ -173,7 +173,8 @@ pub struct Cli {
     /// [default: roster]
     #[arg(long, env = "ROSTER_NATS_PREFIX")]
     pub nats_prefix: Option<String>,
-    /// NATS credentials file (a user JWT and its NKey seed), as `nsc` writes it.
+    /// NATS credentials file (a user JWT and its NKey seed), as `nsc` writes it, or an NKey
+    /// seed alone, as `nk -gen user` writes it.
     #[arg(long, env = "ROSTER_NATS_CREDS")]
     pub nats_creds: Option<PathBuf>,
 }

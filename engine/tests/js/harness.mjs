@@ -38,13 +38,13 @@ export async function freePort() {
 
 /** Starts roster with 4 shards (so cross-shard paths run) plus `args`, on `port` if given (a
  * restart on the same address), else on a free one. */
-export async function startServer(args = [], { port: fixed } = {}) {
+export async function startServer(args = [], { port: fixed, env = {} } = {}) {
   const port = fixed ?? await freePort();
   // Servers run side by side: each admin listener takes a port of its own.
   const admin = args.includes('--admin-listen') ? [] : ['--admin-listen', '127.0.0.1:0'];
   const proc = spawn(bin, ['--listen', `127.0.0.1:${port}`, '--shards', '4', ...admin, ...args], {
     stdio: ['ignore', 'ignore', 'pipe'],
-    env: { ...process.env, ROSTER_LOG: 'warn' },
+    env: { ...process.env, ROSTER_LOG: 'warn', ...env },
   });
   let log = '';
   proc.stderr.on('data', (d) => { log += d; });
@@ -201,14 +201,14 @@ async function canConnect(port) {
   });
 }
 
-/** A real nats-server on a free loopback port (never every interface); `restart()` stops it
- * and starts it again on the same port. */
-export async function startNats() {
+/** A real nats-server on a free loopback port (never every interface), with `args` of its own
+ * (a config file, credentials); `restart()` stops it and starts it again on the same port. */
+export async function startNats(args = []) {
   const port = await freePort();
   const bin = natsBin();
   const nats = { port, url: `nats://127.0.0.1:${port}`, proc: null, log: '' };
   nats.start = async () => {
-    const proc = spawn(bin, ['-a', '127.0.0.1', '-p', String(port)], { stdio: ['ignore', 'ignore', 'pipe'] });
+    const proc = spawn(bin, [...args, '-a', '127.0.0.1', '-p', String(port)], { stdio: ['ignore', 'ignore', 'pipe'] });
     proc.stderr.on('data', (d) => { nats.log += d; });
     nats.exited = new Promise((resolve) => proc.on('exit', resolve));
     nats.proc = proc;
@@ -228,11 +228,12 @@ export async function startNats() {
   return nats;
 }
 
-/** A roster node of a cluster on `nats`, named `name` (on `opts.port`, or a free one). */
+/** A roster node of a cluster on `nats`, named `name` (on `opts.port`, or a free one; through
+ * `opts.natsUrl` rather than `nats.url` if given). */
 export async function startNode(nats, name, args = [], opts = {}) {
   const adminPort = await freePort();
   const node = await startServer([
-    '--nats-url', nats.url, '--node-name', name, '--admin-listen', `127.0.0.1:${adminPort}`, ...args,
+    '--nats-url', opts.natsUrl ?? nats.url, '--node-name', name, '--admin-listen', `127.0.0.1:${adminPort}`, ...args,
   ], opts);
   node.admin = `http://127.0.0.1:${adminPort}`;
   /** The sum over shards of a metric of /metrics. */

@@ -84,15 +84,18 @@ impl Server {
     }
 }
 
-/// A credentials file's user JWT and NKey seed.
+/// A credentials file's user JWT and NKey seed, or an NKey seed alone.
 #[derive(Clone)]
 pub struct Creds {
-    jwt: String,
+    /// None for a bare NKey: the server then knows the user by its public key.
+    jwt: Option<String>,
     seed: String,
+    public_key: String,
 }
 
 impl Creds {
-    /// The file `nsc` writes: the JWT and the seed, each between a BEGIN and an END line.
+    /// The file `nsc` writes (the JWT and the seed, each between a BEGIN and an END line), or
+    /// the one `nk -gen user` writes (the seed on a line of its own).
     pub fn parse(text: &str) -> Result<Creds, String> {
         let block = |what: &str| {
             let mut lines = text.lines().map(str::trim);
@@ -102,10 +105,19 @@ impl Creds {
                 .filter(|l| !l.starts_with("---"))
                 .map(str::to_owned)
         };
-        let jwt = block("JWT").ok_or("no user JWT")?;
-        let seed = block("SEED").ok_or("no NKey seed")?;
-        nkeys::KeyPair::from_seed(&seed).map_err(|e| format!("bad NKey seed: {e}"))?;
-        Ok(Creds { jwt, seed })
+        let (jwt, seed) = if text.contains("-----BEGIN") {
+            let jwt = block("JWT").ok_or("no user JWT")?;
+            (Some(jwt), block("SEED").ok_or("no NKey seed")?)
+        } else {
+            let seed = text.lines().map(str::trim).find(|l| !l.is_empty());
+            (None, seed.ok_or("empty")?.to_owned())
+        };
+        let key = nkeys::KeyPair::from_seed(&seed).map_err(|e| format!("bad NKey seed: {e}"))?;
+        Ok(Creds {
+            jwt,
+            seed,
+            public_key: key.public_key(),
+        })
     }
 
     fn sign(&self, nonce: &str) -> Result<String, String> {
@@ -369,7 +381,12 @@ async fn open(
             user: server.user.clone(),
             pass: server.pass.clone(),
             auth_token: server.token.clone(),
-            jwt: options.creds.as_ref().map(|c| c.jwt.clone()),
+            jwt: options.creds.as_ref().and_then(|c| c.jwt.clone()),
+            nkey: options
+                .creds
+                .as_ref()
+                .filter(|c| c.jwt.is_none())
+                .map(|c| c.public_key.clone()),
             sig,
         };
         let mut out = BytesMut::new();
@@ -699,7 +716,7 @@ mod tests {
              -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
         );
         let creds = Creds::parse(&text).unwrap();
-        assert_eq!(creds.jwt, "eyJ0eXAi.abc.def");
+        assert_eq!(creds.jwt.as_deref(), Some("eyJ0eXAi.abc.def"));
         let sig = creds.sign("nonce-1").unwrap();
         use base64::Engine;
         let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -707,5 +724,10 @@ mod tests {
             .unwrap();
         key.verify(b"nonce-1", &raw).unwrap();
         assert!(Creds::parse("-----BEGIN NATS USER JWT-----\nx\n").is_err());
+        // A bare seed: the server knows the user by its public key.
+        let bare = Creds::parse(&format!("\n{seed}\n")).unwrap();
+        assert!(bare.jwt.is_none());
+        assert_eq!(bare.public_key, key.public_key());
+        assert!(Creds::parse("SUNOTASEED\n").is_err());
     }
 }

@@ -49,6 +49,9 @@ pub struct Connect {
     pub auth_token: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt: Option<String>,
+    /// A bare NKey user's public key (with `sig`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nkey: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sig: Option<String>,
 }
