@@ -26,6 +26,7 @@ mod common;
 use common::presence::{see, View};
 
 /// One message NATS holds for a node.
+#[derive(Debug)]
 enum Inbound {
     Frame(Frame, Option<String>),
     NoResponders(Kind, String),
@@ -664,6 +665,36 @@ fn a_refetch_whose_request_is_lost_is_asked_again() {
     assert_eq!(lost, 2, "the requests to node 1: the room's part and ann's");
     c.settle();
     assert_eq!(c.sees(0, 1), who(&[("ann", 1)]));
+}
+
+/// A delta the bridge had to drop (node 0's shard queue was full) owes a re-fetch of its name
+/// alone: one request, for the room's part of node 1, not one for every name node 0 holds.
+#[test]
+fn a_dropped_frame_refetches_its_name_alone() {
+    let mut c = Cluster::new(2);
+    c.join(0, 1, "ann", 1);
+    c.join(1, 1, "bob", 2);
+    c.lose_next_delta_of = Some(1);
+    c.close(1, 1);
+    assert_eq!(c.sees(0, 1), who(&[("ann", 1), ("bob", 2)]));
+    let one = Origin {
+        node: c.ids[1],
+        incarnation: c.ids[1] * 7,
+    };
+    c.nodes[0].name_gap(Kind::Topic, "room", one);
+    c.collect(0);
+    let asked: Vec<String> = c.nats.flight[0]
+        .iter()
+        .map(|(to, m, _)| format!("{to} {m:?}"))
+        .collect();
+    assert_eq!(asked.len(), 1, "one request, to node 1: {asked:?}");
+    c.settle();
+    assert_eq!(c.sees(0, 1), who(&[("ann", 1)]));
+    // A name this node does not hold asks nothing.
+    c.nodes[0].name_gap(Kind::Topic, "room:elsewhere", one);
+    c.nodes[0].name_gap(Kind::User, "nobody", one);
+    c.collect(0);
+    assert!(c.nats.flight[0].is_empty());
 }
 
 // ---- seeded random runs ------------------------------------------------------------------

@@ -37,7 +37,9 @@ pub struct Origin {
 }
 
 /// What a subject's frames are about.
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(
+    Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
 pub enum Kind {
     Topic,
     User,

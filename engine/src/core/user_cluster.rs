@@ -345,6 +345,23 @@ impl Users {
         }
     }
 
+    /// A frame of `origin` about `key` was lost (dropped before this shard took it): its part
+    /// of that key alone is asked for again.
+    pub(crate) fn user_gap(&mut self, key: &str, origin: Origin, now: Millis, tx: &mut Outbox) {
+        let Some(uc) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        let key = UserKey::new(key);
+        let Some(side) = uc.sides.get_mut(&key) else {
+            return;
+        };
+        if side.part.remote.refetch(origin) {
+            let subject = uc.config.subjects.node(origin.node);
+            tx.nats(ask(&uc.config, &key, subject, side.part.epoch));
+            uc.retries.asked(&key, now, uc.config.fetch_timeout);
+        }
+    }
+
     /// First fetches past their deadline complete with what came (silent holders named in
     /// answers are asked directly, see `RemoteParts::fetch_expired`); re-fetches not answered
     /// are asked again.

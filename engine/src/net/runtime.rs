@@ -339,6 +339,7 @@ impl Runtime {
                     FromBridge::NodeDown(o) => core.node_down(o),
                     FromBridge::NodeHeld(o) => core.node_held(o),
                     FromBridge::NodeGap(o) => core.node_gap(o),
+                    FromBridge::NameGap(o, kind, name) => core.name_gap(kind, &name, o),
                     FromBridge::Announce => core.announce(),
                 }
             }

@@ -394,6 +394,19 @@ impl Shard {
         self.drain_local();
     }
 
+    /// A frame of `origin` about one name was dropped before this shard took it: that name's
+    /// part of `origin` alone is fetched again.
+    pub fn name_gap(&mut self, kind: Kind, name: &str, origin: Origin) {
+        match kind {
+            Kind::Topic => {
+                let (owner, mut env) = self.owner_env();
+                owner.topic_gap(name, origin, &mut env);
+            }
+            Kind::User => self.users.user_gap(name, origin, self.now, &mut self.tx),
+        }
+        self.drain_local();
+    }
+
     /// Requests to this node may have been lost (its NATS client dropped messages as a slow
     /// consumer): its own parts go out unasked, for nodes whose fetches it did not answer.
     pub fn announce(&mut self) {

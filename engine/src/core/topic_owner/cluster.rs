@@ -7,7 +7,7 @@
 use roster_proto::meta::restamp_ref;
 use roster_proto::PhxRef;
 
-use super::{Env, TopicOwner};
+use super::{Env, Topic, TopicOwner};
 use crate::cluster::frame::{Frame, Kind, Origin};
 use crate::cluster::parts::{Applied, Change};
 use crate::cluster::subject::Scope;
@@ -236,14 +236,26 @@ impl TopicOwner {
             return;
         };
         for (name, t) in self.topics.iter_mut() {
-            let Some(tc) = t.cluster_mut() else {
-                continue;
-            };
-            if tc.remote.refetch(origin) {
-                env.tx
-                    .nats(ask(c, name, c.subjects.node(origin.node), tc.epoch));
+            if refetch(c, name, t, origin, env) {
                 self.retries.asked(name, env.now, c.fetch_timeout);
             }
+        }
+    }
+
+    /// A frame of `origin` about topic `name` was lost (dropped before this shard took it): its
+    /// part of that topic alone is asked for again.
+    pub(crate) fn topic_gap(&mut self, name: &str, origin: Origin, env: &mut Env<'_>) {
+        let Some(c) = &self.config.cluster else {
+            return;
+        };
+        let Some(name) = self.held(name) else {
+            return;
+        };
+        let Some(t) = self.topics.get_mut(&name) else {
+            return;
+        };
+        if refetch(c, &name, t, origin, env) {
+            self.retries.asked(&name, env.now, c.fetch_timeout);
         }
     }
 
@@ -403,6 +415,25 @@ impl TopicOwner {
             self.answer_waiters(name, waiters, env);
         }
     }
+}
+
+/// Asks `origin` again for its part of topic `name` if it has interest here; true if asked.
+fn refetch(
+    c: &ClusterConfig,
+    name: &TopicName,
+    t: &mut Topic,
+    origin: Origin,
+    env: &mut Env<'_>,
+) -> bool {
+    let Some(tc) = t.cluster_mut() else {
+        return false;
+    };
+    if !tc.remote.refetch(origin) {
+        return false;
+    }
+    env.tx
+        .nats(ask(c, name, c.subjects.node(origin.node), tc.epoch));
+    true
 }
 
 /// A request for a topic's parts, on `subject` (everyone's, or one node's).

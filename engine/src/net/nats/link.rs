@@ -1,8 +1,8 @@
 //! One connection to NATS, kept up: connects (TCP, TLS when the URL or the server asks, user and
 //! password, token or a credentials file), pings, reconnects with a backoff to the next URL,
 //! subscribes again after a reconnect, and hands the bridge what arrives on one queue for all
-//! subscriptions. A subscription is an entry in a map, so a node can hold one per topic and
-//! user its clients touch (hundreds of thousands) for ~100 bytes each.
+//! subscriptions. A subscription is an entry in a map (its id and subject), so a node can hold
+//! one per topic and user its clients touch, hundreds of thousands of them.
 //!
 //! Must not: queue without bound. Publishing while down or past [`MAX_BACKLOG`] fails at once
 //! (the bridge counts it and the next heartbeat tells the other nodes to fetch again); messages

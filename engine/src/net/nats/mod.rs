@@ -61,6 +61,9 @@ pub enum FromBridge {
     /// It ended, but its presences stay for a grace (`cluster::nodes::NodeEvent::Held`).
     NodeHeld(Origin),
     NodeGap(Origin),
+    /// A frame of this origin about this name was dropped (the shard's queue was full): that
+    /// part alone is fetched again.
+    NameGap(Origin, Kind, String),
     /// Requests to this node may have been lost: publish its own parts.
     Announce,
 }
@@ -104,9 +107,12 @@ pub struct Bridge {
 /// Batches the shards may have waiting for the bridge; past this a shard's task waits (its
 /// frames stay in its own queue).
 const BRIDGE_QUEUE: usize = 4096;
-/// Frames waiting in one shard's input queue past which frames are dropped (their origins are
-/// then fetched again). Node events are never dropped.
+/// Frames waiting in one shard's input queue past which frames are dropped (their names' parts
+/// are then fetched again). Node events are never dropped.
 const SHARD_QUEUE: usize = 65_536;
+/// Names owed a re-fetch past which a drop owes its whole origin instead (every name of
+/// interest fetched again from it), so that what is owed stays bounded.
+const OWED_NAMES: usize = 65_536;
 /// "No responders", as NATS says it in a reply's status.
 const NO_RESPONDERS: u16 = 503;
 /// How long a request's record is kept for NATS's "no responders" (which comes at once).
@@ -238,7 +244,7 @@ impl Setup {
             router: Router::new(self.shards.len() as u16),
             shards: self.shards,
             stats: self.stats.clone(),
-            owed: Mutex::new(BTreeSet::new()),
+            owed: Mutex::new(Owed::default()),
         });
         let epoch = Instant::now();
         let timing = Timing {
@@ -301,8 +307,16 @@ struct Deliver {
     shards: Vec<flume::Sender<FromBridge>>,
     router: Router,
     stats: Arc<ClusterStats>,
-    /// Shards that had frames of an origin dropped: they are owed a re-fetch of it.
-    owed: Mutex<BTreeSet<(u16, Origin)>>,
+    owed: Mutex<Owed>,
+}
+
+/// Re-fetches owed to shards whose frames were dropped, sent once their queues have room.
+#[derive(Default)]
+struct Owed {
+    /// A name's part of one origin, for a dropped delta or part about it.
+    names: BTreeSet<(u16, Origin, Kind, String)>,
+    /// Every name's, past [`OWED_NAMES`].
+    origins: BTreeSet<(u16, Origin)>,
 }
 
 impl Deliver {
@@ -339,14 +353,22 @@ impl Deliver {
         let tx = &self.shards[shard.index()];
         if tx.len() >= SHARD_QUEUE {
             ClusterStats::add(&self.stats.dropped_in, 1);
+            // A dropped request is asked again by its sender, whose fetch times out.
             let origin = match &frame {
                 Frame::Delta(d) => Some(d.origin),
                 Frame::Part(p) => Some(p.origin),
                 _ => None,
             };
-            if let Some(o) = origin {
+            if let (Some(o), Some((kind, name))) = (origin, frame.about()) {
                 let mut owed = self.owed.lock().unwrap_or_else(|e| e.into_inner());
-                owed.insert((shard.0, o));
+                if owed.origins.contains(&(shard.0, o)) {
+                    return;
+                }
+                if owed.names.len() < OWED_NAMES {
+                    owed.names.insert((shard.0, o, kind, name.to_owned()));
+                } else {
+                    owed.origins.insert((shard.0, o));
+                }
             }
             return;
         }
@@ -363,12 +385,25 @@ impl Deliver {
     /// Re-fetches owed by drops, once the shards' queues have room again.
     fn settle_owed(&self) {
         let mut owed = self.owed.lock().unwrap_or_else(|e| e.into_inner());
-        owed.retain(|&(shard, origin)| {
-            let tx = &self.shards[shard as usize];
-            if tx.len() >= SHARD_QUEUE / 2 {
+        let room = |shard: u16| self.shards[shard as usize].len() < SHARD_QUEUE / 2;
+        let Owed { names, origins } = &mut *owed;
+        origins.retain(|&(shard, origin)| {
+            if !room(shard) {
                 return true;
             }
-            let _ = tx.send(FromBridge::NodeGap(origin));
+            let _ = self.shards[shard as usize].send(FromBridge::NodeGap(origin));
+            false
+        });
+        names.retain(|(shard, origin, kind, name)| {
+            // Owed with its whole origin: fetched again with it.
+            if origins.contains(&(*shard, *origin)) {
+                return false;
+            }
+            if !room(*shard) {
+                return true;
+            }
+            let gap = FromBridge::NameGap(*origin, *kind, name.clone());
+            let _ = self.shards[*shard as usize].send(gap);
             false
         });
     }
