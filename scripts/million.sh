@@ -10,7 +10,7 @@
 # Environment (defaults in brackets):
 #   ROSTER_MILLION_PER_NODE [19000]   connections per node and per worker (one process here
 #                                     holds ~19.9k descriptors)
-#   ROSTER_MILLION_BYTES_PER_CONN     memory the whole run needs per connection (servers, load
+#   ROSTER_MILLION_BYTES_PER_CONN [42000]  memory the whole run needs per connection (servers, load
 #                                     generator, kernel, NATS); measured, see docs/BENCHMARKS.md
 #   ROSTER_MILLION_WATCH [3]          users on each client's watch list
 #   ROSTER_MILLION_CHURN [10000]      joins+leaves per second during the churn phase
@@ -23,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 conns=${1:-1000000}
 per_node=${ROSTER_MILLION_PER_NODE:-19000}
-per_conn=${ROSTER_MILLION_BYTES_PER_CONN:-31000}
+per_conn=${ROSTER_MILLION_BYTES_PER_CONN:-42000}
 watch=${ROSTER_MILLION_WATCH:-3}
 churn=${ROSTER_MILLION_CHURN:-10000}
 hold_s=${ROSTER_MILLION_HOLD_S:-30}
@@ -36,6 +36,11 @@ nats_mon=4781
 port=4790
 admin=$((port + 1000))
 cpus=$(nproc)
+# Connects in flight per worker: 32, fewer past 11 workers so that the whole ramp keeps ~352 in
+# flight (at 22 nodes, 704 in flight starved the nodes until they took each other for dead).
+conc=$((352 / nodes))
+[ "$conc" -gt 32 ] && conc=32
+[ "$conc" -lt 4 ] && conc=4
 nats_bin=$(command -v nats-server || echo /usr/sbin/nats-server)
 
 # What the run needs, checked before anything starts.
@@ -98,7 +103,7 @@ echo "million.sh: nats-server and $nodes nodes up; $nodes workers of roster-benc
 # the hold, the churn and the 40 s failover.
 duration=$((conns / 400 + hold_s + churn_s + 200))
 ./target/release/roster-bench million --url "$(join "${urls[@]}")" --clients "$conns" \
-  --procs "$nodes" --concurrency 32 --source-addrs "$sources" --watch "$watch" --churn-rate "$churn" \
+  --procs "$nodes" --concurrency "$conc" --source-addrs "$sources" --watch "$watch" --churn-rate "$churn" \
   --hold-s "$hold_s" --churn-s "$churn_s" \
   --kill-cmd "kill -9 ${node_pids[0]}" --killed-node 0 --server-pids "$(join "${node_pids[@]}")" \
   --admin-urls "$(join "${admins[@]}")" --nats-pid "${pids[0]}" --nats-monitor "http://127.0.0.1:$nats_mon" \

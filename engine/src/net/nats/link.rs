@@ -6,7 +6,8 @@
 //!
 //! Must not: queue without bound. Publishing while down or past [`MAX_BACKLOG`] fails at once
 //! (the bridge counts it and the next heartbeat tells the other nodes to fetch again); messages
-//! past [`MAX_PENDING_IN`] not yet taken by the bridge are dropped and reported once as
+//! past [`MAX_PENDING_IN`] (or [`MAX_PENDING_IN_BYTES`]) not yet taken by the bridge are
+//! dropped and reported once as
 //! [`Event::Dropped`], so the bridge fetches again instead of growing without end.
 
 use std::collections::{HashMap, VecDeque};
@@ -24,10 +25,16 @@ use super::wire::{self, Info, Msg, Parser, ServerOp};
 
 /// Bytes to publish not yet written to the socket past which publishing fails.
 pub const MAX_BACKLOG: usize = 64 * 1024 * 1024;
-/// Messages received and not yet taken by the bridge past which they are dropped.
+/// Messages received and not yet taken by the bridge past which they are dropped...
 pub const MAX_PENDING_IN: usize = 262_144;
-/// Pings without a pong after which the connection is taken for dead.
-const MAX_PINGS_OUT: usize = 3;
+/// ... and their payload bytes (a part of a large topic is tens of KB).
+pub const MAX_PENDING_IN_BYTES: usize = 64 * 1024 * 1024;
+/// How long the server may stay silent, a ping unanswered, before the connection is taken for
+/// dead. Anything read counts as life: a busy nats-server answers pings late (the million run
+/// saw its read loop stall 2-12 s), and taking it for dead then costs a reconnect and every
+/// part fetched again, which is the load that stalled it. A server that is gone closes the
+/// socket, which is noticed at once.
+const SILENCE: Duration = Duration::from_secs(10);
 
 /// Where to connect, from a `--nats-url` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,8 +183,9 @@ struct Shared {
     connected: AtomicBool,
     /// Payload bytes handed over and not yet written.
     queued: AtomicUsize,
-    /// Messages handed to the bridge and not yet taken.
+    /// Messages handed to the bridge and not yet taken, and their payload bytes.
     pending_in: AtomicUsize,
+    pending_in_bytes: AtomicUsize,
     max_payload: AtomicUsize,
     counters: Arc<Counters>,
 }
@@ -216,6 +224,7 @@ impl Link {
             connected: AtomicBool::new(false),
             queued: AtomicUsize::new(0),
             pending_in: AtomicUsize::new(0),
+            pending_in_bytes: AtomicUsize::new(0),
             max_payload: AtomicUsize::new(first.info.max_payload),
             counters,
         });
@@ -243,8 +252,10 @@ impl Link {
     /// The next event; cancel-safe.
     pub async fn next(&mut self) -> Option<Event> {
         let e = self.events.recv().await;
-        if let Some(Event::Msg(_)) = e {
+        if let Some(Event::Msg(m)) = &e {
             self.shared.pending_in.fetch_sub(1, Ordering::Relaxed);
+            let bytes = &self.shared.pending_in_bytes;
+            bytes.fetch_sub(m.payload.len(), Ordering::Relaxed);
         }
         e
     }
@@ -551,6 +562,7 @@ impl Task {
         let mut ping = tokio::time::interval(self.options.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.tick().await;
+        let mut last_read = tokio::time::Instant::now();
         // Publications in `out` not yet wholly written (where each ends, its payload's length),
         // to give back to `queued` as they go.
         let mut unwritten: VecDeque<(usize, usize)> = VecDeque::new();
@@ -560,6 +572,7 @@ impl Task {
                     Ok(0) => break 'conn Ended::Lost("closed by the server".into()),
                     Err(e) => break 'conn Ended::Lost(e.to_string()),
                     Ok(_) => loop {
+                        last_read = tokio::time::Instant::now();
                         match parser.next() {
                             Ok(Some(op)) => {
                                 if let Some(pong) = self.server_op(op, &mut out) {
@@ -616,8 +629,8 @@ impl Task {
                     }
                 },
                 _ = ping.tick() => {
-                    if pongs.len() >= MAX_PINGS_OUT {
-                        break 'conn Ended::Lost("no pong from the server".into());
+                    if !pongs.is_empty() && last_read.elapsed() >= SILENCE {
+                        break 'conn Ended::Lost(format!("nothing from the server for {SILENCE:?}, a ping unanswered"));
                     }
                     out.extend_from_slice(wire::PING);
                     pongs.push_back(None);
@@ -643,17 +656,22 @@ impl Task {
                 c.in_bytes
                     .fetch_add(m.payload.len() as u64, Ordering::Relaxed);
                 let pending = self.shared.pending_in.load(Ordering::Relaxed);
-                if pending >= MAX_PENDING_IN {
+                let bytes = self.shared.pending_in_bytes.load(Ordering::Relaxed);
+                if pending >= MAX_PENDING_IN || bytes >= MAX_PENDING_IN_BYTES {
                     if !self.overflowing {
                         self.overflowing = true;
                         let _ = self.events.send(Event::Dropped);
                     }
                     return None;
                 }
-                if pending < MAX_PENDING_IN / 2 {
+                if pending < MAX_PENDING_IN / 2 && bytes < MAX_PENDING_IN_BYTES / 2 {
                     self.overflowing = false;
                 }
                 self.shared.pending_in.fetch_add(1, Ordering::Relaxed);
+                let len = m.payload.len();
+                self.shared
+                    .pending_in_bytes
+                    .fetch_add(len, Ordering::Relaxed);
                 let _ = self.events.send(Event::Msg(m));
                 None
             }

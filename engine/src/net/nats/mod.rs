@@ -744,6 +744,9 @@ impl Running {
                 );
                 self.connected = false;
                 self.nodes.disconnected(now);
+                // What was handed to the connection and not yet written went with it: the
+                // next heartbeat says so, and the others fetch this node's parts again.
+                self.nodes.lost_frames();
             }
             Event::Connected => {
                 if !self.connected {
