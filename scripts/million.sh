@@ -8,8 +8,9 @@
 #   scripts/million.sh [CONNECTIONS]      # default 1000000
 #
 # Environment (defaults in brackets):
-#   ROSTER_MILLION_PER_NODE [19000]   connections per node and per worker (one process here
-#                                     holds ~19.9k descriptors)
+#   ROSTER_MILLION_PER_NODE [17000]   connections per node and per worker (one process here
+#                                     holds ~19.9k descriptors; the survivors of the failover
+#                                     take a killed node's share on top, so not all of them)
 #   ROSTER_MILLION_BYTES_PER_CONN [42000]  memory the whole run needs per connection (servers, load
 #                                     generator, kernel, NATS); measured, see docs/BENCHMARKS.md
 #   ROSTER_MILLION_WATCH [3]          users on each client's watch list
@@ -22,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 conns=${1:-1000000}
-per_node=${ROSTER_MILLION_PER_NODE:-19000}
+per_node=${ROSTER_MILLION_PER_NODE:-17000}
 per_conn=${ROSTER_MILLION_BYTES_PER_CONN:-42000}
 watch=${ROSTER_MILLION_WATCH:-3}
 churn=${ROSTER_MILLION_CHURN:-10000}
