@@ -1,6 +1,7 @@
 //! The NATS bridge: one OS thread running roster's NATS client (`link`, `wire`) on a
-//! current-thread tokio runtime, between the glommio shards and NATS. Shards hand it batches of what their cores
-//! asked for (`NatsOut`) on one bounded channel and never wait on it; it hands each shard the
+//! current-thread tokio runtime, between the glommio shards and NATS. Shards hand it batches
+//! of what their cores asked for (`NatsOut`) on one bounded channel and never wait on it; it
+//! hands each shard the
 //! frames about the names that shard owns (decoded and validated here, off the shards' cores),
 //! the answers to its requests, and what heartbeats say about the other nodes (`cluster::nodes`,
 //! driven here: it is the node's, not a shard's).
@@ -74,9 +75,9 @@ pub struct ClusterStats {
     pub nodes_up: AtomicU64,
     /// Bytes from NATS that were not a valid frame (or not for this node).
     pub bad_frames: AtomicU64,
-    /// Frames a shard's queue had no room for (its origins are fetched again).
+    /// Frames a shard's queue had no room for (their names' parts are fetched again).
     pub dropped_in: AtomicU64,
-    /// Frames not published because the NATS connection was down.
+    /// Frames not published: the NATS connection was down or its backlog full.
     pub dropped_out: AtomicU64,
     pub part_requests: AtomicU64,
     /// Gaps in other nodes' heartbeats or this node's reconnects: parts fetched again.
@@ -301,8 +302,9 @@ fn millis(d: Duration) -> Millis {
     Millis(d.as_millis() as u64)
 }
 
-/// Hands inbound frames to the shards that own their names. Shared by the main loop and the
-/// tasks that forward each topic subscription.
+/// Hands inbound frames to the shards that own their names. Only the bridge's loop uses it
+/// (when each subscription had a forwarding task, they shared it: hence the `Arc` and the
+/// uncontended lock, left as they are).
 struct Deliver {
     shards: Vec<flume::Sender<FromBridge>>,
     router: Router,
