@@ -251,17 +251,17 @@ export async function startNode(nats, name, args = [], opts = {}) {
  * ~32 KB metas `{n, pad}` (640: ~20 MB of diffs; the kernel's buffers fill, a few MB on
  * loopback, then the server's outbound bound passes), then reads again. Resolves once the slow
  * client's view `slow` shows the last update, with the presence_states and presence_diffs it
- * got meanwhile.
+ * got meanwhile. `inFlight` updates are sent at a time (each answered before the next batch).
  */
-export async function stallThroughFlood(slowSocket, slow, flooder, key, updates = 640) {
+export async function stallThroughFlood(slowSocket, slow, flooder, key, updates = 640, inFlight = 40) {
   const got = { states: 0, diffs: 0 };
   slow.channel.on('presence_state', () => { got.states += 1; });
   slow.channel.on('presence_diff', () => { got.diffs += 1; });
   slowSocket.conn._socket.pause();
   const pad = 'p'.repeat(32_000);
-  for (let i = 1; i <= updates; i += 40) {
+  for (let i = 1; i <= updates; i += inFlight) {
     const batch = [];
-    for (let j = i; j < Math.min(i + 40, updates + 1); j++) batch.push(push(flooder.channel, 'presence_update', { meta: { n: j, pad } }));
+    for (let j = i; j < Math.min(i + inFlight, updates + 1); j++) batch.push(push(flooder.channel, 'presence_update', { meta: { n: j, pad } }));
     const refused = (await Promise.all(batch)).find((r) => r.status !== 'ok');
     if (refused) throw new Error(`an update was refused: ${JSON.stringify(refused)}`);
   }
