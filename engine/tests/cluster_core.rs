@@ -644,11 +644,9 @@ fn two_nodes_claiming_one_held_presence_agree_on_one_winner() {
     }
 }
 
-/// Node 1's leave is lost, node 0 hears of a gap and asks node 1 again, and that request is
-/// lost too: node 0 asks again when the retry time comes (node 1 has forgotten the room and
-/// would never announce it).
-#[test]
-fn a_refetch_whose_request_is_lost_is_asked_again() {
+/// Ann on node 0 and bob on node 1 in the room, and bob's leave lost on its way to node 0
+/// (which still shows him); with node 1's origin.
+fn a_leave_node_0_missed() -> (Cluster, Origin) {
     let mut c = Cluster::new(2);
     c.join(0, 1, "ann", 1);
     c.join(1, 1, "bob", 2);
@@ -659,6 +657,15 @@ fn a_refetch_whose_request_is_lost_is_asked_again() {
         node: c.ids[1],
         incarnation: c.ids[1] * 7,
     };
+    (c, one)
+}
+
+/// Node 1's leave is lost, node 0 hears of a gap and asks node 1 again, and that request is
+/// lost too: node 0 asks again when the retry time comes (node 1 has forgotten the room and
+/// would never announce it).
+#[test]
+fn a_refetch_whose_request_is_lost_is_asked_again() {
+    let (mut c, one) = a_leave_node_0_missed();
     c.nodes[0].node_gap(one);
     c.collect(0);
     let lost = c.nats.flight[0].drain(..).count();
@@ -671,23 +678,15 @@ fn a_refetch_whose_request_is_lost_is_asked_again() {
 /// alone: one request, for the room's part of node 1, not one for every name node 0 holds.
 #[test]
 fn a_dropped_frame_refetches_its_name_alone() {
-    let mut c = Cluster::new(2);
-    c.join(0, 1, "ann", 1);
-    c.join(1, 1, "bob", 2);
-    c.lose_next_delta_of = Some(1);
-    c.close(1, 1);
-    assert_eq!(c.sees(0, 1), who(&[("ann", 1), ("bob", 2)]));
-    let one = Origin {
-        node: c.ids[1],
-        incarnation: c.ids[1] * 7,
-    };
+    let (mut c, one) = a_leave_node_0_missed();
     c.nodes[0].name_gap(Kind::Topic, "room", one);
     c.collect(0);
     let asked: Vec<String> = c.nats.flight[0]
         .iter()
         .map(|(to, m, _)| format!("{to} {m:?}"))
         .collect();
-    assert_eq!(asked.len(), 1, "one request, to node 1: {asked:?}");
+    assert_eq!(asked.len(), 1, "one request: {asked:?}");
+    assert_eq!(c.nats.flight[0][0].0, 1, "to node 1: {asked:?}");
     c.settle();
     assert_eq!(c.sees(0, 1), who(&[("ann", 1)]));
     // A name this node does not hold asks nothing.

@@ -571,20 +571,23 @@ impl Task {
                 r = rd.read_buf(parser.buffer()) => match r {
                     Ok(0) => break 'conn Ended::Lost("closed by the server".into()),
                     Err(e) => break 'conn Ended::Lost(e.to_string()),
-                    Ok(_) => loop {
+                    Ok(_) => {
                         last_read = tokio::time::Instant::now();
-                        match parser.next() {
-                            Ok(Some(op)) => {
-                                if let Some(pong) = self.server_op(op, &mut out) {
-                                    if let Some(Some(tx)) = pongs.pop_front().filter(|_| pong) {
-                                        let _ = tx.send(());
+                        loop {
+                            match parser.next() {
+                                Ok(Some(op)) => {
+                                    // A pong answers the oldest ping; a flush waits on it.
+                                    if self.server_op(op, &mut out) {
+                                        if let Some(Some(tx)) = pongs.pop_front() {
+                                            let _ = tx.send(());
+                                        }
                                     }
                                 }
+                                Ok(None) => break,
+                                Err(e) => break 'conn Ended::Lost(e.to_string()),
                             }
-                            Ok(None) => break,
-                            Err(e) => break 'conn Ended::Lost(e.to_string()),
                         }
-                    },
+                    }
                 },
                 w = wr.write(&out), if !out.is_empty() => match w {
                     Ok(n) => {
@@ -647,8 +650,8 @@ impl Task {
         self.shared.queued.fetch_sub(len, Ordering::Relaxed);
     }
 
-    /// One operation from the server; `Some(true)` for a pong.
-    fn server_op(&mut self, op: ServerOp, out: &mut BytesMut) -> Option<bool> {
+    /// One operation from the server; true for a pong.
+    fn server_op(&mut self, op: ServerOp, out: &mut BytesMut) -> bool {
         match op {
             ServerOp::Msg(m) => {
                 let c = &self.shared.counters;
@@ -662,7 +665,7 @@ impl Task {
                         self.overflowing = true;
                         let _ = self.events.send(Event::Dropped);
                     }
-                    return None;
+                    return false;
                 }
                 if pending < MAX_PENDING_IN / 2 && bytes < MAX_PENDING_IN_BYTES / 2 {
                     self.overflowing = false;
@@ -673,25 +676,25 @@ impl Task {
                     .pending_in_bytes
                     .fetch_add(len, Ordering::Relaxed);
                 let _ = self.events.send(Event::Msg(m));
-                None
+                false
             }
             ServerOp::Ping => {
                 out.extend_from_slice(wire::PONG);
-                None
+                false
             }
-            ServerOp::Pong => Some(true),
+            ServerOp::Pong => true,
             ServerOp::Info(json) => {
                 if let Ok(info) = Info::parse(&json) {
                     self.shared
                         .max_payload
                         .store(info.max_payload, Ordering::Relaxed);
                 }
-                None
+                false
             }
-            ServerOp::Ok => None,
+            ServerOp::Ok => false,
             ServerOp::Err(e) => {
                 let _ = self.events.send(Event::ServerError(e));
-                None
+                false
             }
         }
     }

@@ -15,7 +15,7 @@ mod wire;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use link::Counters;
@@ -241,12 +241,12 @@ impl Setup {
         };
         // Requests to this node alone; its frames are handled by name, as names' are.
         link.subscribe(self.subjects.node(self.me.node));
-        let deliver = Arc::new(Deliver {
+        let deliver = Deliver {
             router: Router::new(self.shards.len() as u16),
             shards: self.shards,
             stats: self.stats.clone(),
-            owed: Mutex::new(Owed::default()),
-        });
+            owed: Owed::default(),
+        };
         let epoch = Instant::now();
         let timing = Timing {
             heartbeat: millis(node.heartbeat),
@@ -302,14 +302,12 @@ fn millis(d: Duration) -> Millis {
     Millis(d.as_millis() as u64)
 }
 
-/// Hands inbound frames to the shards that own their names. Only the bridge's loop uses it
-/// (when each subscription had a forwarding task, they shared it: hence the `Arc` and the
-/// uncontended lock, left as they are).
+/// Hands inbound frames to the shards that own their names.
 struct Deliver {
     shards: Vec<flume::Sender<FromBridge>>,
     router: Router,
     stats: Arc<ClusterStats>,
-    owed: Mutex<Owed>,
+    owed: Owed,
 }
 
 /// Re-fetches owed to shards whose frames were dropped, sent once their queues have room.
@@ -334,7 +332,7 @@ impl Deliver {
     }
 
     /// A frame on a topic's subject or this node's own: to the owner of its name.
-    fn by_name(&self, m: Msg) {
+    fn by_name(&mut self, m: Msg) {
         let Some(frame) = self.decode(&m) else {
             return;
         };
@@ -351,7 +349,7 @@ impl Deliver {
         self.frame(shard, frame, m.reply);
     }
 
-    fn frame(&self, shard: ShardId, frame: Frame, reply: Option<String>) {
+    fn frame(&mut self, shard: ShardId, frame: Frame, reply: Option<String>) {
         let tx = &self.shards[shard.index()];
         if tx.len() >= SHARD_QUEUE {
             ClusterStats::add(&self.stats.dropped_in, 1);
@@ -362,7 +360,7 @@ impl Deliver {
                 _ => None,
             };
             if let (Some(o), Some((kind, name))) = (origin, frame.about()) {
-                let mut owed = self.owed.lock().unwrap_or_else(|e| e.into_inner());
+                let owed = &mut self.owed;
                 if owed.origins.contains(&(shard.0, o)) {
                     return;
                 }
@@ -385,15 +383,15 @@ impl Deliver {
     }
 
     /// Re-fetches owed by drops, once the shards' queues have room again.
-    fn settle_owed(&self) {
-        let mut owed = self.owed.lock().unwrap_or_else(|e| e.into_inner());
-        let room = |shard: u16| self.shards[shard as usize].len() < SHARD_QUEUE / 2;
-        let Owed { names, origins } = &mut *owed;
+    fn settle_owed(&mut self) {
+        let shards = &self.shards;
+        let room = |shard: u16| shards[shard as usize].len() < SHARD_QUEUE / 2;
+        let Owed { names, origins } = &mut self.owed;
         origins.retain(|&(shard, origin)| {
             if !room(shard) {
                 return true;
             }
-            let _ = self.shards[shard as usize].send(FromBridge::NodeGap(origin));
+            let _ = shards[shard as usize].send(FromBridge::NodeGap(origin));
             false
         });
         names.retain(|(shard, origin, kind, name)| {
@@ -405,7 +403,7 @@ impl Deliver {
                 return true;
             }
             let gap = FromBridge::NameGap(*origin, *kind, name.clone());
-            let _ = self.shards[*shard as usize].send(gap);
+            let _ = shards[*shard as usize].send(gap);
             false
         });
     }
@@ -462,7 +460,7 @@ struct Running {
     commands: flume::Receiver<ToBridge>,
     inbox: Inbox,
     lookups: Lookups<LookupReply>,
-    deliver: Arc<Deliver>,
+    deliver: Deliver,
     /// Subscriptions of names' subjects, by stem (`subject::split_name_subject`).
     names: HashMap<String, NameSubs>,
     /// Subscriptions replaced by another, and when they end (`SWAP_OVERLAP`).

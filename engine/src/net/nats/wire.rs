@@ -8,6 +8,8 @@
 //! hostile server is a protocol error that ends the connection, never a panic or an
 //! unbounded buffer).
 
+use std::fmt::Write;
+
 use bytes::{Buf, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
@@ -105,20 +107,20 @@ pub fn connect(out: &mut BytesMut, c: &Connect) {
 
 pub fn sub(out: &mut BytesMut, subject: &str, sid: u64) {
     debug_assert!(token_ok(subject), "bad subject {subject:?}");
-    out.extend_from_slice(format!("SUB {subject} {sid}\r\n").as_bytes());
+    // Into the buffer directly: no line allocated per call (writing to a BytesMut cannot fail).
+    let _ = write!(out, "SUB {subject} {sid}\r\n");
 }
 
 pub fn unsub(out: &mut BytesMut, sid: u64) {
-    out.extend_from_slice(format!("UNSUB {sid}\r\n").as_bytes());
+    let _ = write!(out, "UNSUB {sid}\r\n");
 }
 
 pub fn publish(out: &mut BytesMut, subject: &str, reply: Option<&str>, payload: &[u8]) {
     debug_assert!(token_ok(subject), "bad subject {subject:?}");
-    let line = match reply {
-        Some(r) => format!("PUB {subject} {r} {}\r\n", payload.len()),
-        None => format!("PUB {subject} {}\r\n", payload.len()),
+    let _ = match reply {
+        Some(r) => write!(out, "PUB {subject} {r} {}\r\n", payload.len()),
+        None => write!(out, "PUB {subject} {}\r\n", payload.len()),
     };
-    out.extend_from_slice(line.as_bytes());
     out.extend_from_slice(payload);
     out.extend_from_slice(b"\r\n");
 }
@@ -152,21 +154,27 @@ impl Parser {
             .map_err(|_| ProtocolError("control line is not UTF-8".into()))?;
         let (op, rest) = line.split_once([' ', '\t']).unwrap_or((line, ""));
         let rest = rest.trim();
-        let op = op.to_ascii_uppercase();
-        let simple = match op.as_str() {
-            "PING" => Some(ServerOp::Ping),
-            "PONG" => Some(ServerOp::Pong),
-            "+OK" => Some(ServerOp::Ok),
-            "-ERR" => Some(ServerOp::Err(rest.trim_matches('\'').to_owned())),
-            "INFO" => Some(ServerOp::Info(rest.to_owned())),
-            "MSG" | "HMSG" => None,
-            _ => return Err(ProtocolError(format!("unknown operation {op:?}"))),
+        let is = |name: &str| op.eq_ignore_ascii_case(name);
+        let simple = if is("MSG") || is("HMSG") {
+            None
+        } else if is("PING") {
+            Some(ServerOp::Ping)
+        } else if is("PONG") {
+            Some(ServerOp::Pong)
+        } else if is("+OK") {
+            Some(ServerOp::Ok)
+        } else if is("-ERR") {
+            Some(ServerOp::Err(rest.trim_matches('\'').to_owned()))
+        } else if is("INFO") {
+            Some(ServerOp::Info(rest.to_owned()))
+        } else {
+            return Err(ProtocolError(format!("unknown operation {op:?}")));
         };
         if let Some(op) = simple {
             self.buf.advance(end + 2);
             return Ok(Some(op));
         }
-        let head = MsgHead::parse(rest, op == "HMSG")?;
+        let head = MsgHead::parse(rest, is("HMSG"))?;
         let need = end + 2 + head.total + 2;
         if self.buf.len() < need {
             // Room for the whole message at once, rather than growing in steps.
@@ -210,22 +218,29 @@ struct MsgHead {
 impl MsgHead {
     fn parse(rest: &str, with_headers: bool) -> Result<MsgHead, ProtocolError> {
         let bad = || ProtocolError(format!("bad message line {rest:?}"));
-        let parts: Vec<&str> = rest.split_ascii_whitespace().collect();
+        // At most 5 fields (HMSG with a reply): no vector per message.
+        let mut parts = [""; 5];
+        let mut n = 0;
+        for p in rest.split_ascii_whitespace() {
+            *parts.get_mut(n).ok_or_else(bad)? = p;
+            n += 1;
+        }
         let numbers = if with_headers { 2 } else { 1 };
-        let (subject, sid, reply, lens) = match parts.len() - numbers.min(parts.len()) {
-            2 => (parts[0], parts[1], None, &parts[2..]),
-            3 => (parts[0], parts[1], Some(parts[2]), &parts[3..]),
+        let (subject, sid, reply) = match n.checked_sub(numbers) {
+            Some(2) => (parts[0], parts[1], None),
+            Some(3) => (parts[0], parts[1], Some(parts[2])),
             _ => return Err(bad()),
         };
         let sid = sid.parse().map_err(|_| bad())?;
-        let lens: Vec<usize> = lens
-            .iter()
-            .map(|l| l.parse().map_err(|_| bad()))
-            .collect::<Result<_, _>>()?;
-        let (headers, total) = match lens[..] {
-            [total] => (None, total),
-            [h, total] if h <= total => (Some(h), total),
-            _ => return Err(bad()),
+        let len = |i: usize| parts[i].parse::<usize>().map_err(|_| bad());
+        let (headers, total) = if with_headers {
+            let (h, total) = (len(n - 2)?, len(n - 1)?);
+            if h > total {
+                return Err(bad());
+            }
+            (Some(h), total)
+        } else {
+            (None, len(n - 1)?)
         };
         if total > MAX_MESSAGE {
             return Err(ProtocolError(format!("message of {total} bytes")));
