@@ -177,6 +177,37 @@ pub struct Cli {
     /// seed alone, as `nk -gen user` writes it.
     #[arg(long, env = "ROSTER_NATS_CREDS")]
     pub nats_creds: Option<PathBuf>,
+    /// Where presence events go (presence_join/update/leave, user_online/offline): batched JSON
+    /// POSTs, retried until taken (docs/OPERATIONS.md, "Presence events"). [default: none]
+    #[arg(long, env = "ROSTER_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    /// File holding the secret that signs webhook bodies (HMAC-SHA256, header
+    /// `x-roster-signature: sha256=HEX`); it may instead come in ROSTER_WEBHOOK_SECRET.
+    /// [default: unsigned]
+    #[arg(long, env = "ROSTER_WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// Topics whose events are reported, comma-separated, as token grants write them (an exact
+    /// name, or a prefix ending in `*`); for the webhook and the NATS events alike.
+    /// [default: every topic]
+    #[arg(long, env = "ROSTER_WEBHOOK_TOPICS", value_delimiter = ',')]
+    pub webhook_topics: Vec<String>,
+    /// Most events in one webhook POST. [default: 100]
+    #[arg(long, env = "ROSTER_WEBHOOK_BATCH")]
+    pub webhook_batch: Option<usize>,
+    /// How long a webhook batch waits for more events after its first. [default: 50]
+    #[arg(long, env = "ROSTER_WEBHOOK_BATCH_MS")]
+    pub webhook_batch_ms: Option<u64>,
+    /// A webhook POST not answered within this is tried again. [default: 5000]
+    #[arg(long, env = "ROSTER_WEBHOOK_TIMEOUT_MS")]
+    pub webhook_timeout_ms: Option<u64>,
+    /// Events waiting for each sink (webhook, NATS) past which new ones are dropped and
+    /// counted (roster_events_dropped_total); shards never wait. [default: 65536]
+    #[arg(long, env = "ROSTER_EVENT_QUEUE")]
+    pub event_queue: Option<usize>,
+    /// In a cluster, publish each presence event on NATS too, as JSON on
+    /// `PREFIX.events.TYPE` (TYPE: presence_join, ...). [default: off]
+    #[arg(long, env = "ROSTER_NATS_EVENTS")]
+    pub nats_events: bool,
 }
 
 /// The same options, from a TOML file.
@@ -223,6 +254,14 @@ pub struct FileConfig {
     pub isolation_grace_ms: Option<u64>,
     pub nats_prefix: Option<String>,
     pub nats_creds: Option<PathBuf>,
+    pub webhook_url: Option<String>,
+    pub webhook_secret_file: Option<PathBuf>,
+    pub webhook_topics: Option<Vec<String>>,
+    pub webhook_batch: Option<usize>,
+    pub webhook_batch_ms: Option<u64>,
+    pub webhook_timeout_ms: Option<u64>,
+    pub event_queue: Option<usize>,
+    pub nats_events: Option<bool>,
 }
 
 /// Everything the server runs with, resolved.
@@ -266,6 +305,35 @@ pub struct ServerConfig {
     pub message_timeout: Duration,
     /// None: a single node.
     pub cluster: Option<NodeConfig>,
+    pub events: EventsConfig,
+}
+
+/// Where presence events go (`net::events`).
+#[derive(Clone, Debug, Default)]
+pub struct EventsConfig {
+    pub webhook: Option<WebhookConfig>,
+    /// Publish them on NATS too (cluster mode).
+    pub nats: bool,
+    /// Patterns of the topics reported; empty: all.
+    pub topics: Vec<String>,
+    /// Events each sink may have waiting.
+    pub queue: usize,
+}
+
+impl EventsConfig {
+    /// Whether any sink wants events (else the core makes none).
+    pub fn any(&self) -> bool {
+        self.webhook.is_some() || self.nats
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct WebhookConfig {
+    pub url: String,
+    pub secret: Option<Secret>,
+    pub batch: usize,
+    pub batch_wait: Duration,
+    pub timeout: Duration,
 }
 
 /// How this node joins a cluster (`--nats-url` and the options after it).
@@ -294,6 +362,17 @@ impl std::fmt::Debug for Secret {
 
 /// The secret from `--secret-file` (or the file's setting) or else ROSTER_SECRET.
 fn secret(file: Option<&std::path::Path>) -> Result<Option<Secret>, String> {
+    let Some(bytes) = read_secret(file, "ROSTER_SECRET")? else {
+        return Ok(None);
+    };
+    if bytes.0.len() < 32 {
+        return Err("the token secret must be at least 32 bytes".into());
+    }
+    Ok(Some(bytes))
+}
+
+/// A secret from `file` (its bytes, trailing newlines dropped) or else the variable `env`.
+fn read_secret(file: Option<&std::path::Path>, env: &str) -> Result<Option<Secret>, String> {
     let bytes = match file {
         Some(path) => {
             let mut bytes = std::fs::read(path)
@@ -303,19 +382,22 @@ fn secret(file: Option<&std::path::Path>) -> Result<Option<Secret>, String> {
             }
             bytes
         }
-        None => match std::env::var_os("ROSTER_SECRET") {
+        None => match std::env::var_os(env) {
             Some(s) => s.into_encoded_bytes(),
             None => return Ok(None),
         },
     };
-    if bytes.len() < 32 {
-        return Err("the token secret must be at least 32 bytes".into());
+    if bytes.is_empty() {
+        return Err(format!(
+            "the secret in {} is empty",
+            file.map_or(env.into(), |p| p.display().to_string())
+        ));
     }
     Ok(Some(Secret(bytes)))
 }
 
 /// The host's name, for the default node name.
-fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it or
     // truncates, and the last byte is kept 0.
@@ -328,6 +410,15 @@ fn host_name() -> String {
 }
 
 impl ServerConfig {
+    /// This node's name: the cluster's `--node-name`, or on a single node what it would default
+    /// to (events name it).
+    pub fn node_name(&self) -> String {
+        match &self.cluster {
+            Some(node) => node.name.clone(),
+            None => format!("{}-{}", host_name(), self.listen.port()),
+        }
+    }
+
     /// Merges flags/env over the file over defaults. `default_shards` is the CPU count.
     pub fn resolve(cli: Cli, default_shards: u16) -> Result<ServerConfig, String> {
         let file = match &cli.config {
@@ -456,6 +547,51 @@ impl ServerConfig {
                 .filter(|k| !k.is_empty())
                 .map(|k| Secret(k.into_bytes())),
             cluster: None,
+            events: EventsConfig::default(),
+        };
+        let webhook = match cli.webhook_url.or(file.webhook_url) {
+            Some(url) => {
+                let file_secret = cli.webhook_secret_file.or(file.webhook_secret_file);
+                let secret = read_secret(file_secret.as_deref(), "ROSTER_WEBHOOK_SECRET")?;
+                let parsed =
+                    url::Url::parse(&url).map_err(|e| format!("--webhook-url {url:?}: {e}"))?;
+                if !matches!(parsed.scheme(), "http" | "https") {
+                    return Err(format!("--webhook-url {url:?}: not http:// or https://"));
+                }
+                Some(WebhookConfig {
+                    url,
+                    secret,
+                    batch: cli
+                        .webhook_batch
+                        .or(file.webhook_batch)
+                        .unwrap_or(100)
+                        .max(1),
+                    batch_wait: Duration::from_millis(
+                        cli.webhook_batch_ms.or(file.webhook_batch_ms).unwrap_or(50),
+                    ),
+                    timeout: Duration::from_millis(
+                        cli.webhook_timeout_ms
+                            .or(file.webhook_timeout_ms)
+                            .unwrap_or(5000)
+                            .max(1),
+                    ),
+                })
+            }
+            None => None,
+        };
+        c.events = EventsConfig {
+            webhook,
+            nats: cli.nats_events || file.nats_events.unwrap_or(false),
+            topics: if cli.webhook_topics.is_empty() {
+                file.webhook_topics.unwrap_or_default()
+            } else {
+                cli.webhook_topics
+            },
+            queue: cli
+                .event_queue
+                .or(file.event_queue)
+                .unwrap_or(65_536)
+                .max(1),
         };
         let urls = if cli.nats_url.is_empty() {
             file.nats_url.unwrap_or_default()
@@ -570,6 +706,12 @@ mod tests {
         };
         let node = ServerConfig::resolve(cli, 8).unwrap().cluster.unwrap();
         assert_eq!(node.prefix, "roster");
+        let cli = Cli {
+            webhook_url: Some("http://127.0.0.1:9/hook".into()),
+            ..Cli::default()
+        };
+        let events = ServerConfig::resolve(cli, 8).unwrap().events;
+        let hook = events.webhook.clone().unwrap();
         let ms = |d: Duration| d.as_millis().to_string();
         let want: Vec<(&str, String)> = vec![
             ("listen", c.listen.to_string()),
@@ -603,6 +745,10 @@ mod tests {
             ("node_heartbeat_ms", ms(node.heartbeat)),
             ("node_timeout_ms", ms(node.timeout)),
             ("isolation_grace_ms", ms(node.isolation_grace)),
+            ("webhook_batch", hook.batch.to_string()),
+            ("webhook_batch_ms", ms(hook.batch_wait)),
+            ("webhook_timeout_ms", ms(hook.timeout)),
+            ("event_queue", events.queue.to_string()),
         ];
         let cmd = Cli::command();
         let mut checked = 0;

@@ -11,6 +11,11 @@
 //! decides all happen. Clients heartbeat as phoenix.js does while time passes, except those that
 //! go silent or stop inside a message: the core must close those, and only those, on time.
 //!
+//! The shards report presence events (as for a webhook): replayed in order, they must build
+//! exactly the owners' tables (every join once, every update and leave of a presence that is
+//! there), and `user_online`/`user_offline` must alternate per key and leave online exactly
+//! the keys with a presence.
+//!
 //! `ROSTER_SIM_SEEDS=N` runs N seeds (default 1000); `ROSTER_SIM_SEED=S` replays one seed;
 //! `ROSTER_SIM_STEPS=K` sets steps per seed (default 300). A failure prints its seed.
 
@@ -19,6 +24,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use roster_engine::core::event::{Event, EventKind};
 use roster_engine::core::outbound::{OutQueue, Pushed, Queued};
 use roster_engine::core::{Config, ConnId, MeshMsg, Millis, Output, Shard, UserKey};
 use roster_engine::mesh::{Router, ShardId};
@@ -151,6 +157,9 @@ struct Sim {
     /// Every output of every shard, in order, folded into one hash: two runs of a seed must
     /// agree on it (exact replay).
     trace: std::hash::DefaultHasher,
+    /// What the presence events say: (topic, key) -> stored metas by ref, and the keys online.
+    reported: BTreeMap<(String, String), BTreeMap<String, String>>,
+    online: BTreeSet<String>,
 }
 
 /// How often the features under test happened, over all seeds: a run that never coalesced,
@@ -167,6 +176,9 @@ struct Exercised {
     heartbeat_closes: u64,
     message_timeouts: u64,
     rate_closes: u64,
+    /// Presence events checked against the tables.
+    events: u64,
+    offlines: u64,
 }
 
 fn fail(msg: String) -> ! {
@@ -191,6 +203,7 @@ impl Sim {
             message_timeout: Millis(MESSAGE_TIMEOUT),
             max_msgs_per_sec: [200, 20][(variant / 16 % 2) as usize],
             ref_seed: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            events: true,
             ..Config::default()
         };
         Sim {
@@ -214,6 +227,8 @@ impl Sim {
             log: Vec::new(),
             exercised: Exercised::default(),
             trace: std::hash::DefaultHasher::new(),
+            reported: BTreeMap::new(),
+            online: BTreeSet::new(),
         }
     }
 
@@ -307,6 +322,95 @@ impl Sim {
         }
     }
 
+    /// Replays one presence event onto what the events said so far.
+    fn event(&mut self, e: Event) {
+        let text = |m: &roster_engine::core::Meta| String::from_utf8_lossy(m.bytes()).into_owned();
+        let phx_ref = |m: &roster_engine::core::Meta| {
+            let v: Value = serde_json::from_slice(m.bytes()).expect("stored meta is JSON");
+            v["phx_ref"].as_str().expect("a phx_ref").to_owned()
+        };
+        let key = e.key.as_str().to_owned();
+        let at = (e.topic.as_str().to_owned(), key.clone());
+        let (r, meta) = (phx_ref(&e.meta), text(&e.meta));
+        self.exercised.events += 1;
+        self.exercised.offlines += u64::from(e.kind == EventKind::Offline);
+        match e.kind {
+            EventKind::Join | EventKind::Update => {
+                if let Some(prev) = &e.prev {
+                    let gone = self
+                        .reported
+                        .get_mut(&at)
+                        .and_then(|p| p.remove(&phx_ref(prev)));
+                    if gone.is_none() {
+                        fail(format!(
+                            "an update of {at:?} from a ref never joined: {e:?}"
+                        ));
+                    }
+                }
+                let refs = self.reported.entry(at.clone()).or_default();
+                if refs.insert(r, meta).is_some() {
+                    fail(format!("a join of {at:?} reported twice: {e:?}"));
+                }
+            }
+            EventKind::Leave => {
+                let refs = self.reported.get_mut(&at);
+                if refs.and_then(|p| p.remove(&r)).is_none() {
+                    fail(format!("a leave of {at:?} never joined: {e:?}"));
+                }
+                if e.reason.is_none() {
+                    fail(format!("a leave without a reason: {e:?}"));
+                }
+                self.reported.retain(|_, p| !p.is_empty());
+            }
+            EventKind::Online if !self.online.insert(key.clone()) => {
+                fail(format!("{key} online twice: {e:?}"))
+            }
+            EventKind::Offline if !self.online.remove(&key) => {
+                fail(format!("{key} offline while not online: {e:?}"))
+            }
+            EventKind::Online | EventKind::Offline => {}
+        }
+    }
+
+    /// What the events reported equals the owners' tables, and exactly the keys present are
+    /// online.
+    fn check_events(&self) {
+        let mut tables: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+        for topic in TOPICS {
+            let owner = &self.shards[self.router.topic_owner(topic).index()];
+            for (k, metas) in owner
+                .topic_view(topic)
+                .map(|v| v.presences)
+                .unwrap_or_default()
+            {
+                let metas = metas
+                    .iter()
+                    .map(|m| String::from_utf8_lossy(m.bytes()).into_owned());
+                let entry = tables
+                    .entry((topic.to_string(), k.as_str().to_owned()))
+                    .or_default();
+                entry.extend(metas);
+            }
+        }
+        tables.values_mut().for_each(|v| v.sort());
+        let mut reported: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+        for (at, refs) in &self.reported {
+            let mut metas: Vec<String> = refs.values().cloned().collect();
+            metas.sort();
+            reported.insert(at.clone(), metas);
+        }
+        if reported != tables {
+            fail(format!("events say {reported:?}, owners have {tables:?}"));
+        }
+        let present: BTreeSet<String> = tables.keys().map(|(_, k)| k.clone()).collect();
+        if present != self.online {
+            fail(format!(
+                "online per the events: {:?}, present: {present:?}",
+                self.online
+            ));
+        }
+    }
+
     /// Carries out everything shard `s` produced.
     fn collect(&mut self, s: usize) {
         use std::hash::Hash;
@@ -318,6 +422,7 @@ impl Sim {
             match o {
                 Output::Mesh { to, msg } => self.rings[s * n + to.index()].push_back(msg),
                 Output::Nats(out) => fail(format!("a single node publishes nothing: {out:?}")),
+                Output::Event(e) => self.event(*e),
                 Output::Send { conn, frame, kind } => {
                     self.deliver_frame((s as u16, conn.0), &frame, kind, &outputs)
                 }
@@ -1092,6 +1197,7 @@ impl Sim {
             }
         }
         self.check_watchers(&model);
+        self.check_events();
         // Where each user is, per the user owners.
         for key in KEYS {
             let owner = &self.shards[self.router.user_owner(key).index()];
@@ -1315,6 +1421,8 @@ fn shards_agree_with_the_reference_model() {
         total.heartbeat_closes += e.heartbeat_closes;
         total.message_timeouts += e.message_timeouts;
         total.rate_closes += e.rate_closes;
+        total.events += e.events;
+        total.offlines += e.offlines;
     }
     eprintln!("{seeds} seeds x {steps} steps exercised {total:?}");
     if seeds >= 100 {
@@ -1328,7 +1436,9 @@ fn shards_agree_with_the_reference_model() {
                 && total.slow_closes > 0
                 && total.heartbeat_closes > 0
                 && total.message_timeouts > 0
-                && total.rate_closes > 0,
+                && total.rate_closes > 0
+                && total.events > 0
+                && total.offlines > 0,
             "the simulation no longer exercises every feature: {total:?}"
         );
     }

@@ -28,6 +28,8 @@ struct Cluster {
     shards: Vec<Shard>,
     inbox: Vec<VecDeque<MeshMsg>>,
     frames: u64,
+    /// Presence events the shards reported (with `--events`).
+    events: u64,
 }
 
 impl Cluster {
@@ -45,6 +47,7 @@ impl Cluster {
                 .collect(),
             inbox: (0..n).map(|_| VecDeque::new()).collect(),
             frames: 0,
+            events: 0,
         }
     }
 
@@ -71,6 +74,7 @@ impl Cluster {
                         }
                         Output::Close { .. } => panic!("benchmark sent a bad frame"),
                         Output::Nats(_) => panic!("a single node publishes nothing"),
+                        Output::Event(_) => self.events += 1,
                     }
                 }
             }
@@ -203,7 +207,7 @@ fn track_untrack_owner(shards: u16, topics: usize, pairs: usize) -> f64 {
                         from,
                         mode: PresenceMode::None,
                         tracked: Some((key, PhxRef(i))),
-                        closed: false,
+                        why: roster_engine::core::event::Reason::Left,
                     }
                 };
                 cl.shards[owner.index()].mesh(msg);

@@ -15,4 +15,5 @@ pub mod inbox;
 pub mod lookup;
 pub mod nodes;
 pub mod parts;
+pub mod reporter;
 pub mod subject;

@@ -428,6 +428,12 @@ impl RemoteParts {
         first
     }
 
+    /// Nodes whose live part shows a presence.
+    pub fn nodes_present(&self) -> impl Iterator<Item = u64> + '_ {
+        let present = self.parts.iter().filter(|(_, rp)| !rp.presences.is_empty());
+        present.map(|(node, _)| *node)
+    }
+
     /// The holders this node knows of (for its own answers to part requests).
     pub fn holders(&self) -> Vec<u64> {
         self.parts.keys().copied().collect()

@@ -59,6 +59,8 @@ pub struct Config {
     pub hash_seed: u64,
     /// None on a single node.
     pub cluster: Option<ClusterConfig>,
+    /// Report presence events (`core::event`) as outputs: a backend listens.
+    pub events: bool,
 }
 
 impl Config {
@@ -82,6 +84,7 @@ impl Config {
         ref_seed: 0,
         hash_seed: 0,
         cluster: None,
+        events: false,
     };
 }
 

@@ -12,7 +12,7 @@ impl TopicPattern {
         TopicPattern(pattern.into())
     }
 
-    fn matches(&self, topic: &str) -> bool {
+    pub fn matches(&self, topic: &str) -> bool {
         match self.0.strip_suffix('*') {
             Some(prefix) => topic.starts_with(prefix),
             None => *self.0 == *topic,

@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use roster_proto::{PhxRef, PresenceMode};
 
+use crate::cluster::frame::Origin;
+use crate::core::event::Reason;
 use crate::core::{ConnAddr, ConnId, Meta, TopicName, UserKey};
 use crate::mesh::ShardId;
 
@@ -45,6 +47,15 @@ pub enum JoinedReply {
     Nothing,
 }
 
+/// See [`MeshMsg::UserCheck`]: the key, the dead node, and the presence of it that left.
+#[derive(Debug)]
+pub struct UserCheck {
+    pub key: UserKey,
+    pub dead: Origin,
+    pub topic: TopicName,
+    pub meta: Meta,
+}
+
 #[derive(Debug)]
 pub enum MeshMsg {
     // Connection's shard -> topic owner.
@@ -62,9 +73,9 @@ pub enum MeshMsg {
         from: ConnAddr,
         mode: PresenceMode,
         tracked: Option<(UserKey, PhxRef)>,
-        /// The connection ended (rather than left the topic): its presence is held for the leave
-        /// grace.
-        closed: bool,
+        /// Why: a connection that ended (rather than left the topic) has its presence held for
+        /// the leave grace (see [`Reason::is_close`]).
+        why: Reason,
     },
     /// The connection's presence `alias` was a twin of `adopted` (same key and meta), whose
     /// connection has now closed: the connection's presence is `adopted` from now on
@@ -120,6 +131,11 @@ pub enum MeshMsg {
         old: PhxRef,
         track: Track,
     },
+
+    /// A dead node's presence of the key left (reported by this node, see
+    /// `cluster::reporter`): if the key has no presence left anywhere, it is offline. Boxed:
+    /// rare.
+    UserCheck(Box<UserCheck>),
 
     // Watching shard -> user owner.
     /// Shard `from` has connections watching `key`: send its presences, then every change.

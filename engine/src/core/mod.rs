@@ -20,6 +20,7 @@
 
 mod config;
 mod connection;
+pub mod event;
 mod grants;
 mod hash;
 mod ids;

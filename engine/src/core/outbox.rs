@@ -6,6 +6,7 @@ use std::rc::Rc;
 use roster_proto::encode::FrameKind;
 
 use crate::cluster::frame::Kind;
+use crate::core::event::Event;
 use crate::core::{CloseCode, ConnId, Frame, MeshMsg};
 use crate::mesh::ShardId;
 
@@ -30,6 +31,8 @@ pub enum Output {
     Mesh { to: ShardId, msg: MeshMsg },
     /// Something for NATS (cluster mode only).
     Nats(NatsOut),
+    /// Something for the application's backend (only with `Config::events`).
+    Event(Box<Event>),
 }
 
 /// What a shard asks of the node's NATS connection.
@@ -59,16 +62,26 @@ pub enum NatsOut {
 /// the same code as messages from other shards.
 pub(crate) struct Outbox {
     pub(crate) me: ShardId,
+    /// Whether presence events are wanted (`Config::events`).
+    pub(crate) events: bool,
     pub(crate) local: VecDeque<MeshMsg>,
     pub(crate) out: Vec<Output>,
 }
 
 impl Outbox {
-    pub(crate) fn new(me: ShardId) -> Self {
+    pub(crate) fn new(me: ShardId, events: bool) -> Self {
         Outbox {
             me,
+            events,
             local: VecDeque::new(),
             out: Vec::new(),
+        }
+    }
+
+    /// Reports an event, made only if someone wants it.
+    pub(crate) fn event(&mut self, make: impl FnOnce() -> Event) {
+        if self.events {
+            self.out.push(Output::Event(Box::new(make())));
         }
     }
 

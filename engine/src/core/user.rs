@@ -24,6 +24,8 @@ pub(crate) struct Users {
     pub(super) watchers: Map<UserKey, SmallVec<[ShardId; 2]>>,
     /// In a cluster: the other nodes' parts of the keys with interest here (`user_cluster.rs`).
     pub(super) cluster: Option<Box<UserClusters>>,
+    /// The presence that left last (with events on): a `user_offline` names it.
+    pub(super) last_left: Option<(TopicName, Meta)>,
 }
 
 impl Users {
@@ -32,6 +34,7 @@ impl Users {
             users: seeds.map(),
             watchers: seeds.map(),
             cluster: cluster.map(|c| Box::new(UserClusters::new(c, seeds))),
+            last_left: None,
         }
     }
 

@@ -12,11 +12,14 @@ use roster_proto::PhxRef;
 use crate::cluster::frame::{Frame, Kind, Origin};
 use crate::cluster::parts::{Applied, Change, RemoteParts};
 use crate::cluster::subject::Scope;
+use crate::core::event::EventKind;
 use crate::core::hash::{Map, Seeds};
+use crate::core::message::UserCheck;
 use crate::core::outbox::{NatsOut, Outbox};
 use crate::core::part::{self, answer, Retries, UserCluster};
 use crate::core::topic_owner::Env;
 use crate::core::user::Users;
+use crate::core::user_owner::user_event;
 use crate::core::{ClusterConfig, MeshMsg, Meta, Millis, TopicName, UserKey};
 use crate::mesh::ShardId;
 
@@ -46,6 +49,12 @@ struct UserSide {
     part: UserCluster,
     /// Watches waiting for the first fetch: (watching shard, its watch seq).
     waiting: Vec<(ShardId, u32)>,
+    /// The key got its first presence here during the first fetch: whether it is online (no
+    /// other node shows it) is decided when the fetch completes.
+    pending_online: bool,
+    /// A dead node's presence of the key left: whether it is offline is decided when the
+    /// fetch completes (see `check_offline`).
+    pending_offline: Option<Box<UserCheck>>,
 }
 
 impl UserClusters {
@@ -87,6 +96,8 @@ impl UserClusters {
             let side = UserSide {
                 part: UserCluster::new(Kind::User, c.me.node, self.asks),
                 waiting: Vec::new(),
+                pending_online: false,
+                pending_offline: None,
             };
             self.sides.insert(key.clone(), Box::new(side));
         }
@@ -121,6 +132,83 @@ impl Users {
             side.part.left(topic, phx_ref);
             uc.touched.push(key.clone());
         }
+    }
+
+    /// `key`'s own part here went from empty to not (`now_present`) or back: `user_online` or
+    /// `user_offline` if no other node's part shows the key. Two nodes whose first presences
+    /// of a key come within the time a delta takes to cross both report it online (their ids
+    /// differ: each names its own first presence); the last leave is reported by the node it
+    /// left, unless another's delta crossed it.
+    pub(crate) fn cluster_own_part_turned(
+        &mut self,
+        key: &UserKey,
+        now_present: bool,
+        env: &mut Env<'_>,
+    ) {
+        let elsewhere = self.remote_one(key).is_some();
+        let Some(side) = self
+            .cluster
+            .as_deref_mut()
+            .and_then(|uc| uc.sides.get_mut(key))
+        else {
+            return;
+        };
+        let fetching = side.part.remote.is_fetching();
+        let event = if now_present {
+            side.pending_online = fetching;
+            if fetching || elsewhere {
+                return;
+            }
+            let first = self.presences(key.as_str()).into_iter().next();
+            first.map(|(topic, meta)| (EventKind::Online, topic, meta))
+        } else {
+            // An online never reported (its fetch has not completed) has no offline either.
+            let pending = std::mem::take(&mut side.pending_online);
+            let last = self.last_left.take();
+            if pending || fetching || elsewhere {
+                return;
+            }
+            last.map(|(topic, meta)| (EventKind::Offline, topic, meta))
+        };
+        if let Some((kind, topic, meta)) = event {
+            env.tx
+                .event(|| user_event(kind, key.clone(), topic, meta, None));
+        }
+    }
+
+    /// A dead node's presence of `check.key` left, reported here: the key is offline if no
+    /// node has a presence of it. Found out by taking an interest in the key (its parts
+    /// fetched, as a watcher's first state is); the interest ends at the next flush after,
+    /// if nothing else holds it.
+    pub(crate) fn check_offline(&mut self, check: UserCheck, env: &mut Env<'_>) {
+        if self.users.contains_key(&check.key) {
+            return;
+        }
+        let Some(uc) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        let side = uc.interest(&check.key, env.now, env.tx);
+        if side.part.remote.is_fetching() {
+            side.pending_offline = Some(Box::new(check));
+            return;
+        }
+        uc.touched.push(check.key.clone());
+        if self.remote_one(&check.key).is_none() {
+            offline_for(check, env.tx);
+        }
+    }
+
+    /// A presence of `key` another node's part shows here (one this node has not taken over).
+    fn remote_one(&self, key: &UserKey) -> Option<(TopicName, Meta)> {
+        let side = self.cluster.as_deref()?.sides.get(key)?;
+        side.part
+            .remote
+            .presences()
+            .into_iter()
+            .find_map(|(topic, r, meta)| {
+                let topic = TopicName::new(topic);
+                (!side.part.owns(&topic, r)).then(|| (topic, meta.clone()))
+            })
     }
 
     /// A shard watches `key`: its state now, or once the key's parts are here.
@@ -287,11 +375,28 @@ impl Users {
             uc.ended.remove(&origin);
         }
         let keys: Vec<UserKey> = uc.sides.keys().cloned().collect();
+        let events = env.tx.events;
         for key in keys {
             if held {
                 self.on_remote(&key, env, |r| r.node_held(origin));
-            } else {
-                self.on_remote(&key, env, |r| r.node_down(origin));
+                continue;
+            }
+            let before = if events { self.remote_one(&key) } else { None };
+            self.on_remote(&key, env, |r| r.node_down(origin));
+            // The dead node had the key's last presences. Whoever held its part of the key
+            // reports the key offline (a node with a presence of it would not be here): only
+            // watchers, each with the same event id (see `net::events`).
+            let Some((topic, meta)) = before else {
+                continue;
+            };
+            if !self.users.contains_key(&key) && self.remote_one(&key).is_none() {
+                let check = UserCheck {
+                    key: key.clone(),
+                    dead: origin,
+                    topic,
+                    meta,
+                };
+                offline_for(check, env.tx);
             }
         }
     }
@@ -441,6 +546,11 @@ impl Users {
         } else {
             Vec::new()
         };
+        let pending_online = done && std::mem::take(&mut side.pending_online);
+        let pending_offline = side.pending_offline.take_if(|_| done);
+        if pending_offline.is_some() {
+            uc.touched.push(key.clone());
+        }
         let (mut joins, mut leaves) = (Vec::new(), Vec::new());
         for change in applied.changes {
             let (list, topic, meta, phx_ref) = match change {
@@ -455,6 +565,17 @@ impl Users {
         }
         if !joins.is_empty() || !leaves.is_empty() {
             self.tell_watchers(key, joins, leaves, env.tx);
+        }
+        if let Some(check) = pending_offline {
+            if !self.users.contains_key(key) && self.remote_one(key).is_none() {
+                offline_for(*check, env.tx);
+            }
+        }
+        if pending_online && self.remote_one(key).is_none() {
+            if let Some((topic, meta)) = self.presences(key.as_str()).into_iter().next() {
+                let event = || user_event(EventKind::Online, key.clone(), topic, meta, None);
+                env.tx.event(event);
+            }
         }
         for (from, seq) in waiting {
             let presences = self.all_presences(key, env);
@@ -471,4 +592,15 @@ impl Users {
 /// A request for a user's parts, on `subject` (every holder's, or one node's).
 fn ask(c: &ClusterConfig, key: &UserKey, subject: String, epoch: u64) -> NatsOut {
     part::ask(c, Kind::User, key.as_str(), subject, epoch)
+}
+
+/// The key of `check` has no presence left: `user_offline`, named by the dead node.
+fn offline_for(check: UserCheck, tx: &mut Outbox) {
+    let UserCheck {
+        key,
+        dead,
+        topic,
+        meta,
+    } = check;
+    tx.event(|| user_event(EventKind::Offline, key, topic, meta, Some(dead)));
 }

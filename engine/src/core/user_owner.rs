@@ -1,6 +1,8 @@
 //! The shard as user owner: it hears from topic owners where each of its users is tracked, and
 //! tells the shards that watch a user of every change (see `watch.rs` for the other end).
 
+use crate::cluster::frame::Origin;
+use crate::core::event::{Event, EventKind};
 use crate::core::outbox::Outbox;
 use crate::core::topic_owner::Env;
 use crate::core::user::Users;
@@ -9,6 +11,51 @@ use crate::core::{MeshMsg, Meta, TopicName, UserKey};
 impl Users {
     /// A message for the user owner (tracked, untracked, updated, watch, unwatch).
     pub(crate) fn message(&mut self, msg: MeshMsg, env: &mut Env<'_>) {
+        let key = match &msg {
+            MeshMsg::UserTracked { track, .. } | MeshMsg::UserUpdated { track, .. } => {
+                Some(track.key.clone())
+            }
+            MeshMsg::UserUntracked { key, .. } => Some(key.clone()),
+            _ => None,
+        };
+        let had = key.as_ref().is_some_and(|k| self.users.contains_key(k));
+        self.apply(msg, env);
+        if let Some(key) = key {
+            let has = self.users.contains_key(&key);
+            if had != has {
+                self.own_part_turned(&key, has, env);
+            }
+        }
+    }
+
+    /// `key`'s presences here went from none to some (`now_present`) or from some to none: the
+    /// user is online or offline if no other node shows it (in a cluster, once the first fetch
+    /// of its parts says so).
+    fn own_part_turned(&mut self, key: &UserKey, now_present: bool, env: &mut Env<'_>) {
+        if !env.tx.events {
+            return;
+        }
+        if self.cluster.is_some() {
+            return self.cluster_own_part_turned(key, now_present, env);
+        }
+        let (topic, meta) = match now_present {
+            true => self.presences(key.as_str()).into_iter().next(),
+            false => self.last_left.take(),
+        }
+        .unzip();
+        let (Some(topic), Some(meta)) = (topic, meta) else {
+            return;
+        };
+        let kind = if now_present {
+            EventKind::Online
+        } else {
+            EventKind::Offline
+        };
+        env.tx
+            .event(|| user_event(kind, key.clone(), topic, meta, None));
+    }
+
+    fn apply(&mut self, msg: MeshMsg, env: &mut Env<'_>) {
         let tx = &mut *env.tx;
         match msg {
             MeshMsg::UserTracked { topic, track } => {
@@ -28,6 +75,9 @@ impl Users {
                 phx_ref,
             } => {
                 if let Some(meta) = self.untracked(&key, &topic, phx_ref) {
+                    if tx.events {
+                        self.last_left = Some((topic.clone(), meta.clone()));
+                    }
                     self.cluster_untracked(&key, &topic, phx_ref);
                     if !self.remote_shows(&key, &topic, phx_ref) {
                         self.tell_watchers(&key, Vec::new(), vec![(topic, meta)], tx);
@@ -68,6 +118,7 @@ impl Users {
                 };
                 tx.mesh(from, msg);
             }
+            MeshMsg::UserCheck(check) => self.check_offline(*check, env),
             MeshMsg::Unwatch { key, from } => {
                 self.unwatch(&key, from);
                 self.cluster_unwatched(&key);
@@ -101,5 +152,26 @@ impl Users {
             leaves,
         };
         tx.mesh(last, msg);
+    }
+}
+
+/// A `user_online` or `user_offline` event: `topic` and `meta` are of the presence that made
+/// it (the first, or the last to leave); `origin` the node that died, for an offline its
+/// death caused.
+pub(crate) fn user_event(
+    kind: EventKind,
+    key: UserKey,
+    topic: TopicName,
+    meta: Meta,
+    origin: Option<Origin>,
+) -> Event {
+    Event {
+        kind,
+        topic,
+        key,
+        meta,
+        prev: None,
+        reason: None,
+        origin,
     }
 }

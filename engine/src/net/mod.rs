@@ -5,6 +5,7 @@
 pub(crate) mod admin;
 mod admission;
 mod conn;
+pub mod events;
 pub(crate) mod handshake;
 mod listener;
 pub mod nats;
@@ -57,6 +58,8 @@ const TRIM_EVERY: Duration = Duration::from_secs(10);
 const MAX_BATCH: usize = 4096;
 /// Most inputs from the NATS bridge taken before the shard flushes.
 const MAX_NATS_BATCH: usize = 1024;
+/// How long a stopping node's event sinks may take to deliver what they hold.
+const SINKS_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a first fetch of a topic's parts waits for every holder to answer.
 const FETCH_TIMEOUT_MS: u64 = 2_000;
 
@@ -84,10 +87,16 @@ pub fn run(launch: Launch) -> Result<(), String> {
         .collect::<Result<_, _>>()
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     // In a cluster, NATS first: a node that cannot join (no NATS, a name clash) does not start.
+    let names = events::Names::new(&config.node_name());
     let bridge = match &config.cluster {
-        Some(node) => Some(Bridge::start(node, config.shards)?),
+        Some(node) => Some(Bridge::start(node, config.shards, names.others.clone())?),
         None => None,
     };
+    let to_nats = bridge
+        .as_ref()
+        .zip(config.cluster.as_ref())
+        .map(|(b, node)| (b.to_bridge.clone(), node.prefix.clone()));
+    let (events, sinks) = events::Events::start(&config.events, names, to_nats)?.unzip();
     let fds: Vec<RawFd> = bound
         .into_iter()
         .map(|b| b.listen(config.backlog))
@@ -97,6 +106,9 @@ pub fn run(launch: Launch) -> Result<(), String> {
     let board = Board::new(n);
     if let Some(b) = &bridge {
         let _ = board.cluster.set(b.stats.clone());
+    }
+    if let Some(e) = &events {
+        let _ = board.events.set(e.stats.clone());
     }
     let admin = admin::start(
         config.admin_listen,
@@ -162,6 +174,7 @@ pub fn run(launch: Launch) -> Result<(), String> {
                 None => seeds,
             },
             cluster,
+            events: events.clone(),
         };
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("roster-{i}"))
@@ -180,6 +193,11 @@ pub fn run(launch: Launch) -> Result<(), String> {
             Ok(Err(e)) => result = Err(format!("shard {i}: {e}")),
             Err(e) => result = Err(format!("shard {i} failed: {e}")),
         }
+    }
+    // What the shards reported last goes out (the NATS sink's through the bridge, so first).
+    drop(events);
+    if let Some(s) = sinks {
+        s.finish(SINKS_TIMEOUT);
     }
     // Every shard has handed its presences over and stopped. In a cluster the goodbye goes
     // out after the file is written: only then may the other nodes hold this node's parts.

@@ -21,6 +21,7 @@ use crate::identity::{self, Identity, Verifier};
 use crate::mesh::ShardId;
 use crate::net::admin::Board;
 use crate::net::admission::Admission;
+use crate::net::events::{wall_ms, Events};
 use crate::net::handshake::{Reject, Upgrade};
 use crate::net::nats::{FromBridge, ToBridge};
 pub use crate::net::report::Stats;
@@ -72,6 +73,7 @@ pub struct Runtime {
     pub nats: Option<NatsLink>,
     /// The previous run's presences, and where this run's go on a graceful stop.
     pub restart: Arc<Restart>,
+    pub(super) events: Option<Events>,
 }
 
 /// A shard's side of the NATS bridge: what its core asked for waits here until its task hands
@@ -97,6 +99,8 @@ pub struct Shared {
     pub restart: Arc<Restart>,
     pub seeds: CoreSeeds,
     pub cluster: Option<ShardCluster>,
+    /// Where presence events go, if anywhere.
+    pub events: Option<Events>,
 }
 
 /// The random numbers every shard's core is given, the same for all shards of a process.
@@ -134,6 +138,7 @@ impl Runtime {
                 ref_seed: shared.seeds.refs,
                 hash_seed: shared.seeds.hashing,
                 cluster: shared.cluster.as_ref().map(|c| c.config.clone()),
+                events: shared.events.is_some(),
             },
         );
         let nats = shared.cluster.map(|c| NatsLink {
@@ -170,6 +175,7 @@ impl Runtime {
             rewake: Signal::default(),
             nats,
             restart: shared.restart,
+            events: shared.events,
             config,
         })
     }
@@ -402,6 +408,7 @@ impl Runtime {
             return;
         }
         self.stop_accepting.notify();
+        self.core.borrow_mut().shut_down();
         let ids: Vec<usize> = self.conns.borrow().iter().map(|(i, _)| i).collect();
         for i in ids {
             self.close(ConnId(i as u32), 1001, "server shutting down");
@@ -416,8 +423,9 @@ impl Runtime {
     /// after it in the same batch are then dropped like every later one.
     fn dispatch(&self) {
         let mut outputs = std::mem::take(&mut *self.outputs.borrow_mut());
-        // Read once, and only if a frame is queued.
+        // Read once, and only if a frame is queued (an event: the wall clock).
         let mut now_us = None;
+        let mut wall = None;
         {
             let mut core = self.core.borrow_mut();
             core.take_outputs(&mut outputs);
@@ -481,6 +489,11 @@ impl Runtime {
                             if q.len() == 1 {
                                 link.signal.notify();
                             }
+                        }
+                    }
+                    Output::Event(e) => {
+                        if let Some(events) = &self.events {
+                            events.push(e, *wall.get_or_insert_with(wall_ms));
                         }
                     }
                     Output::Mesh { to, msg } => {

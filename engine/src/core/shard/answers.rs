@@ -79,6 +79,7 @@ impl Shard {
             }
             msg @ (MeshMsg::UserTracked { .. }
             | MeshMsg::UserUntracked { .. }
+            | MeshMsg::UserCheck(_)
             | MeshMsg::UserUpdated { .. }
             | MeshMsg::Watch { .. }
             | MeshMsg::Unwatch { .. }) => {

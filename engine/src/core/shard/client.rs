@@ -44,7 +44,7 @@ impl Shard {
                 let joined = c.joins.swap_remove(at);
                 let key = c.key.clone();
                 self.abandon_join(conn, &joined);
-                self.part(conn, &key, joined, false);
+                self.part(conn, &key, joined, Reason::Left);
                 self.reply_ok(conn, jr, r, topic);
             }
             ClientEvent::PresenceUpdate(meta) => self.update(conn, at, jr, r, topic, meta),
@@ -129,9 +129,20 @@ impl Shard {
 
     /// A close whose count is kept elsewhere (or under another name).
     pub(super) fn close_uncounted(&mut self, conn: ConnId, code: CloseCode, reason: &'static str) {
+        self.close_for(conn, code, reason, Reason::Policy);
+    }
+
+    /// Closes `conn`; its presences leave (or are held) for `why`.
+    pub(super) fn close_for(
+        &mut self,
+        conn: ConnId,
+        code: CloseCode,
+        reason: &'static str,
+        why: Reason,
+    ) {
         self.tx.out.push(Output::Close { conn, code, reason });
         if let Some(c) = self.conns.remove(&conn) {
-            self.part_all(conn, c);
+            self.part_all(conn, c, why);
         }
     }
 

@@ -27,7 +27,7 @@ impl Shard {
             self.buf.clear();
             encode::phx_close(&mut self.buf, old.join_ref(), topic);
             self.tx.send(conn, &self.buf);
-            self.part(conn, &key, old, false);
+            self.part(conn, &key, old, Reason::Left);
         }
         let c = self.conns.get_mut(&conn).expect("checked above");
         if c.joins.len() >= self.config.max_topics_per_conn {

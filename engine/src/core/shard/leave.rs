@@ -4,8 +4,8 @@ use super::*;
 
 impl Shard {
     /// The connection no longer has `joined`: stop delivering to it and tell the owner.
-    /// `closed`: the connection ended, so its presence is held for the leave grace.
-    pub(super) fn part(&mut self, conn: ConnId, key: &UserKey, joined: Joined, closed: bool) {
+    /// `why`: a connection that ended has its presence held for the leave grace.
+    pub(super) fn part(&mut self, conn: ConnId, key: &UserKey, joined: Joined, why: Reason) {
         if joined.awaiting_reply {
             self.awaiting.remove(&(conn, joined.seq));
         } else {
@@ -26,16 +26,16 @@ impl Shard {
             },
             mode: joined.mode,
             tracked,
-            closed,
+            why,
         };
         self.tx.mesh(owner, msg);
     }
 
-    pub(super) fn part_all(&mut self, conn: ConnId, c: Connection) {
+    pub(super) fn part_all(&mut self, conn: ConnId, c: Connection, why: Reason) {
         self.resyncing.end(conn);
         self.liveness.closed(conn);
         for joined in c.joins {
-            self.part(conn, &c.key, joined, true);
+            self.part(conn, &c.key, joined, why);
         }
     }
 }

@@ -21,6 +21,7 @@ use roster_proto::{
 
 use crate::cluster::frame::{Frame as NodeFrame, Kind, Origin};
 use crate::core::connection::{Connection, Joined};
+use crate::core::event::Reason;
 use crate::core::hash::{Map, Seeds};
 use crate::core::liveness::{Dead, Liveness};
 use crate::core::names::Names;
@@ -120,6 +121,8 @@ pub struct Shard {
     resyncs: u64,
     slow_closes: u64,
     heartbeat_closes: u64,
+    /// Set by [`Shard::shut_down`].
+    shutting_down: bool,
 }
 
 impl Shard {
@@ -127,6 +130,7 @@ impl Shard {
         assert!(id.0 < config.shards, "shard {} of {}", id.0, config.shards);
         let seeds = Seeds::new(config.hash_seed);
         let liveness = Liveness::new(config.heartbeat_timeout, config.message_timeout, seeds);
+        let events = config.events;
         Shard {
             id,
             router: Router::new(config.shards),
@@ -142,7 +146,7 @@ impl Shard {
             resyncing: Resyncing::new(seeds),
             liveness,
             names: Names::new(seeds),
-            tx: Outbox::new(id),
+            tx: Outbox::new(id, events),
             buf: Vec::with_capacity(4096),
             next_ref: 0,
             join_seq: 0,
@@ -152,6 +156,7 @@ impl Shard {
             resyncs: 0,
             slow_closes: 0,
             heartbeat_closes: 0,
+            shutting_down: false,
         }
     }
 
@@ -205,7 +210,7 @@ impl Shard {
         let c = Connection::new(key, grants, self.now);
         if let Some(old) = self.conns.insert(conn, c) {
             // The driver reused an id without closing; leave the old connection's topics.
-            self.part_all(conn, old);
+            self.part_all(conn, old, Reason::Closed);
         }
         self.liveness.opened(conn, self.now);
         self.drain_local();
@@ -215,9 +220,19 @@ impl Shard {
     /// are held for the leave grace.
     pub fn close(&mut self, conn: ConnId) {
         if let Some(c) = self.conns.remove(&conn) {
-            self.part_all(conn, c);
+            let why = if self.shutting_down {
+                Reason::Shutdown
+            } else {
+                Reason::Closed
+            };
+            self.part_all(conn, c, why);
         }
         self.drain_local();
+    }
+
+    /// The server is stopping: the connections it closes from now on leave as `shutdown`.
+    pub fn shut_down(&mut self) {
+        self.shutting_down = true;
     }
 
     /// A text message from a local connection: it is alive (see `liveness.rs`), within its
@@ -430,7 +445,8 @@ impl Shard {
             match why {
                 Dead::Heartbeat => {
                     self.heartbeat_closes += 1;
-                    self.close_uncounted(conn, CloseCode::NORMAL, "heartbeat timeout");
+                    let why = Reason::HeartbeatTimeout;
+                    self.close_for(conn, CloseCode::NORMAL, "heartbeat timeout", why);
                 }
                 Dead::MessageTimeout => {
                     count_error(&mut self.errors, "message timeout");

@@ -20,8 +20,121 @@ fn texts(s: &mut Shard) -> Vec<String> {
             Output::Close { code, reason, .. } => format!("close {} {reason}", code.0),
             Output::Mesh { to, msg } => panic!("one shard sends nothing to {to:?}: {msg:?}"),
             Output::Nats(out) => panic!("a single node publishes nothing: {out:?}"),
+            Output::Event(e) => {
+                let why = e.reason.map_or("", |r| r.as_str());
+                format!(
+                    "event {} {} {} {why}",
+                    e.kind.as_str(),
+                    e.topic.as_str(),
+                    e.key.as_str()
+                )
+            }
         })
         .collect()
+}
+
+/// The events a shard with events on reports for `run`'s inputs, in order.
+fn events_of(config: Config, run: impl FnOnce(&mut Shard)) -> Vec<String> {
+    let mut s = Shard::new(
+        ShardId(0),
+        Config {
+            events: true,
+            ..config
+        },
+    );
+    s.open(ConnId(1), UserKey::new("u1"));
+    run(&mut s);
+    s.flush();
+    let all = texts(&mut s);
+    all.into_iter()
+        .filter(|t| t.starts_with("event "))
+        .map(|t| t[6..].trim_end().to_owned())
+        .collect()
+}
+
+const JOIN: &str = r#"["1","1","room","phx_join",{"meta":{"a":1}}]"#;
+
+#[test]
+fn events_say_why_a_presence_left() {
+    let left = events_of(Config::default(), |s| {
+        s.frame(ConnId(1), JOIN.as_bytes());
+        s.frame(ConnId(1), br#"["1","2","room","phx_leave",{}]"#);
+    });
+    let want = [
+        "presence_join room u1",
+        "user_online room u1",
+        "presence_leave room u1 left",
+        "user_offline room u1",
+    ];
+    assert_eq!(left, want);
+    let closed = events_of(Config::default(), |s| {
+        s.frame(ConnId(1), JOIN.as_bytes());
+        s.close(ConnId(1));
+    });
+    assert_eq!(closed[2], "presence_leave room u1 closed");
+    let heartbeat = Config {
+        heartbeat_timeout: Millis(1_000),
+        ..Config::default()
+    };
+    let silent = events_of(heartbeat, |s| {
+        s.frame(ConnId(1), JOIN.as_bytes());
+        s.tick(Millis(5_000));
+    });
+    assert_eq!(silent[2], "presence_leave room u1 heartbeat_timeout");
+    let graced = Config {
+        leave_grace: Millis(500),
+        ..Config::default()
+    };
+    let expired = events_of(graced, |s| {
+        s.frame(ConnId(1), JOIN.as_bytes());
+        s.close(ConnId(1));
+        s.tick(Millis(100));
+        s.tick(Millis(1_000));
+    });
+    assert_eq!(
+        expired[2..],
+        [
+            "presence_leave room u1 grace_expired",
+            "user_offline room u1"
+        ]
+    );
+}
+
+/// A reconnect within the leave grace takes its presence back: the backend hears nothing, and
+/// an update is one event naming the presence it replaced.
+#[test]
+fn a_takeover_is_no_event_and_an_update_is_one() {
+    let graced = Config {
+        leave_grace: Millis(500),
+        ..Config::default()
+    };
+    let events = events_of(graced, |s| {
+        s.frame(ConnId(1), JOIN.as_bytes());
+        s.close(ConnId(1));
+        s.open(ConnId(2), UserKey::new("u1"));
+        s.frame(ConnId(2), JOIN.as_bytes());
+        s.frame(
+            ConnId(2),
+            br#"["1","2","room","presence_update",{"meta":{"a":2}}]"#,
+        );
+        s.tick(Millis(1_000));
+    });
+    assert_eq!(
+        events,
+        [
+            "presence_join room u1",
+            "user_online room u1",
+            "presence_update room u1"
+        ]
+    );
+}
+
+/// With events off (no backend) the core makes none.
+#[test]
+fn no_events_without_a_backend() {
+    let mut s = shard();
+    let out = send(&mut s, JOIN);
+    assert!(out.iter().all(|t| !t.starts_with("event")), "{out:?}");
 }
 
 fn send(s: &mut Shard, frame: &str) -> Vec<String> {

@@ -10,12 +10,15 @@ use roster_proto::PhxRef;
 use super::{Env, Topic, TopicOwner};
 use crate::cluster::frame::{Frame, Kind, Origin};
 use crate::cluster::parts::{Applied, Change};
+use crate::cluster::reporter::reporter;
 use crate::cluster::subject::Scope;
+use crate::core::event::{Event, EventKind, Reason};
 use crate::core::ids::next_ref;
+use crate::core::message::UserCheck;
 use crate::core::outbox::{NatsOut, Outbox};
 use crate::core::part::{self, answer, ref_of};
 use crate::core::topic::same_meta;
-use crate::core::{ClusterConfig, Meta, Millis, TopicName, Track, UserKey};
+use crate::core::{ClusterConfig, MeshMsg, Meta, Millis, TopicName, Track, UserKey};
 
 impl TopicOwner {
     /// A topic was made here: subscribe to its deltas, and ask for the other nodes' parts (its
@@ -177,7 +180,7 @@ impl TopicOwner {
         self.dead.insert(origin);
         self.ended.remove(&origin);
         for name in self.cluster_topics() {
-            self.on_remote(&name, env, |r| r.node_down(origin));
+            self.on_remote_down(&name, env, Some(origin), |r| r.node_down(origin));
         }
     }
 
@@ -293,6 +296,20 @@ impl TopicOwner {
         env: &mut Env<'_>,
         input: impl FnOnce(&mut crate::cluster::parts::RemoteParts) -> Applied,
     ) {
+        self.on_remote_down(name, env, None, input)
+    }
+
+    /// As `on_remote`; `down`: the input is that node's death, whose leaves this node reports
+    /// to the backend if it is the topic's reporter (`cluster::reporter`). With no candidate
+    /// (no surviving node has a presence in the topic) every node holding the dead node's part
+    /// reports them, with the same ids.
+    fn on_remote_down(
+        &mut self,
+        name: &TopicName,
+        env: &mut Env<'_>,
+        down: Option<Origin>,
+        input: impl FnOnce(&mut crate::cluster::parts::RemoteParts) -> Applied,
+    ) {
         let Some(c) = &self.config.cluster else {
             return;
         };
@@ -304,6 +321,13 @@ impl TopicOwner {
             return;
         };
         let applied = input(&mut tc.remote);
+        let report = down.filter(|dead| {
+            let me = c.me.node;
+            let mine = (tc.own_len() > 0).then_some(me);
+            let candidates = tc.remote.nodes_present().filter(|n| *n != dead.node);
+            let candidates: Vec<u64> = candidates.chain(mine).collect();
+            env.tx.events && reporter(name.as_str(), dead.node, candidates).is_none_or(|r| r == me)
+        });
         // What this node's own part shows too is not a change for its clients, but another
         // node's claim on it (see `contest`).
         let own =
@@ -321,10 +345,32 @@ impl TopicOwner {
                         }
                     }
                 }
-                Change::Leave { key, phx_ref, .. } => {
+                Change::Leave { key, phx_ref, meta } => {
                     let key = UserKey::new(&key);
-                    if !own(t, &key, phx_ref) {
-                        t.untrack_remote(&key, PhxRef(phx_ref));
+                    if own(t, &key, phx_ref) {
+                        continue;
+                    }
+                    t.untrack_remote(&key, PhxRef(phx_ref));
+                    if let Some(dead) = report {
+                        // Whether that was the key's last presence anywhere is its user
+                        // owner's to find out.
+                        let check = UserCheck {
+                            key: key.clone(),
+                            dead,
+                            topic: name.clone(),
+                            meta: meta.clone(),
+                        };
+                        let user_owner = self.router.user_owner(key.as_str());
+                        env.tx.mesh(user_owner, MeshMsg::UserCheck(Box::new(check)));
+                        env.tx.event(|| Event {
+                            kind: EventKind::Leave,
+                            topic: name.clone(),
+                            key,
+                            meta,
+                            prev: None,
+                            reason: Some(Reason::NodeDown),
+                            origin: Some(dead),
+                        });
                     }
                 }
             }
@@ -383,7 +429,7 @@ impl TopicOwner {
         if t.is_held(&key, r) {
             // Their client took it: this node's copy goes from its part, unseen.
             t.unhold(&key, r);
-            self.untrack(name, key, r, env.tx);
+            self.untrack(name, key, r, None, env.tx);
         } else if node < me {
             self.reclaim(name, key, r, env);
         }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use roster_proto::meta::restamp_prev;
 use roster_proto::{PhxRef, PresenceMode};
 
+use crate::core::event::{Event, EventKind, Reason};
 use crate::core::hash::{Map, Seeds};
 use crate::core::ids::OWNER_REFS;
 use crate::core::names::Names;
@@ -82,9 +83,21 @@ impl Sink<'_> {
         self.tell_tracked(t, name, track);
     }
 
-    /// Tracks a presence and tells everyone.
-    fn announce(&mut self, t: &mut Topic, name: &TopicName, track: Track) {
+    /// Tracks a presence and tells everyone; `seen`: it is new to the backend too (not a
+    /// presence taken over, which the backend knows already).
+    fn announce(&mut self, t: &mut Topic, name: &TopicName, track: Track, seen: bool) {
         t.track(track.key.clone(), track.meta.clone());
+        if seen {
+            self.tx.event(|| Event {
+                kind: EventKind::Join,
+                topic: name.clone(),
+                key: track.key.clone(),
+                meta: track.meta.clone(),
+                prev: None,
+                reason: None,
+                origin: None,
+            });
+        }
         self.tell_tracked(t, name, track);
     }
 
@@ -98,9 +111,28 @@ impl Sink<'_> {
         self.changed.note(name, t);
     }
 
-    /// Removes a presence and tells everyone (nothing if it is not here).
-    fn untrack(&mut self, t: &mut Topic, name: &TopicName, key: UserKey, phx_ref: PhxRef) {
-        if t.untrack(&key, phx_ref).is_some() {
+    /// Removes a presence and tells everyone (nothing if it is not here); `why` None: the
+    /// backend is not told (a copy another node's client took, see `contest`).
+    fn untrack(
+        &mut self,
+        t: &mut Topic,
+        name: &TopicName,
+        key: UserKey,
+        phx_ref: PhxRef,
+        why: Option<Reason>,
+    ) {
+        if let Some(meta) = t.untrack(&key, phx_ref) {
+            if let Some(why) = why {
+                self.tx.event(|| Event {
+                    kind: EventKind::Leave,
+                    topic: name.clone(),
+                    key: key.clone(),
+                    meta,
+                    prev: None,
+                    reason: Some(why),
+                    origin: None,
+                });
+            }
             let user_owner = self.router.user_owner(key.as_str());
             let msg = MeshMsg::UserUntracked {
                 topic: name.clone(),
@@ -188,8 +220,8 @@ impl TopicOwner {
                 from,
                 mode,
                 tracked,
-                closed,
-            } => self.leave(topic, from.shard, mode, tracked, closed, env),
+                why,
+            } => self.leave(topic, from.shard, mode, tracked, why, env),
             MeshMsg::Adopted { topic, alias } => {
                 if let Some(t) = self.topics.get_mut(&topic) {
                     t.resolve(alias);
@@ -469,7 +501,7 @@ impl TopicOwner {
                     tx: env.tx,
                     changed: &mut self.changed,
                 };
-                sink.announce(t, name, track);
+                sink.announce(t, name, track, true);
                 None
             }
         }
@@ -493,7 +525,7 @@ impl TopicOwner {
             meta,
             ..track
         };
-        self.announce(name, track, env.tx);
+        self.announce(name, track, false, env.tx);
         Box::new((own, held))
     }
 
@@ -519,27 +551,34 @@ impl TopicOwner {
         }
     }
 
-    /// Tracks a presence and tells everyone.
-    fn announce(&mut self, name: &TopicName, track: Track, tx: &mut Outbox) {
+    /// Tracks a presence and tells everyone (the backend if `seen`, see `Sink::announce`).
+    fn announce(&mut self, name: &TopicName, track: Track, seen: bool, tx: &mut Outbox) {
         if let Some(t) = self.topics.get_mut(name) {
             let mut sink = Sink {
                 router: &self.router,
                 tx,
                 changed: &mut self.changed,
             };
-            sink.announce(t, name, track);
+            sink.announce(t, name, track, seen);
         }
     }
 
-    /// Removes a presence and tells everyone (nothing if it is not here).
-    fn untrack(&mut self, name: &TopicName, key: UserKey, phx_ref: PhxRef, tx: &mut Outbox) {
+    /// Removes a presence and tells everyone (nothing if it is not here; the backend if `why`).
+    fn untrack(
+        &mut self,
+        name: &TopicName,
+        key: UserKey,
+        phx_ref: PhxRef,
+        why: Option<Reason>,
+        tx: &mut Outbox,
+    ) {
         if let Some(t) = self.topics.get_mut(name) {
             let mut sink = Sink {
                 router: &self.router,
                 tx,
                 changed: &mut self.changed,
             };
-            sink.untrack(t, name, key, phx_ref);
+            sink.untrack(t, name, key, phx_ref, why);
         }
     }
 
@@ -554,7 +593,7 @@ impl TopicOwner {
                 continue;
             };
             for twin in t.due_twins(env.now) {
-                self.announce(&name, twin.track, env.tx);
+                self.announce(&name, twin.track, true, env.tx);
             }
             self.forget_if_idle(&name, env.tx);
         }
@@ -567,7 +606,7 @@ impl TopicOwner {
         let t = self.topics.get_mut(&name).expect("looked up above");
         if t.remove_twin(old).is_some() {
             // Never announced: the new meta is simply a join.
-            return self.announce(&name, new, env.tx);
+            return self.announce(&name, new, true, env.tx);
         }
         if let Some(c) = t.cluster_mut() {
             if let Some((_, from)) = c.take_deferred(old) {
@@ -586,8 +625,22 @@ impl TopicOwner {
         let Some(t) = self.topics.get_mut(name) else {
             return;
         };
-        let replaced = t.untrack(&track.key, old).is_some();
+        let replaced = t.untrack(&track.key, old);
         t.track(track.key.clone(), track.meta.clone());
+        env.tx.event(|| Event {
+            kind: if replaced.is_some() {
+                EventKind::Update
+            } else {
+                EventKind::Join
+            },
+            topic: name.clone(),
+            key: track.key.clone(),
+            meta: track.meta.clone(),
+            prev: replaced.clone(),
+            reason: None,
+            origin: None,
+        });
+        let replaced = replaced.is_some();
         let user_owner = self.router.user_owner(track.key.as_str());
         let topic = name.clone();
         let msg = if replaced {
@@ -605,10 +658,10 @@ impl TopicOwner {
         from: ShardId,
         mode: PresenceMode,
         tracked: Option<(UserKey, PhxRef)>,
-        closed: bool,
+        why: Reason,
         env: &mut Env<'_>,
     ) {
-        let graced = closed && self.config.leave_grace.0 > 0;
+        let graced = why.is_close() && self.config.leave_grace.0 > 0;
         let Some(t) = self.topics.get_mut(&topic) else {
             return;
         };
@@ -622,7 +675,7 @@ impl TopicOwner {
         }
         match tracked {
             Some((key, phx_ref)) if graced || t.in_grace() => {
-                self.leave_presence(&topic, key, phx_ref, graced, env)
+                self.leave_presence(&topic, key, phx_ref, (graced, why), env)
             }
             // The common case: no grace bookkeeping on this topic.
             Some((key, phx_ref)) => {
@@ -631,21 +684,21 @@ impl TopicOwner {
                     tx: env.tx,
                     changed: &mut self.changed,
                 };
-                sink.untrack(t, &topic, key, phx_ref);
+                sink.untrack(t, &topic, key, phx_ref, Some(why));
             }
             None => {}
         }
         self.forget_if_idle(&topic, env.tx);
     }
 
-    /// A connection's presence ends. `graced`: its connection closed and a leave grace is set,
-    /// so a twin takes its place unseen, or it is held for a reconnect.
+    /// A connection's presence ends, for `why`. `graced`: its connection closed and a leave
+    /// grace is set, so a twin takes its place unseen, or it is held for a reconnect.
     fn leave_presence(
         &mut self,
         topic: &TopicName,
         key: UserKey,
         phx_ref: PhxRef,
-        graced: bool,
+        (graced, why): (bool, Reason),
         env: &mut Env<'_>,
     ) {
         let grace = self.config.leave_grace;
@@ -675,10 +728,10 @@ impl TopicOwner {
                 self.held.push_back((until, name, key, phx_ref));
             }
             twin => {
-                self.untrack(&name, key, phx_ref, env.tx);
+                self.untrack(&name, key, phx_ref, Some(why), env.tx);
                 // The twin stands alone now: announce it rather than let the key look gone.
                 if let Some(twin) = twin {
-                    self.announce(&name, twin.track, env.tx);
+                    self.announce(&name, twin.track, true, env.tx);
                 }
             }
         }
@@ -711,7 +764,8 @@ impl TopicOwner {
             // Taken over since (and maybe held again, until later): nothing to do.
             if t.release_held(&key, phx_ref, until) {
                 self.stats.grace_expired += 1;
-                self.untrack(&topic, key, phx_ref, env.tx);
+                let why = Some(Reason::GraceExpired);
+                self.untrack(&topic, key, phx_ref, why, env.tx);
             }
             self.forget_if_idle(&topic, env.tx);
         }

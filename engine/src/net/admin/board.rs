@@ -199,6 +199,8 @@ pub struct Board {
     pub shards: Vec<ShardBoard>,
     /// The node's cluster figures, once its NATS bridge runs.
     pub cluster: std::sync::OnceLock<Arc<crate::net::nats::ClusterStats>>,
+    /// The event sinks' figures, when events are reported.
+    pub events: std::sync::OnceLock<Arc<crate::net::events::EventStats>>,
 }
 
 impl Board {
@@ -206,6 +208,7 @@ impl Board {
         Arc::new(Board {
             shards: (0..shards).map(|_| ShardBoard::default()).collect(),
             cluster: std::sync::OnceLock::new(),
+            events: std::sync::OnceLock::new(),
         })
     }
 }

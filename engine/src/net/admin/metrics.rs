@@ -111,6 +111,9 @@ pub fn render(board: &Board) -> String {
     if let Some(c) = board.cluster.get() {
         cluster(&mut registry, c);
     }
+    if let Some(e) = board.events.get() {
+        events(&mut registry, e);
+    }
     registry.register(
         "roster_build",
         "The running build",
@@ -167,6 +170,53 @@ fn cluster(registry: &mut Registry, c: &crate::net::nats::ClusterStats) {
             "roster_cluster_dropped",
             "Frames dropped: a shard's queue full (in) or the NATS connection down (out)",
             c.dropped_in.load(Relaxed) + c.dropped_out.load(Relaxed),
+        ),
+    ];
+    for (name, help, n) in counters {
+        let counter = Counter::<u64>::default();
+        counter.inc_by(n);
+        registry.register(name, help, counter);
+    }
+}
+
+/// The event sinks' figures.
+fn events(registry: &mut Registry, e: &crate::net::events::EventStats) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let counters: [(&str, &str, u64); 7] = [
+        (
+            "roster_events_queued",
+            "Presence events handed to a sink's queue (one per sink)",
+            e.queued.load(Relaxed),
+        ),
+        (
+            "roster_events_dropped",
+            "Presence events dropped: a sink's queue was full, or a stop's deadline passed",
+            e.dropped.load(Relaxed),
+        ),
+        (
+            "roster_webhook_events_sent",
+            "Events in webhook batches the receiver took",
+            e.webhook_sent.load(Relaxed),
+        ),
+        (
+            "roster_webhook_batches",
+            "Webhook batches the receiver took",
+            e.webhook_batches.load(Relaxed),
+        ),
+        (
+            "roster_webhook_failures",
+            "Webhook posts that failed (no answer, 5xx, 408, 429) and were tried again",
+            e.webhook_failures.load(Relaxed),
+        ),
+        (
+            "roster_webhook_events_refused",
+            "Events in batches the receiver refused (another 4xx): dropped",
+            e.webhook_refused.load(Relaxed),
+        ),
+        (
+            "roster_events_nats_published",
+            "Events published on NATS",
+            e.nats_published.load(Relaxed),
         ),
     ];
     for (name, help, n) in counters {

@@ -124,7 +124,8 @@ const LOOKUP_WAIT: Millis = Millis(1_000);
 impl Bridge {
     /// Connects to NATS and listens for a while to be sure no live node has this node's name;
     /// then the bridge runs on its own thread until [`Bridge::stop`].
-    pub fn start(node: &NodeConfig, shards: u16) -> Result<Bridge, String> {
+    /// `names` gets every node's name as its heartbeats say it (for events about its presences).
+    pub fn start(node: &NodeConfig, shards: u16, names: NodeNames) -> Result<Bridge, String> {
         let me = Origin {
             node: name_hash(&node.name),
             incarnation: fastrand::u64(1..),
@@ -142,6 +143,7 @@ impl Bridge {
             shards: senders,
             stats: stats.clone(),
             commands,
+            names,
         };
         let thread = std::thread::Builder::new()
             .name("roster-nats".into())
@@ -198,7 +200,11 @@ struct Setup {
     shards: Vec<flume::Sender<FromBridge>>,
     stats: Arc<ClusterStats>,
     commands: flume::Receiver<ToBridge>,
+    names: NodeNames,
 }
+
+/// Node names by node id, shared with the event sinks.
+pub type NodeNames = Arc<std::sync::RwLock<HashMap<u64, String>>>;
 
 impl Setup {
     async fn connect(self) -> Result<Running, String> {
@@ -268,6 +274,7 @@ impl Setup {
             lookups: Lookups::new(self.me),
             deliver,
             names: HashMap::new(),
+            node_names: self.names,
             retiring: VecDeque::new(),
             epoch,
             connected: true,
@@ -463,6 +470,8 @@ struct Running {
     deliver: Deliver,
     /// Subscriptions of names' subjects, by stem (`subject::split_name_subject`).
     names: HashMap<String, NameSubs>,
+    /// Other nodes' names, from their heartbeats (for the event sinks).
+    node_names: NodeNames,
     /// Subscriptions replaced by another, and when they end (`SWAP_OVERLAP`).
     retiring: VecDeque<(Instant, u64)>,
     epoch: Instant,
@@ -664,7 +673,14 @@ impl Running {
     fn heartbeat(&mut self, m: &Msg, probing: bool) -> Option<String> {
         let now = self.now();
         let events = match self.deliver.decode(m)? {
-            Frame::Heartbeat(hb) => self.nodes.heard(&hb, now),
+            Frame::Heartbeat(hb) => {
+                let known = |n: &HashMap<u64, String>| n.get(&hb.origin.node) == Some(&hb.name);
+                if !known(&self.node_names.read().unwrap_or_else(|e| e.into_inner())) {
+                    let mut names = self.node_names.write().unwrap_or_else(|e| e.into_inner());
+                    names.insert(hb.origin.node, hb.name.clone());
+                }
+                self.nodes.heard(&hb, now)
+            }
             Frame::Goodbye(g) => self.nodes.goodbye(g.origin, Millis(g.hold_ms), now),
             _ => {
                 ClusterStats::add(&self.stats.bad_frames, 1);
