@@ -512,6 +512,35 @@ fn presence_events_come_from_each_presences_node() {
     assert_eq!(ann, want);
 }
 
+/// A key that comes and goes before its first fetch of the key's parts completes was online
+/// for that time if no other node had it: both events come once the fetch says so.
+#[test]
+fn a_key_gone_within_its_first_fetch_was_online_meanwhile() {
+    use EventKind::*;
+    let mut c = Cluster::new(2);
+    c.join(1, 1, "bob", 1);
+    // The room is fetched on node 0 already; the key ann is not.
+    c.join(0, 9, "obs", 9);
+    c.join_unsettled(0, 1, "ann", 1);
+    c.close_unsettled(0, 1);
+    c.settle();
+    let ann: Vec<_> = c
+        .events
+        .iter()
+        .filter(|e| e.2 == "ann")
+        .map(|e| (e.0, e.1))
+        .collect();
+    assert_eq!(ann, [(0, Join), (0, Leave), (0, Online), (0, Offline)]);
+    // Had another node a presence of the key, neither is reported.
+    c.events.clear();
+    c.join(1, 2, "bob", 2);
+    c.join_unsettled(0, 2, "bob", 3);
+    c.close_unsettled(0, 2);
+    c.settle();
+    let bob: Vec<_> = c.events.iter().map(|e| (e.0, e.1)).collect();
+    assert_eq!(bob, [(1, Join), (0, Join), (0, Leave)]);
+}
+
 /// A dead node's presences leave everywhere, and exactly one survivor reports each leave (and
 /// the key's offline): the one `cluster::reporter` ranks first among those with presences in
 /// the topic. Reported by the others too, it would be a duplicate with the same id; reported by

@@ -49,9 +49,11 @@ struct UserSide {
     part: UserCluster,
     /// Watches waiting for the first fetch: (watching shard, its watch seq).
     waiting: Vec<(ShardId, u32)>,
-    /// The key got its first presence here during the first fetch: whether it is online (no
-    /// other node shows it) is decided when the fetch completes.
-    pending_online: bool,
+    /// The key got its first presence here during the first fetch (this one): whether it is
+    /// online (no other node shows it) is decided when the fetch completes; so is whether it
+    /// went offline again meanwhile (`pending_left`, the presence that left last).
+    pending_online: Option<(TopicName, Meta)>,
+    pending_left: Option<(TopicName, Meta)>,
     /// A dead node's presence of the key left: whether it is offline is decided when the
     /// fetch completes (see `check_offline`).
     pending_offline: Option<Box<UserCheck>>,
@@ -96,7 +98,8 @@ impl UserClusters {
             let side = UserSide {
                 part: UserCluster::new(Kind::User, c.me.node, self.asks),
                 waiting: Vec::new(),
-                pending_online: false,
+                pending_online: None,
+                pending_left: None,
                 pending_offline: None,
             };
             self.sides.insert(key.clone(), Box::new(side));
@@ -146,6 +149,10 @@ impl Users {
         env: &mut Env<'_>,
     ) {
         let elsewhere = self.remote_one(key).is_some();
+        let first = now_present
+            .then(|| self.presences(key.as_str()).into_iter().next())
+            .flatten();
+        let last = (!now_present).then(|| self.last_left.take()).flatten();
         let Some(side) = self
             .cluster
             .as_deref_mut()
@@ -155,17 +162,24 @@ impl Users {
         };
         let fetching = side.part.remote.is_fetching();
         let event = if now_present {
-            side.pending_online = fetching;
-            if fetching || elsewhere {
+            if fetching {
+                side.pending_left = None;
+                if side.pending_online.is_none() {
+                    side.pending_online = first;
+                }
                 return;
             }
-            let first = self.presences(key.as_str()).into_iter().next();
+            if elsewhere {
+                return;
+            }
             first.map(|(topic, meta)| (EventKind::Online, topic, meta))
         } else {
-            // An online never reported (its fetch has not completed) has no offline either.
-            let pending = std::mem::take(&mut side.pending_online);
-            let last = self.last_left.take();
-            if pending || fetching || elsewhere {
+            if side.pending_online.is_some() {
+                // Whether it was ever online is not known yet: both are decided together.
+                side.pending_left = last;
+                return;
+            }
+            if fetching || elsewhere {
                 return;
             }
             last.map(|(topic, meta)| (EventKind::Offline, topic, meta))
@@ -301,7 +315,10 @@ impl Users {
                 tx.nats(NatsOut::Publish { subject, frame });
             }
             let interested = self.users.contains_key(&key) || self.watchers.contains_key(&key);
-            if interested {
+            // A first fetch that decides an online or offline is waited for (it ends within
+            // the fetch timeout).
+            let deciding = side.pending_online.is_some() || side.pending_offline.is_some();
+            if interested || deciding {
                 continue;
             }
             let side = uc.sides.remove(&key).expect("looked up above");
@@ -546,9 +563,11 @@ impl Users {
         } else {
             Vec::new()
         };
-        let pending_online = done && std::mem::take(&mut side.pending_online);
+        let pending_online = side.pending_online.take_if(|_| done);
+        let pending_left = side.pending_left.take_if(|_| done);
         let pending_offline = side.pending_offline.take_if(|_| done);
-        if pending_offline.is_some() {
+        if pending_offline.is_some() || pending_online.is_some() {
+            // Kept for this answer (see `cluster_flush`); its interest may end now.
             uc.touched.push(key.clone());
         }
         let (mut joins, mut leaves) = (Vec::new(), Vec::new());
@@ -571,9 +590,11 @@ impl Users {
                 offline_for(*check, env.tx);
             }
         }
-        if pending_online && self.remote_one(key).is_none() {
-            if let Some((topic, meta)) = self.presences(key.as_str()).into_iter().next() {
-                let event = || user_event(EventKind::Online, key.clone(), topic, meta, None);
+        if let (Some((topic, meta)), None) = (pending_online, self.remote_one(key)) {
+            let event = || user_event(EventKind::Online, key.clone(), topic, meta, None);
+            env.tx.event(event);
+            if let Some((topic, meta)) = pending_left.filter(|_| !self.users.contains_key(key)) {
+                let event = || user_event(EventKind::Offline, key.clone(), topic, meta, None);
                 env.tx.event(event);
             }
         }

@@ -2,6 +2,7 @@
 // WebSockets for what phoenix.js cannot send). Every wait is bounded.
 import { execFileSync, spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
+import { createServer as createHttpServer } from 'node:http';
 import { createServer, connect as tcpConnect } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
@@ -236,14 +237,109 @@ export async function startNode(nats, name, args = [], opts = {}) {
     '--nats-url', opts.natsUrl ?? nats.url, '--node-name', name, '--admin-listen', `127.0.0.1:${adminPort}`, ...args,
   ], opts);
   node.admin = `http://127.0.0.1:${adminPort}`;
-  /** The sum over shards of a metric of /metrics. */
-  node.metric = async (name) => {
-    const body = await (await fetch(`${node.admin}/metrics`)).text();
-    const lines = body.split('\n').filter((l) => l.startsWith(`${name}{`) || l.startsWith(`${name} `));
-    if (!lines.length) throw new Error(`no ${name} in /metrics`);
-    return lines.reduce((sum, l) => sum + Number(l.split(' ').at(-1)), 0);
-  };
+  node.metric = (name) => metric(node.admin, name);
   return node;
+}
+
+/** The sum over shards of a metric of `admin`'s /metrics. */
+export async function metric(admin, name) {
+  const body = await (await fetch(`${admin}/metrics`)).text();
+  const lines = body.split('\n').filter((l) => l.startsWith(`${name}{`) || l.startsWith(`${name} `));
+  if (!lines.length) throw new Error(`no ${name} in /metrics`);
+  return lines.reduce((sum, l) => sum + Number(l.split(' ').at(-1)), 0);
+}
+
+/**
+ * A small HTTP receiver for roster's webhooks on a free loopback port. It records every POST
+ * (headers, raw body, how it was answered) and answers as `mode` says: 'ok' (200), a status
+ * number, 'hang' (no answer until `release()`), or 'drop' (reads the batch, then cuts the
+ * connection without answering: the batch arrived, roster is not told so). `stop()` and
+ * `start()` take it down and up again on the same port.
+ */
+export async function startReceiver() {
+  const port = await freePort();
+  const rx = { port, url: `http://127.0.0.1:${port}/hook`, posts: [], mode: 'ok', server: null };
+  const sockets = new Set();
+  let hanging = [];
+  rx.start = () => new Promise((resolve, reject) => {
+    const server = createHttpServer((req, res) => {
+      const chunks = [];
+      req.on('data', (c) => chunks.push(c));
+      req.on('end', () => {
+        const { mode } = rx;
+        const body = Buffer.concat(chunks);
+        rx.posts.push({ headers: req.headers, body, mode, events: JSON.parse(body).events });
+        if (mode === 'hang') hanging.push(res);
+        else if (mode === 'drop') req.socket.destroy();
+        else {
+          res.statusCode = typeof mode === 'number' ? mode : 200;
+          res.end('ok');
+        }
+      });
+    });
+    server.on('connection', (s) => { sockets.add(s); s.on('close', () => sockets.delete(s)); });
+    server.on('error', reject);
+    server.listen(port, '127.0.0.1', resolve);
+    rx.server = server;
+  });
+  rx.stop = () => new Promise((resolve) => {
+    if (!rx.server) return resolve();
+    for (const s of sockets) s.destroy();
+    rx.server.close(() => resolve());
+    rx.server = null;
+  });
+  /** Answers every post held by 'hang' with 200. */
+  rx.release = () => {
+    for (const res of hanging) {
+      res.statusCode = 200;
+      res.end('ok');
+    }
+    hanging = [];
+  };
+  /** Every event of the posts answered 200, in the order they came. */
+  rx.taken = () => rx.posts.filter((p) => p.mode === 'ok').flatMap((p) => p.events);
+  /** The same, a duplicate id dropped as a backend would. */
+  rx.unique = () => {
+    const seen = new Set();
+    return rx.taken().filter((e) => !seen.has(e.id) && seen.add(e.id));
+  };
+  await rx.start();
+  return rx;
+}
+
+/**
+ * A raw NATS subscriber to `subject` on `nats` (core protocol by hand: CONNECT, SUB, then
+ * MSG lines), collecting each message's subject and payload as text in `msgs`.
+ */
+export async function natsSubscribe(nats, subject) {
+  const sub = { msgs: [] };
+  const sock = tcpConnect(nats.port, '127.0.0.1');
+  let buf = Buffer.alloc(0);
+  let ready;
+  sub.ready = new Promise((r) => { ready = r; });
+  sock.on('data', (d) => {
+    buf = Buffer.concat([buf, d]);
+    for (;;) {
+      const nl = buf.indexOf('\r\n');
+      if (nl < 0) return;
+      const line = buf.subarray(0, nl).toString();
+      if (line.startsWith('MSG ')) {
+        const parts = line.split(' ');
+        const len = Number(parts.at(-1));
+        if (buf.length < nl + 2 + len + 2) return;
+        sub.msgs.push({ subject: parts[1], data: buf.subarray(nl + 2, nl + 2 + len).toString() });
+        buf = buf.subarray(nl + 2 + len + 2);
+        continue;
+      }
+      buf = buf.subarray(nl + 2);
+      if (line === 'PING') sock.write('PONG\r\n');
+      if (line === 'PONG') ready();
+    }
+  });
+  sock.write(`CONNECT {"verbose":false}\r\nSUB ${subject} 1\r\nPING\r\n`);
+  sub.close = () => sock.destroy();
+  await sub.ready;
+  return sub;
 }
 
 /**

@@ -82,6 +82,21 @@ impl Stopping {
     fn past_deadline(&self) -> bool {
         self.0 .0.load(Ordering::Relaxed) && wall_ms() >= self.0 .1.load(Ordering::Relaxed)
     }
+
+    /// The next record, waiting for one; None once the queue is empty and a stop was asked
+    /// for (or every sender is gone).
+    fn next(&self, rx: &flume::Receiver<Record>) -> Option<Record> {
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(r) => return Some(r),
+                Err(flume::RecvTimeoutError::Disconnected) => return None,
+                Err(flume::RecvTimeoutError::Timeout) if self.0 .0.load(Ordering::Relaxed) => {
+                    return None
+                }
+                Err(flume::RecvTimeoutError::Timeout) => {}
+            }
+        }
+    }
 }
 
 /// The shards' way to the sinks. Cloned into every shard.
@@ -135,9 +150,10 @@ impl Events {
         if let (true, Some((to_bridge, prefix))) = (config.nats, bridge) {
             let (tx, rx) = flume::bounded(config.queue);
             let (names, stats) = (names.clone(), stats.clone());
+            let stop = stopping.clone();
             threads.push(spawn(
                 "roster-nats-events",
-                Box::new(move || publish(rx, to_bridge, &prefix, names, stats)),
+                Box::new(move || publish(rx, to_bridge, &prefix, names, stats, stop)),
             )?);
             sinks.push(tx);
         }
@@ -194,8 +210,7 @@ impl Events {
 }
 
 impl Sinks {
-    /// The shards have stopped (their senders are gone): each sink delivers what it holds,
-    /// for `within` at most.
+    /// The shards have stopped: each sink delivers what it holds, for `within` at most.
     pub fn finish(self, within: Duration) {
         let (flag, at) = &*self.stopping.0;
         at.store(wall_ms() + within.as_millis() as u64, Ordering::Relaxed);
@@ -220,8 +235,9 @@ fn publish(
     prefix: &str,
     names: Names,
     stats: Arc<EventStats>,
+    stop: Stopping,
 ) {
-    while let Ok(first) = rx.recv() {
+    while let Some(first) = stop.next(&rx) {
         let mut outs = Vec::new();
         for r in std::iter::once(first).chain(rx.try_iter().take(1023)) {
             let mut frame = Vec::with_capacity(256);

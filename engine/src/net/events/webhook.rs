@@ -76,7 +76,7 @@ impl Webhook {
         let mut batch = Vec::with_capacity(self.config.batch);
         let mut body = Vec::with_capacity(64 << 10);
         loop {
-            let Ok(first) = rx.recv() else {
+            let Some(first) = stop.next(&rx) else {
                 return;
             };
             batch.push(first);
