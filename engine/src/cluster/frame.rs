@@ -23,6 +23,9 @@ pub const ENVELOPE: usize = 8;
 
 /// Longest topic name or user key a frame may carry.
 pub const MAX_NAME: usize = 4096;
+/// Longest close reason: a WebSocket close frame's payload is at most 125 bytes, 2 of them
+/// the code.
+pub const MAX_CLOSE_REASON: usize = 123;
 /// Longest stored meta a frame may carry (a node's own limit is --max-meta-bytes, far below).
 pub const MAX_META: usize = 64 << 10;
 
@@ -139,6 +142,32 @@ pub enum Frame {
     Heartbeat(Heartbeat),
     /// The node stops gracefully.
     Goodbye(Goodbye),
+    /// The admin API of some node acts on the whole cluster.
+    Command(Command),
+}
+
+/// What the admin API asks of every node (`PREFIX.cmd`). Added after format 2's other
+/// frames: a node of an older release counts it as a bad frame and does nothing.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Close every connection of `key` with `code` (4000-4999) and `reason`.
+    Disconnect {
+        key: String,
+        code: u16,
+        reason: String,
+    },
+    /// Node `owner` tracks `key` in `topic` with `meta` (a client meta object) and no
+    /// connection, for `ttl_ms` (0: until removed); every other node drops its own such
+    /// presence, so that there is one.
+    Track {
+        topic: String,
+        key: String,
+        meta: String,
+        ttl_ms: u64,
+        owner: u64,
+    },
+    /// Whoever has the server-side presence of `key` in `topic` removes it.
+    Untrack { topic: String, key: String },
 }
 
 /// A graceful stop. `hold_ms` 0: the node's parts leave now. Otherwise it wrote a state file
@@ -182,7 +211,7 @@ impl Frame {
             Frame::Delta(d) => Some((d.kind, &d.name)),
             Frame::PartRequest(q) => Some((q.kind, &q.name)),
             Frame::Part(p) => Some((p.kind, &p.name)),
-            Frame::Heartbeat(_) | Frame::Goodbye(_) => None,
+            Frame::Heartbeat(_) | Frame::Goodbye(_) | Frame::Command(_) => None,
         }
     }
 
@@ -242,6 +271,27 @@ impl Frame {
             }
             Frame::Heartbeat(h) => name(&h.name),
             Frame::Goodbye(_) => Ok(()),
+            Frame::Command(Command::Disconnect { key, code, reason }) => {
+                check_key(key)?;
+                if !(4000..=4999).contains(code) || reason.len() > MAX_CLOSE_REASON {
+                    return Err(FrameError::Invalid("close code or reason out of range"));
+                }
+                Ok(())
+            }
+            Frame::Command(Command::Track {
+                topic, key, meta, ..
+            }) => {
+                name(topic)?;
+                check_key(key)?;
+                if meta.len() > MAX_META {
+                    return Err(FrameError::Invalid("meta too large"));
+                }
+                Ok(())
+            }
+            Frame::Command(Command::Untrack { topic, key }) => {
+                name(topic)?;
+                check_key(key)
+            }
         }
     }
 }

@@ -87,6 +87,11 @@ impl Subjects {
         format!("{}.n.{node:016x}", self.prefix)
     }
 
+    /// Commands of the admin API to every node (`frame::Command`).
+    pub fn commands(&self) -> String {
+        format!("{}.cmd", self.prefix)
+    }
+
     /// Every node's heartbeats and goodbyes.
     pub fn heartbeats(&self) -> String {
         format!("{}.hb", self.prefix)

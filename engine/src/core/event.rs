@@ -55,10 +55,13 @@ impl Reason {
         }
     }
 
-    /// Whether the presence ended with its connection (so the leave grace may hold it), rather
-    /// than by leaving the topic or by the backend's say.
-    pub(crate) fn is_close(self) -> bool {
-        !matches!(self, Reason::Left | Reason::Removed | Reason::TtlExpired)
+    /// Whether the leave grace may hold the presence: its connection ended, and not at the
+    /// backend's say (a disconnect wants it gone).
+    pub(crate) fn may_hold(self) -> bool {
+        !matches!(
+            self,
+            Reason::Left | Reason::Removed | Reason::TtlExpired | Reason::Disconnected
+        )
     }
 }
 

@@ -74,7 +74,7 @@ pub enum MeshMsg {
         mode: PresenceMode,
         tracked: Option<(UserKey, PhxRef)>,
         /// Why: a connection that ended (rather than left the topic) has its presence held for
-        /// the leave grace (see [`Reason::is_close`]).
+        /// the leave grace (see [`Reason::may_hold`]).
         why: Reason,
     },
     /// The connection's presence `alias` was a twin of `adopted` (same key and meta), whose

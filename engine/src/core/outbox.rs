@@ -25,7 +25,8 @@ pub enum Output {
     Close {
         conn: ConnId,
         code: CloseCode,
-        reason: &'static str,
+        /// The core's own reasons are static; the admin API's are the backend's.
+        reason: std::borrow::Cow<'static, str>,
     },
     /// Put `msg` on the ring to shard `to`. Rings must deliver in order per (from, to) pair.
     Mesh { to: ShardId, msg: MeshMsg },

@@ -117,6 +117,9 @@ pub fn run(launch: Launch) -> Result<(), String> {
             router: Router::new(config.shards),
             api_key: config.api_key.as_ref().map(|k| k.0.clone()),
             bridge: bridge.as_ref().map(|b| b.to_bridge.clone()),
+            node: bridge.as_ref().map_or(0, |b| b.me.node),
+            max_meta_bytes: config.max_meta_bytes,
+            max_topic_bytes: config.max_topic_bytes,
         },
         admin::Limits {
             max_conns: config.admin_max_conns,

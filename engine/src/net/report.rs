@@ -40,6 +40,7 @@ impl Runtime {
         if queries.is_empty() {
             return;
         }
+        let mut commands = Vec::new();
         let core = self.core.borrow();
         for q in queries {
             // A closed API connection dropped its receiver: nothing to do about it.
@@ -63,7 +64,20 @@ impl Runtime {
                     };
                     reply.send(shown).is_ok()
                 }
+                Query::Command(c) => {
+                    commands.push(c);
+                    true
+                }
             };
+        }
+        drop(core);
+        if !commands.is_empty() {
+            let mut core = self.core();
+            for c in commands {
+                core.command(c);
+            }
+            drop(core);
+            self.dispatch();
         }
     }
 

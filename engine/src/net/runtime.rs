@@ -189,7 +189,7 @@ impl Runtime {
     }
 
     /// The core, its clock set to now: deadlines the next input makes count from this moment.
-    fn core(&self) -> std::cell::RefMut<'_, Shard> {
+    pub(super) fn core(&self) -> std::cell::RefMut<'_, Shard> {
         let mut core = self.core.borrow_mut();
         core.advance(self.now_us());
         core
@@ -347,6 +347,7 @@ impl Runtime {
                     FromBridge::NodeGap(o) => core.node_gap(o),
                     FromBridge::NameGap(o, kind, name) => core.name_gap(kind, &name, o),
                     FromBridge::Announce => core.announce(),
+                    FromBridge::Command(c) => core.command(c),
                 }
             }
         }
@@ -421,7 +422,7 @@ impl Runtime {
     /// Carries out what the core asked for. The outputs are moved out of the core first, so
     /// that a queue overflowing midway can start the connection's resync at once: the diffs
     /// after it in the same batch are then dropped like every later one.
-    fn dispatch(&self) {
+    pub(super) fn dispatch(&self) {
         let mut outputs = std::mem::take(&mut *self.outputs.borrow_mut());
         // Read once, and only if a frame is queued (an event: the wall clock).
         let mut now_us = None;
@@ -476,8 +477,7 @@ impl Runtime {
                     }
                     Output::Close { conn, code, reason } => {
                         if let Some(slot) = conns.get_mut(conn.0 as usize) {
-                            slot.close
-                                .get_or_insert_with(|| Box::new((code.0, Cow::Borrowed(reason))));
+                            slot.close.get_or_insert_with(|| Box::new((code.0, reason)));
                             slot.wake();
                         }
                     }

@@ -4,7 +4,7 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  startNats, startNode, startReceiver, natsSubscribe, connect, join, waitFor, sleep,
+  startNats, startNode, startReceiver, natsSubscribe, connect, join, keys, waitFor, sleep, api,
 } from './harness.mjs';
 
 const running = [];
@@ -13,6 +13,8 @@ after(async () => {
 });
 
 async function cluster(names, rx, args = []) {
+  // Stopped last (the list is stopped from its end): nodes deliver what they hold on the way out.
+  running.push(rx);
   const nats = await startNats();
   running.push(nats);
   const prefix = `ev${Math.floor(Math.random() * 1e9)}`;
@@ -23,7 +25,6 @@ async function cluster(names, rx, args = []) {
     ]);
     running.push(nodes[name]);
   }
-  running.push(rx);
   return { nats, nodes, prefix };
 }
 
@@ -105,4 +106,35 @@ test('--nats-events publishes every event on PREFIX.events.TYPE', async () => {
   const ids = (list) => list.map((e) => e.id).sort();
   assert.deepEqual(ids(sub.msgs.map((m) => JSON.parse(m.data))), ids(ofKey(rx, 'dan')));
   sub.close();
+});
+
+test('the admin API of any node disconnects a user of another and puts presences everyone sees', async () => {
+  const rx = await startReceiver();
+  const { nodes } = await cluster(['a', 'b'], rx);
+  const call = (node, method, path, body) => api(nodes[node].admin, method, path, body, null);
+  const alice = connect(nodes.b, 'alice');
+  await join(alice, 'room:q');
+  const carol = connect(nodes.a, 'carol');
+  const onA = await join(carol, 'room:q');
+  const viewer = connect(nodes.b, 'viewer');
+  const onB = await join(viewer, 'room:q');
+  await waitFor(() => keys(onA.presence).join() === 'alice,carol,viewer', 3000, () => `a sees all: ${keys(onA.presence)}`);
+  const gone = new Promise((resolve) => alice.onClose(resolve));
+  assert.equal((await call('a', 'POST', '/api/users/alice/disconnect', { reason: 'bye' })).status, 202);
+  const e = await gone;
+  assert.deepEqual([e.code, e.reason], [4000, 'bye']);
+  await waitFor(() => keys(onA.presence).join() === 'carol,viewer', 3000, 'alice gone on a');
+  await waitFor(() => ofKey(rx, 'alice', 'presence_leave').length === 1, 3000, 'her leave reported');
+  assert.equal(ofKey(rx, 'alice', 'presence_leave')[0].reason, 'disconnected');
+  assert.equal(ofKey(rx, 'alice', 'presence_leave')[0].node, 'b', 'by her own node');
+
+  const bot = (view) => view.presence.list((k, p) => (k === 'bot' ? p.metas.map((m) => m.v) : null)).find(Boolean);
+  assert.equal((await call('a', 'PUT', '/api/topics/room:q/presences/bot', { meta: { v: 1 } })).status, 202);
+  await waitFor(() => String(bot(onA)) === '1' && String(bot(onB)) === '1', 3000, () => `bot v1: ${bot(onA)} ${bot(onB)}`);
+  // Put again from the other node: it moves there, one presence.
+  assert.equal((await call('b', 'PUT', '/api/topics/room:q/presences/bot', { meta: { v: 2 } })).status, 202);
+  await waitFor(() => String(bot(onA)) === '2' && String(bot(onB)) === '2', 3000, () => `bot v2: ${bot(onA)} ${bot(onB)}`);
+  assert.equal((await call('a', 'DELETE', '/api/topics/room:q/presences/bot')).status, 202);
+  await waitFor(() => !bot(onA) && !bot(onB), 3000, 'bot gone');
+  for (const s of [alice, carol, viewer]) s.disconnect();
 });

@@ -241,6 +241,17 @@ export async function startNode(nats, name, args = [], opts = {}) {
   return node;
 }
 
+/** An admin API request: `body` as JSON (or a string as it is), `key` the bearer API key. */
+export async function api(admin, method, path, body, key) {
+  const headers = key ? { Authorization: `Bearer ${key}` } : {};
+  const res = await fetch(`${admin}${path}`, {
+    method,
+    headers,
+    body: body === undefined ? undefined : (typeof body === 'string' ? body : JSON.stringify(body)),
+  });
+  return { status: res.status, body: await res.text() };
+}
+
 /** The sum over shards of a metric of `admin`'s /metrics. */
 export async function metric(admin, name) {
   const body = await (await fetch(`${admin}/metrics`)).text();

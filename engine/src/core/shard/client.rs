@@ -137,9 +137,10 @@ impl Shard {
         &mut self,
         conn: ConnId,
         code: CloseCode,
-        reason: &'static str,
+        reason: impl Into<std::borrow::Cow<'static, str>>,
         why: Reason,
     ) {
+        let reason = reason.into();
         self.tx.out.push(Output::Close { conn, code, reason });
         if let Some(c) = self.conns.remove(&conn) {
             self.part_all(conn, c, why);

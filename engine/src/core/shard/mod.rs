@@ -19,7 +19,7 @@ use roster_proto::{
     decode, ClientEvent, ClientMessage, ClientMeta, JoinRequest, PhxRef, PresenceMode,
 };
 
-use crate::cluster::frame::{Frame as NodeFrame, Kind, Origin};
+use crate::cluster::frame::{Command, Frame as NodeFrame, Kind, Origin};
 use crate::core::connection::{Connection, Joined};
 use crate::core::event::Reason;
 use crate::core::hash::{Map, Seeds};
@@ -227,6 +227,88 @@ impl Shard {
             };
             self.part_all(conn, c, why);
         }
+        self.drain_local();
+    }
+
+    /// A command of the admin API, from this node's or (in a cluster) any node's: see
+    /// [`Command`]. A server-side presence put by another node moves there: this node's copy
+    /// leaves (as `removed`), so that there is one.
+    pub fn command(&mut self, c: Command) {
+        let me = self.config.cluster.as_ref().map_or(0, |c| c.me.node);
+        match c {
+            Command::Disconnect { key, code, reason } => {
+                self.disconnect_user(&key, CloseCode(code), reason.into());
+            }
+            Command::Track {
+                topic,
+                key,
+                meta,
+                ttl_ms,
+                owner,
+            } if owner == me => {
+                let ttl = (ttl_ms > 0).then_some(Millis(ttl_ms));
+                if let Err(why) = self.server_track(&topic, &key, &meta, ttl) {
+                    // The API checked it against its own node's limits; this one's differ.
+                    count_error(&mut self.errors, why);
+                }
+            }
+            Command::Track { topic, key, .. } | Command::Untrack { topic, key } => {
+                self.server_untrack(&topic, &key)
+            }
+        }
+    }
+
+    /// The admin API disconnects `key`: each of its connections here is closed with `code`
+    /// and `reason`, its presences leave as `disconnected` (a leave grace does not hold them:
+    /// the backend wants them gone). Returns how many were closed.
+    pub fn disconnect_user(
+        &mut self,
+        key: &str,
+        code: CloseCode,
+        reason: std::borrow::Cow<'static, str>,
+    ) -> usize {
+        let conns: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.key.as_str() == key)
+            .map(|(id, _)| *id)
+            .collect();
+        for &conn in &conns {
+            self.close_for(conn, code, reason.clone(), Reason::Disconnected);
+        }
+        self.drain_local();
+        conns.len()
+    }
+
+    /// The admin API tracks `key` in `topic` with `meta` (a JSON object), no connection, for
+    /// `ttl` or until removed; a second call updates it. This shard must own the topic.
+    pub fn server_track(
+        &mut self,
+        topic: &str,
+        key: &str,
+        meta: &str,
+        ttl: Option<Millis>,
+    ) -> Result<(), &'static str> {
+        if topic.len() > self.config.max_topic_bytes {
+            return Err("topic too long");
+        }
+        if key.is_empty() || key.len() > MAX_KEY_BYTES {
+            return Err("key must be 1 to 255 bytes");
+        }
+        let meta = roster_proto::ClientMeta::from_json(meta).map_err(|e| e.reason())?;
+        if meta.len() > self.config.max_meta_bytes {
+            return Err("meta too large");
+        }
+        let (owner, mut env) = self.owner_env();
+        owner.server_track(topic, key, meta, ttl, &mut env);
+        self.drain_local();
+        Ok(())
+    }
+
+    /// The admin API removes the server-side presence of `key` in `topic`, if there is one.
+    pub fn server_untrack(&mut self, topic: &str, key: &str) {
+        let (owner, mut env) = self.owner_env();
+        owner.server_untrack(topic, key, Reason::Removed, &mut env);
         self.drain_local();
     }
 

@@ -678,3 +678,67 @@ fn presences_of_a_previous_run_are_taken_back_or_leave_at_the_restart_grace() {
         );
     }
 }
+
+/// A server-side presence joins like a connection's, an update replaces its meta, and it leaves
+/// at its TTL (a second put's TTL counts, not the first's) or when removed.
+#[test]
+fn server_side_presences_join_update_and_expire() {
+    let events = events_of(Config::default(), |s| {
+        assert_eq!(
+            s.server_track("room", "bot", r#"{"k":1}"#, Some(Millis(100))),
+            Ok(())
+        );
+        s.tick(Millis(50));
+        assert_eq!(
+            s.server_track("room", "bot", r#"{"k":2}"#, Some(Millis(100))),
+            Ok(())
+        );
+        s.tick(Millis(120));
+        assert!(
+            s.topic_view("room").is_some(),
+            "the first TTL no longer counts"
+        );
+        s.tick(Millis(200));
+        assert!(s.topic_view("room").is_none(), "gone at the second TTL");
+        assert_eq!(s.server_track("room", "call", "{}", None), Ok(()));
+        s.server_untrack("room", "call");
+    });
+    let want = [
+        "presence_join room bot",
+        "user_online room bot",
+        "presence_update room bot",
+        "presence_leave room bot ttl_expired",
+        "user_offline room bot",
+        "presence_join room call",
+        "user_online room call",
+        "presence_leave room call removed",
+        "user_offline room call",
+    ];
+    assert_eq!(events, want);
+    let mut s = shard();
+    let too_big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(40));
+    assert_eq!(
+        s.server_track("room", "bot", &too_big, None),
+        Err("meta too large")
+    );
+    assert_eq!(
+        s.server_track("room", "", "{}", None),
+        Err("key must be 1 to 255 bytes")
+    );
+    assert!(s.server_track("room", "bot", "[1]", None).is_err());
+}
+
+/// A disconnect closes each connection of the key, and only those, with the code and reason.
+#[test]
+fn a_disconnect_closes_the_keys_connections() {
+    let mut s = shard();
+    s.open(ConnId(2), UserKey::new("u2"));
+    s.open(ConnId(3), UserKey::new("u1"));
+    texts(&mut s);
+    let n = s.disconnect_user("u1", CloseCode(4001), "banned".into());
+    assert_eq!(n, 2);
+    let mut closes = texts(&mut s);
+    closes.sort();
+    assert_eq!(closes, ["close 4001 banned", "close 4001 banned"]);
+    assert!(s.disconnect_user("u1", CloseCode(4001), "again".into()) == 0);
+}

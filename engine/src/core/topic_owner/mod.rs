@@ -5,6 +5,7 @@
 
 mod cluster;
 mod restore;
+mod server;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -176,6 +177,9 @@ pub(crate) struct TopicOwner {
     dead: std::collections::BTreeSet<crate::cluster::frame::Origin>,
     /// Those of them held for a grace (see `node_held`).
     ended: std::collections::BTreeSet<crate::cluster::frame::Origin>,
+    /// Server-side presences (the admin API's), by (topic, key), and their TTLs in order.
+    server: Map<(TopicName, UserKey), server::ServerPresence>,
+    server_due: std::collections::BTreeSet<(Millis, TopicName, UserKey)>,
     /// The earliest count push due among `to_count[..count_scanned]` (see `poll_timeout`).
     count_wake: Option<Millis>,
     count_scanned: usize,
@@ -200,6 +204,8 @@ impl TopicOwner {
             retries: Retries::new(),
             dead: std::collections::BTreeSet::new(),
             ended: std::collections::BTreeSet::new(),
+            server: seeds.map(),
+            server_due: std::collections::BTreeSet::new(),
             delta_seq: 0,
             asks: 0,
             count_wake: None,
@@ -237,6 +243,7 @@ impl TopicOwner {
         self.expire_fetches(env);
         self.retry_refetches(env);
         self.expire_held(env);
+        self.expire_server(env);
         self.announce_twins(env);
         self.end_windows(env);
         self.push_counts(env);
@@ -275,6 +282,7 @@ impl TopicOwner {
             self.fetches.front().map(|f| f.0),
             self.retries.next(),
             self.count_wake,
+            self.next_server_expiry(),
         ];
         windows.chain(queued.into_iter().flatten()).min()
     }
@@ -317,6 +325,7 @@ impl TopicOwner {
             && self.twins_due.is_empty()
             && self.fetches.is_empty()
             && self.retries.is_empty()
+            && self.server.is_empty()
     }
 
     /// The invariants of the owner's tables (see `invariants.rs`), or the first one broken.
@@ -661,7 +670,7 @@ impl TopicOwner {
         why: Reason,
         env: &mut Env<'_>,
     ) {
-        let graced = why.is_close() && self.config.leave_grace.0 > 0;
+        let graced = why.may_hold() && self.config.leave_grace.0 > 0;
         let Some(t) = self.topics.get_mut(&topic) else {
             return;
         };

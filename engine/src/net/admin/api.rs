@@ -16,7 +16,7 @@ use crate::cluster::frame::{Kind, Presence};
 use crate::cluster::lookup::Found;
 use crate::core::{Meta, TopicName};
 use crate::net::admin::board::{Query, Shown};
-use crate::net::admin::{metrics, Admin};
+use crate::net::admin::{actions, metrics, Admin};
 use crate::net::handshake::reason_phrase;
 use crate::net::nats::ToBridge;
 
@@ -163,14 +163,12 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Answers a complete request.
-pub fn answer(admin: &Admin, req: &httparse::Request<'_, '_>, now: Instant) -> Answer {
-    if req.method != Some("GET") {
-        return Answer::Now(Response::text(405, "only GET\n"));
-    }
+/// Answers a complete request (`body`: its Content-Length bytes).
+pub fn answer(admin: &Admin, req: &httparse::Request<'_, '_>, body: &[u8], now: Instant) -> Answer {
+    let method = req.method.unwrap_or("GET");
     let path = req.path.unwrap_or("/");
     let (route, query) = path.split_once('?').unwrap_or((path, ""));
-    if route == "/healthz" {
+    if route == "/healthz" && method == "GET" {
         return Answer::Now(Response::text(200, "ok\n"));
     }
     let authorized = match &admin.api_key {
@@ -185,6 +183,9 @@ pub fn answer(admin: &Admin, req: &httparse::Request<'_, '_>, now: Instant) -> A
     };
     if !authorized {
         return Answer::Now(Response::text(401, "missing or wrong API key\n"));
+    }
+    if method != "GET" {
+        return Answer::Now(actions::act(admin, method, route, body));
     }
     if route == "/metrics" {
         return Answer::Now(Response {
@@ -219,7 +220,7 @@ pub fn answer(admin: &Admin, req: &httparse::Request<'_, '_>, now: Instant) -> A
 }
 
 /// Leaves a query in the shard's inbox, for its next tick.
-fn ask(admin: &Admin, shard: usize, q: Query) {
+pub(super) fn ask(admin: &Admin, shard: usize, q: Query) {
     if let Some(board) = admin.board.shards.get(shard) {
         board
             .inbox

@@ -12,6 +12,8 @@ use crate::core::{Latency, Meta, ShardStats, TopicName};
 pub enum Query {
     Topic(TopicName, mpsc::Sender<Shown>),
     User(String, mpsc::Sender<Shown>),
+    /// An action of the admin API on a single node (a cluster's go through NATS).
+    Command(crate::cluster::frame::Command),
 }
 
 /// A shard's answer: a topic's presences as (user key, meta) or a user's as (topic, meta),

@@ -4,6 +4,7 @@
 //! their board inbox on the next tick (so an API answer takes up to one tick). Nothing here
 //! touches a shard's state directly, and nothing here is on the presence path.
 
+mod actions;
 mod api;
 mod board;
 pub mod metrics;
@@ -24,8 +25,13 @@ pub struct Admin {
     pub router: Router,
     pub api_key: Option<Vec<u8>>,
     /// In a cluster: the NATS bridge, which looks up the other nodes' presences of a name this
-    /// node holds nothing of.
+    /// node holds nothing of, and carries the API's actions to every node.
     pub bridge: Option<flume::Sender<ToBridge>>,
+    /// This node's id in the cluster (0 alone): a server-side presence put here is its own.
+    pub node: u64,
+    /// The shards' limits, which the API's actions are checked against before they go out.
+    pub max_meta_bytes: usize,
+    pub max_topic_bytes: usize,
 }
 
 /// Binds the admin listener (so a bad address fails at start-up) and serves it on its own

@@ -245,7 +245,30 @@ impl Server {
             let mut headers = [httparse::EMPTY_HEADER; 32];
             let mut req = httparse::Request::new(&mut headers);
             let answer = match req.parse(&c.buf) {
-                Ok(httparse::Status::Complete(_)) => api::answer(&self.admin, &req, Instant::now()),
+                Ok(httparse::Status::Complete(head)) => {
+                    let header = |name: &str| {
+                        let h = req
+                            .headers
+                            .iter()
+                            .find(|h| h.name.eq_ignore_ascii_case(name));
+                        h.map(|h| String::from_utf8_lossy(h.value).trim().to_owned())
+                    };
+                    if header("transfer-encoding").is_some() {
+                        return self.refuse(i, 411, "send a Content-Length\n");
+                    }
+                    let length = match header("content-length").map(|l| l.parse::<usize>()) {
+                        None => 0,
+                        Some(Ok(n)) => n,
+                        Some(Err(_)) => return self.refuse(i, 400, "bad Content-Length\n"),
+                    };
+                    if head + length > MAX_REQUEST_BYTES {
+                        return self.refuse(i, 413, "request too large\n");
+                    }
+                    let Some(body) = c.buf.get(head..head + length) else {
+                        return; // The body is still coming.
+                    };
+                    api::answer(&self.admin, &req, body, Instant::now())
+                }
                 Ok(httparse::Status::Partial) => return,
                 Err(_) => Answer::Now(Response::text(400, "bad request\n")),
             };

@@ -22,7 +22,7 @@ pub use link::Counters;
 use link::{Creds, Event, Link, Server};
 use wire::Msg;
 
-use crate::cluster::frame::{Frame, Goodbye, Kind, Origin};
+use crate::cluster::frame::{Command, Frame, Goodbye, Kind, Origin};
 use crate::cluster::inbox::Inbox;
 use crate::cluster::lookup::{Ask, Found, Lookups, To};
 use crate::cluster::nodes::{DownReason, NodeEvent, Nodes, Timing};
@@ -37,6 +37,8 @@ pub enum ToBridge {
     /// The admin API asks for every other node's presences of a name this node holds nothing
     /// of (`cluster::lookup`).
     Lookup(Kind, String, LookupReply),
+    /// The admin API acts on every node (this one too: it hears its own command).
+    Command(Command),
     /// A graceful stop that keeps presence has begun (the shards handed their presences
     /// over): nothing more is published, so that closing the clients is not seen by the other
     /// nodes, who hold this node's parts for the restart grace instead.
@@ -67,6 +69,9 @@ pub enum FromBridge {
     NameGap(Origin, Kind, String),
     /// Requests to this node may have been lost: publish its own parts.
     Announce,
+    /// The admin API of some node acts (for this shard: every shard disconnects, the
+    /// topic's owner tracks).
+    Command(Command),
 }
 
 /// The cluster's figures, shared with the admin side.
@@ -244,6 +249,7 @@ impl Setup {
         let sids = Sids {
             heartbeats: link.subscribe(self.subjects.heartbeats()),
             answers: link.subscribe(inbox.subscription()),
+            commands: link.subscribe(self.subjects.commands()),
         };
         // Requests to this node alone; its frames are handled by name, as names' are.
         link.subscribe(self.subjects.node(self.me.node));
@@ -327,6 +333,27 @@ struct Owed {
 }
 
 impl Deliver {
+    /// A command of the admin API: to every shard (a disconnect), or to the topic's owner.
+    fn command(&mut self, m: &Msg) {
+        let Some(Frame::Command(c)) = self.decode(m) else {
+            ClusterStats::add(&self.stats.bad_frames, 1);
+            return;
+        };
+        match &c {
+            Command::Disconnect { .. } => {
+                for shard in &self.shards {
+                    let _ = shard.send(FromBridge::Command(c.clone()));
+                }
+            }
+            Command::Track { topic, .. } | Command::Untrack { topic, .. } => {
+                let owner = self.router.topic_owner(topic).index();
+                if let Some(shard) = self.shards.get(owner) {
+                    let _ = shard.send(FromBridge::Command(c));
+                }
+            }
+        }
+    }
+
     fn decode(&self, m: &Msg) -> Option<Frame> {
         match Frame::decode(&m.payload) {
             Ok(f) => Some(f),
@@ -455,6 +482,7 @@ impl NameSubs {
 struct Sids {
     heartbeats: u64,
     answers: u64,
+    commands: u64,
 }
 
 struct Running {
@@ -512,6 +540,10 @@ impl Running {
                         self.lookup_ask(ask).await;
                     }
                     Ok(ToBridge::Quiet) => self.quiet = true,
+                    Ok(ToBridge::Command(c)) => {
+                        let subject = self.subjects.commands();
+                        self.publish(subject, None, Frame::Command(c).encode()).await;
+                    }
                     Ok(ToBridge::Stop(hold)) => {
                         self.hold = millis(hold);
                         break;
@@ -752,6 +784,7 @@ impl Running {
         match e {
             Event::Msg(m) if m.sid == self.sids.heartbeats => return self.heartbeat(&m, probing),
             Event::Msg(m) if m.sid == self.sids.answers => self.answer(m),
+            Event::Msg(m) if m.sid == self.sids.commands => self.deliver.command(&m),
             // The node's own subject and names' subscriptions: by the name in the frame.
             Event::Msg(m) => self.deliver.by_name(m),
             Event::Disconnected => {

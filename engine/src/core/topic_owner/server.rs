@@ -1,0 +1,96 @@
+//! Server-side presences: a key tracked in a topic by the application's backend (the admin
+//! API), with a meta and no socket: a bot, an "in a call" state. They are this node's own
+//! presences like any connection's (deltas, diffs, watch lists, events all see them), kept
+//! until removed or until their TTL runs out. One per (topic, key): a second PUT updates it.
+//!
+//! Partial: they are not written to the state file; a restart forgets them (the backend puts
+//! them again).
+
+use roster_proto::{ClientMeta, PhxRef};
+
+use super::{Env, TopicOwner};
+use crate::core::event::Reason;
+use crate::core::ids::next_ref;
+use crate::core::{Meta, Millis, TopicName, Track, UserKey};
+
+/// A server-side presence: its ref, and when its TTL ends.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ServerPresence {
+    phx_ref: PhxRef,
+    until: Option<Millis>,
+}
+
+impl TopicOwner {
+    /// Tracks `key` in `topic` with `meta` (a JSON object, checked by the caller), or updates
+    /// its server-side presence there; `ttl`: it leaves after that long.
+    pub(crate) fn server_track(
+        &mut self,
+        topic: &str,
+        key: &str,
+        meta: ClientMeta<'_>,
+        ttl: Option<Millis>,
+        env: &mut Env<'_>,
+    ) {
+        let name = self.owned_name(&TopicName::new(topic), env);
+        let key = UserKey::new(key);
+        let phx_ref = next_ref(self.shard, &mut self.minted, self.config.ref_seed);
+        let old = self.server.get(&(name.clone(), key.clone())).copied();
+        env.buf.clear();
+        meta.encode(env.buf, None, phx_ref, old.map(|o| o.phx_ref));
+        let track = Track {
+            key: key.clone(),
+            phx_ref,
+            meta: Meta::new(env.buf),
+        };
+        let until = ttl.map(|t| Millis(env.now.0.saturating_add(t.0)));
+        if let Some(until) = until {
+            self.server_due.insert((until, name.clone(), key.clone()));
+        }
+        self.server
+            .insert((name.clone(), key), ServerPresence { phx_ref, until });
+        match old {
+            Some(old) => self.replace(&name, old.phx_ref, track, env),
+            None => self.announce(&name, track, true, env.tx),
+        }
+        self.forget_if_idle(&name, env.tx);
+    }
+
+    /// The server-side presence of `key` in `topic` leaves (if there is one).
+    pub(crate) fn server_untrack(
+        &mut self,
+        topic: &str,
+        key: &str,
+        why: Reason,
+        env: &mut Env<'_>,
+    ) {
+        let at = (TopicName::new(topic), UserKey::new(key));
+        let Some(p) = self.server.remove(&at) else {
+            return;
+        };
+        let Some(name) = self.topics.get_key_value(&at.0).map(|(n, _)| n.clone()) else {
+            return;
+        };
+        self.untrack(&name, at.1, p.phx_ref, Some(why), env.tx);
+        self.forget_if_idle(&name, env.tx);
+    }
+
+    /// Server-side presences whose TTL ended leave.
+    pub(super) fn expire_server(&mut self, env: &mut Env<'_>) {
+        while let Some((until, ..)) = self.server_due.first() {
+            if until.0 > env.now.0 {
+                break;
+            }
+            let (until, topic, key) = self.server_due.pop_first().expect("first exists");
+            // Put again since with another TTL (or none): that one counts.
+            let current = self.server.get(&(topic.clone(), key.clone()));
+            if current.is_some_and(|p| p.until == Some(until)) {
+                self.server_untrack(topic.as_str(), key.as_str(), Reason::TtlExpired, env);
+            }
+        }
+    }
+
+    /// When the next TTL ends.
+    pub(super) fn next_server_expiry(&self) -> Option<Millis> {
+        self.server_due.first().map(|d| d.0)
+    }
+}
