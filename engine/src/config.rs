@@ -208,6 +208,12 @@ pub struct Cli {
     /// `PREFIX.events.TYPE` (TYPE: presence_join, ...). [default: off]
     #[arg(long, env = "ROSTER_NATS_EVENTS")]
     pub nats_events: bool,
+    /// A token refused at the upgrade (missing, forged, expired) is told in the WebSocket,
+    /// which a browser can read, rather than as HTTP 401, which it cannot: the upgrade
+    /// succeeds and is closed at once with 4001 (expired) or 4003 (any other) and the reason.
+    /// [default: off]
+    #[arg(long, env = "ROSTER_REFUSALS_IN_BAND")]
+    pub refusals_in_band: bool,
 }
 
 /// The same options, from a TOML file.
@@ -262,6 +268,7 @@ pub struct FileConfig {
     pub webhook_timeout_ms: Option<u64>,
     pub event_queue: Option<usize>,
     pub nats_events: Option<bool>,
+    pub refusals_in_band: Option<bool>,
 }
 
 /// Everything the server runs with, resolved.
@@ -306,6 +313,8 @@ pub struct ServerConfig {
     /// None: a single node.
     pub cluster: Option<NodeConfig>,
     pub events: EventsConfig,
+    /// Token refusals as a close after the upgrade (`--refusals-in-band`).
+    pub refusals_in_band: bool,
 }
 
 /// Where presence events go (`net::events`).
@@ -548,6 +557,7 @@ impl ServerConfig {
                 .map(|k| Secret(k.into_bytes())),
             cluster: None,
             events: EventsConfig::default(),
+            refusals_in_band: cli.refusals_in_band || file.refusals_in_band.unwrap_or(false),
         };
         let webhook = match cli.webhook_url.or(file.webhook_url) {
             Some(url) => {

@@ -20,6 +20,8 @@ const MAX_KEY_BYTES: usize = 255;
 pub struct Identity {
     pub key: UserKey,
     pub grants: Option<Box<Grants>>,
+    /// The token's `exp` (seconds since the Unix epoch), if it has one.
+    pub expires: Option<f64>,
 }
 
 pub struct Verifier {
@@ -76,12 +78,14 @@ impl Verifier {
             },
         )?;
         let claims = data.claims;
+        let mut expires = None;
         if let Some(exp) = &claims.exp {
             let exp = numeric_date(exp)
                 .ok_or(refuse(401, "malformed token: exp must be a NumericDate"))?;
             if now as f64 >= exp {
                 return Err(refuse(401, "token expired"));
             }
+            expires = Some(exp);
         }
         if let Some(nbf) = &claims.nbf {
             let nbf = numeric_date(nbf)
@@ -108,7 +112,14 @@ impl Verifier {
         Ok(Identity {
             key: UserKey::new(&sub),
             grants: Some(Box::new(Grants { topics, meta })),
+            expires,
         })
+    }
+
+    /// A fresh token sent on a live connection (see `core::shard::token`), at `now` (Unix
+    /// seconds).
+    pub fn refresh(&self, token: &str, now: u64) -> Result<Identity, Reject> {
+        self.verify(token, now)
     }
 
     /// The connection's identity from its upgrade request, at `now` (Unix seconds).
@@ -143,7 +154,11 @@ pub fn unverified(upgrade: &Upgrade) -> Identity {
         Some(id) => UserKey::new(id),
         None => UserKey::new(&format!("anon-{:016x}", fastrand::u64(..))),
     };
-    Identity { key, grants: None }
+    Identity {
+        key,
+        grants: None,
+        expires: None,
+    }
 }
 
 #[cfg(test)]

@@ -226,6 +226,7 @@ impl Cluster {
                     let key = e.key.as_str().to_owned();
                     self.events.push((i, e.kind, key, e.reason));
                 }
+                Output::Refresh { .. } => panic!("no tokens here"),
             }
         }
     }
@@ -952,6 +953,7 @@ mod random {
                         Output::Nats(out) => self.nats_out(i, at, out),
                         // Not checked in the seeded runs (see the tests above).
                         Output::Event(_) => {}
+                        Output::Refresh { .. } => panic!("no tokens here"),
                     }
                 }
                 let Some((to, msg)) = mesh.pop_front() else {

@@ -423,6 +423,9 @@ impl Sim {
                 Output::Mesh { to, msg } => self.rings[s * n + to.index()].push_back(msg),
                 Output::Nats(out) => fail(format!("a single node publishes nothing: {out:?}")),
                 Output::Event(e) => self.event(*e),
+                Output::Refresh { conn, .. } => {
+                    fail(format!("{conn:?} refreshed a token it has not"))
+                }
                 Output::Send { conn, frame, kind } => {
                     self.deliver_frame((s as u16, conn.0), &frame, kind, &outputs)
                 }

@@ -46,6 +46,7 @@ pub enum PayloadError {
     BadPresenceMode,
     UsersNotStrings,
     MissingUsers,
+    MissingToken,
     Malformed,
 }
 
@@ -61,6 +62,7 @@ impl PayloadError {
             PayloadError::BadPresenceMode => "presence must be \"full\", \"count\" or \"none\"",
             PayloadError::UsersNotStrings => "users must be a list of strings",
             PayloadError::MissingUsers => "users is required",
+            PayloadError::MissingToken => "token is required (a string)",
             PayloadError::Malformed => "invalid payload",
         }
     }
@@ -74,6 +76,8 @@ pub enum ClientEvent<'a> {
     PresenceUpdate(ClientMeta<'a>),
     WatchAdd(Vec<Cow<'a, str>>),
     WatchRemove(Vec<Cow<'a, str>>),
+    /// A fresh token for the connection (on the reserved token topic).
+    Refresh(Cow<'a, str>),
     /// Any other event name: answered with `unknown event` (or `unmatched topic`).
     Unknown(Cow<'a, str>),
     /// A known event whose payload has the wrong shape.
@@ -144,6 +148,14 @@ pub fn decode(bytes: &[u8]) -> Result<ClientMessage<'_>, FrameError> {
         }
         "watch_remove" => {
             parse_users(payload).map_or_else(ClientEvent::Invalid, ClientEvent::WatchRemove)
+        }
+        "refresh" => {
+            let token = raw_payload(payload).and_then(|p| {
+                let raw = p.token.ok_or(PayloadError::MissingToken)?;
+                serde_json::from_str::<CowStr<'_>>(raw.get())
+                    .map_err(|_| PayloadError::MissingToken)
+            });
+            token.map_or_else(ClientEvent::Invalid, |t| ClientEvent::Refresh(t.0))
         }
         _ => ClientEvent::Unknown(raw.event),
     };
@@ -266,6 +278,8 @@ struct RawPayload<'a> {
     presence: Option<&'a RawValue>,
     #[serde(borrow, default)]
     users: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    token: Option<&'a RawValue>,
 }
 
 fn raw_payload(payload: &str) -> Result<RawPayload<'_>, PayloadError> {

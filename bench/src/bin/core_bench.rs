@@ -75,6 +75,7 @@ impl Cluster {
                         Output::Close { .. } => panic!("benchmark sent a bad frame"),
                         Output::Nats(_) => panic!("a single node publishes nothing"),
                         Output::Event(_) => self.events += 1,
+                        Output::Refresh { .. } => panic!("no tokens in the benchmark"),
                     }
                 }
             }

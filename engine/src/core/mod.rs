@@ -21,6 +21,7 @@
 mod config;
 mod connection;
 pub mod event;
+mod expiry;
 mod grants;
 mod hash;
 mod ids;
@@ -50,5 +51,5 @@ pub use ids::{CloseCode, ConnAddr, ConnId, Frame, Meta, Millis, TopicName, UserK
 pub use latency::Latency;
 pub use message::{JoinMsg, JoinedReply, MeshMsg, Track};
 pub use outbox::NatsOut;
-pub use shard::{Output, Shard, ShardStats};
+pub use shard::{Output, Refreshed, Shard, ShardStats, TOKEN_EXPIRED, TOKEN_TOPIC};
 pub use topic::TopicView;

@@ -34,6 +34,14 @@ pub enum Output {
     Nats(NatsOut),
     /// Something for the application's backend (only with `Config::events`).
     Event(Box<Event>),
+    /// `conn` sent a fresh token (see `shard/token.rs`): the driver verifies it and answers
+    /// with `Shard::refreshed`, echoing the refs.
+    Refresh {
+        conn: ConnId,
+        token: Box<str>,
+        join_ref: Option<Box<str>>,
+        msg_ref: Option<Box<str>>,
+    },
 }
 
 /// What a shard asks of the node's NATS connection.

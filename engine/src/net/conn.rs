@@ -185,6 +185,9 @@ async fn upgrade(rt: &Runtime, stream: &mut TcpStream) -> Option<(Identity, Vec<
                     .and_then(|()| rt.identify(&u));
                 let identity = match admitted {
                     Ok(identity) => identity,
+                    Err(r) if r.status == 401 && rt.config.refusals_in_band => {
+                        return refuse_in_band(rt, stream, &u.response, r).await
+                    }
                     Err(r) => return refuse(rt, stream, r).await,
                 };
                 stream.write_all(&u.response).await.ok()?;
@@ -220,6 +223,40 @@ async fn refuse<T>(rt: &Runtime, stream: &mut TcpStream, r: Reject) -> Option<T>
     // gets a bounded time to leave.
     let _ = glommio::timer::timeout(CLOSE_TIMEOUT, async {
         let _ = stream.write_all(&r.response()).await;
+        Ok(())
+    })
+    .await;
+    let _ = stream.close().await;
+    None
+}
+
+/// `--refusals-in-band`: the upgrade goes through (`response`, the 101) and a close frame
+/// follows at once, with 4001 for an expired token and 4003 for any other refusal, and the
+/// reason: what a browser's WebSocket (and so phoenix.js's `onClose`) can read.
+async fn refuse_in_band<T>(
+    rt: &Runtime,
+    stream: &mut TcpStream,
+    response: &[u8],
+    r: Reject,
+) -> Option<T> {
+    tracing::debug!(reason = r.reason, "handshake refused in band");
+    Stats::count(&rt.stats.refusals, r.reason);
+    let code: u16 = if r.reason == "token expired" {
+        4001
+    } else {
+        4003
+    };
+    let reason = &r.reason.as_bytes()[..r.reason.len().min(123)];
+    let mut out = response.to_vec();
+    // A server's close frame: FIN and opcode 8, unmasked, the code then the reason.
+    out.extend_from_slice(&[0x88, (2 + reason.len()) as u8]);
+    out.extend_from_slice(&code.to_be_bytes());
+    out.extend_from_slice(reason);
+    let _ = glommio::timer::timeout(CLOSE_TIMEOUT, async {
+        let _ = stream.write_all(&out).await;
+        // The client's close in answer (or its end), before the socket goes.
+        let mut sink = [0u8; 256];
+        let _ = stream.read(&mut sink).await;
         Ok(())
     })
     .await;

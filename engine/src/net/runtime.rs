@@ -15,8 +15,11 @@ use slab::Slab;
 use crate::config::ServerConfig;
 use crate::core::outbound::Pushed;
 use crate::core::{
-    ClusterConfig, Config, ConnId, Latency, MeshMsg, Millis, NatsOut, Output, Shard,
+    ClusterConfig, Config, ConnId, Latency, MeshMsg, Millis, NatsOut, Output, Refreshed, Shard,
 };
+
+/// A fresh token a connection sent: (conn, token, join_ref, ref).
+type Refresh = (ConnId, Box<str>, Option<Box<str>>, Option<Box<str>>);
 use crate::identity::{self, Identity, Verifier};
 use crate::mesh::ShardId;
 use crate::net::admin::Board;
@@ -199,9 +202,34 @@ impl Runtime {
     /// heartbeat deadline).
     pub fn open(&self, identity: Identity, fd: i32) -> ConnId {
         let conn = ConnId(self.conns.borrow_mut().insert(Slot::new(fd)) as u32);
-        self.core().open_with(conn, identity.key, identity.grants);
+        let expires = identity.expires.map(|exp| self.deadline_of(exp));
+        self.core()
+            .open_with(conn, identity.key, identity.grants, expires);
         self.dispatch();
         conn
+    }
+
+    /// A token's `exp` (Unix seconds) on the core's clock.
+    fn deadline_of(&self, exp: f64) -> Millis {
+        let left = (exp * 1000.0) as u64;
+        Millis(self.now_ms() + left.saturating_sub(wall_ms()))
+    }
+
+    /// The fresh tokens connections sent are verified, and the core told what they say.
+    fn verify_refreshes(&self, refreshes: Vec<Refresh>) {
+        let now = wall_ms() / 1000;
+        for (conn, token, jr, r) in refreshes {
+            let verdict: Refreshed = match &self.verifier {
+                None => Err("no tokens here: the server runs without a secret"),
+                Some(v) => match v.refresh(&token, now) {
+                    Ok(id) => Ok((id.key, id.grants, id.expires.map(|e| self.deadline_of(e)))),
+                    Err(reject) => Err(reject.reason),
+                },
+            };
+            self.core()
+                .refreshed(conn, verdict, jr.as_deref(), r.as_deref());
+        }
+        self.dispatch();
     }
 
     /// Who the upgrade request says the client is: a verified token, or in development mode
@@ -427,6 +455,7 @@ impl Runtime {
         // Read once, and only if a frame is queued (an event: the wall clock).
         let mut now_us = None;
         let mut wall = None;
+        let mut refreshes = Vec::new();
         {
             let mut core = self.core.borrow_mut();
             core.take_outputs(&mut outputs);
@@ -491,6 +520,12 @@ impl Runtime {
                             }
                         }
                     }
+                    Output::Refresh {
+                        conn,
+                        token,
+                        join_ref,
+                        msg_ref,
+                    } => refreshes.push((conn, token, join_ref, msg_ref)),
                     Output::Event(e) => {
                         if let Some(events) = &self.events {
                             events.push(e, *wall.get_or_insert_with(wall_ms));
@@ -507,6 +542,9 @@ impl Runtime {
             }
         }
         *self.outputs.borrow_mut() = outputs;
+        if !refreshes.is_empty() {
+            self.verify_refreshes(refreshes);
+        }
     }
 
     /// The connection's task wrote everything queued for it: a slow consumer that lost diffs

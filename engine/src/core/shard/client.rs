@@ -22,6 +22,9 @@ impl Shard {
         if topic.len() > self.config.max_topic_bytes {
             return self.reply_error(conn, jr, r, topic, "topic too long");
         }
+        if topic == TOKEN_TOPIC {
+            return self.token_message(conn, msg);
+        }
         if topic == "phoenix" {
             match msg.event {
                 ClientEvent::Heartbeat => self.reply_ok(conn, jr, r, topic),

@@ -34,6 +34,7 @@ impl Shard {
     pub(super) fn part_all(&mut self, conn: ConnId, c: Connection, why: Reason) {
         self.resyncing.end(conn);
         self.liveness.closed(conn);
+        self.expiries.remove(conn);
         for joined in c.joins {
             self.part(conn, &c.key, joined, why);
         }

@@ -9,6 +9,7 @@ mod leave;
 mod restart;
 #[cfg(test)]
 mod tests;
+mod token;
 mod watching;
 
 use std::rc::Rc;
@@ -37,6 +38,7 @@ use crate::core::{
     Meta, Millis, TopicName, TopicView, Track, UserKey,
 };
 use crate::mesh::{Router, ShardId};
+pub use token::{Refreshed, TOKEN_EXPIRED, TOKEN_TOPIC};
 
 /// Sizes of a shard's tables, for metrics and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +125,8 @@ pub struct Shard {
     heartbeat_closes: u64,
     /// Set by [`Shard::shut_down`].
     shutting_down: bool,
+    /// When connections' tokens expire (see `token.rs`).
+    expiries: crate::core::expiry::Expiries,
 }
 
 impl Shard {
@@ -157,6 +161,7 @@ impl Shard {
             slow_closes: 0,
             heartbeat_closes: 0,
             shutting_down: false,
+            expiries: crate::core::expiry::Expiries::new(seeds),
         }
     }
 
@@ -202,16 +207,24 @@ impl Shard {
     /// A connection accepted on this shard, identified as `key`, with no token (development
     /// mode).
     pub fn open(&mut self, conn: ConnId, key: UserKey) {
-        self.open_with(conn, key, None);
+        self.open_with(conn, key, None, None);
     }
 
-    /// A connection whose token gave it `grants`. Its heartbeat timeout starts now.
-    pub(crate) fn open_with(&mut self, conn: ConnId, key: UserKey, grants: Option<Box<Grants>>) {
+    /// A connection whose token gave it `grants`, and expires at `expires` (the driver's
+    /// clock). Its heartbeat timeout starts now.
+    pub(crate) fn open_with(
+        &mut self,
+        conn: ConnId,
+        key: UserKey,
+        grants: Option<Box<Grants>>,
+        expires: Option<Millis>,
+    ) {
         let c = Connection::new(key, grants, self.now);
         if let Some(old) = self.conns.insert(conn, c) {
             // The driver reused an id without closing; leave the old connection's topics.
             self.part_all(conn, old, Reason::Closed);
         }
+        self.expiries.set(conn, expires);
         self.liveness.opened(conn, self.now);
         self.drain_local();
     }
@@ -366,6 +379,7 @@ impl Shard {
         users.user_tick(&mut env);
         self.close_stuck();
         self.close_dead();
+        self.close_expired();
         self.drain_local();
         self.flush();
     }
@@ -651,11 +665,13 @@ impl Shard {
             .next_deadline(self.config.slow_consumer_timeout);
         let dead = self.liveness.next_deadline();
         let fetch = self.users.user_next_deadline();
+        let expiry = self.expiries.next();
         owner
             .into_iter()
             .chain(stuck)
             .chain(dead)
             .chain(fetch)
+            .chain(expiry)
             .min()
     }
 
@@ -731,6 +747,7 @@ impl Shard {
             && self.awaiting.is_empty()
             && self.liveness.is_empty()
             && self.resyncing.is_empty()
+            && self.expiries.is_empty()
             && self.names.in_use() == 0
             && self.tx.local.is_empty()
     }

@@ -20,6 +20,7 @@ fn texts(s: &mut Shard) -> Vec<String> {
             Output::Close { code, reason, .. } => format!("close {} {reason}", code.0),
             Output::Mesh { to, msg } => panic!("one shard sends nothing to {to:?}: {msg:?}"),
             Output::Nats(out) => panic!("a single node publishes nothing: {out:?}"),
+            Output::Refresh { token, .. } => format!("refresh {token}"),
             Output::Event(e) => {
                 let why = e.reason.map_or("", |r| r.as_str());
                 format!(
@@ -741,4 +742,46 @@ fn a_disconnect_closes_the_keys_connections() {
     closes.sort();
     assert_eq!(closes, ["close 4001 banned", "close 4001 banned"]);
     assert!(s.disconnect_user("u1", CloseCode(4001), "again".into()) == 0);
+}
+
+/// A connection is closed when its token expires, unless a fresh token for its key came first;
+/// the core hands the token to the driver and takes its verdict.
+#[test]
+fn a_token_expires_unless_refreshed() {
+    let mut s = Shard::new(ShardId(0), Config::default());
+    s.open_with(ConnId(1), UserKey::new("u1"), None, Some(Millis(100)));
+    s.open_with(ConnId(2), UserKey::new("u2"), None, Some(Millis(100)));
+    s.frame(ConnId(2), br#"["1","1","roster:token","phx_join",{}]"#);
+    s.frame(
+        ConnId(2),
+        br#"["1","2","roster:token","refresh",{"token":"t"}]"#,
+    );
+    s.flush();
+    let asked: Vec<_> = s
+        .outputs()
+        .filter_map(|o| match o {
+            Output::Refresh { conn, token, .. } => Some((conn, token)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked, [(ConnId(2), "t".into())]);
+    let other = Ok((UserKey::new("u1"), None, Some(Millis(1_000))));
+    s.refreshed(ConnId(2), other, Some("1"), Some("2"));
+    let refused = texts(&mut s);
+    assert!(
+        refused[0].contains("token names another key"),
+        "{refused:?}"
+    );
+    s.refreshed(
+        ConnId(2),
+        Ok((UserKey::new("u2"), None, Some(Millis(1_000)))),
+        None,
+        None,
+    );
+    texts(&mut s);
+    s.tick(Millis(150));
+    assert_eq!(texts(&mut s), ["close 4001 token expired"]);
+    s.tick(Millis(1_000));
+    assert_eq!(texts(&mut s), ["close 4001 token expired"]);
+    assert!(s.is_empty());
 }
