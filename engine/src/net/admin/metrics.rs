@@ -172,6 +172,11 @@ fn cluster(registry: &mut Registry, c: &crate::net::nats::ClusterStats) {
             c.dropped_in.load(Relaxed) + c.dropped_out.load(Relaxed),
         ),
     ];
+    register_counters(registry, counters);
+}
+
+/// Registers each (name, help, value) as a counter.
+fn register_counters<const N: usize>(registry: &mut Registry, counters: [(&str, &str, u64); N]) {
     for (name, help, n) in counters {
         let counter = Counter::<u64>::default();
         counter.inc_by(n);
@@ -219,11 +224,7 @@ fn events(registry: &mut Registry, e: &crate::net::events::EventStats) {
             e.nats_published.load(Relaxed),
         ),
     ];
-    for (name, help, n) in counters {
-        let counter = Counter::<u64>::default();
-        counter.inc_by(n);
-        registry.register(name, help, counter);
-    }
+    register_counters(registry, counters);
 }
 
 /// The process's own figures, under the names Prometheus's client libraries use, read from
