@@ -20,7 +20,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use roster_engine::cluster::frame::{Frame, Kind, Origin};
 use roster_engine::cluster::subject::Subjects;
 use roster_engine::core::event::{EventKind, Reason};
-use roster_engine::core::{ClusterConfig, Config, ConnId, Millis, NatsOut, Output, Shard, UserKey};
+use roster_engine::core::{
+    ClusterConfig, Config, ConnId, Grants, Millis, NatsOut, Output, Shard, UserKey,
+};
 use roster_engine::mesh::{Router, ShardId};
 
 mod common;
@@ -457,6 +459,44 @@ fn an_update_is_one_diff_and_counts_are_the_clusters() {
     assert_eq!(leaves[0]["page"], 1);
     assert_eq!(joins[0]["phx_ref_prev"], leaves[0]["phx_ref"]);
     assert_eq!(c.sees(1, 1), who(&[("ann", 9), ("bob", 2), ("dan", 3)]));
+}
+
+/// A token refreshed with other meta claims on node 0 makes its presence anew there: node 1's
+/// clients see one diff with the fresh claim and the client's own fields kept, and the backend
+/// one update, from node 0.
+#[test]
+fn a_refreshed_claim_reaches_the_other_nodes() {
+    let mut c = Cluster::new(2);
+    let claims = |meta: &str| {
+        Some(Box::new(Grants {
+            topics: None,
+            meta: Some(meta.into()),
+        }))
+    };
+    c.nodes[0].open_with(
+        ConnId(1),
+        UserKey::new("ann"),
+        claims(r#"{"role":"a"}"#),
+        None,
+    );
+    let join = r#"["1","1","room","phx_join",{"meta":{"page":1}}]"#;
+    c.nodes[0].frame(ConnId(1), join.as_bytes());
+    c.settle();
+    c.join(1, 1, "bob", 2);
+    let role = |c: &Cluster| {
+        let metas = &c.views[&(1, 1)]["ann"];
+        assert_eq!(metas.len(), 1, "{metas:?}");
+        assert_eq!(metas[0]["page"], 1);
+        metas[0]["role"].clone()
+    };
+    assert_eq!(role(&c), "a");
+    c.events.clear();
+    let fresh = Ok((UserKey::new("ann"), claims(r#"{"role":"b"}"#), None));
+    c.nodes[0].refreshed(ConnId(1), fresh, None, None);
+    c.settle();
+    assert_eq!(role(&c), "b");
+    let ann: Vec<_> = c.events.iter().filter(|e| e.2 == "ann").cloned().collect();
+    assert_eq!(ann, [(0, EventKind::Update, "ann".to_owned(), None)]);
 }
 
 #[test]

@@ -26,7 +26,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use roster_engine::core::event::{Event, EventKind};
 use roster_engine::core::outbound::{OutQueue, Pushed, Queued};
-use roster_engine::core::{Config, ConnId, MeshMsg, Millis, Output, Shard, UserKey};
+use roster_engine::core::{Config, ConnId, Grants, MeshMsg, Millis, Output, Shard, UserKey};
 use roster_engine::mesh::{Router, ShardId};
 use roster_proto::encode::{frame_kind, FrameKind};
 use serde_json::{json, Value};
@@ -34,6 +34,13 @@ use serde_json::{json, Value};
 mod common;
 use common::presence::{sync_diff, sync_state, View};
 
+/// Tokens' meta claims: none, one of a client's own fields (hiding it), others.
+const CLAIMS: &[&str] = &[
+    "",
+    r#"{"n":"claimed"}"#,
+    r#"{"role":"r1"}"#,
+    r#"{"role":"r2","t":1}"#,
+];
 const TOPICS: &[&str] = &["room:a", "room:b", "doc:\"q\"", "lobby", "big"];
 const WATCH_TOPICS: &[&str] = &["watch:f", "watch:\"g\""];
 const MAX_WATCH: usize = 4;
@@ -117,6 +124,8 @@ struct Client {
     silent: bool,
     /// Began a message at this time and never finished it (silent too).
     dribbling: Option<u64>,
+    /// The meta claims of its token (the model merges them over each tracked meta).
+    claims: Option<Value>,
     /// When it sent each message (text, ping) of the last second.
     recent: VecDeque<u64>,
 }
@@ -179,6 +188,8 @@ struct Exercised {
     /// Presence events checked against the tables.
     events: u64,
     offlines: u64,
+    /// Refreshes that changed the claims of a connection with a tracked presence.
+    reforced: u64,
 }
 
 fn fail(msg: String) -> ! {
@@ -423,8 +434,24 @@ impl Sim {
                 Output::Mesh { to, msg } => self.rings[s * n + to.index()].push_back(msg),
                 Output::Nats(out) => fail(format!("a single node publishes nothing: {out:?}")),
                 Output::Event(e) => self.event(*e),
-                Output::Refresh { conn, .. } => {
-                    fail(format!("{conn:?} refreshed a token it has not"))
+                Output::Refresh {
+                    conn,
+                    token,
+                    join_ref,
+                    msg_ref,
+                } => {
+                    self.verify_refresh((s as u16, conn.0), &token);
+                    let (jr, r) = (join_ref.as_deref(), msg_ref.as_deref());
+                    let verdict = match &*token {
+                        "someone-else" => Ok((UserKey::new("someone-else"), None, None)),
+                        claims => Ok((
+                            UserKey::new(&self.clients[&(s as u16, conn.0)].key),
+                            grants(claims),
+                            None,
+                        )),
+                    };
+                    self.shards[s].refreshed(conn, verdict, jr, r);
+                    outputs.extend(self.shards[s].outputs());
                 }
                 Output::Send { conn, frame, kind } => {
                     self.deliver_frame((s as u16, conn.0), &frame, kind, &outputs)
@@ -744,7 +771,10 @@ impl Sim {
                 let junk = ["{}", "[1,2,3]", "not json", "[null,null,\"t\",\"e\",[]]"]
                     [self.rng.gen_range(0..4)];
                 self.send(id, junk.to_owned());
-                if !self.clients[&id].closed_by_server {
+                let Some(c) = self.clients.get(&id) else {
+                    return; // The message was one too many: closed by the rate limit first.
+                };
+                if !c.closed_by_server {
                     fail(format!("no close after junk {junk}"));
                 }
                 self.close(id);
@@ -783,6 +813,7 @@ impl Sim {
                 let c = self.clients.get_mut(&id).expect("live");
                 c.stalled.get_or_insert_with(OutQueue::default);
             }
+            97 => self.refresh(id),
             _ => self.drain(id),
         }
     }
@@ -920,6 +951,48 @@ impl Sim {
         self.collect(id.0 as usize);
     }
 
+    /// A fresh token (whose text here is its claims, or a key that is not the client's).
+    fn refresh(&mut self, id: (u16, u32)) {
+        let token = if self.rng.gen_ratio(1, 8) {
+            "someone-else"
+        } else {
+            CLAIMS[self.rng.gen_range(0..CLAIMS.len())]
+        };
+        let c = self.clients.get_mut(&id).expect("live");
+        let r = c.new_ref();
+        let want = match token {
+            "someone-else" => Expect::Error("token names another key"),
+            _ => Expect::Ok,
+        };
+        c.expected.insert(r.clone(), want);
+        let frame = json!([null, r, "roster:token", "refresh", {"token": token}]);
+        self.send(id, frame.to_string());
+    }
+
+    /// The model of a refresh the core hands out (as the driver would verify it): the presences
+    /// of the client take the fresh claims in place of the old ones, and a client field the old
+    /// claims hid is gone (the stored meta never had it).
+    fn verify_refresh(&mut self, id: (u16, u32), token: &str) {
+        self.log.push(format!("refresh {id:?} {token}"));
+        let c = self
+            .clients
+            .get_mut(&id)
+            .unwrap_or_else(|| fail(format!("a refresh from unknown {id:?}")));
+        if token == "someone-else" {
+            return;
+        }
+        let was = c.claims.take();
+        let fresh = claims(token);
+        let tracked = c.topics.values().any(|t| t.meta.is_some());
+        self.exercised.reforced += u64::from(tracked && was != fresh);
+        for t in c.topics.values_mut() {
+            if let (Some(Value::Object(meta)), Some(Value::Object(was))) = (&mut t.meta, &was) {
+                meta.retain(|k, _| !was.contains_key(k));
+            }
+        }
+        c.claims = fresh;
+    }
+
     fn open(&mut self) {
         let s = self.rng.gen_range(0..self.n()) as u16;
         let free = &mut self.free_ids[s as usize];
@@ -930,9 +1003,11 @@ impl Sim {
             self.next_conn
         };
         let key = KEYS[self.rng.gen_range(0..KEYS.len())].to_owned();
+        let token = CLAIMS[self.rng.gen_range(0..CLAIMS.len())];
         let id = (s, conn);
-        self.log.push(format!("open {id:?} as {key}"));
-        self.shards[s as usize].open(ConnId(id.1), UserKey::new(&key));
+        self.log.push(format!("open {id:?} as {key} {token}"));
+        let shard = &mut self.shards[s as usize];
+        shard.open_with(ConnId(id.1), UserKey::new(&key), grants(token), None);
         self.clients.insert(
             id,
             Client {
@@ -947,6 +1022,7 @@ impl Sim {
                 silent: false,
                 dribbling: None,
                 recent: VecDeque::new(),
+                claims: claims(token),
             },
         );
         self.collect(s as usize);
@@ -1112,6 +1188,12 @@ impl Sim {
         for c in self.clients.values().filter(|c| !c.closed_by_server) {
             for (topic, t) in &c.topics {
                 if let Some(meta) = &t.meta {
+                    let mut meta = meta.clone();
+                    if let (Value::Object(fields), Some(Value::Object(claims))) =
+                        (&mut meta, &c.claims)
+                    {
+                        fields.extend(claims.clone());
+                    }
                     m.entry(topic.clone())
                         .or_default()
                         .entry(c.key.clone())
@@ -1325,6 +1407,19 @@ fn abandon(c: &mut Client, t: &ClientTopic) {
     }
 }
 
+fn claims(token: &str) -> Option<Value> {
+    (!token.is_empty()).then(|| serde_json::from_str(token).expect("a claims object"))
+}
+
+fn grants(token: &str) -> Option<Box<Grants>> {
+    (!token.is_empty()).then(|| {
+        Box::new(Grants {
+            topics: None,
+            meta: Some(token.into()),
+        })
+    })
+}
+
 fn strip_reserved(meta: &Value) -> Value {
     let mut m = meta.clone();
     if let Some(o) = m.as_object_mut() {
@@ -1426,6 +1521,7 @@ fn shards_agree_with_the_reference_model() {
         total.rate_closes += e.rate_closes;
         total.events += e.events;
         total.offlines += e.offlines;
+        total.reforced += e.reforced;
     }
     eprintln!("{seeds} seeds x {steps} steps exercised {total:?}");
     if seeds >= 100 {
@@ -1441,7 +1537,8 @@ fn shards_agree_with_the_reference_model() {
                 && total.message_timeouts > 0
                 && total.rate_closes > 0
                 && total.events > 0
-                && total.offlines > 0,
+                && total.offlines > 0
+                && total.reforced > 0,
             "the simulation no longer exercises every feature: {total:?}"
         );
     }

@@ -64,10 +64,23 @@ impl<'a> ClientMeta<'a> {
         phx_ref: PhxRef,
         prev: Option<PhxRef>,
     ) {
+        self.encode_dropping(out, None, forced, phx_ref, prev)
+    }
+
+    /// [`ClientMeta::encode`], without the fields `drop` names either.
+    fn encode_dropping(
+        &self,
+        out: &mut Vec<u8>,
+        drop: Option<ClientMeta<'_>>,
+        forced: Option<ClientMeta<'_>>,
+        phx_ref: PhxRef,
+        prev: Option<PhxRef>,
+    ) {
         out.push(b'{');
         let mut first = true;
-        let forced_keys = forced.map(|f| f.keys()).unwrap_or_default();
-        self.write_fields(out, &mut first, &forced_keys);
+        let mut skip = forced.map(|f| f.keys()).unwrap_or_default();
+        skip.extend(drop.map(|d| d.keys()).unwrap_or_default());
+        self.write_fields(out, &mut first, &skip);
         if let Some(forced) = forced {
             forced.write_fields(out, &mut first, &[]);
         }
@@ -259,6 +272,23 @@ pub fn restamp_ref(stored: &[u8], r: PhxRef, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\"}");
 }
 
+/// A stored meta made anew with other forced fields (a token refreshed with other meta claims):
+/// the fields `was` names are dropped (the meta was made with `was` forced, so none of them is
+/// the client's), then `forced`'s are put in, under a new `phx_ref` that replaced `prev`.
+pub fn reforce(
+    stored: &[u8],
+    was: Option<ClientMeta<'_>>,
+    forced: Option<ClientMeta<'_>>,
+    (phx_ref, prev): (PhxRef, PhxRef),
+    out: &mut Vec<u8>,
+) -> Result<(), PayloadError> {
+    let body = std::str::from_utf8(stored_body(stored)).map_err(|_| PayloadError::MetaInvalid)?;
+    let client = format!("{}}}", body.strip_suffix(',').unwrap_or(body));
+    let client = ClientMeta::from_json(&client)?;
+    client.encode_dropping(out, was, forced, phx_ref, Some(prev));
+    Ok(())
+}
+
 /// A stored meta with `"topic"` added as its last field (watch lists say where a user is). Last,
 /// so that a client field of the same name cannot hide it.
 pub(crate) fn write_with_topic(stored: &[u8], topic: &str, out: &mut Vec<u8>) {
@@ -321,6 +351,43 @@ mod tests {
         let mut out = Vec::new();
         m.encode(&mut out, f, PhxRef(r), prev.map(PhxRef));
         String::from_utf8(out).unwrap()
+    }
+
+    fn reforced(stored: &str, was: Option<&str>, forced: Option<&str>) -> serde_json::Value {
+        fn meta(m: Option<&str>) -> Option<ClientMeta<'_>> {
+            m.map(|m| ClientMeta::from_json(m).unwrap())
+        }
+        let mut out = Vec::new();
+        let refs = (PhxRef(9), PhxRef(5));
+        reforce(stored.as_bytes(), meta(was), meta(forced), refs, &mut out).unwrap();
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    #[test]
+    fn reforce_swaps_the_forced_fields_and_keeps_the_clients() {
+        // Made with {"role":"a"} forced over a client that also said "role".
+        let stored = encoded(
+            r#"{"page":"/a","role":"mine"}"#,
+            Some(r#"{"role":"a"}"#),
+            5,
+            None,
+        );
+        let v = reforced(&stored, Some(r#"{"role":"a"}"#), Some(r#"{"tier":"gold"}"#));
+        assert_eq!(v["page"], "/a");
+        assert!(
+            v.get("role").is_none(),
+            "an old claim is not the client's: {v}"
+        );
+        assert_eq!(v["tier"], "gold");
+        assert_eq!(v["phx_ref"], PhxRef(9).to_string());
+        assert_eq!(v["phx_ref_prev"], PhxRef(5).to_string());
+        // No claims before, one now; a meta with a prev ref; an empty meta.
+        let stored = encoded(r#"{"page":"/b"}"#, None, 5, Some(3));
+        let v = reforced(&stored, None, Some(r#"{"role":"b"}"#));
+        assert_eq!((&v["page"], &v["role"]), (&"/b".into(), &"b".into()));
+        assert_eq!(v["phx_ref_prev"], PhxRef(5).to_string());
+        let v = reforced(&encoded("{}", None, 5, None), None, None);
+        assert_eq!(v.as_object().unwrap().len(), 2, "{v}");
     }
 
     #[test]

@@ -56,6 +56,18 @@ pub struct UserCheck {
     pub meta: Meta,
 }
 
+/// See [`MeshMsg::Reforce`].
+#[derive(Debug)]
+pub struct Reforce {
+    pub topic: TopicName,
+    pub key: UserKey,
+    pub old: PhxRef,
+    pub new: PhxRef,
+    /// The token's meta claims the presence was made with, and the fresh token's.
+    pub was: Option<Box<str>>,
+    pub forced: Option<Box<str>>,
+}
+
 #[derive(Debug)]
 pub enum MeshMsg {
     // Connection's shard -> topic owner.
@@ -67,6 +79,10 @@ pub enum MeshMsg {
         old: PhxRef,
         new: Track,
     },
+    /// The connection's token was refreshed with other meta claims: its presence `old` is
+    /// made anew as `new` with them, the client's fields kept (presence_update). The shard does
+    /// not keep the client's fields, the owner does. Boxed: rare.
+    Reforce(Box<Reforce>),
     /// The connection left the topic (phx_leave, rejoin, or close).
     Leave {
         topic: TopicName,

@@ -49,7 +49,7 @@ pub use config::{ClusterConfig, Config};
 pub use grants::{Grants, TopicPattern};
 pub use ids::{CloseCode, ConnAddr, ConnId, Frame, Meta, Millis, TopicName, UserKey};
 pub use latency::Latency;
-pub use message::{JoinMsg, JoinedReply, MeshMsg, Track};
+pub use message::{JoinMsg, JoinedReply, MeshMsg, Reforce, Track};
 pub use outbox::NatsOut;
 pub use shard::{Output, Refreshed, Shard, ShardStats, TOKEN_EXPIRED, TOKEN_TOPIC};
 pub use topic::TopicView;

@@ -453,6 +453,21 @@ impl Topic {
         due
     }
 
+    /// The meta a connection's message means by `r`, wherever it is kept: a twin, a presence
+    /// not tracked yet (cluster), or the table under `r` or the presence `r` is an alias of.
+    pub(crate) fn current_meta(&self, key: &UserKey, r: PhxRef) -> Option<&Meta> {
+        let held = self.held.as_deref();
+        if let Some(twin) = held.and_then(|h| h.twins.iter().find(|t| t.track.phx_ref == r)) {
+            return Some(&twin.track.meta);
+        }
+        let deferred = self.cluster().map_or(&[][..], |c| &c.deferred[..]);
+        if let Some((track, _)) = deferred.iter().find(|(t, _)| t.phx_ref == r) {
+            return Some(&track.meta);
+        }
+        let resolved = held.and_then(|h| h.aliases.get(&r)).copied();
+        self.meta(key, resolved.unwrap_or(r))
+    }
+
     pub(crate) fn meta(&self, key: &UserKey, r: PhxRef) -> Option<&Meta> {
         self.presences.get(key)?.iter().find(|m| m.is_ref(r))
     }

@@ -1,6 +1,7 @@
 // Token lifetimes with the official phoenix.js client: a connection is closed when its token
 // expires (4001), unless it sent a fresh token for the same key on the reserved topic
-// `roster:token`, whose grants and meta claims apply from then on; and with
+// `roster:token`, whose grants and meta claims apply from then on (to the presences already
+// tracked too); and with
 // --refusals-in-band a refused upgrade reaches the app as a close code and reason.
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -47,11 +48,15 @@ test('a connection is closed when its token expires, and its presence leaves', a
 
 test('a fresh token sent in time keeps the connection; its grants and claims follow', async () => {
   const srv = await server();
-  const first = token({ sub: 'jay', exp: now() + 2, topics: ['room:*', 'chat:1'] });
+  const first = token({ sub: 'jay', exp: now() + 2, topics: ['room:*', 'chat:1'], meta: { role: 'member' } });
   const s = open(srv, first);
   let closedWith = null;
   s.onClose((e) => { closedWith = e.code; });
-  await join(s, 'room:1');
+  const room1 = await join(s, 'room:1', { meta: { page: '/a' } });
+  const watcher = open(srv, token({ sub: 'wes' }));
+  const seen = await join(watcher, 'room:1');
+  const jays = (view) => view.presence.list((key, p) => (key === 'jay' ? p.metas : [])).flat();
+  await waitFor(() => jays(seen).length === 1 && jays(seen)[0].role === 'member', 2000, 'jay as a member');
   const chat = await join(s, 'chat:1');
   let chatClosed = false;
   chat.channel.onClose(() => { chatClosed = true; });
@@ -67,6 +72,12 @@ test('a fresh token sent in time keeps the connection; its grants and claims fol
     { status: 'error', response: { reason: 'token expired' } });
   const fresh = token({ sub: 'jay', topics: ['room:*'], meta: { role: 'admin' } });
   assert.equal((await refresh(fresh)).status, 'ok');
+  // The presence tracked before the refresh takes the fresh claims; the client's fields stay.
+  for (const view of [seen, room1]) {
+    await waitFor(() => jays(view).length === 1 && jays(view)[0].role === 'admin', 2000,
+      `the tracked presence made anew with the fresh claim: ${JSON.stringify(jays(view))}`);
+    assert.equal(jays(view)[0].page, '/a');
+  }
 
   await sleep(3000);
   assert.equal(closedWith, null, 'still open past the first token\'s exp');
@@ -81,6 +92,7 @@ test('a fresh token sent in time keeps the connection; its grants and claims fol
   denied.leave();
   assert.deepEqual(reply, { reason: 'unauthorized' });
   s.disconnect();
+  watcher.disconnect();
 });
 
 test('--refusals-in-band tells phoenix.js why the upgrade was refused', async () => {

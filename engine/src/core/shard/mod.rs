@@ -35,7 +35,7 @@ use crate::core::user::Users;
 use crate::core::watch::{is_watch_topic, Watches};
 use crate::core::{
     CloseCode, Config, ConnAddr, ConnId, Frame, Grants, JoinMsg, JoinedReply, Latency, MeshMsg,
-    Meta, Millis, TopicName, TopicView, Track, UserKey,
+    Meta, Millis, Reforce, TopicName, TopicView, Track, UserKey,
 };
 use crate::mesh::{Router, ShardId};
 pub use token::{Refreshed, TOKEN_EXPIRED, TOKEN_TOPIC};
@@ -212,7 +212,7 @@ impl Shard {
 
     /// A connection whose token gave it `grants`, and expires at `expires` (the driver's
     /// clock). Its heartbeat timeout starts now.
-    pub(crate) fn open_with(
+    pub fn open_with(
         &mut self,
         conn: ConnId,
         key: UserKey,

@@ -785,3 +785,80 @@ fn a_token_expires_unless_refreshed() {
     assert_eq!(texts(&mut s), ["close 4001 token expired"]);
     assert!(s.is_empty());
 }
+
+/// A refresh with other meta claims makes each presence of the connection anew with them: the
+/// client's fields stay, the old claims go (even one the client had set: the claim hid it), and
+/// a later update of the client names the new presence.
+#[test]
+fn a_refresh_puts_the_new_claims_in_the_tracked_presences() {
+    let claims = |meta: &str| {
+        Some(Box::new(Grants {
+            topics: None,
+            meta: Some(meta.into()),
+        }))
+    };
+    let mut s = Shard::new(ShardId(0), Config::default());
+    s.open_with(
+        ConnId(1),
+        UserKey::new("u1"),
+        claims(r#"{"role":"a"}"#),
+        None,
+    );
+    s.open(ConnId(2), UserKey::new("u2"));
+    s.frame(
+        ConnId(1),
+        br#"["1","1","room","phx_join",{"meta":{"page":"/a","role":"mine"}}]"#,
+    );
+    s.frame(ConnId(2), br#"["2","2","room","phx_join",{}]"#);
+    texts(&mut s);
+    let metas = |s: &Shard| -> Vec<serde_json::Value> {
+        let view = s.topic_view("room").expect("tracked");
+        let (_, metas) = view
+            .presences
+            .iter()
+            .find(|(k, _)| k.as_str() == "u1")
+            .unwrap();
+        let m = |m: &Meta| serde_json::from_slice(m.bytes()).unwrap();
+        metas.iter().map(m).collect()
+    };
+    assert_eq!(metas(&s)[0]["role"], "a");
+    let first_ref = metas(&s)[0]["phx_ref"].clone();
+    let fresh = Ok((UserKey::new("u1"), claims(r#"{"tier":"gold"}"#), None));
+    s.refreshed(ConnId(1), fresh, Some("9"), Some("9"));
+    let seen = texts(&mut s);
+    let diff = seen.iter().find(|f| f.contains("presence_diff"));
+    let diff = diff.unwrap_or_else(|| panic!("the room saw no diff: {seen:?}"));
+    assert!(diff.contains(r#""tier":"gold""#), "{diff}");
+    let now = metas(&s);
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_eq!(
+        (&now[0]["page"], &now[0]["tier"]),
+        (&"/a".into(), &"gold".into())
+    );
+    assert!(now[0].get("role").is_none(), "{now:?}");
+    assert_eq!(now[0]["phx_ref_prev"], first_ref);
+    s.frame(
+        ConnId(1),
+        br#"["1","3","room","presence_update",{"meta":{"page":"/b"}}]"#,
+    );
+    texts(&mut s);
+    let after = metas(&s);
+    assert_eq!(
+        after.len(),
+        1,
+        "the update replaced the made-anew presence: {after:?}"
+    );
+    assert_eq!(
+        (&after[0]["page"], &after[0]["tier"]),
+        (&"/b".into(), &"gold".into())
+    );
+    assert_eq!(after[0]["phx_ref_prev"], now[0]["phx_ref"]);
+    // The same claims again: nothing to make anew.
+    let same = Ok((UserKey::new("u1"), claims(r#"{"tier":"gold"}"#), None));
+    s.refreshed(ConnId(1), same, None, None);
+    let quiet = texts(&mut s);
+    assert!(
+        quiet.iter().all(|f| !f.contains("presence_diff")),
+        "{quiet:?}"
+    );
+}

@@ -9,11 +9,12 @@
 //!
 //! The core does not verify tokens (no clock, no crypto here): it hands the token to the driver
 //! (`Output::Refresh`), which answers with [`Shard::refreshed`]. The fresh token's grants apply
-//! from then on: topics it does not allow are left (`phx_close`), and later joins and updates
-//! take its meta claims. Partial: presences tracked before keep the meta they were tracked with
-//! until their client updates them.
+//! from then on: topics it does not allow are left (`phx_close`), and its meta claims replace
+//! the old token's in every presence of the connection (a presence_update each) and in later
+//! joins and updates.
 
 use super::*;
+use crate::core::ids::next_ref;
 
 /// The reserved topic of token refreshes.
 pub const TOKEN_TOPIC: &str = "roster:token";
@@ -64,6 +65,8 @@ impl Shard {
         if key != c.key {
             return self.reply_error(conn, jr, r, TOKEN_TOPIC, "token names another key");
         }
+        let claims = |g: &Option<Box<Grants>>| g.as_ref().and_then(|g| g.meta.clone());
+        let (was, forced) = (claims(&c.grants), claims(&grants));
         c.grants = grants;
         self.expiries.set(conn, expires);
         let disallowed: Vec<usize> = (0..c.joins.len())
@@ -80,8 +83,36 @@ impl Shard {
             self.tx.send(conn, &self.buf);
             self.part(conn, &key, joined, Reason::Left);
         }
+        if was != forced {
+            self.reforce(conn, was, forced);
+        }
         self.reply_ok(conn, jr, r, TOKEN_TOPIC);
         self.drain_local();
+    }
+
+    /// Each presence of `conn` is made anew with the claims `forced` in place of `was`, by its
+    /// topic's owner (which holds the client's fields), as an update would.
+    fn reforce(&mut self, conn: ConnId, was: Option<Box<str>>, forced: Option<Box<str>>) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        for joined in c.joins.iter_mut() {
+            let Some(old) = joined.tracked() else {
+                continue;
+            };
+            let new = next_ref(self.id, &mut self.next_ref, self.config.ref_seed);
+            joined.set_tracked(new);
+            let msg = Reforce {
+                topic: joined.topic.clone(),
+                key: c.key.clone(),
+                old,
+                new,
+                was: was.clone(),
+                forced: forced.clone(),
+            };
+            let owner = self.router.topic_owner(joined.topic.as_str());
+            self.tx.mesh(owner, MeshMsg::Reforce(Box::new(msg)));
+        }
     }
 
     /// Connections whose token expired are closed.

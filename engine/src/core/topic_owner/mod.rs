@@ -10,8 +10,8 @@ mod server;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use roster_proto::meta::restamp_prev;
-use roster_proto::{PhxRef, PresenceMode};
+use roster_proto::meta::{self, restamp_prev};
+use roster_proto::{ClientMeta, PhxRef, PresenceMode};
 
 use crate::core::event::{Event, EventKind, Reason};
 use crate::core::hash::{Map, Seeds};
@@ -21,7 +21,8 @@ use crate::core::outbox::Outbox;
 use crate::core::part::Retries;
 use crate::core::topic::{same_meta, Topic, TopicView, Twin, Waiter};
 use crate::core::{
-    Config, ConnAddr, JoinMsg, JoinedReply, MeshMsg, Meta, Millis, TopicName, Track, UserKey,
+    Config, ConnAddr, JoinMsg, JoinedReply, MeshMsg, Meta, Millis, Reforce, TopicName, Track,
+    UserKey,
 };
 use crate::mesh::{Router, ShardId};
 
@@ -221,6 +222,7 @@ impl TopicOwner {
             MeshMsg::Update {
                 topic, old, new, ..
             } => self.update(topic, old, new, env),
+            MeshMsg::Reforce(r) => self.reforce(*r, env),
             MeshMsg::Leave {
                 topic,
                 from,
@@ -626,6 +628,33 @@ impl TopicOwner {
         }
         let old = t.resolve(old);
         self.replace(&name, old, new, env);
+    }
+
+    /// A connection's presence `old` takes its fresh token's meta claims: an update whose meta
+    /// the owner makes from the one it holds. Nothing if the presence is not here (it left).
+    fn reforce(&mut self, r: Reforce, env: &mut Env<'_>) {
+        let Some(t) = self.topics.get(&r.topic) else {
+            return;
+        };
+        let Some(stored) = t.current_meta(&r.key, r.old) else {
+            return;
+        };
+        fn claims(c: &Option<Box<str>>) -> Option<ClientMeta<'_>> {
+            ClientMeta::from_json(c.as_deref()?).ok()
+        }
+        let (was, forced) = (claims(&r.was), claims(&r.forced));
+        env.buf.clear();
+        let refs = (r.new, r.old);
+        if meta::reforce(stored.bytes(), was, forced, refs, env.buf).is_err() {
+            debug_assert!(false, "a stored meta is valid JSON: {stored:?}");
+            return;
+        }
+        let track = Track {
+            key: r.key,
+            phx_ref: r.new,
+            meta: Meta::new(env.buf),
+        };
+        self.update(r.topic, r.old, track, env);
     }
 
     /// Presence `old` of `track.key` is replaced by `track`: one diff leaves the old and joins
