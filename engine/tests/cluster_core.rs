@@ -20,9 +20,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use roster_engine::cluster::frame::{Frame, Kind, Origin};
 use roster_engine::cluster::subject::Subjects;
 use roster_engine::core::event::{EventKind, Reason};
-use roster_engine::core::{
-    ClusterConfig, Config, ConnId, Grants, Millis, NatsOut, Output, Shard, UserKey,
-};
+use roster_engine::core::{ClusterConfig, Config, ConnId, Millis, NatsOut, Output, Shard, UserKey};
 use roster_engine::mesh::{Router, ShardId};
 
 mod common;
@@ -467,16 +465,10 @@ fn an_update_is_one_diff_and_counts_are_the_clusters() {
 #[test]
 fn a_refreshed_claim_reaches_the_other_nodes() {
     let mut c = Cluster::new(2);
-    let claims = |meta: &str| {
-        Some(Box::new(Grants {
-            topics: None,
-            meta: Some(meta.into()),
-        }))
-    };
     c.nodes[0].open_with(
         ConnId(1),
         UserKey::new("ann"),
-        claims(r#"{"role":"a"}"#),
+        common::claims(r#"{"role":"a"}"#),
         None,
     );
     let join = r#"["1","1","room","phx_join",{"meta":{"page":1}}]"#;
@@ -491,7 +483,7 @@ fn a_refreshed_claim_reaches_the_other_nodes() {
     };
     assert_eq!(role(&c), "a");
     c.events.clear();
-    let fresh = Ok((UserKey::new("ann"), claims(r#"{"role":"b"}"#), None));
+    let fresh = Ok((UserKey::new("ann"), common::claims(r#"{"role":"b"}"#), None));
     c.nodes[0].refreshed(ConnId(1), fresh, None, None);
     c.settle();
     assert_eq!(role(&c), "b");

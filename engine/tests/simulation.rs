@@ -26,7 +26,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use roster_engine::core::event::{Event, EventKind};
 use roster_engine::core::outbound::{OutQueue, Pushed, Queued};
-use roster_engine::core::{Config, ConnId, Grants, MeshMsg, Millis, Output, Shard, UserKey};
+use roster_engine::core::{Config, ConnId, MeshMsg, Millis, Output, Shard, UserKey};
 use roster_engine::mesh::{Router, ShardId};
 use roster_proto::encode::{frame_kind, FrameKind};
 use serde_json::{json, Value};
@@ -446,7 +446,7 @@ impl Sim {
                         "someone-else" => Ok((UserKey::new("someone-else"), None, None)),
                         claims => Ok((
                             UserKey::new(&self.clients[&(s as u16, conn.0)].key),
-                            grants(claims),
+                            common::claims(claims),
                             None,
                         )),
                     };
@@ -1007,7 +1007,12 @@ impl Sim {
         let id = (s, conn);
         self.log.push(format!("open {id:?} as {key} {token}"));
         let shard = &mut self.shards[s as usize];
-        shard.open_with(ConnId(id.1), UserKey::new(&key), grants(token), None);
+        shard.open_with(
+            ConnId(id.1),
+            UserKey::new(&key),
+            common::claims(token),
+            None,
+        );
         self.clients.insert(
             id,
             Client {
@@ -1409,15 +1414,6 @@ fn abandon(c: &mut Client, t: &ClientTopic) {
 
 fn claims(token: &str) -> Option<Value> {
     (!token.is_empty()).then(|| serde_json::from_str(token).expect("a claims object"))
-}
-
-fn grants(token: &str) -> Option<Box<Grants>> {
-    (!token.is_empty()).then(|| {
-        Box::new(Grants {
-            topics: None,
-            meta: Some(token.into()),
-        })
-    })
 }
 
 fn strip_reserved(meta: &Value) -> Value {

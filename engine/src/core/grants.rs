@@ -37,10 +37,13 @@ impl Grants {
 
     /// The forced meta, if the token has one (checked to be an object when it was verified).
     pub fn meta(&self) -> Option<ClientMeta<'_>> {
-        self.meta
-            .as_deref()
-            .and_then(|m| ClientMeta::from_json(m).ok())
+        claims(self.meta.as_deref())
     }
+}
+
+/// Meta claims as a token carried them (checked to be an object when it was verified).
+pub(crate) fn claims(meta: Option<&str>) -> Option<ClientMeta<'_>> {
+    ClientMeta::from_json(meta?).ok()
 }
 
 #[cfg(test)]

@@ -11,9 +11,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use roster_proto::meta::{self, restamp_prev};
-use roster_proto::{ClientMeta, PhxRef, PresenceMode};
+use roster_proto::{PhxRef, PresenceMode};
 
 use crate::core::event::{Event, EventKind, Reason};
+use crate::core::grants::claims;
 use crate::core::hash::{Map, Seeds};
 use crate::core::ids::OWNER_REFS;
 use crate::core::names::Names;
@@ -639,10 +640,7 @@ impl TopicOwner {
         let Some(stored) = t.current_meta(&r.key, r.old) else {
             return;
         };
-        fn claims(c: &Option<Box<str>>) -> Option<ClientMeta<'_>> {
-            ClientMeta::from_json(c.as_deref()?).ok()
-        }
-        let (was, forced) = (claims(&r.was), claims(&r.forced));
+        let (was, forced) = (claims(r.was.as_deref()), claims(r.forced.as_deref()));
         env.buf.clear();
         let refs = (r.new, r.old);
         if meta::reforce(stored.bytes(), was, forced, refs, env.buf).is_err() {
