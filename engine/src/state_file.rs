@@ -1,7 +1,8 @@
 //! The state file a node writes on a graceful stop (`--state-file`) and its next start loads, so
 //! that a restart keeps presence: every connection's presences (topic, key, phx_ref, stored
 //! meta), grouped by the connection that held them, so that a reconnecting client takes its
-//! own back. An rkyv archive behind an envelope: magic, format version, payload length and an
+//! own back, and the presences the backend put through the admin API, with when their TTLs
+//! end. An rkyv archive behind an envelope: magic, format version, payload length and an
 //! xxh3 checksum of the payload; written to a temporary file beside the target, synced, then
 //! renamed, so a crash mid-write leaves the old file or none, never half of one.
 //!
@@ -23,7 +24,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 /// The first bytes of every state file.
 pub const MAGIC: [u8; 4] = *b"RSTS";
 /// The format of the payload.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// magic (4), version (2, little-endian), reserved (2), payload length (8), xxh3-64 of the
 /// payload (8).
 pub const ENVELOPE: usize = 24;
@@ -42,6 +43,8 @@ pub struct State {
     /// node.
     pub node: String,
     pub conns: Vec<HeldConn>,
+    /// The presences the application's backend put through the admin API (no connection).
+    pub server: Vec<HeldServerPresence>,
 }
 
 /// One connection's presences.
@@ -59,10 +62,22 @@ pub struct HeldPresence {
     pub meta: Vec<u8>,
 }
 
+/// A server-side presence: taken back as it was, not held for a client, until the end of its
+/// TTL.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct HeldServerPresence {
+    pub topic: String,
+    pub key: String,
+    pub meta: Vec<u8>,
+    /// When its TTL ends (ms since the Unix epoch, this host's clock: it runs on while the node
+    /// is down); None: until the backend removes it.
+    pub until_ms: Option<u64>,
+}
+
 impl State {
-    /// Presences over all connections.
+    /// Presences over all connections, and the server-side ones.
     pub fn presences(&self) -> usize {
-        self.conns.iter().map(|c| c.presences.len()).sum()
+        self.conns.iter().map(|c| c.presences.len()).sum::<usize>() + self.server.len()
     }
 
     /// Every presence as `(topic, key, stored meta)`, as `Shard::restore` takes them.
@@ -284,6 +299,12 @@ mod tests {
                     presences: vec![],
                 },
             ],
+            server: vec![HeldServerPresence {
+                topic: "room:1".into(),
+                key: "bot".into(),
+                meta: br#"{"kind":"bot","phx_ref":"A9"}"#.to_vec(),
+                until_ms: Some(NOW + 1_500),
+            }],
         }
     }
 
@@ -291,7 +312,7 @@ mod tests {
     fn a_state_comes_back_as_it_was_written() {
         let s = state();
         assert_eq!(decode(&encode(&s), "", NOW, GRACE), Ok(s.clone()));
-        assert_eq!(s.presences(), 2);
+        assert_eq!(s.presences(), 3);
         let empty = State {
             written_at_ms: NOW,
             ..State::default()
@@ -313,12 +334,15 @@ mod tests {
                 decode(&good[..cut], "", NOW, GRACE)
             );
         }
-        let mut other = good.clone();
-        other[4] = 2;
-        assert_eq!(
-            decode(&other, "", NOW, GRACE),
-            Err(Refused::OtherVersion(2))
-        );
+        // A later format, and the one before server-side presences were in it.
+        for v in [VERSION + 1, 1] {
+            let mut other = good.clone();
+            other[4..6].copy_from_slice(&v.to_le_bytes());
+            assert_eq!(
+                decode(&other, "", NOW, GRACE),
+                Err(Refused::OtherVersion(v))
+            );
+        }
         assert_eq!(
             decode(b"{\"json\":true}", "", NOW, GRACE),
             Err(Refused::NotAStateFile)

@@ -59,6 +59,7 @@ fn main() {
         written_at_ms: now_ms,
         node: String::new(),
         conns,
+        server: Vec::new(),
     };
     let path = cli.keep.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("state-bench-{}", std::process::id()))

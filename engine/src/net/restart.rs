@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::state_file::{self, HeldConn, HeldPresence, Refused, State};
+use crate::state_file::{self, HeldConn, HeldPresence, HeldServerPresence, Refused, State};
 
 /// What one shard hands over on a graceful stop.
 #[derive(Default)]
@@ -19,6 +19,8 @@ struct Handed {
     conns: Vec<(String, Vec<(String, u64)>)>,
     /// The presences of the topics it owns: (topic, key, ref, stored meta).
     presences: Vec<(String, String, u64, Vec<u8>)>,
+    /// The server-side presences of the topics it owns.
+    server: Vec<HeldServerPresence>,
 }
 
 /// Shared by the shards and the thread that started them.
@@ -99,10 +101,12 @@ impl Restart {
         &self,
         conns: Vec<(String, Vec<(String, u64)>)>,
         presences: Vec<(String, String, u64, Vec<u8>)>,
+        server: Vec<HeldServerPresence>,
     ) {
         if let Ok(mut h) = self.handed.lock() {
             h.conns.extend(conns);
             h.presences.extend(presences);
+            h.server.extend(server);
         }
         self.shards_handed.fetch_add(1, Ordering::AcqRel);
     }
@@ -153,7 +157,11 @@ impl Restart {
         let started = std::time::Instant::now();
         // Moved, not copied, and joined by ref (unique per presence on a node): at a million
         // presences every copy or string-keyed table costs a second.
-        let Handed { conns, presences } = std::mem::take(&mut *handed);
+        let Handed {
+            conns,
+            presences,
+            server,
+        } = std::mem::take(&mut *handed);
         let mut conn_of: std::collections::HashMap<u64, usize> = Default::default();
         let mut held: Vec<HeldConn> = Vec::with_capacity(conns.len());
         for (i, (key, tracked)) in conns.into_iter().enumerate() {
@@ -183,6 +191,7 @@ impl Restart {
             written_at_ms: unix_ms(),
             node: self.node.clone(),
             conns: held,
+            server,
         };
         match state_file::write(path, &state) {
             Ok(()) => {

@@ -31,6 +31,7 @@ pub use crate::net::report::Stats;
 use crate::net::restart::Restart;
 use crate::net::signal::Signal;
 pub use crate::net::slot::{CloseReason, Slot};
+use crate::state_file::HeldServerPresence;
 
 pub struct Runtime {
     pub id: ShardId,
@@ -313,6 +314,13 @@ impl Runtime {
             let until = Millis(self.now_ms() + left);
             let presences = state.each_presence();
             taken = self.core().restore(presences, until);
+            // Their TTLs ran on while the node was down.
+            let unix_now = crate::net::restart::unix_ms();
+            let server = state.server.iter().map(|p| {
+                let ttl = p.until_ms.map(|u| Millis(u.saturating_sub(unix_now)));
+                (p.topic.as_str(), p.key.as_str(), p.meta.as_slice(), ttl)
+            });
+            taken += self.core().restore_server(server);
         });
         self.dispatch();
         self.flush.notify();
@@ -321,7 +329,7 @@ impl Runtime {
 
     /// What this shard holds, for the state file, before any connection is closed.
     pub fn hand_over_state(&self) {
-        let (conns, presences) = {
+        let (conns, presences, server) = {
             let core = self.core.borrow();
             let conns = core
                 .export_conns()
@@ -342,9 +350,20 @@ impl Runtime {
                     (t.as_str().to_owned(), key, track.phx_ref.0, meta)
                 })
                 .collect();
-            (conns, presences)
+            let unix_now = crate::net::restart::unix_ms();
+            let server = core
+                .export_server_presences()
+                .into_iter()
+                .map(|(t, track, ttl)| HeldServerPresence {
+                    topic: t.as_str().to_owned(),
+                    key: track.key.as_str().to_owned(),
+                    meta: track.meta.bytes().to_vec(),
+                    until_ms: ttl.map(|t| unix_now + t.0),
+                })
+                .collect();
+            (conns, presences, server)
         };
-        self.restart.hand_over(conns, presences);
+        self.restart.hand_over(conns, presences, server);
     }
 
     /// Asks the connection's task to close with this code; the core forgets it now.

@@ -9,7 +9,9 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { startNats, startNode, connect, join, keys, waitFor, sleep } from './harness.mjs';
+import {
+  startNats, startNode, connect, join, keys, waitFor, sleep, api,
+} from './harness.mjs';
 
 const HEARTBEAT = 200;
 const TIMEOUT = 1000;
@@ -123,6 +125,42 @@ test('a node restarts with a state file: nobody elsewhere sees it, clients back 
   bob.channel.leave();
   await waitFor(() => !keys(observer.presence).includes('bob'), 3000, 'bob gone');
   assert.ok(Date.now() - t < TIMEOUT, 'at once, not at some grace');
+});
+
+test('a server-side presence on a node that restarts with a state file: held by the others meanwhile, live again after, not gone at the grace', async () => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'roster-cluster-restart-'));
+  const file = path.join(dir, 'state.bin');
+  // Longer than the wait below for the node timeout, or the file would be stale.
+  const grace = 3000;
+  const restarting = ['--state-file', file, '--restart-grace-ms', String(grace)];
+  const a = await node('sa', []);
+  const b = await node('sb', restarting);
+  assert.equal((await api(b.admin, 'PUT', '/api/topics/room:s/presences/bot', { meta: { kind: 'bot' } })).status, 202);
+  const observer = await join(open(a, 'observer'), 'room:s', { track: false });
+  await waitFor(() => keys(observer.presence).includes('bot'), 3000, 'the bot seen on a');
+  const ref = refOf(observer.presence, 'bot');
+  const diffs = record(observer);
+
+  const stoppingAt = Date.now();
+  const { code } = await b.stop();
+  running.delete(b);
+  assert.equal(code, 0, b.log());
+  await sleep(TIMEOUT + 2 * HEARTBEAT);
+  assert.deepEqual(diffs, [], 'nothing seen while b is away');
+  const b2 = await node('sb', restarting, { port: b.port });
+  const there = await join(open(b2, 'viewer'), 'room:s', { track: false });
+  await waitFor(() => keys(there.presence).includes('bot'), 3000, () => `the bot back on b: ${b2.log()}`);
+  assert.equal(refOf(there.presence, 'bot'), ref);
+  // Past the grace: a held presence nobody took back would have left everywhere by now.
+  await waitFor(() => Date.now() - stoppingAt > grace + 500, grace + 2000, 'past the grace');
+  assert.deepEqual(diffs, [], JSON.stringify(diffs));
+  assert.equal(refOf(observer.presence, 'bot'), ref, 'still on a, the same presence');
+  // It is b's again: removed through a, it leaves everywhere, once.
+  assert.equal((await api(a.admin, 'DELETE', '/api/topics/room:s/presences/bot')).status, 202);
+  await waitFor(() => !keys(observer.presence).includes('bot') && !keys(there.presence).includes('bot'), 3000, 'removed');
+  await sleep(300);
+  assert.equal(diffs.length, 1, JSON.stringify(diffs));
+  assert.deepEqual([Object.keys(diffs[0].joins), Object.keys(diffs[0].leaves)], [[], ['bot']]);
 });
 
 test('kill -9 of a node under a leave grace: its clients reconnect to two other nodes and nobody sees a thing; the unclaimed leave at the grace', async () => {

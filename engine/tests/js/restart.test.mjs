@@ -6,7 +6,9 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { startServer, connect, join, keys, waitFor, sleep } from './harness.mjs';
+import {
+  startServer, connect, join, keys, waitFor, sleep, freePort, api,
+} from './harness.mjs';
 
 const sockets = [];
 const running = new Set();
@@ -93,6 +95,48 @@ test('a restart with a state file: same phx_refs, nothing seen, a changed meta o
   assert.deepEqual(Object.keys(diffs[1].leaves), ['carol']);
   assert.deepEqual(diffs[1].joins, {});
   assert.deepEqual(keys(observer.presence).sort(), ['alice', 'bob'], 'alice kept hers');
+});
+
+test('server-side presences come back after a restart as they were: not held, their TTLs running on', async () => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'roster-restart-'));
+  const file = path.join(dir, 'state.bin');
+  const KEY = 'restart-api-key';
+  const adminPort = await freePort();
+  const grace = 1000;
+  const args = [
+    '--state-file', file, '--restart-grace-ms', String(grace),
+    '--admin-listen', `127.0.0.1:${adminPort}`, '--api-key', KEY,
+  ];
+  const call = (method, p, body) => api(`http://127.0.0.1:${adminPort}`, method, p, body, KEY);
+  const first = await start(args);
+  const ttl = 3000;
+  const putAt = Date.now();
+  assert.equal((await call('PUT', '/api/topics/room:s/presences/bot', { meta: { kind: 'bot' } })).status, 202);
+  assert.equal((await call('PUT', '/api/topics/room:s/presences/timer', { meta: { t: 1 }, ttl_ms: ttl })).status, 202);
+  const firstSocket = open(first, 'observer');
+  const before = await join(firstSocket, 'room:s', { track: false });
+  await waitFor(() => keys(before.presence).length === 2, 3000, 'both shown');
+  const refs = { bot: refOf(before.presence, 'bot'), timer: refOf(before.presence, 'timer') };
+  await stop(first);
+  firstSocket.disconnect();
+
+  const server = await start(args, { port: first.port });
+  const observer = await join(open(server, 'observer'), 'room:s', { track: false });
+  await waitFor(() => keys(observer.presence).length === 2, 3000, 'both back');
+  assert.deepEqual(refs, { bot: refOf(observer.presence, 'bot'), timer: refOf(observer.presence, 'timer') });
+  assert.equal(metaOf(observer.presence, 'bot').kind, 'bot');
+  const diffs = [];
+  observer.channel.on('presence_diff', (d) => diffs.push(d));
+  // Past the restart grace: a held presence would have left by now; these are nobody's to claim.
+  await waitFor(() => Date.now() - putAt > grace + 500, grace + 2000, 'past the grace');
+  assert.deepEqual(keys(observer.presence).sort(), ['bot', 'timer'], JSON.stringify(diffs));
+  // The TTL counts from the PUT, over the restart.
+  await waitFor(() => !keys(observer.presence).includes('timer'), ttl + 3000, 'timer gone at its TTL');
+  assert.ok(Date.now() - putAt >= ttl - 10, `not before its TTL (${Date.now() - putAt} ms)`);
+  // The backend still removes the other one.
+  assert.equal((await call('DELETE', '/api/topics/room:s/presences/bot')).status, 202);
+  await waitFor(() => keys(observer.presence).length === 0, 2000, 'bot removed');
+  assert.deepEqual(diffs.map((d) => [Object.keys(d.joins), Object.keys(d.leaves)]), [[[], ['timer']], [[], ['bot']]]);
 });
 
 test('every bad state file is logged with its reason and ignored: the node starts empty', async () => {

@@ -38,6 +38,34 @@ impl Shard {
         self.owner.export()
     }
 
+    /// This node's server-side presences in the topics this shard owns, with their stored
+    /// metas and what is left of their TTLs.
+    pub fn export_server_presences(&self) -> Vec<(TopicName, Track, Option<Millis>)> {
+        self.owner.export_server(self.now)
+    }
+
+    /// Takes back server-side presences of this node's previous run, each `(topic, key, stored
+    /// meta, rest of its TTL)`: live again at once, with their refs, until removed or their
+    /// TTL ends (at the first tick if nothing was left). Checked and skipped as
+    /// [`Shard::restore`] does; returns how many were taken.
+    pub fn restore_server<'a>(
+        &mut self,
+        presences: impl IntoIterator<Item = (&'a str, &'a str, &'a [u8], Option<Millis>)>,
+    ) -> usize {
+        let mut taken = 0;
+        for (topic, key, stored_meta, ttl) in presences {
+            let Some(track) = self.restorable(topic, key, stored_meta) else {
+                continue;
+            };
+            let (owner, mut env) = self.owner_env();
+            owner.server_restore(topic, track, ttl, &mut env);
+            taken += 1;
+        }
+        self.drain_local();
+        self.flush();
+        taken
+    }
+
     /// Takes back presences of this node's previous run (its state file), each `(topic, key,
     /// stored meta)`: held until `until` for a client of `key` to take over with an equal meta
     /// (same ref, no diff; a changed meta is one update), leaving then if nobody does. Watchers

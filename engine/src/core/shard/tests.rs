@@ -729,6 +729,86 @@ fn server_side_presences_join_update_and_expire() {
     assert!(s.server_track("room", "bot", "[1]", None).is_err());
 }
 
+/// A restart with a state file keeps server-side presences: exported apart from the
+/// connections' (so not held for a client), taken back live with their refs, no event, and
+/// the rest of their TTLs; one taken back with nothing left leaves at the first tick.
+#[test]
+fn server_side_presences_come_back_after_a_restart_with_the_rest_of_their_ttl() {
+    let mut before = Shard::new(ShardId(0), Config::default());
+    before.tick(Millis(1_000));
+    assert_eq!(
+        before.server_track("room", "bot", r#"{"k":1}"#, Some(Millis(500))),
+        Ok(())
+    );
+    assert_eq!(before.server_track("room", "call", "{}", None), Ok(()));
+    assert_eq!(
+        before.server_track("room", "late", "{}", Some(Millis(250))),
+        Ok(())
+    );
+    before.open(ConnId(1), UserKey::new("u1"));
+    before.frame(ConnId(1), br#"["1","1","room","phx_join",{"meta":{}}]"#);
+    texts(&mut before);
+    before.tick(Millis(1_200));
+    let mut server = before.export_server_presences();
+    server.sort_by(|a, b| a.1.key.cmp(&b.1.key));
+    let got: Vec<_> = server
+        .iter()
+        .map(|(t, p, ttl)| (t.as_str(), p.key.as_str(), *ttl))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("room", "bot", Some(Millis(300))),
+            ("room", "call", None),
+            ("room", "late", Some(Millis(50))),
+        ]
+    );
+    let conns: Vec<_> = before.export_presences();
+    assert_eq!(conns.len(), 1, "the connection's only: {conns:?}");
+    assert_eq!(conns[0].1.key.as_str(), "u1");
+
+    let events = events_of(Config::default(), |after| {
+        after.tick(Millis(10_000));
+        // Down for 100 ms, as the driver counts it: late's TTL ran out meanwhile.
+        let back = server.iter().map(|(t, p, ttl)| {
+            let ttl = ttl.map(|t| Millis(t.0.saturating_sub(100)));
+            (t.as_str(), p.key.as_str(), p.meta.bytes(), ttl)
+        });
+        assert_eq!(after.restore_server(back), 3);
+        let bad: [(&str, &str, &[u8], _); 2] = [
+            ("room", "x", br#"{"k":1}"#, None), // no ref
+            ("", "x", server[0].1.meta.bytes(), None),
+        ];
+        assert_eq!(after.restore_server(bad), 0);
+        // As they were: their refs and metas (u1 is the events_of connection, not tracked).
+        let view = after.topic_view("room").expect("the room is back");
+        let was: Vec<_> = server
+            .iter()
+            .map(|(_, p, _)| (p.key.clone(), vec![p.meta.clone()]))
+            .collect();
+        assert_eq!(view.presences, was);
+        after.tick(Millis(10_001));
+        after.tick(Millis(10_199));
+        after.tick(Millis(10_200));
+        // Still a server-side presence: a DELETE removes it.
+        after.server_untrack("room", "call");
+    });
+    // No presence_join: they never left. Each key is online again on this run's user owner,
+    // under the id its first run gave (the same key and ref), which the backend has seen.
+    let want = [
+        "user_online room bot",
+        "user_online room call",
+        "user_online room late",
+        "presence_leave room late ttl_expired",
+        "user_offline room late",
+        "presence_leave room bot ttl_expired",
+        "user_offline room bot",
+        "presence_leave room call removed",
+        "user_offline room call",
+    ];
+    assert_eq!(events, want);
+}
+
 /// A disconnect closes each connection of the key, and only those, with the code and reason.
 #[test]
 fn a_disconnect_closes_the_keys_connections() {

@@ -13,14 +13,16 @@ use roster_proto::PhxRef;
 
 impl TopicOwner {
     /// This node's own presences in the topics owned here (another node's part excluded),
-    /// held ones included: they are still someone's.
+    /// held ones included: they are still someone's. Server-side presences are not among them
+    /// ([`TopicOwner::export_server`]).
     pub(crate) fn export(&self) -> Vec<(TopicName, Track)> {
         let mut out = Vec::new();
+        let server = self.server_refs();
         for (name, t) in &self.topics {
             let mut push = |key: &UserKey, meta: &crate::core::Meta| {
                 let text = meta.ref_text();
                 let phx_ref = std::str::from_utf8(&text).ok().and_then(PhxRef::parse);
-                if let Some(phx_ref) = phx_ref {
+                if let Some(phx_ref) = phx_ref.filter(|r| !server.contains(r)) {
                     let (key, meta) = (key.clone(), meta.clone());
                     out.push((name.clone(), Track { key, phx_ref, meta }));
                 }

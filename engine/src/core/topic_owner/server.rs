@@ -3,13 +3,14 @@
 //! presences like any connection's (deltas, diffs, watch lists, events all see them), kept
 //! until removed or until their TTL runs out. One per (topic, key): a second PUT updates it.
 //!
-//! Partial: they are not written to the state file; a restart forgets them (the backend puts
-//! them again).
+//! A restart with a state file keeps them: they are exported apart from the connections'
+//! presences and come back live (not held for a client), each with the rest of its TTL.
 
 use roster_proto::{ClientMeta, PhxRef};
 
 use super::{Env, TopicOwner};
 use crate::core::event::Reason;
+use crate::core::hash::Set;
 use crate::core::ids::next_ref;
 use crate::core::{Meta, Millis, TopicName, Track, UserKey};
 
@@ -87,6 +88,57 @@ impl TopicOwner {
                 self.server_untrack(topic.as_str(), key.as_str(), Reason::TtlExpired, env);
             }
         }
+    }
+
+    /// This node's server-side presences (in topics owned here), each with what is left of its
+    /// TTL at `now`, for the state file.
+    pub(crate) fn export_server(&self, now: Millis) -> Vec<(TopicName, Track, Option<Millis>)> {
+        let mut out = Vec::with_capacity(self.server.len());
+        for ((name, key), p) in &self.server {
+            let Some(meta) = self.topics.get(name).and_then(|t| t.meta(key, p.phx_ref)) else {
+                continue;
+            };
+            let track = Track {
+                key: key.clone(),
+                phx_ref: p.phx_ref,
+                meta: meta.clone(),
+            };
+            let left = p.until.map(|u| Millis(u.0.saturating_sub(now.0)));
+            out.push((name.clone(), track, left));
+        }
+        out
+    }
+
+    /// The refs of the server-side presences (unique on a node, like every ref): what a walk
+    /// over all presences leaves out, without a key's lookup per presence.
+    pub(super) fn server_refs(&self) -> Set<PhxRef> {
+        let mut refs = self.seeds.set();
+        refs.extend(self.server.values().map(|p| p.phx_ref));
+        refs
+    }
+
+    /// Takes back a server-side presence of this node's previous run, as it was (its ref and
+    /// meta, no event: the backend never saw it go), for the rest of its TTL (`ttl`).
+    pub(crate) fn server_restore(
+        &mut self,
+        topic: &str,
+        track: Track,
+        ttl: Option<Millis>,
+        env: &mut Env<'_>,
+    ) {
+        let name = self.owned_name(&TopicName::new(topic), env);
+        let at = (name.clone(), track.key.clone());
+        if self.server.contains_key(&at) {
+            return; // The same presence twice (a file lists each once).
+        }
+        let until = ttl.map(|t| Millis(env.now.0.saturating_add(t.0)));
+        if let Some(until) = until {
+            self.server_due
+                .insert((until, name.clone(), track.key.clone()));
+        }
+        let phx_ref = track.phx_ref;
+        self.server.insert(at, ServerPresence { phx_ref, until });
+        self.announce(&name, track, false, env.tx);
     }
 
     /// When the next TTL ends.
