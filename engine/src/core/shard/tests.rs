@@ -793,8 +793,9 @@ fn server_side_presences_come_back_after_a_restart_with_the_rest_of_their_ttl() 
         // Still a server-side presence: a DELETE removes it.
         after.server_untrack("room", "call");
     });
-    // No presence_join: they never left. Each key is online again on this run's user owner,
-    // under the id its first run gave (the same key and ref), which the backend has seen.
+    // No presence_join: they never left. Each key is online again on this run's user owner;
+    // the id is of (key, ref), so the same as before the restart when this presence was the
+    // one that made the key online, as here.
     let want = [
         "user_online room bot",
         "user_online room call",
