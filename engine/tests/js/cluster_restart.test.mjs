@@ -131,7 +131,7 @@ test('a server-side presence on a node that restarts with a state file: held by 
   const dir = mkdtempSync(path.join(tmpdir(), 'roster-cluster-restart-'));
   const file = path.join(dir, 'state.bin');
   // Longer than the wait below for the node timeout, or the file would be stale.
-  const grace = 3000;
+  const grace = 4000;
   const restarting = ['--state-file', file, '--restart-grace-ms', String(grace)];
   const a = await node('sa', []);
   const b = await node('sb', restarting);

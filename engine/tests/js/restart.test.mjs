@@ -102,14 +102,16 @@ test('server-side presences come back after a restart as they were: not held, th
   const file = path.join(dir, 'state.bin');
   const KEY = 'restart-api-key';
   const adminPort = await freePort();
-  const grace = 1000;
+  // Margins for a slow machine: the restart must come within the grace (or the file is stale),
+  // and the check past the grace must come before the TTL.
+  const grace = 2000;
   const args = [
     '--state-file', file, '--restart-grace-ms', String(grace),
     '--admin-listen', `127.0.0.1:${adminPort}`, '--api-key', KEY,
   ];
   const call = (method, p, body) => api(`http://127.0.0.1:${adminPort}`, method, p, body, KEY);
   const first = await start(args);
-  const ttl = 3000;
+  const ttl = 5000;
   const putAt = Date.now();
   assert.equal((await call('PUT', '/api/topics/room:s/presences/bot', { meta: { kind: 'bot' } })).status, 202);
   assert.equal((await call('PUT', '/api/topics/room:s/presences/timer', { meta: { t: 1 }, ttl_ms: ttl })).status, 202);
