@@ -48,6 +48,19 @@ const refsOf = (presence) => presence.list((k, p) => p.metas.map((m) => `${k}:${
 const refOf = (presence, key) => presence.list((k, p) => (k === key ? p.metas[0].phx_ref : null)).find(Boolean);
 const metasOf = (presence, key) => presence.list((k, p) => (k === key ? p.metas : null)).find(Boolean) || [];
 
+/** A state file in a fresh directory, and the arguments of a node that restarts with it. */
+function withStateFile(grace) {
+  const file = path.join(mkdtempSync(path.join(tmpdir(), 'roster-cluster-restart-')), 'state.bin');
+  return { file, restarting: ['--state-file', file, '--restart-grace-ms', String(grace)] };
+}
+
+/** Stops `n` with SIGTERM, as a deploy does: it exits 0. */
+async function stopNode(n) {
+  const { code } = await n.stop();
+  running.delete(n);
+  assert.equal(code, 0, n.log());
+}
+
 /** Diffs seen on `view`'s channel from now on. */
 function record(view) {
   const diffs = [];
@@ -56,10 +69,8 @@ function record(view) {
 }
 
 test('a node restarts with a state file: nobody elsewhere sees it, clients back on it or on another node keep their refs, the unclaimed leave at the grace', async () => {
-  const dir = mkdtempSync(path.join(tmpdir(), 'roster-cluster-restart-'));
-  const file = path.join(dir, 'state.bin');
   const grace = 4000;
-  const restarting = ['--state-file', file, '--restart-grace-ms', String(grace)];
+  const { file, restarting } = withStateFile(grace);
   const a = await node('ra', []);
   const c = await node('rc', []);
   const b = await node('rb', restarting);
@@ -78,9 +89,7 @@ test('a node restarts with a state file: nobody elsewhere sees it, clients back 
 
   // b stops under its clients, as a deploy does.
   const stoppingAt = Date.now();
-  const { code } = await b.stop();
-  running.delete(b);
-  assert.equal(code, 0, b.log());
+  await stopNode(b);
   Object.values(members).forEach((m) => m.socket.disconnect());
   assert.ok(existsSync(file), 'the stop wrote the state file');
   // Longer than the node timeout: had a or c let b's presences go, the diff would be here.
@@ -128,11 +137,9 @@ test('a node restarts with a state file: nobody elsewhere sees it, clients back 
 });
 
 test('a server-side presence on a node that restarts with a state file: held by the others meanwhile, live again after, not gone at the grace', async () => {
-  const dir = mkdtempSync(path.join(tmpdir(), 'roster-cluster-restart-'));
-  const file = path.join(dir, 'state.bin');
   // Longer than the wait below for the node timeout, or the file would be stale.
   const grace = 4000;
-  const restarting = ['--state-file', file, '--restart-grace-ms', String(grace)];
+  const { restarting } = withStateFile(grace);
   const a = await node('sa', []);
   const b = await node('sb', restarting);
   assert.equal((await api(b.admin, 'PUT', '/api/topics/room:s/presences/bot', { meta: { kind: 'bot' } })).status, 202);
@@ -142,9 +149,7 @@ test('a server-side presence on a node that restarts with a state file: held by 
   const diffs = record(observer);
 
   const stoppingAt = Date.now();
-  const { code } = await b.stop();
-  running.delete(b);
-  assert.equal(code, 0, b.log());
+  await stopNode(b);
   await sleep(TIMEOUT + 2 * HEARTBEAT);
   assert.deepEqual(diffs, [], 'nothing seen while b is away');
   const b2 = await node('sb', restarting, { port: b.port });

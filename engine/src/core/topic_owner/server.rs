@@ -43,12 +43,7 @@ impl TopicOwner {
             phx_ref,
             meta: Meta::new(env.buf),
         };
-        let until = ttl.map(|t| Millis(env.now.0.saturating_add(t.0)));
-        if let Some(until) = until {
-            self.server_due.insert((until, name.clone(), key.clone()));
-        }
-        self.server
-            .insert((name.clone(), key), ServerPresence { phx_ref, until });
+        self.keep_server(&name, key, phx_ref, ttl, env.now);
         match old {
             Some(old) => self.replace(&name, old.phx_ref, track, env),
             None => self.announce(&name, track, true, env.tx),
@@ -127,18 +122,28 @@ impl TopicOwner {
         env: &mut Env<'_>,
     ) {
         let name = self.owned_name(&TopicName::new(topic), env);
-        let at = (name.clone(), track.key.clone());
-        if self.server.contains_key(&at) {
+        if self.server.contains_key(&(name.clone(), track.key.clone())) {
             return; // The same presence twice (a file lists each once).
         }
-        let until = ttl.map(|t| Millis(env.now.0.saturating_add(t.0)));
-        if let Some(until) = until {
-            self.server_due
-                .insert((until, name.clone(), track.key.clone()));
-        }
-        let phx_ref = track.phx_ref;
-        self.server.insert(at, ServerPresence { phx_ref, until });
+        self.keep_server(&name, track.key.clone(), track.phx_ref, ttl, env.now);
         self.announce(&name, track, false, env.tx);
+    }
+
+    /// Records `key`'s server-side presence `phx_ref` in `name`, leaving `ttl` after `now`.
+    fn keep_server(
+        &mut self,
+        name: &TopicName,
+        key: UserKey,
+        phx_ref: PhxRef,
+        ttl: Option<Millis>,
+        now: Millis,
+    ) {
+        let until = ttl.map(|t| Millis(now.0.saturating_add(t.0)));
+        if let Some(until) = until {
+            self.server_due.insert((until, name.clone(), key.clone()));
+        }
+        self.server
+            .insert((name.clone(), key), ServerPresence { phx_ref, until });
     }
 
     /// When the next TTL ends.
